@@ -1,0 +1,61 @@
+"""Ranking metrics with the standard definitions (DESIGN.md, "Evaluation protocol").
+
+For one user with held-out truth T and a ranked list r_1, r_2, ...:
+
+    Recall@K = |{r_1..r_K} ∩ T| / min(K, |T|)
+    NDCG@K   = DCG@K / IDCG@K,  DCG@K = Σ_{i≤K} [r_i ∈ T] / log2(i + 1),
+               IDCG@K = Σ_{i≤min(K,|T|)} 1 / log2(i + 1)
+    HR@K     = 1 if any r_i ∈ T for i ≤ K else 0
+
+Averages run over users with |T| ≥ 1; a user with empty truth is skipped, not counted as 0.
+Ties in score are broken against the truth: among equal scores the non-truth candidates rank
+first, so a model can never gain from a tie (a constant scorer gets 0 unless every candidate is
+true). This is a choice; it is the one choice that cannot flatter a model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KS = (10, 20, 50)
+
+
+def rank_top_k(scores: np.ndarray, is_truth: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the top-k of `scores` (1-D), best first, ties broken against the truth."""
+    if scores.ndim != 1 or scores.shape != is_truth.shape:
+        raise ValueError("scores and is_truth must be 1-D arrays of the same length")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+    k = min(k, scores.size)
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    # The k-th best score; everything at or above it can be in the top-k.
+    kth = np.partition(scores, scores.size - k)[scores.size - k]
+    pool = np.flatnonzero(scores >= kth)
+    # Primary key: score descending; secondary: non-truth (False) before truth (True).
+    order = np.lexsort((is_truth[pool], -scores[pool]))
+    return pool[order[:k]]
+
+
+def user_metrics(top: np.ndarray, is_truth: np.ndarray, n_truth: int, ks: tuple[int, ...] = KS
+                 ) -> dict[str, float]:
+    """Recall, NDCG and HR at each K for one user, from their ranked top list (length >= max K)."""
+    if n_truth <= 0:
+        raise ValueError("a user with empty truth has no metrics; skip them")
+    hits = is_truth[top].astype(np.float64)  # (L,) 1.0 where the i-th ranked item is true
+    discounts = 1.0 / np.log2(np.arange(2, hits.size + 2))
+    out: dict[str, float] = {}
+    for k in ks:
+        n_ideal = min(k, n_truth)
+        h = hits[:k]
+        out[f"recall@{k}"] = float(h.sum() / n_ideal)
+        out[f"ndcg@{k}"] = float((h * discounts[: h.size]).sum() / discounts[:n_ideal].sum())
+        out[f"hr@{k}"] = float(h.any())
+    return out
+
+
+def mean_metrics(per_user: list[dict[str, float]]) -> dict[str, float]:
+    if not per_user:
+        return {}
+    keys = per_user[0].keys()
+    return {key: float(np.mean([m[key] for m in per_user])) for key in keys}
