@@ -91,13 +91,13 @@ class Dataset:
         return sp.csr_matrix((data, (rows, cols)), shape=(self.n_items, len(vocab)))
 
     def statistics(self) -> dict[str, float | int]:
-        with_inter = np.unique(self.interactions[:, 1]).size if len(self.interactions) else 0
+        with_inter = np.unique(self.interactions[:, 1]).size
         n_attr = sum(len(a) for a in self.item_attributes)
         return {
             "users": self.n_users,
             "items": self.n_items,
-            "items_with_interactions": int(with_inter),
-            "interactions": int(len(self.interactions)),
+            "items_with_interactions": with_inter,
+            "interactions": len(self.interactions),
             "density": float(len(self.interactions) / max(1, self.n_users * self.n_items)),
             "attribute_tokens": len(self.attribute_vocabulary()),
             "mean_attributes_per_item": float(n_attr / max(1, self.n_items)),

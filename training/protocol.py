@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from training.dataset import Dataset
-from training.metrics import KS, mean_metrics, rank_top_k, user_metrics
+from training.metrics import KS, mean_metrics, rank_top_k_batch, user_metrics
 from training.split import ColdStartSplit
 
 USER_BATCH = 512
@@ -73,14 +73,12 @@ def evaluate(model: Recommender, task: Task, ks: Sequence[int] = KS) -> dict[str
         if task.exclude is not None:
             excluded = task.exclude[users][:, cand].toarray() > 0
             scores[excluded] = -np.inf
+        tops = rank_top_k_batch(scores, truth, k_max)  # (B, k_max)
         for b in range(users.size):
             n_truth = int(truth[b].sum())
             if n_truth == 0:
                 continue
-            row = scores[b]
-            allowed = np.isfinite(row)
-            idx = np.flatnonzero(allowed)
-            top = idx[rank_top_k(row[idx], truth[b, idx], k_max)]
+            top = tops[b][tops[b] >= 0]
             m = user_metrics(top, truth[b], n_truth, tuple(ks))
             if is_cold is not None:
                 m[f"cold_share@{COLD_SHARE_K}"] = float(is_cold[top[:COLD_SHARE_K]].mean())

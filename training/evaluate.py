@@ -1,0 +1,179 @@
+"""The evaluation harness: every model, both protocols, several seeds, one table.
+
+    python -m training.evaluate --dataset data/citeulike-t --models random,content-knn,ridge-mf --seeds 3
+
+For each seed: a cold-start split (training/split.py); each model fits on the warm interactions,
+choosing its hyper-parameters on the validation items; then it is scored on the test-cold items
+(cold-only protocol) and on warm + cold items together (all-items protocol, with the share of
+cold items in the top-20). Writes benchmarks/results/<dataset>-<name>.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.baselines import ContentKNN, RandomRecommender, RidgeMF
+from training.dataset import Dataset, fingerprint, load_dataset
+from training.protocol import Recommender, all_items, cold_only, evaluate
+from training.split import cold_start_split
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+TABLE_METRICS = ("recall@10", "recall@20", "ndcg@20", "hr@20", "recall@50", "ndcg@50")
+
+ModelFactory = Callable[[int], Recommender]
+
+
+def model_factories() -> dict[str, ModelFactory]:
+    factories: dict[str, ModelFactory] = {
+        "random": lambda seed: RandomRecommender(seed),
+        "content-knn": lambda seed: ContentKNN(),
+        "ridge-mf": lambda seed: RidgeMF(seed=seed),
+    }
+    try:  # the neural model and its ablations, when the model code is present
+        from training.m2rec_recommender import VARIANTS
+    except ImportError:
+        return factories
+    factories.update(VARIANTS)
+    return factories
+
+
+def run(dataset: Dataset, models: list[str], seeds: list[int]) -> dict[str, Any]:
+    factories = model_factories()
+    unknown = [m for m in models if m not in factories]
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; known: {', '.join(factories)}")
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
+    splits = []
+    for seed in seeds:
+        split = cold_start_split(dataset, seed)
+        splits.append({"seed": seed, **split.summary()})
+        for name in models:
+            model = factories[name](seed)
+            start = time.perf_counter()
+            model.fit(dataset, split)
+            fit_seconds = time.perf_counter() - start
+            cold = evaluate(model, cold_only(split))
+            every = evaluate(model, all_items(split))
+            runs[name].append({
+                "seed": seed,
+                "fit_seconds": fit_seconds,
+                "params": getattr(model, "params", {}),
+                "cold_only": cold,
+                "all_items": every,
+            })
+            print(f"seed {seed} {name:>24}: fit {fit_seconds:6.1f}s  cold-only R@20 {cold['recall@20']:.4f} "
+                  f"N@20 {cold['ndcg@20']:.4f} | all-items R@20 {every['recall@20']:.4f} "
+                  f"cold share {every['cold_share@20']:.3f}", flush=True)
+    return {"splits": splits, "runs": runs}
+
+
+def summarise(runs: list[dict[str, Any]], protocol: str) -> dict[str, tuple[float, float]]:
+    keys = runs[0][protocol].keys()
+    return {k: (float(np.mean([r[protocol][k] for r in runs])), float(np.std([r[protocol][k] for r in runs])))
+            for k in keys}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# {report['dataset']}: cold-start evaluation ({len(report['seeds'])} seeds)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Commit: `{report['commit']}`; data fingerprint `{report['data_fingerprint'][:16]}`; "
+        f"wall time {report['wall_seconds']:.0f} s on {report['machine']}.",
+        "",
+        "Metrics: Recall@K with denominator min(K, |truth|), NDCG@K with binary gains, HR@K; mean ± std "
+        "over seeds; ties broken against the truth. Hyper-parameters chosen on validation items only.",
+        "",
+        "Dataset: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in report["statistics"].items()) + ".  ",
+        "Split (seed {seed}): ".format(**report["splits"][0])
+        + ", ".join(f"{k} {v}" for k, v in report["splits"][0].items() if k != "seed") + ".",
+    ]
+    for protocol, title in (("cold_only", "Cold-only (rank the test-cold items)"),
+                            ("all_items", "All items (warm + cold, training items removed)")):
+        metrics = list(TABLE_METRICS) + (["cold_share@20"] if protocol == "all_items" else [])
+        lines += ["", f"## {title}", "", "| model | " + " | ".join(metrics) + " | fit s |",
+                  "|---|" + "---|" * (len(metrics) + 1)]
+        for name, runs in report["runs"].items():
+            s = summarise(runs, protocol)
+            fit = np.mean([r["fit_seconds"] for r in runs])
+            cells = [f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in metrics]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {fit:.1f} |")
+    lines += ["", "## Chosen hyper-parameters (per seed)", ""]
+    for name, runs in report["runs"].items():
+        for r in runs:
+            params = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r["params"].items()}
+            lines.append(f"- {name}, seed {r['seed']}: `{json.dumps(params)}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["runs"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, protocol in zip(axes, ("cold_only", "all_items"), strict=True):
+        for offset, metric in ((-0.2, "recall@20"), (0.2, "ndcg@20")):
+            stats = [summarise(report["runs"][n], protocol)[metric] for n in names]
+            ax.bar(np.arange(len(names)) + offset, [m for m, _ in stats], 0.4,
+                   yerr=[s for _, s in stats], capsize=3, label=metric)
+        ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
+        ax.set_title(f"{report['dataset']}: {protocol.replace('_', '-')}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, type=Path, help="dataset folder (training/dataset.py format)")
+    parser.add_argument("--models", default="random,content-knn,ridge-mf")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    parser.add_argument("--name", default="baselines", help="results file suffix")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    dataset = load_dataset(args.dataset)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    result = run(dataset, models, list(range(args.seeds)))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO_ROOT).stdout.strip() or "unknown"
+    report = {
+        "dataset": dataset.name,
+        "command": "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "commit": commit,
+        "data_fingerprint": fingerprint(args.dataset),
+        "machine": f"{platform.machine()}, {platform.python_version()}",
+        "statistics": dataset.statistics(),
+        "seeds": list(range(args.seeds)),
+        **result,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{dataset.name}-{args.name}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    plot(report, stem.with_suffix(".png"))
+    print(markdown(report))
+    print(f"wrote {stem}.md, .json and .png")
+
+
+if __name__ == "__main__":
+    main()
