@@ -42,10 +42,11 @@ def model_factories() -> dict[str, ModelFactory]:
         "ridge-mf": lambda seed: RidgeMF(seed=seed),
     }
     try:  # the neural model and its ablations, when the model code is present
-        from training.m2rec_recommender import VARIANTS
+        from training.m2rec_recommender import VARIANTS, M2RecRecommender
     except ImportError:
         return factories
-    factories.update(VARIANTS)
+    for name in VARIANTS:
+        factories[name] = lambda seed, name=name: M2RecRecommender.variant(name, seed)  # type: ignore[misc]
     return factories
 
 

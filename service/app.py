@@ -1,0 +1,242 @@
+"""create_app(settings): the lifespan opens the artifact, store and index; errors map to HTTP here.
+
+    uvicorn --factory service.app:create_app        (settings from M2REC_* variables)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import faiss
+import torch
+from fastapi import FastAPI, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.artifact import load_artifact
+from service.config import Settings
+from service.deps import OutOfBoundsError, RequestTooLargeError, Runtime
+from service.index import IndexConfig
+from service.metrics import CONTENT_TYPE_LATEST, Metrics
+from service.recommender import InvalidItemError, Recommender, TrainedItemConflictError, UnknownItemsError
+from service.routes import health, interactions, items, recommend
+from service.store import SqliteStore, Store, StoreUnavailable
+
+log = logging.getLogger("m2rec.service")
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+# domain error -> (status, ingest-error reason or None); the one place errors become HTTP
+_ERRORS: dict[type[Exception], tuple[int, str | None]] = {
+    InvalidItemError: (status.HTTP_422_UNPROCESSABLE_CONTENT, "invalid_item"),
+    TrainedItemConflictError: (status.HTTP_409_CONFLICT, "trained_item"),
+    UnknownItemsError: (status.HTTP_404_NOT_FOUND, None),
+    RequestTooLargeError: (status.HTTP_413_CONTENT_TOO_LARGE, "too_large"),
+    OutOfBoundsError: (status.HTTP_422_UNPROCESSABLE_CONTENT, None),
+    StoreUnavailable: (status.HTTP_503_SERVICE_UNAVAILABLE, None),
+}
+
+
+def open_store(settings: Settings) -> Store:
+    if settings.uses_redis:
+        from service.store.redis import RedisStore  # only Redis deployments load the client
+
+        return RedisStore.from_url(settings.store_url, namespace=settings.redis_namespace,
+                                   max_history=settings.max_history_length)
+    return SqliteStore(settings.store_url, max_history=settings.max_history_length)
+
+
+def index_config(settings: Settings) -> IndexConfig:
+    return IndexConfig(kind=settings.index_kind, nlist=settings.index_nlist, nprobe=settings.index_nprobe,
+                       ivf_min_rows=settings.index_ivf_min_rows)
+
+
+def start_index(recommender: Recommender, settings: Settings, metrics: Metrics) -> str | None:
+    """Snapshot plus the events after it when there is one for this model version, else a full build."""
+    if settings.index_snapshot_dir is not None:
+        try:
+            loaded, cursor = recommender.load_snapshot(settings.index_snapshot_dir)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # unreadable: rebuild from the store
+            log.warning("ignoring index snapshot in %s: %s", settings.index_snapshot_dir, exc)
+            loaded, cursor = False, None
+        if loaded:
+            return recommender.follow(cursor).cursor
+    metrics.index_rebuilds.labels(reason="startup").inc()
+    return recommender.build_index()
+
+
+async def follow_events(runtime: Runtime, recommender: Recommender) -> None:
+    """Keep this replica's index in line with writes made through any replica."""
+    metrics = runtime.metrics
+    while True:
+        await asyncio.sleep(runtime.settings.event_poll_seconds)
+        try:
+            followed = await run_in_threadpool(recommender.follow, runtime.cursor)
+        except StoreUnavailable as exc:
+            metrics.follower_errors.labels(reason="store_unavailable").inc()
+            log.warning("event follower: store unavailable (%s); retrying", exc)
+            continue
+        except Exception:
+            metrics.follower_errors.labels(reason="error").inc()
+            log.exception("event follower failed; retrying")
+            continue
+        runtime.cursor = followed.cursor
+        if followed.rebuilt:
+            metrics.index_rebuilds.labels(reason="events_trimmed").inc()
+        for lag in followed.lags:
+            metrics.ingest_lag.labels(source="stream").observe(max(lag, 0.0))
+        metrics.events_applied.labels(kind="item").inc(len(followed.lags))
+        metrics.set_index_size(*recommender.index.count())
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    runtime: Runtime = app.state.runtime
+    settings = runtime.settings
+    torch.set_num_threads(settings.torch_threads)
+    faiss.omp_set_num_threads(settings.faiss_threads)
+    artifact = await run_in_threadpool(load_artifact, settings.artifact_path)
+    store = await run_in_threadpool(open_store, settings)
+    runtime.store = store
+    follower: asyncio.Task[None] | None = None
+    try:
+        recommender = await run_in_threadpool(
+            lambda: Recommender(artifact, store, index_config(settings),
+                                fallback_cold_share=settings.fallback_cold_share, newest_kept=settings.k_max))
+        runtime.cursor = await run_in_threadpool(start_index, recommender, settings, runtime.metrics)
+        runtime.metrics.model_info.labels(model_version=recommender.version).set(1)
+        runtime.metrics.set_index_size(*recommender.index.count())
+        runtime.recommender = recommender
+        follower = asyncio.create_task(follow_events(runtime, recommender), name="m2rec-event-follower")
+        log.info("serving model %s with %s items indexed", recommender.version, len(recommender.index))
+        yield
+    finally:
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+        if runtime.recommender is not None and settings.index_snapshot_dir is not None:
+            try:
+                await run_in_threadpool(runtime.recommender.save_snapshot, settings.index_snapshot_dir,
+                                        runtime.cursor)
+            except Exception:  # the snapshot is an optimisation; the store still has everything
+                log.exception("could not save the index snapshot")
+        runtime.recommender = None
+        runtime.store = None
+        store.close()
+
+
+def _error_handler(metrics: Metrics) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handle(request: Request, exc: Exception) -> Response:
+        code, reason = next(v for t, v in _ERRORS.items() if isinstance(exc, t))
+        if reason is not None:
+            metrics.ingest_errors.labels(reason=reason).inc()
+        return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    return handle
+
+
+def _invalid_request(metrics: Metrics) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handle(request: Request, exc: Exception) -> Response:
+        """FastAPI's 422, without echoing inputs: they can be large, or NaN that JSON cannot carry."""
+        assert isinstance(exc, RequestValidationError)
+        if request.method == "POST" and request.url.path.startswith("/items"):
+            metrics.ingest_errors.labels(reason="invalid_request").inc()
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    return handle
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+    app = FastAPI(
+        title="m2rec", summary="Cold-start item recommendations: register an item, recommend it at once.",
+        version="0.1.0", lifespan=lifespan,
+    )
+    app.state.runtime = Runtime(settings=settings, metrics=metrics)
+    for router in (items.router, interactions.router, recommend.router, health.router):
+        app.include_router(router)
+    handler = _error_handler(metrics)
+    app.add_exception_handler(RequestValidationError, _invalid_request(metrics))
+    for exc_type in _ERRORS:
+        app.add_exception_handler(exc_type, handler)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # inside `measure`: its 413s are counted
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:
+            _observe(metrics, request, 500, start)
+            raise
+        _observe(metrics, request, response.status_code, start)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class BodyLimit:
+    """413 for bodies over the limit, declared (Content-Length) or streamed (chunked, read up to the
+    limit and then replayed), before any route parses them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                await self._reject(scope, receive, send, int(length))
+            else:
+                await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._reject(scope, receive, send, size)
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        replay = iter(messages)
+
+        async def replayed() -> Message:
+            return next(replay, None) or await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
+        response = JSONResponse(
+            {"detail": f"request body of at least {size} bytes exceeds {self.limit}; send smaller batches"},
+            status_code=status.HTTP_413_CONTENT_TOO_LARGE)
+        await response(scope, receive, send)
+
+
+def _observe(metrics: Metrics, request: Request, status_code: int, start: float) -> None:
+    route = request.scope.get("route")
+    template = getattr(route, "path", "unmatched")  # the template, never the raw path with ids
+    method = request.method if request.method in _METHODS else "other"
+    metrics.requests.labels(route=template, method=method, status=str(status_code)).inc()
+    metrics.latency.labels(route=template, method=method).observe(time.perf_counter() - start)

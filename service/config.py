@@ -1,0 +1,53 @@
+"""Service settings, read from M2REC_* environment variables; built by create_app's caller, never at import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="M2REC_", extra="forbid", frozen=True)
+
+    artifact_path: Path = Field(
+        Path("artifacts"), description="an artifact version directory, or a root with a `current` pointer"
+    )
+    store_url: str = Field(
+        "m2rec.sqlite3",
+        description="redis://host:port/db (also rediss://, unix://) for Redis; anything else is a SQLite file",
+    )
+    redis_namespace: str = Field(
+        "default", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Redis keys live under m2rec:{namespace}:"
+    )
+    api_key: SecretStr | None = Field(None, description="when set, writes need header X-API-Key")
+
+    index_kind: Literal["exact", "ivf"] = "exact"
+    index_nlist: int | None = Field(None, ge=1, description="IVF lists; None = about 4·sqrt(N)")
+    index_nprobe: int = Field(32, ge=1)
+    index_ivf_min_rows: int = Field(50_000, ge=1, description="below this many rows IVF stays exact")
+    index_snapshot_dir: Path | None = Field(
+        None, description="save the index here at shutdown and start from it plus later events"
+    )
+
+    max_batch_size: int = Field(1000, ge=1, description="items or interactions per request")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    max_history_length: int = Field(500, ge=1, description="most recent items kept per user and folded in")
+    k_max: int = Field(200, ge=1, description="largest k a client may ask /recommend for")
+    fallback_cold_share: float = Field(
+        0.2, ge=0.0, le=1.0, description="share of the newest cold items in a fallback list"
+    )
+    event_poll_seconds: float = Field(0.5, gt=0.0, description="how often the event follower reads the store")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    torch_threads: int = Field(1, ge=1, description="intra-op threads; requests already run in parallel")
+    faiss_threads: int = Field(1, ge=1)
+
+    @property
+    def uses_redis(self) -> bool:
+        return self.store_url.startswith(REDIS_SCHEMES)

@@ -1,0 +1,399 @@
+"""The service core: embed new items, fold users in, search, drop what they have, fall back.
+
+No HTTP and no Redis here: the store arrives as the `Store` protocol, the index as `VectorIndex`.
+
+Item rows are [v; b] (D+1) and queries [h; 1]. Trained (warm) items use their learned rows from
+the artifact; registered (cold) items the generator's row under the user-neutral gate. A user's
+history may hold both kinds, and their rows enter the fold-in the same way ("surrogate rows").
+
+A replica uses a stored embedding only when it was computed by the model version it serves;
+otherwise it re-embeds the item from its raw inputs, so replicas on two versions never mix rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from service.artifact import Artifact, ArtifactError, check_compatible
+from service.index import Hit, IndexConfig, VectorIndex
+from service.model import AttributeVocabulary, M2Rec, ModelConfig, item_inputs
+from service.store import Event, EventKind, Interaction, ItemRecord, Store, event_order_key
+
+log = logging.getLogger(__name__)
+Rows = npt.NDArray[np.float32]  # (N, D+1)
+EMBED_CHUNK = 1024  # items per generator forward pass
+
+
+class InvalidItemError(ValueError):
+    """An item this model cannot embed; the message says what to change."""
+
+
+class UnknownItemsError(LookupError):
+    def __init__(self, item_ids: Sequence[str]) -> None:
+        self.item_ids = list(item_ids)
+        super().__init__(f"unknown item ids {self.item_ids[:10]}; register them with POST /items first")
+
+
+class TrainedItemConflictError(ValueError):
+    """The id belongs to an item the model was trained on: its row is learned, not registered."""
+
+
+@dataclass(frozen=True)
+class NewItem:
+    item_id: str
+    attributes: list[str]
+    content: list[float] | None
+
+
+@dataclass(frozen=True)
+class Registration:
+    record: ItemRecord
+    unknown_attributes: list[str]
+    inserted: bool
+
+
+@dataclass(frozen=True)
+class ItemView:
+    item_id: str
+    is_cold: bool
+    model_version: str
+    record: ItemRecord | None  # None for trained items: the artifact keeps no raw inputs
+    unknown_attributes: list[str]
+
+
+@dataclass(frozen=True)
+class Recommendations:
+    hits: list[Hit]
+    fallback: bool
+    model_version: str
+
+
+class Followed(NamedTuple):
+    cursor: str | None  # the last event applied
+    lags: list[float]  # seconds from each applied item event to its row being searchable
+    rebuilt: bool
+
+
+def load_model(artifact: Artifact) -> M2Rec:
+    """The model rebuilt from the artifact's config, weights loaded, in eval mode without gradients."""
+    manifest = artifact.manifest
+    cfg = ModelConfig(**manifest.model_args)  # type: ignore[arg-type]  # JSON values, checked by the dataclass
+    facts = {
+        "content_dim": (cfg.content_dim, manifest.content_dim),
+        "embedding_dim": (cfg.item_dim + 1, manifest.embedding_dim),
+        "n_warm": (cfg.n_warm, len(artifact.item_ids)),
+        "n_attributes": (cfg.n_attributes, len(manifest.attribute_vocabulary)),
+    }
+    for name, (model_value, manifest_value) in facts.items():
+        if model_value != manifest_value:
+            raise ArtifactError(f"artifact at {artifact.path}: model config gives {name}={model_value} "
+                                f"but the manifest says {manifest_value}; re-export the model")
+    model = M2Rec(cfg)
+    check_compatible(artifact, {name: tuple(t.shape) for name, t in model.state_dict().items()})
+    model.load_state_dict(dict(artifact.tensors))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class NewestItems:
+    """Recently registered items and their bias: the cold half of the fallback list (bounded)."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._items: dict[str, tuple[float, float]] = {}  # id -> (created_at, bias)
+
+    def add(self, item_id: str, created_at: float, bias: float) -> None:
+        with self._lock:
+            self._items[item_id] = (created_at, bias)
+            if len(self._items) > 2 * self.keep:
+                newest = sorted(self._items.items(), key=lambda kv: -kv[1][0])[: self.keep]
+                self._items = dict(newest)
+
+    def remove(self, item_id: str) -> None:
+        with self._lock:
+            self._items.pop(item_id, None)
+
+    def dump(self) -> dict[str, tuple[float, float]]:
+        with self._lock:
+            return dict(self._items)
+
+    def newest(self, n: int, exclude: set[str]) -> list[Hit]:
+        with self._lock:
+            ordered = sorted(self._items.items(), key=lambda kv: (-kv[1][0], kv[0]))
+        return [Hit(i, bias, True) for i, (_, bias) in ordered if i not in exclude][:n]
+
+
+class Recommender:
+    def __init__(
+        self, artifact: Artifact, store: Store, index_config: IndexConfig | None = None, *,
+        fallback_cold_share: float = 0.2, newest_kept: int = 1000,
+    ) -> None:
+        self.artifact = artifact
+        self.version = artifact.version
+        self.model = load_model(artifact)
+        self.vocabulary = AttributeVocabulary(artifact.manifest.attribute_vocabulary)
+        self.content_dim = artifact.manifest.content_dim
+        self.dim = artifact.manifest.embedding_dim
+        with torch.inference_mode():
+            self.warm_rows: Rows = self.model.item_rows().numpy().astype(np.float32)  # (J, D+1)
+        self.warm_ids = artifact.item_ids
+        self._warm_pos = {item_id: j for j, item_id in enumerate(self.warm_ids)}
+        self._popular = np.argsort(-self.warm_rows[:, -1], kind="stable")  # by trained bias b
+        self.store = store
+        self.index_config = index_config or IndexConfig()
+        self.index = VectorIndex(self.dim, self.index_config)  # empty until build_index
+        self.fallback_cold_share = fallback_cold_share
+        self.newest = NewestItems(newest_kept)
+        # id -> (created_at, index) of this replica's own writes: the follower skips re-adding them
+        self._own_writes: dict[str, tuple[float, VectorIndex]] = {}
+
+    def is_trained(self, item_id: str) -> bool:
+        return item_id in self._warm_pos
+
+    # -- embedding ----------------------------------------------------------------------------
+
+    def problem(self, item: NewItem) -> str | None:
+        """Why this model cannot embed the item, or None."""
+        if item.content is not None:
+            if self.content_dim == 0:
+                return (f"item {item.item_id}: model version {self.version} takes no content vector; "
+                        f"omit content")
+            if len(item.content) != self.content_dim:
+                return (f"item {item.item_id}: content has {len(item.content)} values but model version "
+                        f"{self.version} expects content_dim={self.content_dim}")
+            if not np.isfinite(np.asarray(item.content, dtype=np.float64)).all():
+                return f"item {item.item_id}: content contains NaN or infinite values"
+        elif not any(t in self.vocabulary.index for t in item.attributes):
+            return (f"item {item.item_id}: none of its attributes is known to model version {self.version} "
+                    f"and it has no content, so there is nothing to embed it from; add content or known "
+                    f"attributes")
+        return None
+
+    def unknown_attributes(self, attributes: Iterable[str]) -> list[str]:
+        return [t for t in attributes if t not in self.vocabulary.index]
+
+    def embed(self, items: Sequence[NewItem]) -> Rows:
+        """Generated rows (B, D+1), neutral gate; InvalidItemError (naming every bad item) before any work."""
+        problems = [p for p in map(self.problem, items) if p is not None]
+        if problems:
+            raise InvalidItemError("; ".join(problems[:20]))
+        out = [self._embed_chunk(items[s : s + EMBED_CHUNK]) for s in range(0, len(items), EMBED_CHUNK)]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def _embed_chunk(self, items: Sequence[NewItem]) -> Rows:
+        attributes, _ = self.vocabulary.encode([item.attributes for item in items])  # (B, A)
+        content = torch.zeros(len(items), max(self.content_dim, 1))  # (B, F)
+        has_content = torch.zeros(len(items), dtype=torch.bool)  # (B,)
+        for b, item in enumerate(items):
+            if item.content is not None:
+                content[b] = torch.tensor(item.content, dtype=torch.float32)
+                has_content[b] = True
+        # inference_mode is per thread, and requests arrive on pool threads: entered per call
+        with torch.inference_mode():
+            rows, _ = self.model.embed_items(item_inputs(attributes, content, self.content_dim, has_content))
+        return rows.numpy().astype(np.float32)  # (B, D+1)
+
+    def record_rows(self, records: Sequence[ItemRecord]) -> dict[str, npt.NDArray[np.float32]]:
+        """Rows of stored items under this model; items it cannot embed are left out (and logged)."""
+        rows = {r.item_id: r.embedding for r in records if r.model_version == self.version}
+        stale = [NewItem(r.item_id, r.attributes, r.content) for r in records if r.model_version != self.version]
+        usable = [item for item in stale if self.problem(item) is None]
+        if len(usable) < len(stale):
+            log.warning("%d stored items cannot be embedded by model %s and are not served",
+                        len(stale) - len(usable), self.version)
+        if usable:
+            rows.update(zip((i.item_id for i in usable), self.embed(usable), strict=True))
+        return rows
+
+    # -- index --------------------------------------------------------------------------------
+
+    def build_index(self) -> str | None:
+        """A fresh index from the artifact's rows and every stored item; returns the event id to
+        follow from (taken before reading, so events racing the build are applied again)."""
+        cursor = self.store.last_event_id()
+        ids: list[str] = list(self.warm_ids)
+        parts: list[Rows] = [self.warm_rows]
+        n_cold = 0
+        for batch in self.store.iter_items():
+            batch = [r for r in batch if not self.is_trained(r.item_id)]
+            rows = self.record_rows(batch)
+            for record in batch:
+                if record.item_id in rows:
+                    ids.append(record.item_id)
+                    parts.append(rows[record.item_id][None])
+                    self.newest.add(record.item_id, record.created_at, float(rows[record.item_id][-1]))
+                    n_cold += 1
+        vectors = np.concatenate(parts).astype(np.float32)  # (N, D+1)
+        cold = [False] * len(self.warm_ids) + [True] * n_cold
+        self.index = VectorIndex.build(self.dim, ids, vectors, cold, self.index_config)
+        self._own_writes.clear()
+        return cursor
+
+    def save_snapshot(self, directory: Path, cursor: str | None) -> None:
+        """Index files plus the fallback's newest items, for a restart that skips re-embedding."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.index.save(directory / f"index-{self.version}", cursor)
+        newest = directory / f"newest-{self.version}.json"
+        tmp = newest.with_name(f".{newest.name}.tmp")
+        tmp.write_text(json.dumps(self.newest.dump()))
+        os.replace(tmp, newest)
+
+    def load_snapshot(self, directory: Path) -> tuple[bool, str | None]:
+        """(loaded, event id it reflects); snapshots are per model version, others are ignored."""
+        link = directory / f"index-{self.version}"
+        if not link.exists():
+            return False, None
+        self.index, cursor = VectorIndex.load(link, self.index_config)
+        newest = directory / f"newest-{self.version}.json"
+        if newest.is_file():
+            for item_id, (created_at, bias) in json.loads(newest.read_text()).items():
+                self.newest.add(item_id, created_at, bias)
+        return True, cursor
+
+    def follow(self, cursor: str | None, batch: int = 1000) -> Followed:
+        """Apply the store's events after `cursor` to the index. Rebuilds instead when events were
+        trimmed from the stream before this replica read them."""
+        first = self.store.first_event_id()
+        if cursor is not None and first is not None and event_order_key(first) > event_order_key(cursor):
+            log.warning("events after %s were trimmed before they were applied; rebuilding the index", cursor)
+            return Followed(self.build_index(), [], rebuilt=True)
+        lags: list[float] = []
+        while events := self.store.read_events(cursor, batch):
+            lags += self.apply_events(events)
+            cursor = events[-1].event_id
+            if len(events) < batch:
+                break
+        return Followed(cursor, lags, rebuilt=False)
+
+    def apply_events(self, events: Sequence[Event]) -> list[float]:
+        """Bring the index in line with the store for every item the events name (state, not replay)."""
+        at = {e.item_id: e.at for e in events if e.item_id is not None and e.kind is not EventKind.INTERACTIONS}
+        ids = [i for i in at if not self.is_trained(i)]
+        if not ids:
+            return []
+        records = self.store.get_items(ids)
+        gone = [i for i in ids if i not in records]
+        if gone:
+            self.index.remove(gone)
+            for item_id in gone:
+                self.newest.remove(item_id)
+        fresh = []
+        for record in records.values():
+            own = self._own_writes.pop(record.item_id, None)
+            if own is None or own != (record.created_at, self.index):
+                fresh.append(record)
+        rows = self.record_rows(fresh)
+        if rows:
+            self.index.add(list(rows), np.stack(list(rows.values())), [True] * len(rows))
+        now = time.time()
+        for item_id, row in rows.items():
+            self.newest.add(item_id, records[item_id].created_at, float(row[-1]))
+        return [now - at[i] for i in rows]
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def register(self, items: Sequence[NewItem]) -> list[Registration]:
+        """Validate, embed, write to the store, add to the index: servable when this returns."""
+        trained = [item.item_id for item in items if self.is_trained(item.item_id)]
+        if trained:
+            raise TrainedItemConflictError(
+                f"items {trained[:10]} are trained items of model version {self.version}; their rows are "
+                f"learned from interactions and cannot be replaced; register new items under new ids")
+        rows = self.embed(items)
+        now = time.time()
+        records = [ItemRecord(item.item_id, list(item.attributes), item.content, row, self.version, now)
+                   for item, row in zip(items, rows, strict=True)]
+        result = self.store.put_items(records)
+        index = self.index
+        index.add([r.item_id for r in records], rows, [True] * len(records))
+        inserted = set(result.inserted)
+        if len(self._own_writes) > 100_000:  # the follower is not draining them: stop remembering
+            self._own_writes.clear()
+        for record, row in zip(records, rows, strict=True):
+            self._own_writes[record.item_id] = (now, index)
+            self.newest.add(record.item_id, now, float(row[-1]))
+        return [Registration(r, self.unknown_attributes(r.attributes), r.item_id in inserted) for r in records]
+
+    def delete(self, item_id: str) -> None:
+        if self.is_trained(item_id):
+            raise TrainedItemConflictError(f"item {item_id} is a trained item of model version {self.version} "
+                                      f"and cannot be deleted; deploy a model trained without it")
+        if not self.store.delete_item(item_id):
+            raise UnknownItemsError([item_id])
+        self.index.remove([item_id])
+        self.newest.remove(item_id)
+
+    def add_interactions(self, interactions: Sequence[Interaction]) -> None:
+        """All or nothing: every item must be trained or registered, else UnknownItemsError and no write."""
+        named = list(dict.fromkeys(i.item_id for i in interactions))
+        registered = [i for i in named if not self.is_trained(i)]
+        found = self.store.get_items(registered) if registered else {}
+        missing = [i for i in registered if i not in found]
+        if missing:
+            raise UnknownItemsError(missing)
+        self.store.add_interactions(interactions)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get(self, item_id: str) -> ItemView | None:
+        if self.is_trained(item_id):
+            return ItemView(item_id, False, self.version, None, [])
+        record = self.store.get_item(item_id)
+        if record is None:
+            return None
+        return ItemView(item_id, True, record.model_version, record, self.unknown_attributes(record.attributes))
+
+    def history_rows(self, history: Sequence[str]) -> Rows:
+        """Rows (L, D+1) of the history items this model can still use, warm and registered alike."""
+        registered = [i for i in history if not self.is_trained(i)]
+        rows = self.record_rows(list(self.store.get_items(registered).values())) if registered else {}
+        kept = [self.warm_rows[self._warm_pos[i]] if self.is_trained(i) else rows[i]
+                for i in history if self.is_trained(i) or i in rows]
+        return np.stack(kept).astype(np.float32) if kept else np.zeros((0, self.dim), np.float32)
+
+    def user_query(self, rows: Rows) -> Rows:
+        """Index query [h; 1] (1, D+1) of a user folded in from history rows (L, D+1)."""
+        with torch.inference_mode():
+            r = torch.from_numpy(rows)[None]  # (1, L, D+1)
+            mask = torch.ones(r.shape[:2], dtype=torch.bool)  # (1, L)
+            h = self.model.fold_in(r, mask)  # (1, D)
+            return M2Rec.query(h).numpy().astype(np.float32)  # (1, D+1)
+
+    def recommend(self, user_id: str, k: int) -> Recommendations:
+        history = self.store.get_history(user_id)
+        seen = set(history)
+        rows = self.history_rows(history)
+        if len(rows) == 0:
+            return Recommendations(self.fallback(k, seen), True, self.version)
+        hits = self.index.search(self.user_query(rows), k, exclude=[seen])[0]
+        return Recommendations(hits, False, self.version)
+
+    def fallback(self, k: int, exclude: set[str]) -> list[Hit]:
+        """Most popular trained items (largest bias b) with the newest registered items mixed in:
+        position p is cold when floor((p+1)·share) > floor(p·share)."""
+        share = self.fallback_cold_share
+        cold = iter(self.newest.newest(k, exclude))
+        warm = (Hit(self.warm_ids[j], float(self.warm_rows[j, -1]), False)
+                for j in self._popular.tolist() if self.warm_ids[j] not in exclude)
+        out: list[Hit] = []
+        for p in range(k):
+            first, second = (cold, warm) if int((p + 1) * share) > int(p * share) else (warm, cold)
+            hit = next(first, None) or next(second, None)
+            if hit is None:
+                break
+            out.append(hit)
+        return out

@@ -1,0 +1,141 @@
+"""The HTTP contract: request and response bodies. Shape rules live here; model-dependent rules
+(content dimension, known attributes) are checked by the recommender and mapped to 4xx in app.py."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
+
+ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
+MAX_ATTRIBUTES = 1000
+MAX_CONTENT_DIM = 65_536
+
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+AttributeToken = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+_ITEM_EXAMPLE: dict[str, JsonValue] = {
+    "id": "movie:1683",
+    "attributes": ["genre:Comedy", "genre:Romance", "language:m.02h40lc"],
+    "content": [0.013, -0.092, 0.041],
+}
+
+
+class ItemIn(BaseModel):
+    """A new or updated item. At least one of attributes and content is required."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_ITEM_EXAMPLE]})
+
+    id: Id = Field(description="1-128 characters of A-Z a-z 0-9 _ . : -")
+    attributes: list[AttributeToken] = Field(
+        default_factory=list, max_length=MAX_ATTRIBUTES,
+        description="categorical tokens such as genre:Drama; tokens the model never saw are reported back",
+    )
+    content: list[FiniteFloat] | None = Field(
+        None, max_length=MAX_CONTENT_DIM,
+        description="dense content vector (e.g. image features) of the model's content dimension",
+    )
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ItemIn:
+        if not self.attributes and self.content is None:
+            raise ValueError("an item needs attributes, content, or both; this one has neither")
+        return self
+
+
+class ItemBatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"items": [_ITEM_EXAMPLE]}]})
+
+    items: list[ItemIn] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_ids(self) -> ItemBatchIn:
+        twice = sorted(i for i, n in Counter(item.id for item in self.items).items() if n > 1)
+        if twice:
+            raise ValueError(f"item ids must be distinct within a batch; repeated: {twice[:10]}")
+        return self
+
+
+class ItemOut(BaseModel):
+    id: str
+    is_cold: bool = Field(description="false for items the model was trained on, true for registered items")
+    model_version: str = Field(
+        description="the model version that computed the stored row; a replica serving another version "
+        "re-embeds the item from its raw inputs")
+    attributes: list[str] | None = Field(None, description="as registered; null for trained items")
+    unknown_attributes: list[str] = Field(
+        default_factory=list, description="registered tokens the model does not know; they were ignored"
+    )
+    has_content: bool | None = None
+    created: bool | None = Field(None, description="on writes: true if new, false if an existing id was updated")
+    created_at: float | None = Field(None, description="unix seconds of the last registration")
+
+
+class ItemBatchOut(BaseModel):
+    items: list[ItemOut]
+
+
+class InteractionIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"user": "user:42", "item": "movie:1683", "timestamp": 1.7e9}]},
+    )
+
+    user: Id
+    item: Id
+    timestamp: FiniteFloat | None = Field(None, ge=0, description="unix seconds; default: now")
+
+
+class InteractionBatchIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"interactions": [{"user": "user:42", "item": "movie:1683"}]}]},
+    )
+
+    interactions: list[InteractionIn] = Field(min_length=1)
+
+
+class InteractionsOut(BaseModel):
+    accepted: int
+    users: int
+
+
+class RecommendedItem(BaseModel):
+    id: str
+    score: float = Field(description="h·v + b; comparable within one response")
+    is_cold: bool
+    model_version: str
+
+
+class RecommendationsOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "user": "user:42", "model_version": "20260101T000000Z-0123abcd", "fallback": False,
+        "items": [{"id": "movie:1683", "score": 3.2, "is_cold": True,
+                   "model_version": "20260101T000000Z-0123abcd"}],
+    }]})
+
+    user: str
+    model_version: str
+    fallback: bool = Field(
+        description="true when the user has no usable history: popular trained items mixed with the newest "
+        "registered ones, not a personal ranking"
+    )
+    items: list[RecommendedItem]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model_version: str | None = None
+    store: str
+    index_items: int = 0
+    detail: str | None = None
+
+
+class ErrorOut(BaseModel):
+    detail: str

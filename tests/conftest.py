@@ -1,0 +1,121 @@
+"""Shared fixtures. Store fixtures: one suite runs against real SQLite and real Redis.
+
+Redis is the shared server at 127.0.0.1:6379 (override with M2REC_TEST_REDIS_URL); every test gets
+its own key namespace and its keys are deleted afterwards. Unreachable Redis skips the redis
+cases loudly, or fails them when M2REC_REQUIRE_REDIS=1 (CI).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from service.store import SqliteStore, Store
+from service.store.redis import RedisStore
+
+REDIS_URL = os.environ.get("M2REC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Where a test store lives, so a test can open a second instance (or a subprocess can)."""
+
+    backend: str  # "sqlite" | "redis"
+    location: str  # SQLite file or Redis URL
+    namespace: str  # Redis key namespace; unused by SQLite
+
+    def open(self, **limits: int) -> Store:
+        """`limits`: max_history, event_cap."""
+        if self.backend == "sqlite":
+            return SqliteStore(self.location, **limits)
+        return RedisStore.from_url(self.location, namespace=self.namespace, **limits)
+
+
+def _require_redis() -> None:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1.0).ping()
+    except redis.exceptions.RedisError as exc:
+        reason = f"REDIS UNREACHABLE at {REDIS_URL} ({exc}): the redis store tests did NOT run"
+        if os.environ.get("M2REC_REQUIRE_REDIS") == "1":
+            pytest.fail(reason + " and M2REC_REQUIRE_REDIS=1")
+        pytest.skip(reason)
+
+
+def _delete_namespace(spec: StoreSpec) -> None:
+    client = redis.Redis.from_url(spec.location)
+    pattern = f"m2rec:{{{spec.namespace}}}:*"
+    keys = list(client.scan_iter(match=pattern, count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreSpec]:
+    if request.param == "sqlite":
+        yield StoreSpec("sqlite", str(tmp_path / "m2rec.sqlite3"), "")
+        return
+    _require_redis()
+    spec = StoreSpec("redis", REDIS_URL, f"test-{uuid.uuid4().hex[:12]}")
+    try:
+        yield spec
+    finally:
+        _delete_namespace(spec)
+
+
+@pytest.fixture
+def store(store_spec: StoreSpec) -> Iterator[Store]:
+    opened = store_spec.open()
+    yield opened
+    opened.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Service fixtures (tests/test_api.py, tests/test_recommender.py): one tiny real model, trained
+# on the real ml-100k data for one epoch and exported with service.artifact.save_artifact.
+# Imports stay in this section so the fixtures above are untouched.
+
+from training.dataset import Dataset  # noqa: E402
+from training.split import ColdStartSplit  # noqa: E402
+
+
+@dataclass(frozen=True)
+class TrainedArtifact:
+    root: Path  # artifact root with a `current` pointer
+    dataset: Dataset
+    split: ColdStartSplit
+
+
+@pytest.fixture(scope="session")
+def trained_artifact(tmp_path_factory: pytest.TempPathFactory) -> TrainedArtifact:
+    from service.artifact import save_artifact
+    from tests.shared_data import shared_data
+    from training.convert_ml100k import build_ml100k
+    from training.split import cold_start_split
+    from training.train import TrainConfig, train
+
+    dataset = build_ml100k(shared_data() / "ml-100k")
+    split = cold_start_split(dataset, seed=0)
+    cfg = TrainConfig(seed=0, epochs=1, eval_every=1, item_dim=16, user_latent=8, gen_hidden=16,
+                      gen_latent=8, batch_users=128, batch_items=256, progress=False)
+    result = train(dataset, split, cfg)
+    root = tmp_path_factory.mktemp("artifacts")
+    save_artifact(
+        root,
+        tensors=result.model.state_dict(),
+        item_ids=[dataset.item_ids[j] for j in result.data.warm],
+        model_config=result.model.config.to_dict(),
+        attribute_vocabulary=result.data.vocabulary.tokens,
+        content_dim=result.data.content_dim,
+        embedding_dim=result.model.config.item_dim + 1,
+        metrics={"validation": result.best_val},
+        data_fingerprint=f"ml-100k:{dataset.n_items}:{len(dataset.interactions)}",
+        dataset=dataset.name,
+    )
+    return TrainedArtifact(root, dataset, split)

@@ -1,0 +1,209 @@
+"""The service core against a tiny real model and a real SQLite store: oracles are NumPy brute force."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.artifact import load_artifact
+from service.model import M2Rec
+from service.recommender import InvalidItemError, NewItem, Recommender, TrainedItemConflictError
+from service.store import Interaction, ItemRecord, SqliteStore
+from tests.conftest import TrainedArtifact
+
+
+def _cold_item(trained: TrainedArtifact, n: int, *, new_id: str | None = None) -> NewItem:
+    """The n-th test-cold item of the split with its real attributes and content."""
+    j = int(trained.split.cold_items[n])
+    ds = trained.dataset
+    assert ds.features is not None
+    return NewItem(new_id or f"new:{ds.item_ids[j]}", list(ds.item_attributes[j]), ds.features[j].tolist())
+
+
+@pytest.fixture
+def recommender(trained_artifact: TrainedArtifact, tmp_path: Path) -> Recommender:
+    rec = Recommender(load_artifact(trained_artifact.root), SqliteStore(tmp_path / "s.sqlite3"))
+    rec.build_index()
+    return rec
+
+
+def _brute_force(rec: Recommender, history: list[str], k: int) -> list[tuple[str, float]]:
+    ids, vectors, _ = rec.index.live_vectors()
+    rows = rec.history_rows(history)
+    with torch.inference_mode():
+        h = rec.model.fold_in(torch.from_numpy(rows)[None], torch.ones(1, len(rows), dtype=torch.bool))
+    scores = vectors[:, :-1].astype(np.float64) @ h[0].numpy().astype(np.float64) + vectors[:, -1]
+    ranked = sorted((s, i) for i, s in zip(ids, scores.tolist(), strict=True) if i not in set(history))
+    ranked.sort(key=lambda p: -p[0])
+    return [(i, s) for s, i in ranked[:k]]
+
+
+def test_recommend_equals_brute_force_over_warm_and_registered_rows(
+    recommender: Recommender, trained_artifact: TrainedArtifact
+) -> None:
+    recommender.register([_cold_item(trained_artifact, n) for n in range(20)])
+    history = [recommender.warm_ids[3], recommender.warm_ids[40], "new:" + trained_artifact.dataset.item_ids[
+        int(trained_artifact.split.cold_items[0])]]
+    recommender.store.add_interactions([Interaction("u1", i, float(t)) for t, i in enumerate(history)])
+    got = recommender.recommend("u1", 25)
+    assert not got.fallback
+    expected = _brute_force(recommender, history, 25)
+    assert [h.item_id for h in got.hits] == [i for i, _ in expected]
+    np.testing.assert_allclose([h.score for h in got.hits], [s for _, s in expected], rtol=1e-4, atol=1e-4)
+    assert not set(history) & {h.item_id for h in got.hits}
+
+
+def test_history_uses_learned_rows_for_trained_items_and_generated_rows_for_registered_ones(
+    recommender: Recommender, trained_artifact: TrainedArtifact
+) -> None:
+    item = _cold_item(trained_artifact, 1)
+    recommender.register([item])
+    rows = recommender.history_rows([recommender.warm_ids[7], item.item_id])
+    np.testing.assert_array_equal(rows[0], recommender.model.item_rows().detach().numpy()[7])
+    np.testing.assert_allclose(rows[1], recommender.embed([item])[0], rtol=1e-6)
+
+
+def test_items_with_only_attributes_or_only_content_get_finite_distinct_rows(
+    recommender: Recommender, trained_artifact: TrainedArtifact
+) -> None:
+    item = _cold_item(trained_artifact, 2)
+    both, attrs_only, content_only = recommender.embed([
+        item, NewItem("a", item.attributes, None), NewItem("c", [], item.content)])
+    assert np.isfinite(np.stack([both, attrs_only, content_only])).all()
+    assert not np.allclose(attrs_only, content_only)
+
+
+def test_embedding_a_batch_equals_embedding_its_items_one_by_one(
+    recommender: Recommender, trained_artifact: TrainedArtifact
+) -> None:
+    items = [_cold_item(trained_artifact, n) for n in range(5)]
+    batch = recommender.embed(items)
+    single = np.concatenate([recommender.embed([i]) for i in items])
+    np.testing.assert_allclose(batch, single, rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_content_dimension_is_rejected_naming_expected_and_got(
+    recommender: Recommender, trained_artifact: TrainedArtifact
+) -> None:
+    with pytest.raises(InvalidItemError, match=r"content has 3 values .* expects content_dim=384"):
+        recommender.register([NewItem("x", ["genre:Drama"], [0.1, 0.2, 0.3])])
+    assert recommender.store.count_items() == 0
+    assert recommender.index.count() == (len(recommender.warm_ids), 0)
+
+
+def test_item_with_only_unknown_attributes_and_no_content_is_rejected(recommender: Recommender) -> None:
+    with pytest.raises(InvalidItemError, match="nothing to embed"):
+        recommender.register([NewItem("x", ["never-seen-token"], None)])
+
+
+def test_trained_item_ids_cannot_be_registered_or_deleted(recommender: Recommender) -> None:
+    with pytest.raises(TrainedItemConflictError):
+        recommender.register([NewItem(recommender.warm_ids[0], ["genre:Drama"], None)])
+    with pytest.raises(TrainedItemConflictError):
+        recommender.delete(recommender.warm_ids[0])
+
+
+def test_fallback_puts_newest_cold_items_among_the_most_popular_trained_items(
+    recommender: Recommender, trained_artifact: TrainedArtifact
+) -> None:
+    for n in range(3):  # distinct created_at, so "newest" is well defined
+        recommender.register([_cold_item(trained_artifact, n)])
+        time.sleep(0.002)
+    got = recommender.recommend("nobody", 10)
+    assert got.fallback
+    assert [h.is_cold for h in got.hits] == [False] * 4 + [True] + [False] * 4 + [True]
+    cold = [h.item_id for h in got.hits if h.is_cold]
+    assert cold == [_cold_item(trained_artifact, 2).item_id, _cold_item(trained_artifact, 1).item_id]
+    biases = recommender.warm_rows[:, -1]
+    top = [recommender.warm_ids[j] for j in np.argsort(-biases, kind="stable")[:8]]
+    assert [h.item_id for h in got.hits if not h.is_cold] == top
+
+
+def test_fallback_leaves_out_what_the_user_has(recommender: Recommender) -> None:
+    biases = recommender.warm_rows[:, -1]
+    best = recommender.warm_ids[int(np.argmax(biases))]
+    assert best not in {h.item_id for h in recommender.fallback(5, {best})}
+
+
+def test_stored_row_from_another_model_version_is_re_embedded(
+    recommender: Recommender, trained_artifact: TrainedArtifact
+) -> None:
+    item = _cold_item(trained_artifact, 3)
+    garbage = np.full(recommender.dim, 7.0, np.float32)
+    recommender.store.put_items([ItemRecord(item.item_id, item.attributes, item.content, garbage, "old", 1.0)])
+    recommender.build_index()
+    ids, vectors, _ = recommender.index.live_vectors()
+    row = vectors[ids.index(item.item_id)]
+    np.testing.assert_allclose(row, recommender.embed([item])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_follower_applies_another_replicas_upserts_and_deletes(
+    trained_artifact: TrainedArtifact, tmp_path: Path
+) -> None:
+    artifact = load_artifact(trained_artifact.root)
+    a = Recommender(artifact, SqliteStore(tmp_path / "s.sqlite3"))
+    b = Recommender(artifact, SqliteStore(tmp_path / "s.sqlite3"))
+    cursor = b.build_index()
+    a.build_index()
+    item = _cold_item(trained_artifact, 4)
+    a.register([item])
+    assert not b.index.contains(item.item_id)
+    followed = b.follow(cursor)
+    assert b.index.contains(item.item_id) and len(followed.lags) == 1 and not followed.rebuilt
+    a.delete(item.item_id)
+    b.follow(followed.cursor)
+    assert not b.index.contains(item.item_id)
+
+
+def test_follower_rebuilds_when_the_events_it_missed_were_trimmed(
+    trained_artifact: TrainedArtifact, tmp_path: Path
+) -> None:
+    artifact = load_artifact(trained_artifact.root)
+    a = Recommender(artifact, SqliteStore(tmp_path / "s.sqlite3", event_cap=2))
+    b = Recommender(artifact, SqliteStore(tmp_path / "s.sqlite3", event_cap=2))
+    a.register([_cold_item(trained_artifact, 0)])
+    cursor = b.build_index()
+    a.register([_cold_item(trained_artifact, n) for n in range(1, 6)])
+    assert b.follow(cursor).rebuilt
+    assert b.index.count() == (len(b.warm_ids), 6)
+
+
+def test_query_keeps_the_trained_bias(recommender: Recommender) -> None:
+    rows = recommender.history_rows(recommender.warm_ids[:3])
+    q = recommender.user_query(rows)
+    assert q.shape == (1, recommender.dim) and q[0, -1] == 1.0
+    with torch.inference_mode():
+        h = recommender.model.fold_in(torch.from_numpy(rows)[None], torch.ones(1, 3, dtype=torch.bool))
+    np.testing.assert_allclose(q, M2Rec.query(h).numpy(), rtol=1e-6)
+
+
+def test_service_ranking_matches_the_offline_evaluation_table(
+    recommender: Recommender, trained_artifact: TrainedArtifact
+) -> None:
+    """Offline/online parity: registering every non-trained item and posting a user's training
+    history gives the ranking training.train.ItemTable scores offline (all-items protocol)."""
+    from training.train import ItemTable
+    from training.train_data import prepare
+
+    ds, split = trained_artifact.dataset, trained_artifact.split
+    assert ds.features is not None
+    table = ItemTable(recommender.model, prepare(ds, split))
+    warm = set(split.warm_items.tolist())
+    others = [j for j in range(ds.n_items) if j not in warm]
+    recommender.register([NewItem(ds.item_ids[j], list(ds.item_attributes[j]), ds.features[j].tolist())
+                          for j in others])
+    k = 50
+    for u in split.test_users[:3].tolist():
+        history = split.train[u].indices.tolist()
+        recommender.store.add_interactions([Interaction(str(u), ds.item_ids[j], 0.0) for j in history])
+        got = recommender.recommend(str(u), k)
+        candidates = np.array([j for j in range(ds.n_items) if j not in set(history)])
+        scores = table.score(np.array([u]), candidates)[0]
+        top = candidates[np.argsort(-scores, kind="stable")[:k]]
+        np.testing.assert_allclose([h.score for h in got.hits], np.sort(scores)[::-1][:k], rtol=1e-4, atol=1e-4)
+        overlap = {h.item_id for h in got.hits} & {ds.item_ids[j] for j in top}
+        assert len(overlap) >= k - 1  # at most a near-tie at the cut differs

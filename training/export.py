@@ -1,0 +1,37 @@
+"""Trained model → artifact directory (service/artifact.py), the one format the service loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from service.artifact import save_artifact
+from training.dataset import Dataset
+
+
+def export_artifact(
+    result: Any,  # training.train.TrainResult (typed loosely: train.py imports this module)
+    dataset: Dataset,
+    data_fingerprint: str,
+    root: Path,
+    metrics: dict[str, Any],
+) -> Path:
+    """Write the model, its config, vocabulary and warm ids as a new version under `root`.
+
+    The tensors are the whole state dict: generator, user encoder/decoder, the warm rows of V
+    with their biases, and the neutral user vector used for the index's user-neutral gate.
+    """
+    model = result.model
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return save_artifact(
+        root,
+        tensors=state,
+        item_ids=[dataset.item_ids[j] for j in result.data.warm],
+        model_config=model.config.to_dict(),
+        attribute_vocabulary=list(result.data.vocabulary.tokens),
+        content_dim=int(result.data.content_dim),
+        embedding_dim=int(model.config.item_dim) + 1,
+        metrics=metrics,
+        data_fingerprint=data_fingerprint,
+        dataset=dataset.name,
+    )

@@ -1,0 +1,133 @@
+"""Every training loss of m2rec, each a mean over the batch so that no weight depends on batch size.
+
+Conventions: per-example terms are summed over their own dimensions (a log-likelihood or a KL of
+a diagonal Gaussian is a sum over dimensions) and then averaged over examples. Every InfoNCE keeps
+its positive in the denominator, so it is a proper cross-entropy (>= 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from service.generator import Gaussian, GeneratorOutput
+
+
+def multinomial_nll(logits: torch.Tensor, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Multi-VAE likelihood: mean over users of -Σ_{j in history} log_softmax(logits)_j.
+
+    logits (B, J); (rows, items) (N,) the flat (user-in-batch, item) pairs of the histories.
+    """
+    logp = torch.log_softmax(logits, dim=1)  # (B, J)
+    return -logp[rows, items].sum() / logits.shape[0]
+
+
+def kl_standard_normal(g: Gaussian, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(N(mu, σ²) || N(0, I)), summed over dimensions, mean over the (masked) rows."""
+    per_row = 0.5 * (g.mu.pow(2) + g.logvar.exp() - 1.0 - g.logvar).sum(dim=1)  # (B,)
+    return _masked_mean(per_row, mask)
+
+
+def kl_gaussians(q: Gaussian, p: Gaussian) -> torch.Tensor:
+    """KL(q || p) for diagonal Gaussians, summed over dimensions, mean over rows."""
+    var_ratio = (q.logvar - p.logvar).exp()
+    per_row = 0.5 * (var_ratio + (q.mu - p.mu).pow(2) / p.logvar.exp() - 1.0 - (q.logvar - p.logvar))
+    return per_row.sum(dim=1).mean()
+
+
+def pull_to_generated(rows: torch.Tensor, generated: torch.Tensor, weight: float) -> torch.Tensor:
+    """λ_v/2 · mean_j ||[V_j; b_j] - Ê_j||² over warm items (Ê fixed during the b-step)."""
+    return 0.5 * weight * (rows - generated).pow(2).sum(dim=1).mean()
+
+
+def reconstruction_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gaussian reconstruction of the item row: squared error summed over D+1, mean over items."""
+    return (pred - target).pow(2).sum(dim=1).mean()
+
+
+def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, tau: float
+             ) -> torch.Tensor:
+    """Per-row InfoNCE with cosine similarity; the positive is in the denominator.
+
+    anchor (B, Z), positive (B, Z), negatives (B, N, Z) or (N, Z) shared by every row -> (B,).
+    """
+    a = F.normalize(anchor, dim=-1)
+    pos = (a * F.normalize(positive, dim=-1)).sum(dim=-1, keepdim=True)  # (B, 1)
+    n = F.normalize(negatives, dim=-1)
+    neg = a @ n.T if n.dim() == 2 else torch.einsum("bz,bnz->bn", a, n)  # (B, N)
+    logits = torch.cat([pos, neg], dim=1) / tau  # (B, 1+N)
+    return -torch.log_softmax(logits, dim=1)[:, 0]
+
+
+def disentangle_loss(out: GeneratorOutput, tau: float) -> torch.Tensor:
+    """M2VAE eq. 9-10: per unique view v, positive (z_v, proj(raw_v)), negatives (z_v, z_com_j).
+
+    Summed over the views, each a mean over the items that have view v.
+    """
+    if out.common is None:
+        return torch.zeros((), device=out.rows.device)
+    z_com = out.common.sample()  # (B, Z)
+    total = torch.zeros((), device=z_com.device)
+    for v, g in out.views.items():
+        mask = out.view_mask[v]
+        if not bool(mask.any()):
+            continue
+        per_row = info_nce(g.sample(), out.raw_projected[v], z_com, tau)  # (B,)
+        total = total + _masked_mean(per_row, mask)
+    return total
+
+
+def m2vae_elbo(out: GeneratorOutput, target: torch.Tensor, kl_weight: float) -> dict[str, torch.Tensor]:
+    """-ELBO of the CVAE (eq. 23-26): reconstruction + KL(q||p) + Σ_v KL(q(z_v)||N(0,I))."""
+    parts = {"recon": reconstruction_mse(out.rows, target)}
+    kl = kl_gaussians(out.posterior, out.prior) if out.posterior is not None else torch.zeros(())
+    for v, g in out.views.items():
+        kl = kl + kl_standard_normal(g, out.view_mask[v])
+    parts["kl"] = kl_weight * kl
+    return parts
+
+
+def content_vae_elbo(
+    out: GeneratorOutput, content: torch.Tensor | None, attributes: torch.Tensor, target: torch.Tensor,
+    pull_weight: float, kl_weight: float,
+) -> dict[str, torch.Tensor]:
+    """MD-CVAE t-step: reconstruct the item's content and attributes, KL, and λ_v pull to [V_j; b_j]."""
+    parts: dict[str, torch.Tensor] = {}
+    if content is not None and out.content_recon is not None:
+        parts["content"] = (out.content_recon - F.normalize(content, dim=1)).pow(2).sum(dim=1).mean()
+    if out.attribute_logits is not None:
+        real = attributes > 0  # (B, A)
+        logp = torch.log_softmax(out.attribute_logits, dim=1).gather(1, attributes)  # (B, A)
+        parts["attributes"] = -(logp * real).sum() / attributes.shape[0]
+    parts["kl"] = kl_weight * kl_standard_normal(out.prior)
+    parts["pull"] = pull_to_generated(target, out.rows, pull_weight)
+    return parts
+
+
+def cooccurrence_loss(rows: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, tau: float
+                      ) -> torch.Tensor:
+    """M2VAE eq. 20-22: the generated row against co-interacted (positive) and unrelated rows.
+
+    rows (B, D+1); positives (B, P, D+1), negatives (B, N, D+1), both detached targets [V; b].
+    Each of the P positives is one InfoNCE term with the N negatives; mean over B·P.
+    """
+    a = F.normalize(rows, dim=-1)[:, None, :]  # (B, 1, D+1)
+    pos = (a * F.normalize(positives, dim=-1)).sum(dim=-1) / tau  # (B, P)
+    neg = (a * F.normalize(negatives, dim=-1)).sum(dim=-1) / tau  # (B, N)
+    neg_lse = torch.logsumexp(neg, dim=1, keepdim=True)  # (B, 1)
+    denom = torch.logaddexp(pos, neg_lse)  # (B, P): log(exp(pos) + Σ exp(neg))
+    return (denom - pos).mean()
+
+
+def bpr_loss(rows: torch.Tensor, h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+    """-log σ(e·[h+; 1] - e·[h-; 1]) for a user who took the item against one who did not; mean."""
+    v = rows[:, :-1]  # the bias cancels in the difference
+    margin = (v * (h_pos - h_neg)).sum(dim=1)  # (B,)
+    return F.softplus(-margin).mean()
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp(min=1.0)

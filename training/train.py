@@ -1,0 +1,335 @@
+"""Train m2rec: EM-like alternation of the user auto-encoder (b-step) and the item generator (t-step).
+
+    b-step  Multi-VAE on the training histories; the item table [V; b] is pulled towards the
+            generator's current output Ê for the warm items (Ê fixed during the step)
+    t-step  the generator learns to produce [V_j; b_j] (fixed) from item j's attributes and content,
+            plus M2VAE's own losses (disentangling, co-occurrence, BPR)
+
+Model selection: Recall@20 on the validation items (cold-only), never the test items.
+
+    python -m training.train --dataset data/citeulike-t --out artifacts/ --seed 0 [--epochs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from service.generator import Gaussian
+from service.model import M2Rec, ModelConfig
+from training import losses
+from training.dataset import Dataset, load_dataset
+from training.protocol import cold_only, evaluate
+from training.split import ColdStartSplit, cold_start_split
+from training.train_data import TrainingData, prepare
+
+log = logging.getLogger("m2rec.train")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 40
+    eval_every: int = 2
+    # model sizes and switches (ModelConfig)
+    item_dim: int = 128
+    user_latent: int = 64
+    user_hidden: int = 0
+    gen_hidden: int = 128
+    gen_latent: int = 64
+    generator: str = "m2vae"
+    common_view: bool = True
+    moe: bool = True
+    gate_temperature: float = 1.0
+    # b-step (Multi-VAE)
+    batch_users: int = 256
+    lr_user: float = 1e-3
+    input_dropout: float = 0.5
+    beta_cap: float = 0.2
+    anneal_epochs: float = 20.0  # β reaches its cap after this many epochs
+    lambda_v: float = 10.0
+    # t-step (generator)
+    batch_items: int = 512
+    lr_gen: float = 1e-3
+    gen_kl: float = 0.1
+    id_dropout: float = 0.5
+    modality_dropout: float = 0.15
+    disentangle: bool = True
+    alpha_disentangle: float = 0.1
+    tau_disentangle: float = 0.2
+    cooccurrence: bool = True
+    beta_co: float = 0.5
+    tau_co: float = 0.2
+    co_positives: int = 5
+    co_negatives: int = 40
+    bpr: bool = True
+    progress: bool = True
+
+    def model_config(self, n_warm: int, n_attributes: int, content_dim: int) -> ModelConfig:
+        names = {f.name for f in fields(ModelConfig)}
+        shared = {k: v for k, v in asdict(self).items() if k in names}
+        return ModelConfig(n_warm=n_warm, n_attributes=n_attributes, content_dim=content_dim, **shared)
+
+
+@dataclass
+class TrainResult:
+    model: M2Rec
+    data: TrainingData
+    config: TrainConfig
+    best_epoch: int
+    best_val: dict[str, float]
+    history: list[dict[str, float]]
+
+
+class ItemTable:
+    """Scores every dataset item for users folded in from their training histories.
+
+    Warm items use their trained rows [V; b]; every other item its generated row (neutral gate).
+    """
+
+    name = "m2rec"
+
+    def __init__(self, model: M2Rec, data: TrainingData) -> None:
+        self.users = user_vectors(model, data).numpy()  # (U, D)
+        self.items = all_item_rows(model, data).numpy()  # (I, D+1)
+
+    def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:  # protocol; built already
+        pass
+
+    def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        rows = self.items[candidates]  # (C, D+1)
+        h = self.users[users]  # (B, D)
+        return np.asarray(h @ rows[:, :-1].T + rows[:, -1], dtype=np.float64)  # [h; 1]·[v; b]
+
+
+@torch.no_grad()
+def user_vectors(model: M2Rec, data: TrainingData, batch: int = 2048) -> torch.Tensor:
+    """h (U, D) of every user, deterministic fold-in (decoder of the posterior mean)."""
+    out = []
+    for start in range(0, data.history.shape[0], batch):
+        users = np.arange(start, min(start + batch, data.history.shape[0]))
+        items, offsets, lengths = data.flat_histories(users)
+        mu, _ = model.user.encode_sparse(items, offsets, lengths, None)
+        out.append(model.user.decode(mu))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def generated_rows(model: M2Rec, data: TrainingData, items: np.ndarray, batch: int = 4096) -> torch.Tensor:
+    """Serving-path rows (len(items), D+1) of dataset items from attributes and content only."""
+    model.eval()
+    # batches of similar attribute counts: padding to the widest item costs (B, A, H) memory
+    order = np.argsort(data.attribute_counts[items], kind="stable")
+    out = [model.embed_items(data.inputs(items[order[s : s + batch]]))[0] for s in range(0, items.size, batch)]
+    model.train()
+    if not out:
+        return torch.zeros(0, model.config.item_dim + 1)
+    rows = torch.empty(items.size, model.config.item_dim + 1)
+    rows[torch.from_numpy(order)] = torch.cat(out)
+    return rows
+
+
+@torch.no_grad()
+def all_item_rows(model: M2Rec, data: TrainingData) -> torch.Tensor:
+    n_items = data.attributes.shape[0]
+    rows = generated_rows(model, data, np.arange(n_items))
+    rows[torch.from_numpy(data.warm)] = model.item_rows()
+    return rows
+
+
+def b_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: TrainConfig,
+           rng: np.random.Generator, step: int, steps_per_epoch: int) -> tuple[dict[str, float], int]:
+    target = generated_rows(model, data, data.warm)  # Ê (J, D+1), fixed for the step
+    users = rng.permutation(data.train_users)
+    sums: dict[str, float] = {}
+    for start in range(0, users.size, cfg.batch_users):
+        batch = users[start : start + cfg.batch_users]
+        items, offsets, lengths = data.flat_histories(batch)
+        keep = None
+        if cfg.input_dropout > 0:
+            keep = torch.from_numpy((rng.random(items.numel()) >= cfg.input_dropout).astype(np.float32))
+            keep = keep / (1.0 - cfg.input_dropout)
+        mu, logvar = model.user.encode_sparse(items, offsets, lengths, keep)
+        u = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        logits = model.user.logits(model.user.decode(u))  # (B, J)
+        rows_in_batch = torch.repeat_interleave(torch.arange(batch.size), lengths)
+        beta = min(cfg.beta_cap, cfg.beta_cap * step / max(1.0, cfg.anneal_epochs * steps_per_epoch))
+        parts = {
+            "nll": losses.multinomial_nll(logits, rows_in_batch, items),
+            "kl_u": beta * losses.kl_standard_normal(Gaussian(mu, logvar)),
+            "pull": losses.pull_to_generated(model.item_rows(), target, cfg.lambda_v),
+        }
+        loss = sum(parts.values())
+        opt.zero_grad()
+        loss.backward()  # type: ignore[union-attr]
+        opt.step()
+        step += 1
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * batch.size / users.size
+    return sums, step
+
+
+def _modality_dropout(x: Any, p: float, rng: np.random.Generator) -> None:
+    """Drop attributes or content (never both) of items that have both, p each."""
+    if p <= 0:
+        return
+    both = (x.has_attributes & x.has_content).numpy()
+    r = rng.random(both.size)
+    drop_a = torch.from_numpy(both & (r < p))
+    drop_c = torch.from_numpy(both & (r >= p) & (r < 2 * p))
+    x.has_attributes = x.has_attributes & ~drop_a
+    x.has_content = x.has_content & ~drop_c
+
+
+def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: TrainConfig,
+           rng: np.random.Generator) -> dict[str, float]:
+    targets = model.item_rows().detach()  # (J, D+1): [V_j; b_j] fixed for the step
+    h_all = user_vectors(model, data)  # (U, D) detached user vectors for gating and BPR
+    model.set_neutral_user(h_all[torch.from_numpy(data.train_users)].mean(dim=0))
+    rows = rng.permutation(data.warm.size)
+    sums: dict[str, float] = {}
+    for start in range(0, rows.size, cfg.batch_items):
+        r = rows[start : start + cfg.batch_items]
+        x = data.inputs(data.warm[r])
+        _modality_dropout(x, cfg.modality_dropout, rng)
+        target = targets[torch.from_numpy(r)]  # (B, D+1)
+        pos_users = data.sample_users_of(r, rng)
+        neg_users = rng.choice(data.train_users, size=r.size)
+        id_drop = torch.from_numpy(rng.random(r.size) < cfg.id_dropout)
+        h_pos = h_all[torch.from_numpy(pos_users)]  # (B, D)
+        out = model.generator.forward_train(x, target, h_pos, id_drop)
+        if cfg.generator == "content-vae":
+            parts = losses.content_vae_elbo(out, x.content if data.content is not None else None,
+                                            x.attributes, target, cfg.lambda_v, cfg.gen_kl)
+        else:
+            parts = losses.m2vae_elbo(out, target, cfg.gen_kl)
+            if cfg.bpr:
+                parts["bpr"] = losses.bpr_loss(out.rows, h_pos, h_all[torch.from_numpy(neg_users)])
+            if cfg.disentangle and cfg.common_view:
+                parts["dis"] = cfg.alpha_disentangle * losses.disentangle_loss(out, cfg.tau_disentangle)
+            if cfg.cooccurrence:
+                pos = data.sample_history_rows(pos_users, cfg.co_positives, rng)  # (B, P)
+                neg = rng.integers(0, data.warm.size, size=(r.size, cfg.co_negatives))  # (B, N)
+                parts["co"] = cfg.beta_co * losses.cooccurrence_loss(
+                    out.rows, targets[torch.from_numpy(pos)], targets[torch.from_numpy(neg)], cfg.tau_co)
+        loss = sum(parts.values())
+        opt.zero_grad()
+        loss.backward()  # type: ignore[union-attr]
+        opt.step()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * r.size / rows.size
+    return sums
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    torch.manual_seed(seed)
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    return np.random.default_rng(seed)
+
+
+def validate(model: M2Rec, data: TrainingData, dataset: Dataset, split: ColdStartSplit) -> dict[str, float]:
+    return evaluate(ItemTable(model, data), cold_only(split, validation=True))
+
+
+def train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainResult:
+    rng = seed_everything(cfg.seed)
+    data = prepare(dataset, split)
+    model = M2Rec(cfg.model_config(data.warm.size, len(data.vocabulary), data.content_dim))
+    opt_user = torch.optim.Adam(model.user.parameters(), lr=cfg.lr_user)
+    opt_gen = torch.optim.Adam(model.generator.parameters(), lr=cfg.lr_gen)
+    steps_per_epoch = -(-data.train_users.size // cfg.batch_users)
+    step, best_val, best_epoch = 0, -1.0, -1
+    best_state: dict[str, torch.Tensor] = {}
+    best_metrics: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(cfg.epochs), desc=f"train {dataset.name}", disable=not cfg.progress)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        b_parts, step = b_step(model, data, opt_user, cfg, rng, step, steps_per_epoch)
+        t_parts = t_step(model, data, opt_gen, cfg, rng)
+        row: dict[str, float] = {"epoch": epoch, **b_parts, **t_parts}
+        last = epoch == cfg.epochs - 1
+        if (epoch + 1) % cfg.eval_every == 0 or last:
+            val = validate(model, data, dataset, split)
+            row["val_recall@20"] = val.get("recall@20", 0.0)
+            row["val_ndcg@20"] = val.get("ndcg@20", 0.0)
+            if row["val_recall@20"] > best_val:
+                best_val, best_epoch, best_metrics = row["val_recall@20"], epoch, val
+                best_state = copy.deepcopy(model.state_dict())
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        bar.set_postfix({k: round(v, 4) for k, v in row.items() if k.startswith("val") or k == "nll"})
+        log.info("epoch %d %s", epoch, json.dumps({k: round(v, 4) for k, v in row.items()}))
+    if best_state:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(model, data, cfg, best_epoch, best_metrics, history)
+
+
+def save_checkpoint(result: TrainResult, dataset: Dataset, out: Path) -> Path:
+    """config.json (model + training config, warm ids, vocabulary) and model.safetensors."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model_config": result.model.config.to_dict(),
+        "train_config": asdict(result.config),
+        "warm_item_ids": [dataset.item_ids[j] for j in result.data.warm],
+        "attribute_vocabulary": result.data.vocabulary.tokens,
+        "content_dim": result.data.content_dim,
+        "best_epoch": result.best_epoch,
+        "validation": result.best_val,
+    }
+    (out / "config.json").write_text(json.dumps(meta))
+    state = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
+def load_checkpoint(path: Path) -> tuple[M2Rec, dict[str, Any]]:
+    meta = json.loads((path / "config.json").read_text())
+    model = M2Rec(ModelConfig(**meta["model_config"]))
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.eval()
+    return model, meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--test", action="store_true", help="also report test metrics of the chosen epoch")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        value = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    dataset = load_dataset(args.dataset)
+    split = cold_start_split(dataset, cfg.seed)
+    t0 = time.perf_counter()
+    result = train(dataset, split, cfg)
+    log.info("trained in %.1f s; best epoch %d; validation %s", time.perf_counter() - t0,
+             result.best_epoch, json.dumps(result.best_val))
+    if args.test:
+        log.info("test cold-only %s", json.dumps(evaluate(ItemTable(result.model, result.data), cold_only(split))))
+    print(save_checkpoint(result, dataset, args.out))
+
+
+if __name__ == "__main__":
+    main()
