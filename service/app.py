@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import faiss
 import torch
@@ -20,13 +21,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.artifact import load_artifact
+from service.artifact import Artifact, ArtifactError, load_artifact
 from service.config import Settings
-from service.deps import OutOfBoundsError, RequestTooLargeError, Runtime
+from service.deps import OutOfBoundsError, RequestTooLargeError, Runtime, SwapGate
 from service.index import IndexConfig
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
 from service.recommender import InvalidItemError, Recommender, TrainedItemConflictError, UnknownItemsError
-from service.routes import health, interactions, items, recommend
+from service.reload import Reloader, ReloadInProgressError
+from service.routes import admin, health, interactions, items, recommend
 from service.store import SqliteStore, Store, StoreUnavailable
 
 log = logging.getLogger("m2rec.service")
@@ -40,6 +42,8 @@ _ERRORS: dict[type[Exception], tuple[int, str | None]] = {
     RequestTooLargeError: (status.HTTP_413_CONTENT_TOO_LARGE, "too_large"),
     OutOfBoundsError: (status.HTTP_422_UNPROCESSABLE_CONTENT, None),
     StoreUnavailable: (status.HTTP_503_SERVICE_UNAVAILABLE, None),
+    ArtifactError: (status.HTTP_422_UNPROCESSABLE_CONTENT, None),
+    ReloadInProgressError: (status.HTTP_409_CONFLICT, None),
 }
 
 
@@ -48,13 +52,19 @@ def open_store(settings: Settings) -> Store:
         from service.store.redis import RedisStore  # only Redis deployments load the client
 
         return RedisStore.from_url(settings.store_url, namespace=settings.redis_namespace,
-                                   max_history=settings.max_history_length)
+                                   max_history=settings.max_history_length, history_ttl=settings.history_ttl_seconds)
     return SqliteStore(settings.store_url, max_history=settings.max_history_length)
 
 
 def index_config(settings: Settings) -> IndexConfig:
     return IndexConfig(kind=settings.index_kind, nlist=settings.index_nlist, nprobe=settings.index_nprobe,
                        ivf_min_rows=settings.index_ivf_min_rows)
+
+
+def new_recommender(artifact: Artifact, store: Store, settings: Settings) -> Recommender:
+    """Model loaded, index still empty: start_index or a reload fills it."""
+    return Recommender(artifact, store, index_config(settings), fallback_cold_share=settings.fallback_cold_share,
+                       newest_kept=settings.k_max)
 
 
 def start_index(recommender: Recommender, settings: Settings, metrics: Metrics) -> str | None:
@@ -71,22 +81,27 @@ def start_index(recommender: Recommender, settings: Settings, metrics: Metrics) 
     return recommender.build_index()
 
 
-async def follow_events(runtime: Runtime, recommender: Recommender) -> None:
-    """Keep this replica's index in line with writes made through any replica."""
+async def follow_events(runtime: Runtime) -> None:
+    """Keep the served index in line with writes made through any replica (after a reload, the new one's)."""
     metrics = runtime.metrics
     while True:
         await asyncio.sleep(runtime.settings.event_poll_seconds)
-        try:
-            followed = await run_in_threadpool(recommender.follow, runtime.cursor)
-        except StoreUnavailable as exc:
-            metrics.follower_errors.labels(reason="store_unavailable").inc()
-            log.warning("event follower: store unavailable (%s); retrying", exc)
-            continue
-        except Exception:
-            metrics.follower_errors.labels(reason="error").inc()
-            log.exception("event follower failed; retrying")
-            continue
-        runtime.cursor = followed.cursor
+        async with runtime.gate.shared():  # a reload swaps recommender and cursor together, never mid-follow
+            recommender = runtime.recommender
+            if recommender is None:
+                continue
+            try:
+                followed = await run_in_threadpool(recommender.follow, runtime.cursor)
+            except StoreUnavailable as exc:
+                metrics.follower_errors.labels(reason="store_unavailable").inc()
+                metrics.store_errors.labels(source="follower").inc()
+                log.warning("event follower: store unavailable (%s); retrying", exc)
+                continue
+            except Exception:
+                metrics.follower_errors.labels(reason="error").inc()
+                log.exception("event follower failed; retrying")
+                continue
+            runtime.cursor = followed.cursor
         if followed.rebuilt:
             metrics.index_rebuilds.labels(reason="events_trimmed").inc()
         for lag in followed.lags:
@@ -104,23 +119,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     artifact = await run_in_threadpool(load_artifact, settings.artifact_path)
     store = await run_in_threadpool(open_store, settings)
     runtime.store = store
-    follower: asyncio.Task[None] | None = None
+    runtime.gate = SwapGate()  # asyncio state belongs to the loop running this lifespan
+    reloader = runtime.reloader = Reloader(runtime, lambda a: new_recommender(a, store, settings))
+    tasks: list[asyncio.Task[None]] = []
     try:
-        recommender = await run_in_threadpool(
-            lambda: Recommender(artifact, store, index_config(settings),
-                                fallback_cold_share=settings.fallback_cold_share, newest_kept=settings.k_max))
+        recommender = await run_in_threadpool(new_recommender, artifact, store, settings)
         runtime.cursor = await run_in_threadpool(start_index, recommender, settings, runtime.metrics)
-        runtime.metrics.model_info.labels(model_version=recommender.version).set(1)
+        runtime.metrics.set_model_version(recommender.version)
         runtime.metrics.set_index_size(*recommender.index.count())
         runtime.recommender = recommender
-        follower = asyncio.create_task(follow_events(runtime, recommender), name="m2rec-event-follower")
+        tasks.append(asyncio.create_task(follow_events(runtime), name="m2rec-event-follower"))
+        if settings.artifact_poll_seconds is not None:
+            tasks.append(asyncio.create_task(reloader.follow_pointer(settings.artifact_poll_seconds),
+                                             name="m2rec-artifact-poller"))
         log.info("serving model %s with %s items indexed", recommender.version, len(recommender.index))
         yield
     finally:
-        if follower is not None:
-            follower.cancel()
+        for task in tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await follower
+                await task
+        await reloader.close()
+        runtime.reloader = None
         if runtime.recommender is not None and settings.index_snapshot_dir is not None:
             try:
                 await run_in_threadpool(runtime.recommender.save_snapshot, settings.index_snapshot_dir,
@@ -135,6 +155,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def _error_handler(metrics: Metrics) -> Callable[[Request, Exception], Awaitable[Response]]:
     async def handle(request: Request, exc: Exception) -> Response:
         code, reason = next(v for t, v in _ERRORS.items() if isinstance(exc, t))
+        if isinstance(exc, StoreUnavailable):
+            metrics.store_errors.labels(source="request").inc()
+            if request.method == "POST" and request.url.path.startswith("/items"):
+                reason = "store_unavailable"
         if reason is not None:
             metrics.ingest_errors.labels(reason=reason).inc()
         return JSONResponse({"detail": str(exc)}, status_code=code)
@@ -163,7 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0", lifespan=lifespan,
     )
     app.state.runtime = Runtime(settings=settings, metrics=metrics)
-    for router in (items.router, interactions.router, recommend.router, health.router):
+    for router in (items.router, interactions.router, recommend.router, health.router, admin.router):
         app.include_router(router)
     handler = _error_handler(metrics)
     app.add_exception_handler(RequestValidationError, _invalid_request(metrics))
@@ -183,11 +207,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _observe(metrics, request, response.status_code, start)
         return response
 
+    app.openapi = _openapi_with_domain_422s(app)  # type: ignore[method-assign]  # FastAPI's documented hook
+
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
+        store = app.state.runtime.store
+        if store is not None:  # bytes per item/user: sampled here, at most every store_sample_seconds
+            metrics.sample_store(store)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _openapi_with_domain_422s(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI documents every 422 as field errors (a list); domain checks (content dimension, k_max, a
+    bad artifact) answer 422 with one message (a string). The document says both, as the service does."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        for operation in (op for ops in schema.get("paths", {}).values() for op in ops.values()):
+            content = operation.get("responses", {}).get("422", {}).get("content", {}).get("application/json")
+            if content is not None and "$ref" in content.get("schema", {}):
+                content["schema"] = {"anyOf": [content["schema"], {"$ref": "#/components/schemas/ErrorOut"}]}
+        return schema
+
+    return openapi
 
 
 class BodyLimit:
@@ -239,4 +286,5 @@ def _observe(metrics: Metrics, request: Request, status_code: int, start: float)
     template = getattr(route, "path", "unmatched")  # the template, never the raw path with ids
     method = request.method if request.method in _METHODS else "other"
     metrics.requests.labels(route=template, method=method, status=str(status_code)).inc()
-    metrics.latency.labels(route=template, method=method).observe(time.perf_counter() - start)
+    metrics.latency.labels(route=template, method=method, status=str(status_code)).observe(
+        time.perf_counter() - start)

@@ -37,11 +37,23 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(1000, ge=1, description="items or interactions per request")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     max_history_length: int = Field(500, ge=1, description="most recent items kept per user and folded in")
+    history_ttl_seconds: int | None = Field(
+        180 * 86400, ge=1, description="Redis: a user's history expires this long after their last interaction "
+        "(refreshed on every write), so idle users do not hold memory forever; None keeps histories forever")
     k_max: int = Field(200, ge=1, description="largest k a client may ask /recommend for")
     fallback_cold_share: float = Field(
         0.2, ge=0.0, le=1.0, description="share of the newest cold items in a fallback list"
     )
-    event_poll_seconds: float = Field(0.5, gt=0.0, description="how often the event follower reads the store")
+    event_poll_seconds: float = Field(
+        0.2, gt=0.0, description="how often the event follower reads the store (bounds replica lag)"
+    )
+
+    artifact_poll_seconds: float | None = Field(
+        None, gt=0.0, description="reload when the artifact root's `current` pointer moves, checked this often; "
+        "None: reload only through POST /admin/reload")
+    reload_batch_items: int = Field(1000, ge=1, description="stored items re-embedded per batch during a reload")
+    reload_batch_pause_seconds: float = Field(
+        0.0, ge=0.0, description="pause between re-embed batches, leaving the CPU to requests during a reload")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

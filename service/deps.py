@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
 
@@ -13,6 +16,9 @@ from service.metrics import Metrics
 from service.recommender import Recommender
 from service.store import Store
 
+if TYPE_CHECKING:
+    from service.reload import Reloader
+
 
 class RequestTooLargeError(ValueError):
     """More items or interactions in one request than settings.max_batch_size (413)."""
@@ -20,6 +26,47 @@ class RequestTooLargeError(ValueError):
 
 class OutOfBoundsError(ValueError):
     """A query parameter beyond a configured limit (422)."""
+
+
+class SwapGate:
+    """Writes share it; swapping the recommender takes it alone, so no write can reach the old
+    recommender after the new one's final catch-up (it would be missing from the new index).
+    Waiting happens on the event loop, never on a pool thread the in-flight writes need to finish."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._active = 0
+        self._swapping = False
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._swapping)
+            self._active += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._active -= 1
+                self._changed.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._swapping)
+            self._swapping = True  # new writes queue from here: the in-flight ones drain
+            try:
+                await self._changed.wait_for(lambda: self._active == 0)
+            except BaseException:
+                self._swapping = False
+                self._changed.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._swapping = False
+                self._changed.notify_all()
 
 
 @dataclass
@@ -32,6 +79,8 @@ class Runtime:
     recommender: Recommender | None = None
     cursor: str | None = None  # the event follower's position in the store's stream
     problems: list[str] = field(default_factory=list)
+    gate: SwapGate = field(default_factory=SwapGate)  # replaced per lifespan: asyncio state is per loop
+    reloader: Reloader | None = None
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -50,10 +99,23 @@ def get_metrics(runtime: RuntimeDep) -> Metrics:
     return runtime.metrics
 
 
-def get_recommender(runtime: RuntimeDep) -> Recommender:
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _serving(runtime: Runtime) -> Recommender:
     if runtime.recommender is None:  # only between process start and the end of the lifespan's start
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the model and index are still loading")
     return runtime.recommender
+
+
+async def get_recommender(request: Request, runtime: RuntimeDep) -> AsyncIterator[Recommender]:
+    """The recommender being served; writes hold the swap gate until they return (reads are right
+    with either the old or the new recommender, so they never wait for a swap)."""
+    if request.method in _READS:
+        yield _serving(runtime)
+        return
+    async with runtime.gate.shared():
+        yield _serving(runtime)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -47,7 +47,8 @@ class Gaussian:
 class GeneratorOutput:
     """Everything the t-step losses need from one forward pass."""
 
-    rows: torch.Tensor  # (B, D+1) generated [v; b]
+    rows: torch.Tensor  # (B, D+1) generated [v; b] from the training latent (posterior or prior)
+    serving_rows: torch.Tensor  # (B, D+1) the serving path's rows (prior mean, no ID view)
     prior: Gaussian  # p(z | a, c): the fused feature path
     posterior: Gaussian | None = None  # q(z | e, a, c), M2VAE only
     views: dict[str, Gaussian] = field(default_factory=dict)  # unique views "a", "c"
@@ -213,7 +214,8 @@ class M2VAEGenerator(nn.Module):
         prior, gates = self._fuse(views, masks, common, u)
         gates["attention"] = attn
         out = GeneratorOutput(
-            rows=torch.empty(0), prior=prior, views=views, view_mask=masks, common=common,
+            rows=torch.empty(0), serving_rows=torch.empty(0), prior=prior, views=views, view_mask=masks,
+            common=common,
             raw_projected={"a": self.raw_proj_a(a), "c": self.raw_proj_c(c)}, gates=gates,
         )
         return out, a, c
@@ -234,6 +236,7 @@ class M2VAEGenerator(nn.Module):
         out.posterior = Gaussian(out.prior.mu + ident.mu, ident.logvar)
         z = torch.where(id_drop[:, None], out.prior.mu, out.posterior.sample())  # (B, Z)
         out.rows = self.decode(z, a, c)
+        out.serving_rows = torch.where(id_drop[:, None], out.rows, self.decode(out.prior.mu, a, c))
         return out
 
     def embed(self, x: ItemInputs, user: torch.Tensor | None = None
@@ -281,7 +284,8 @@ class ContentVAE(nn.Module):
         z = q.sample()
         hidden = self.dec(z)  # (B, H)
         return GeneratorOutput(
-            rows=self._row(z), prior=q, content_recon=self.content_out(hidden),
+            rows=self._row(z), serving_rows=self._row(q.mu), prior=q,
+            content_recon=self.content_out(hidden),
             attribute_logits=self.attribute_out(hidden),
         )
 

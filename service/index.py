@@ -11,6 +11,12 @@ so stale rows are filtered at search time until a merge, run in a background thr
 new base without them and swaps it in under the lock. Searches hold the lock only to take the
 segments; FAISS and NumPy then run without the GIL, so many threads search at once.
 
+`build(..., pin_warm=True)` keeps the trained (warm) rows out of the base in a small exact
+*pinned* segment that every search scans. Trained rows [V; b] are few and, for a real model, of a
+different norm than generated rows (about 4x at ml-100k, benchmarks/results/serve.md), so
+inner-product IVF lists sort them badly: without pinning, IVF recall@20 at 100k items was 0.1 at
+nprobe=128, because almost all of a user's exact top-20 are trained items.
+
 OpenMP threads are the caller's choice: with many concurrent request threads, call
 `faiss.omp_set_num_threads(1)` so searches do not oversubscribe the cores; for a few large batches
 (or a fast merge) leave FAISS its default.
@@ -75,6 +81,7 @@ class VectorIndex:
         self._trained_rows = 0
         self._frozen: tuple[DeltaView, ...] = ()
         self._delta = DeltaSegment(dim, self.config.delta_chunk_rows)
+        self._pinned = DeltaSegment(dim, 1).view()  # exact, set once by build(pin_warm=True)
         self._iid_of = IdMap()  # item id -> its live internal id
         self._item_of = ItemTable()  # live internal id -> (item id, is cold)
         self._next_iid = 0
@@ -86,11 +93,25 @@ class VectorIndex:
     @classmethod
     def build(
         cls, dim: int, ids: Sequence[str], vectors: npt.ArrayLike, cold: Sequence[bool],
-        config: IndexConfig | None = None,
+        config: IndexConfig | None = None, *, pin_warm: bool = False,
     ) -> VectorIndex:
-        """Bulk load, then one merge in the calling thread (IVF trained here when configured)."""
+        """Bulk load, then one merge in the calling thread (IVF trained here when configured).
+
+        `pin_warm`: rows with cold=False go to the exact pinned segment, never into the base.
+        """
         index = cls(dim, config)
-        index._append(ids, vectors, cold)
+        rows = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D+1)
+        is_cold = np.asarray(cold, dtype=bool)
+        if pin_warm and len(ids) and not is_cold.all():
+            warm = np.flatnonzero(~is_cold)
+            index._append([ids[j] for j in warm.tolist()], rows[warm], [False] * len(warm))
+            with index._lock:  # nothing else holds the index yet: the delta becomes the pinned segment
+                index._pinned = index._delta.view()
+                index._delta = DeltaSegment(dim, index.config.delta_chunk_rows)
+            rest = np.flatnonzero(is_cold)
+            index._append([ids[j] for j in rest.tolist()], rows[rest], [True] * len(rest))
+        else:
+            index._append(ids, rows, cold)
         index.merge()
         return index
 
@@ -172,7 +193,7 @@ class VectorIndex:
         if len(excluded) != len(q):
             raise ValueError("one exclusion set per query")
         with self._lock:
-            segments = [self._base, *self._frozen, self._delta.view()]
+            segments = [self._pinned, self._base, *self._frozen, self._delta.view()]
             dead = len(self._killed)
         results: list[list[Hit]] = [[] for _ in q]
         todo = np.arange(len(q))
@@ -221,7 +242,7 @@ class VectorIndex:
     def live_vectors(self) -> tuple[list[str], Vectors, list[bool]]:
         """Every live item with its row: for exact baselines and rebuilding elsewhere."""
         with self._lock:
-            segments = [self._base, *self._frozen, self._delta.view()]
+            segments = [self._pinned, self._base, *self._frozen, self._delta.view()]
         parts = [base_arrays(seg) if not isinstance(seg, DeltaView) else seg.arrays() for seg in segments]
         iids = np.concatenate([p[0] for p in parts])
         keep, items = self._lookup(iids)
@@ -315,7 +336,7 @@ class VectorIndex:
         if path.exists() and not path.is_symlink():
             raise FileExistsError(f"{path} exists and is not a snapshot link")
         with self._lock:
-            base, views = self._base, [*self._frozen, self._delta.view()]
+            base, views, pinned = self._base, [*self._frozen, self._delta.view()], self._pinned
             next_iid, trained = self._next_iid, self._trained_rows
         target = path.parent / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         target.mkdir(parents=True)
@@ -325,9 +346,12 @@ class VectorIndex:
         keep, _ = self._lookup(delta_iids)
         np.save(target / "delta_iids.npy", delta_iids[keep])
         np.save(target / "delta_vectors.npy", np.concatenate([p[1] for p in parts])[keep])
+        pinned_iids, pinned_vectors = pinned.arrays()
+        np.save(target / "pinned_iids.npy", pinned_iids)
+        np.save(target / "pinned_vectors.npy", pinned_vectors)
         # live rows of the base and delta taken above; an item changed meanwhile is left out or
         # kept, and replaying the events after `event_id` (idempotent upserts/removes) fixes it
-        iids = np.concatenate([base_ids(base), delta_iids[keep]])
+        iids = np.concatenate([pinned_iids, base_ids(base), delta_iids[keep]])
         keep, items = self._lookup(iids)
         _write_json(target / "items.json", {
             "iids": iids[keep].tolist(),
@@ -338,7 +362,7 @@ class VectorIndex:
             "format": SNAPSHOT_FORMAT, "dim": self.dim, "event_id": event_id, "next_iid": next_iid,
             "trained_rows": trained, "saved_at": time.time(), "faiss_version": faiss.__version__,
         })
-        for name in ("base.faiss", "delta_iids.npy", "delta_vectors.npy"):
+        for name in ("base.faiss", "delta_iids.npy", "delta_vectors.npy", "pinned_iids.npy", "pinned_vectors.npy"):
             _fsync(target / name)
         _fsync(target)
         previous = path.resolve() if path.is_symlink() else None
@@ -362,7 +386,12 @@ class VectorIndex:
             base.nprobe = index.config.nprobe
         items = json.loads((root / "items.json").read_text())
         delta_iids = np.load(root / "delta_iids.npy")
+        pinned_iids = np.load(root / "pinned_iids.npy") if (root / "pinned_iids.npy").is_file() else None
         with index._lock:
+            if pinned_iids is not None and len(pinned_iids):
+                pinned = DeltaSegment(index.dim, len(pinned_iids))
+                pinned.append(pinned_iids, np.load(root / "pinned_vectors.npy"))
+                index._pinned = pinned.view()
             index._base, index._trained_rows = base, int(meta["trained_rows"])
             index._next_iid = int(meta["next_iid"])
             index._delta.append(delta_iids, np.load(root / "delta_vectors.npy"))
@@ -370,7 +399,7 @@ class VectorIndex:
                 index._iid_of.set(item_id, iid)
                 index._item_of.set(iid, (item_id, is_cold))
                 index._cold += is_cold
-            stored = np.concatenate([base_ids(base), delta_iids])
+            stored = np.concatenate([base_ids(base), delta_iids, *([] if pinned_iids is None else [pinned_iids])])
             index._killed = set(np.setdiff1d(stored, np.asarray(items["iids"], dtype=np.int64)).tolist())
         return index, meta["event_id"]
 

@@ -27,6 +27,7 @@ import numpy.typing as npt
 import torch
 
 from service.artifact import Artifact, ArtifactError, check_compatible
+from service.fold_in import FoldIn
 from service.index import Hit, IndexConfig, VectorIndex
 from service.model import AttributeVocabulary, M2Rec, ModelConfig, item_inputs
 from service.store import Event, EventKind, Interaction, ItemRecord, Store, event_order_key
@@ -145,6 +146,7 @@ class Recommender:
         self.artifact = artifact
         self.version = artifact.version
         self.model = load_model(artifact)
+        self._fold_in = FoldIn(self.model)  # the request path's fold-in, without torch dispatch
         self.vocabulary = AttributeVocabulary(artifact.manifest.attribute_vocabulary)
         self.content_dim = artifact.manifest.content_dim
         self.dim = artifact.manifest.embedding_dim
@@ -239,7 +241,7 @@ class Recommender:
                     n_cold += 1
         vectors = np.concatenate(parts).astype(np.float32)  # (N, D+1)
         cold = [False] * len(self.warm_ids) + [True] * n_cold
-        self.index = VectorIndex.build(self.dim, ids, vectors, cold, self.index_config)
+        self.index = VectorIndex.build(self.dim, ids, vectors, cold, self.index_config, pin_warm=True)
         self._own_writes.clear()
         return cursor
 
@@ -359,19 +361,22 @@ class Recommender:
 
     def history_rows(self, history: Sequence[str]) -> Rows:
         """Rows (L, D+1) of the history items this model can still use, warm and registered alike."""
-        registered = [i for i in history if not self.is_trained(i)]
-        rows = self.record_rows(list(self.store.get_items(registered).values())) if registered else {}
-        kept = [self.warm_rows[self._warm_pos[i]] if self.is_trained(i) else rows[i]
-                for i in history if self.is_trained(i) or i in rows]
-        return np.stack(kept).astype(np.float32) if kept else np.zeros((0, self.dim), np.float32)
+        positions = [self._warm_pos.get(i, -1) for i in history]
+        registered = [i for i, j in zip(history, positions, strict=True) if j < 0]
+        if not registered:  # the common case: one gather, no per-row Python
+            return self.warm_rows[np.asarray(positions, dtype=np.int64)] if positions else self._no_rows()
+        found = self.record_rows(list(self.store.get_items(registered).values()))
+        kept = [self.warm_rows[j] if j >= 0 else found[i]
+                for i, j in zip(history, positions, strict=True) if j >= 0 or i in found]
+        return np.stack(kept).astype(np.float32) if kept else self._no_rows()
+
+    def _no_rows(self) -> Rows:
+        return np.zeros((0, self.dim), np.float32)
 
     def user_query(self, rows: Rows) -> Rows:
-        """Index query [h; 1] (1, D+1) of a user folded in from history rows (L, D+1)."""
-        with torch.inference_mode():
-            r = torch.from_numpy(rows)[None]  # (1, L, D+1)
-            mask = torch.ones(r.shape[:2], dtype=torch.bool)  # (1, L)
-            h = self.model.fold_in(r, mask)  # (1, D)
-            return M2Rec.query(h).numpy().astype(np.float32)  # (1, D+1)
+        """Index query [h; 1] (1, D+1) of a user folded in from history rows (L, D+1); equals
+        `M2Rec.query(model.fold_in(rows))` (service.fold_in runs it in NumPy)."""
+        return self._fold_in.query(rows)
 
     def recommend(self, user_id: str, k: int) -> Recommendations:
         history = self.store.get_history(user_id)

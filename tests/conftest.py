@@ -119,3 +119,42 @@ def trained_artifact(tmp_path_factory: pytest.TempPathFactory) -> TrainedArtifac
         dataset=dataset.name,
     )
     return TrainedArtifact(root, dataset, split)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reload fixtures (tests/test_reload.py): a second, genuinely different model (another seed) of the
+# same data, exported beside a copy of the first under a root of its own whose `current` stays on the
+# first, so a reload has somewhere to go and the shared root above is never touched.
+
+
+@dataclass(frozen=True)
+class TwoArtifacts:
+    root: Path  # `current` -> old
+    old: str
+    new: str
+
+
+@pytest.fixture(scope="session")
+def two_artifacts(trained_artifact: TrainedArtifact, tmp_path_factory: pytest.TempPathFactory) -> TwoArtifacts:
+    import shutil
+
+    from service.artifact import resolve_current, save_artifact, set_current
+    from training.train import TrainConfig, train
+
+    old = resolve_current(trained_artifact.root)
+    root = tmp_path_factory.mktemp("two-artifacts")
+    shutil.copytree(old, root / old.name)
+    set_current(root, old.name)
+    ds = trained_artifact.dataset
+    cfg = TrainConfig(seed=1, epochs=1, eval_every=1, item_dim=16, user_latent=8, gen_hidden=16,
+                      gen_latent=8, batch_users=128, batch_items=256, progress=False)
+    result = train(ds, trained_artifact.split, cfg)
+    new = save_artifact(
+        root, tensors=result.model.state_dict(), item_ids=[ds.item_ids[j] for j in result.data.warm],
+        model_config=result.model.config.to_dict(), attribute_vocabulary=result.data.vocabulary.tokens,
+        content_dim=result.data.content_dim, embedding_dim=result.model.config.item_dim + 1,
+        metrics={"validation": result.best_val}, data_fingerprint=f"ml-100k:{ds.n_items}:{len(ds.interactions)}",
+        dataset=ds.name, activate=False,
+    )
+    assert new.name != old.name
+    return TwoArtifacts(root, old.name, new.name)

@@ -241,3 +241,48 @@ def test_search_rejects_queries_of_the_wrong_width() -> None:
     with pytest.raises(ValueError, match="queries must be"):
         index.search(np.zeros((2, D), np.float32), 5)
     assert index.search(np.zeros((2, D + 1), np.float32), 5) == [[], []]
+
+
+# -- pinned trained rows: build(pin_warm=True) keeps warm rows in an exact segment ----------------
+
+
+def _warm_heavy_catalogue(n_warm: int, n_cold: int) -> tuple[list[str], Array, list[bool]]:
+    """Warm rows of about 4x the norm of cold ones, as trained vs generated rows of a real model."""
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(n_warm + n_cold, D + 1)).astype(np.float32)
+    vectors[:n_warm] *= 4.0
+    return [f"item-{j}" for j in range(n_warm + n_cold)], vectors, [j >= n_warm for j in range(n_warm + n_cold)]
+
+
+def test_pinned_warm_rows_are_found_exactly_whatever_lists_ivf_probes() -> None:
+    ids, vectors, cold = _warm_heavy_catalogue(200, 3000)
+    config = IndexConfig(kind="ivf", ivf_min_rows=1000, nlist=64, nprobe=1, auto_merge=False)
+    index = VectorIndex.build(D + 1, ids, vectors, cold, config, pin_warm=True)
+    assert is_ivf(index._base) and index._base.ntotal == 3000  # only the cold rows went to IVF
+    assert index.count() == (200, 3000)
+    h = np.random.default_rng(4).normal(size=(30, D)).astype(np.float32)
+    q = user_queries(h)
+    warm_only = [[(ids[j], float(s)) for j, s in hits] for hits in _brute(q, vectors[:200], 10)]
+    found = index.search(q, 10)
+    # these queries' exact top-10 are all warm rows, and pinned rows need no probing
+    assert [[i for i, _ in e] for e in warm_only] == [[h.item_id for h in f] for f in found]
+    assert recall_at_k(index, q, 10) == 1.0
+    index.remove([ids[0]])
+    assert all(hit.item_id != ids[0] for hits in index.search(q, 10) for hit in hits)
+
+
+def test_pinned_rows_survive_a_snapshot_round_trip(tmp_path: Path) -> None:
+    ids, vectors, cold = _warm_heavy_catalogue(50, 1500)
+    config = IndexConfig(kind="ivf", ivf_min_rows=1000, nlist=16, nprobe=2, auto_merge=False)
+    index = VectorIndex.build(D + 1, ids, vectors, cold, config, pin_warm=True)
+    q = user_queries(np.random.default_rng(5).normal(size=(10, D)).astype(np.float32))
+    before = index.search(q, 15)
+    index.save(tmp_path / "snapshot", event_id="7")
+    loaded, _ = VectorIndex.load(tmp_path / "snapshot", config)
+    assert loaded.search(q, 15) == before
+    assert loaded._pinned.size == 50 and loaded.count() == index.count()
+
+
+def _brute(q: Array, vectors: Array, k: int) -> list[list[tuple[int, float]]]:
+    scores = q @ vectors.T
+    return [[(int(j), float(row[j])) for j in np.argsort(-row, kind="stable")[:k]] for row in scores]

@@ -40,10 +40,10 @@ log = logging.getLogger("m2rec.train")
 @dataclass
 class TrainConfig:
     seed: int = 0
-    epochs: int = 40
-    eval_every: int = 2
+    epochs: int = 30
+    eval_every: int = 3
     # model sizes and switches (ModelConfig)
-    item_dim: int = 128
+    item_dim: int = 64
     user_latent: int = 64
     user_hidden: int = 0
     gen_hidden: int = 128
@@ -53,18 +53,21 @@ class TrainConfig:
     moe: bool = True
     gate_temperature: float = 1.0
     # b-step (Multi-VAE)
-    batch_users: int = 256
-    lr_user: float = 1e-3
+    batch_users: int = 128
+    lr_user: float = 3e-3
     input_dropout: float = 0.5
     beta_cap: float = 0.2
-    anneal_epochs: float = 20.0  # β reaches its cap after this many epochs
+    anneal_epochs: float = 10.0  # β reaches its cap after this many epochs
     lambda_v: float = 10.0
     # t-step (generator)
-    batch_items: int = 512
-    lr_gen: float = 1e-3
+    batch_items: int = 256
+    lr_gen: float = 3e-3
     gen_kl: float = 0.1
+    recon_weight: float = 1.0
+    bpr_weight: float = 1.0
     id_dropout: float = 0.5
     modality_dropout: float = 0.15
+    neutral_gate: float = 0.0  # share of t-step items gated by the neutral user instead of the positive one
     disentangle: bool = True
     alpha_disentangle: float = 0.1
     tau_disentangle: float = 0.2
@@ -208,21 +211,26 @@ def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
         neg_users = rng.choice(data.train_users, size=r.size)
         id_drop = torch.from_numpy(rng.random(r.size) < cfg.id_dropout)
         h_pos = h_all[torch.from_numpy(pos_users)]  # (B, D)
-        out = model.generator.forward_train(x, target, h_pos, id_drop)
+        # Serving gates with the neutral user: train that gate too, not only the positive user's.
+        neutral = torch.from_numpy(rng.random(r.size) < cfg.neutral_gate)[:, None]
+        gate_user = torch.where(neutral, model.generator.neutral_user.expand_as(h_pos), h_pos)
+        out = model.generator.forward_train(x, target, gate_user, id_drop)
         if cfg.generator == "content-vae":
             parts = losses.content_vae_elbo(out, x.content if data.content is not None else None,
                                             x.attributes, target, cfg.lambda_v, cfg.gen_kl)
         else:
             parts = losses.m2vae_elbo(out, target, cfg.gen_kl)
+            parts["recon"] = cfg.recon_weight * parts["recon"]
             if cfg.bpr:
-                parts["bpr"] = losses.bpr_loss(out.rows, h_pos, h_all[torch.from_numpy(neg_users)])
+                h_neg = h_all[torch.from_numpy(neg_users)]
+                parts["bpr"] = cfg.bpr_weight * losses.bpr_loss(out.serving_rows, h_pos, h_neg)
             if cfg.disentangle and cfg.common_view:
                 parts["dis"] = cfg.alpha_disentangle * losses.disentangle_loss(out, cfg.tau_disentangle)
             if cfg.cooccurrence:
                 pos = data.sample_history_rows(pos_users, cfg.co_positives, rng)  # (B, P)
                 neg = rng.integers(0, data.warm.size, size=(r.size, cfg.co_negatives))  # (B, N)
                 parts["co"] = cfg.beta_co * losses.cooccurrence_loss(
-                    out.rows, targets[torch.from_numpy(pos)], targets[torch.from_numpy(neg)], cfg.tau_co)
+                    out.serving_rows, targets[torch.from_numpy(pos)], targets[torch.from_numpy(neg)], cfg.tau_co)
         loss = sum(parts.values())
         opt.zero_grad()
         loss.backward()  # type: ignore[union-attr]

@@ -27,6 +27,7 @@ async def readyz(runtime: RuntimeDep, response: Response) -> Readiness:
     try:
         await run_in_threadpool(store.ping)
     except StoreUnavailable as exc:
+        runtime.metrics.store_errors.labels(source="readiness").inc()
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return Readiness(ready=False, model_version=recommender.version, store=backend,
                          detail=f"store unreachable: {exc}")

@@ -5,10 +5,15 @@ every key of a namespace lives in one slot and MULTI/Lua may touch several of th
 
     item:<id>    hash   attributes (JSON), content / embedding (float32 bytes), model_version, created_at
     items        zset   every item id, score 0: count, and id-ordered paging with ZRANGE BYLEX
-    hist:<user>  zset   item -> latest timestamp; capped with ZREMRANGEBYRANK
-    users        set    every user with a history: counted and sampled for stats
+    hist:<user>  zset   item -> latest timestamp; capped with ZREMRANGEBYRANK; expires history_ttl
+                        seconds after the user's last write (when set)
+    users        zset   user -> time of their last write: sampled for stats; users idle longer than
+                        history_ttl are trimmed from it on every write
     events       stream one entry per change, XADD MAXLEN ~ cap
     meta         hash   small key/value (index snapshot id, model version)
+
+Every key is bounded: items by the catalogue (deleted explicitly), histories by max_history and
+history_ttl, users by history_ttl, events by event_cap.
 """
 
 from __future__ import annotations
@@ -61,10 +66,13 @@ class RedisStore:
         namespace: str = "default",
         max_history: int = DEFAULT_MAX_HISTORY,
         event_cap: int = DEFAULT_EVENT_CAP,
+        history_ttl: int | None = None,
     ) -> None:
-        """`client` must be built with decode_responses=False (vectors are stored as bytes)."""
+        """`client` must be built with decode_responses=False (vectors are stored as bytes).
+        `history_ttl`: seconds a user's history outlives their last interaction; None keeps it forever."""
         self.max_history = max_history
         self.event_cap = event_cap
+        self.history_ttl = history_ttl
         self.prefix = f"m2rec:{{{namespace}}}:"
         self._r = client
         self._items = self.prefix + "items"
@@ -75,12 +83,14 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, namespace: str = "default", timeout: float = 2.0, **store_kwargs: int
+        cls, url: str, *, namespace: str = "default", timeout: float = 2.0, max_history: int = DEFAULT_MAX_HISTORY,
+        event_cap: int = DEFAULT_EVENT_CAP, history_ttl: int | None = None,
     ) -> RedisStore:
         client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=False
         )
-        return cls(client, namespace=namespace, **store_kwargs)
+        return cls(client, namespace=namespace, max_history=max_history, event_cap=event_cap,
+                   history_ttl=history_ttl)
 
     def _item_key(self, item_id: str) -> str:
         return f"{self.prefix}item:{item_id}"
@@ -155,13 +165,18 @@ class RedisStore:
         if not latest:
             return None
         users = sorted(latest)
+        now = time.time()
         with _unavailable_on_errors():
             pipe = self._r.pipeline(transaction=True)
             for user_id in users:
                 key = self._hist_key(user_id)
                 pipe.zadd(key, latest[user_id], gt=True)  # GT: an older event never moves an item back
                 pipe.zremrangebyrank(key, 0, -(self.max_history + 1))  # keep the newest max_history
-            pipe.sadd(self._users, *users)
+                if self.history_ttl is not None:
+                    pipe.expire(key, self.history_ttl)  # refreshed on every write: idle users expire
+            pipe.zadd(self._users, dict.fromkeys(users, now))
+            if self.history_ttl is not None:
+                pipe.zremrangebyscore(self._users, "-inf", now - self.history_ttl)
             kind = EventKind.INTERACTIONS.value
             self._xadd(pipe, {"kind": kind, "user_ids": json.dumps(users), "at": repr(time.time())})
             replies = pipe.execute()
@@ -204,7 +219,7 @@ class RedisStore:
         with _unavailable_on_errors():
             items = int(self._r.zcard(self._items))
             item_ids: list[bytes] = self._r.zrandmember(self._items, sample) or []  # type: ignore[assignment]
-            user_ids: list[bytes] = self._r.srandmember(self._users, sample) or []  # type: ignore[assignment]
+            user_ids: list[bytes] = self._r.zrandmember(self._users, sample) or []  # type: ignore[assignment]
             pipe = self._r.pipeline(transaction=False)
             for item_id in item_ids:
                 pipe.memory_usage(self._item_key(item_id.decode()))

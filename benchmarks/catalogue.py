@@ -1,0 +1,135 @@
+"""Large synthetic catalogues with the trained model's real item distribution, and benchmark users.
+
+A synthetic item recombines and perturbs real items: the attribute set of one real item with one
+token swapped for a token of another (30% of items), and a content vector mixing two real items'
+vectors plus Gaussian noise. Its index row is the trained generator's output for those inputs
+(user-neutral gate, the same call the service makes), so the index holds what the model would
+produce for a catalogue of this kind, not random vectors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from tqdm import tqdm
+
+from service.model import item_inputs
+from service.recommender import Recommender
+from service.store import Interaction, ItemRecord, Store
+from training.dataset import Dataset
+
+Rows = npt.NDArray[np.float32]  # (N, D+1)
+SYNTHETIC_PREFIX = "syn:"
+
+
+@dataclass
+class SyntheticBatch:
+    ids: list[str]
+    attributes: list[list[str]]
+    content: npt.NDArray[np.float32]  # (B, F)
+
+
+def synthetic_batch(dataset: Dataset, start: int, n: int, seed: int) -> SyntheticBatch:
+    """Items syn:{start}..syn:{start+n-1}; the same (start, n, seed) always gives the same items."""
+    rng = np.random.default_rng([seed, start])
+    assert dataset.features is not None
+    features = dataset.features  # (I, F)
+    n_items = len(dataset.item_ids)
+    base = rng.integers(0, n_items, n)
+    donor = rng.integers(0, n_items, n)
+    mix = rng.uniform(0.0, 0.4, n).astype(np.float32)[:, None]
+    scale = float(np.linalg.norm(features, axis=1).mean())
+    noise = rng.standard_normal((n, features.shape[1]), dtype=np.float32)
+    noise *= 0.1 * scale / np.sqrt(features.shape[1])
+    content = (1 - mix) * features[base] + mix * features[donor] + noise  # (B, F)
+    attributes: list[list[str]] = []
+    swap = rng.uniform(size=n) < 0.3
+    for b in range(n):
+        tokens = list(dataset.item_attributes[base[b]])
+        donor_tokens = dataset.item_attributes[donor[b]]
+        if swap[b] and tokens and donor_tokens:
+            tokens[int(rng.integers(len(tokens)))] = donor_tokens[int(rng.integers(len(donor_tokens)))]
+        attributes.append(list(dict.fromkeys(tokens)))
+    return SyntheticBatch([f"{SYNTHETIC_PREFIX}{start + b}" for b in range(n)], attributes,
+                          content.astype(np.float32))
+
+
+def embed_batch(recommender: Recommender, batch: SyntheticBatch, chunk: int = 1024) -> Rows:
+    """Generator rows (B, D+1) under the neutral gate: what POST /items would store for these inputs.
+
+    Chunks of items with similar attribute counts: the generator pads attributes to the longest
+    item of a chunk, and padding is most of the work when one item has 100 tokens and most 20.
+    Rows are independent of their chunk-mates, so the order changes nothing but the time.
+    """
+    order = np.argsort([len(a) for a in batch.attributes], kind="stable")
+    out = np.empty((len(order), recommender.dim), np.float32)
+    for s in range(0, len(order), chunk):
+        part = order[s : s + chunk]
+        attributes, _ = recommender.vocabulary.encode([batch.attributes[b] for b in part])  # (B, A)
+        content = torch.from_numpy(batch.content[part])  # (B, F)
+        with torch.inference_mode():
+            rows, _ = recommender.model.embed_items(item_inputs(attributes, content, recommender.content_dim))
+        out[part] = rows.numpy()
+    return out
+
+
+def fill_store(
+    recommender: Recommender, store: Store, dataset: Dataset, start: int, stop: int, seed: int,
+    batch_size: int = 10_000,
+) -> Rows:
+    """Write synthetic items [start, stop) to the store (rows already computed, as the service would
+    have stored them) and return their rows (stop-start, D+1) for exact-search oracles."""
+    out: list[Rows] = []
+    now = time.time()
+    with tqdm(total=stop - start, desc=f"catalogue {start:,}->{stop:,}", unit="item") as bar:
+        for s in range(start, stop, batch_size):
+            n = min(batch_size, stop - s)
+            batch = synthetic_batch(dataset, s, n, seed)
+            rows = embed_batch(recommender, batch)
+            records = [
+                ItemRecord(item_id, attrs, content, row, recommender.version, now)
+                for item_id, attrs, content, row in zip(
+                    batch.ids, batch.attributes, _rows_as_lists(batch.content), rows, strict=True)
+            ]
+            store.put_items(records)
+            out.append(rows)
+            bar.update(n)
+    return np.concatenate(out) if out else np.zeros((0, recommender.dim), np.float32)
+
+
+def _rows_as_lists(content: npt.NDArray[np.float32]) -> Iterator[list[float]]:
+    for row in content:
+        values: list[float] = row.tolist()
+        yield values
+
+
+def benchmark_users(
+    dataset: Dataset, recommender: Recommender, n_users: int, n_synthetic: int, cold_per_user: int, seed: int,
+) -> dict[str, list[str]]:
+    """Real ml-100k histories (their trained items) plus a few registered items each, so every
+    request also folds in rows read from the store, as the service does for new items."""
+    rng = np.random.default_rng(seed)
+    by_user: dict[int, list[int]] = {}
+    for u, i in dataset.interactions.tolist():
+        by_user.setdefault(u, []).append(i)
+    users = sorted(by_user)
+    chosen = rng.choice(len(users), size=min(n_users, len(users)), replace=False)
+    histories: dict[str, list[str]] = {}
+    for c in chosen.tolist():
+        u = users[c]
+        warm = [dataset.item_ids[i] for i in by_user[u] if recommender.is_trained(dataset.item_ids[i])]
+        cold = [f"{SYNTHETIC_PREFIX}{j}" for j in rng.integers(0, n_synthetic, cold_per_user).tolist()]
+        histories[f"bench:{dataset.user_ids[u]}"] = warm + cold
+    return histories
+
+
+def write_histories(store: Store, histories: dict[str, list[str]]) -> None:
+    t = time.time() - 1e6
+    batch = [Interaction(user, item, t + k) for user, items in histories.items() for k, item in enumerate(items)]
+    for s in range(0, len(batch), 50_000):
+        store.add_interactions(batch[s : s + 50_000])
