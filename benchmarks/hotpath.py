@@ -5,7 +5,7 @@
 - fold-in: the model's torch fold-in (the previous `Recommender.user_query`) vs service.fold_in
 - history rows: the previous per-row np.stack vs the one-gather `Recommender.history_rows`
 - response: pydantic RecommendationsOut built and dumped (what FastAPI did with the return value)
-  vs the dict in a JSONResponse the route now returns
+  vs a dict in a JSONResponse (tried; no measurable gain, so the route keeps the pydantic model)
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+NOTES = "## Notes"
+
 
 def _target(value: float | None, limit: float, below: bool = True) -> str:
     if value is None:
@@ -98,7 +100,9 @@ def write_report(meta: dict[str, Any], results: list[dict[str, Any]], stem: Path
         f"windows, k={meta['k']}; server pinned to core 0, client to core 1.", "",
         table(results), "",
     ])
-    stem.with_suffix(".md").write_text(text)
+    md = stem.with_suffix(".md")
+    notes = md.read_text().partition(NOTES)[2] if md.is_file() else ""
+    md.write_text(text + (f"\n{NOTES}{notes}" if notes else ""))  # hand-written notes survive a re-render
     print(text)
 
 

@@ -103,7 +103,8 @@ def calibrate(bench: Bench, kind: str) -> tuple[VectorIndex, int, list[dict[str,
     (a different set of users from the ones whose served recall is reported)."""
     faiss.omp_set_num_threads(os.cpu_count() or 1)  # building only; the server and timings use 1
     cold = [not bench.recommender.is_trained(i) for i in bench.ids]
-    index = VectorIndex.build(bench.rows.shape[1], bench.ids, bench.rows, cold, index_config(kind, 32))
+    index = VectorIndex.build(bench.rows.shape[1], bench.ids, bench.rows, cold, index_config(kind, 32),
+                              pin_warm=True)  # as Recommender.build_index does
     faiss.omp_set_num_threads(1)
     if kind != "ivf":
         return index, 0, []

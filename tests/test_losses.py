@@ -139,3 +139,21 @@ def test_kl_oracles() -> None:
     # KL(N(1,1) || N(0,4)) = log 2 + (1 + 1)/(2·4) - 1/2
     expected = math.log(2.0) + 2.0 / 8.0 - 0.5
     assert math.isclose(float(losses.kl_gaussians(q, p)), expected, rel_tol=1e-5)
+
+
+def test_in_batch_ranking_loss_prefers_the_users_items_and_reaches_the_rows() -> None:
+    from training.losses import in_batch_ranking_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(4, 8)  # (U, D)
+    truth = torch.zeros(4, 6)
+    truth[torch.arange(4), torch.tensor([0, 1, 2, 3])] = 1.0  # (U, B)
+    aligned = torch.zeros(6, 9)
+    aligned[:4, :8] = 3.0 * h  # each user's own item points along the user
+    rows = aligned.clone().requires_grad_(True)
+    loss = in_batch_ranking_loss(rows, h, truth)
+    assert torch.isfinite(loss)
+    loss.backward()  # type: ignore[no-untyped-call]
+    assert rows.grad is not None and rows.grad.abs().sum() > 0
+    shuffled = aligned[[1, 2, 3, 0, 4, 5]]
+    assert in_batch_ranking_loss(aligned, h, truth) < in_batch_ranking_loss(shuffled, h, truth)

@@ -126,6 +126,19 @@ def bpr_loss(rows: torch.Tensor, h_pos: torch.Tensor, h_neg: torch.Tensor) -> to
     return F.softplus(-margin).mean()
 
 
+def in_batch_ranking_loss(rows: torch.Tensor, h: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """User-centric multinomial likelihood of generated rows: for each user, a softmax over the
+    batch's generated items, whose positives are the items of the batch the user took.
+
+    rows (B, D+1) generated [v; b]; h (U, D) user vectors (detached); truth (U, B) 0/1.
+    This is the cold-only ranking itself (rank new items against each other for a user), which
+    neither the reconstruction nor the item-centric BPR trains directly. Mean over users.
+    """
+    logits = h @ rows[:, :-1].T + rows[:, -1]  # (U, B) = [h; 1]·[v; b]
+    n = truth.sum(dim=1).clamp(min=1.0)  # (U,)
+    return (-(F.log_softmax(logits, dim=1) * truth).sum(dim=1) / n).mean()
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return values.mean()

@@ -24,6 +24,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec-no-disentangle": {"disentangle": False},
     "m2rec-no-cooccurrence": {"cooccurrence": False},
     "m2rec-no-moe": {"moe": False},
+    "m2rec-no-rank": {"rank_weight": 0.0},
     "mdsym-content-vae": {"generator": "content-vae"},
 }
 
