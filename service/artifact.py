@@ -41,6 +41,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 
+from service.durable import fsync_path, write_durably
+
 FORMAT = "m2rec-artifact"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -162,8 +164,8 @@ def save_artifact(
         # clone: tied or sliced tensors share storage, which safetensors refuses to write
         cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
         save_file(cpu, str(tmp / TENSORS_FILE))
-        _fsync(tmp / TENSORS_FILE)
-        _write_durably(tmp / ITEM_IDS_FILE, json.dumps(list(item_ids), indent=0) + "\n")
+        fsync_path(tmp / TENSORS_FILE)
+        write_durably(tmp / ITEM_IDS_FILE, json.dumps(list(item_ids), indent=0) + "\n")
         files = {name: _sha256_file(tmp / name) for name in (TENSORS_FILE, ITEM_IDS_FILE)}
         created_at = datetime.now(UTC)
         version = f"{created_at.strftime(TIMESTAMP_FORMAT)}-{content_hash(files, config_json)[:8]}"
@@ -186,8 +188,8 @@ def save_artifact(
             )
         except ValidationError as e:
             raise ArtifactError(f"save_artifact to {root}: invalid manifest fields: {e}") from e
-        _write_durably(tmp / MANIFEST_FILE, _manifest_json(manifest))
-        _fsync(tmp)
+        write_durably(tmp / MANIFEST_FILE, _manifest_json(manifest))
+        fsync_path(tmp)
         target = root / version
         try:
             # rename refuses a non-empty target, so an existing version is never overwritten
@@ -196,7 +198,7 @@ def save_artifact(
             raise ArtifactError(
                 f"save_artifact: {target} already exists (the same weights, item ids and config were "
                 f"exported within the same second); wait a second and export again") from e
-        _fsync(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -220,7 +222,7 @@ def set_current(root: Path, version: str) -> Path:
     except BaseException:
         tmp_link.unlink(missing_ok=True)
         raise
-    _fsync(root)
+    fsync_path(root)
     return target
 
 
@@ -432,19 +434,3 @@ def _sha256_file(file: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_durably(file: Path, text: str) -> None:
-    with file.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file, or a directory so that a rename or a new entry in it survives a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -39,6 +39,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from service.durable import fsync_path, write_durably
 from service.index_storage import (
     DeltaSegment,
     DeltaView,
@@ -353,23 +354,23 @@ class VectorIndex:
         # kept, and replaying the events after `event_id` (idempotent upserts/removes) fixes it
         iids = np.concatenate([pinned_iids, base_ids(base), delta_iids[keep]])
         keep, items = self._lookup(iids)
-        _write_json(target / "items.json", {
+        write_durably(target / "items.json", json.dumps({
             "iids": iids[keep].tolist(),
             "ids": [item[0] for item in items],
             "cold": [item[1] for item in items],
-        })
-        _write_json(target / "meta.json", {
+        }))
+        write_durably(target / "meta.json", json.dumps({
             "format": SNAPSHOT_FORMAT, "dim": self.dim, "event_id": event_id, "next_iid": next_iid,
             "trained_rows": trained, "saved_at": time.time(), "faiss_version": faiss.__version__,
-        })
+        }))
         for name in ("base.faiss", "delta_iids.npy", "delta_vectors.npy", "pinned_iids.npy", "pinned_vectors.npy"):
-            _fsync(target / name)
-        _fsync(target)
+            fsync_path(target / name)
+        fsync_path(target)
         previous = path.resolve() if path.is_symlink() else None
         link = path.parent / f".{path.name}.{uuid.uuid4().hex}.link"
         os.symlink(target.name, link)
         os.replace(link, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
         if previous is not None and previous != target and previous.parent == path.parent:
             shutil.rmtree(previous, ignore_errors=True)
 
@@ -423,18 +424,3 @@ def _search_segment(segment: Any, queries: Vectors, k: int) -> tuple[Scores, Ids
     if isinstance(segment, DeltaView):
         return segment.search(queries, k)
     return search_base(segment, queries, k)
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
