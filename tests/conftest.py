@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -90,6 +91,14 @@ class TrainedArtifact:
     root: Path  # artifact root with a `current` pointer
     dataset: Dataset
     split: ColdStartSplit
+
+    def cold_item(self, n: int, item_id: str) -> dict[str, Any]:
+        """A POST /items body built from the n-th test-cold item of the split (real attributes and content)."""
+        cold = self.split.cold_items
+        j = int(cold[n % len(cold)])
+        assert self.dataset.features is not None
+        return {"id": item_id, "attributes": self.dataset.item_attributes[j],
+                "content": self.dataset.features[j].tolist()}
 
 
 @pytest.fixture(scope="session")

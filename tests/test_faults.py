@@ -104,14 +104,6 @@ def _settings(trained: TrainedArtifact, store_url: str, namespace: str = "faults
     return Settings(**{**values, **overrides})
 
 
-def _item(trained: TrainedArtifact, n: int, item_id: str) -> dict[str, Any]:
-    cold = trained.split.cold_items
-    j = int(cold[n % len(cold)])
-    ds = trained.dataset
-    assert ds.features is not None
-    return {"id": item_id, "attributes": ds.item_attributes[j], "content": ds.features[j].tolist()}
-
-
 def _warm(trained: TrainedArtifact, n: int) -> list[str]:
     return [trained.dataset.item_ids[int(j)] for j in trained.split.warm_items[:n]]
 
@@ -144,7 +136,7 @@ class Writer:
     def _run(self) -> None:
         n = 0
         while not self.stop.is_set():
-            item = _item(self.trained, n, f"{self.prefix}:{n}")
+            item = self.trained.cold_item(n, f"{self.prefix}:{n}")
             n += 1
             try:
                 r = self.post("/items", json=item, headers=HEADERS)
@@ -174,7 +166,7 @@ def test_redis_killed_and_restarted_under_load_gives_503s_then_recovers_without_
             own_redis.kill()
             down_at = time.monotonic()
             assert _wait_for(lambda: writer.statuses[-1] == 503, 5)
-            refused = c.post("/items", json=_item(trained_artifact, 0, "while-down"), headers=HEADERS)
+            refused = c.post("/items", json=trained_artifact.cold_item(0, "while-down"), headers=HEADERS)
             assert refused.status_code == 503 and "redis" in refused.json()["detail"]
             ready = c.get("/readyz")
             assert ready.status_code == 503 and "store unreachable" in ready.json()["detail"]
@@ -197,7 +189,7 @@ def test_redis_killed_and_restarted_under_load_gives_503s_then_recovers_without_
         assert set(writer.acknowledged) <= _served(c.get, "someone")
         assert _wait_for(lambda: set(writer.acknowledged) <= _served(peer.get, "someone"), 5)
         assert c.get("/recommend", params={"user": "known"}).json()["fallback"] is False
-        after = _item(trained_artifact, 1, "after-recovery")
+        after = trained_artifact.cold_item(1, "after-recovery")
         assert peer.post("/items", json=after, headers=HEADERS).status_code == 201
         assert _wait_for(lambda: after["id"] in _served(c.get, "someone"), 2)
 
@@ -276,7 +268,7 @@ def test_an_item_registered_on_one_replica_is_recommendable_on_another_within_a_
     with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
         a.post("/interactions", json={"interactions": [{"user": "reader", "item": i} for i in warm]}, headers=HEADERS)
         for n in range(4):
-            item = _item(trained_artifact, n, f"spread:{uuid.uuid4().hex[:8]}")
+            item = trained_artifact.cold_item(n, f"spread:{uuid.uuid4().hex[:8]}")
             source, target = (a, b) if n % 2 == 0 else (b, a)
             assert source.post("/items", json=item, headers=HEADERS).status_code == 201
             written = time.monotonic()
@@ -294,7 +286,7 @@ def test_every_write_operation_needs_the_api_key_and_reads_do_not(
         writes = [(method.upper(), path) for path, ops in paths.items() for method in ops
                   if method in ("post", "put", "patch", "delete")]
         assert {("POST", "/items"), ("POST", "/admin/reload"), ("DELETE", "/items/{item_id}")} <= set(writes)
-        item = _item(trained_artifact, 0, "guarded")
+        item = trained_artifact.cold_item(0, "guarded")
         assert c.post("/items", json=item, headers=HEADERS).status_code == 201
         body = {"/items": item, "/items/batch": {"items": [item]}, "/interactions": {"user": "u", "item": "guarded"},
                 "/admin/reload": {}}

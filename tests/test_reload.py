@@ -37,14 +37,6 @@ def _settings(root: Path, spec: StoreSpec, **overrides: Any) -> Settings:
     return Settings(**{**values, **overrides})
 
 
-def _item(trained: TrainedArtifact, n: int, item_id: str) -> dict[str, Any]:
-    cold = trained.split.cold_items
-    j = int(cold[n % len(cold)])
-    ds = trained.dataset
-    assert ds.features is not None
-    return {"id": item_id, "attributes": ds.item_attributes[j], "content": ds.features[j].tolist()}
-
-
 def _wait_for(predicate: Callable[[], bool], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -113,7 +105,7 @@ class Hammer:
     def _write(self, writer: int) -> None:
         n = 0
         while not self.stop.is_set():
-            item = _item(self.trained, 200 + 7 * n + writer, f"during:{writer}:{n}")
+            item = self.trained.cold_item(200 + 7 * n + writer, f"during:{writer}:{n}")
             r = self.client.post("/items", json=item, headers=HEADERS)
             with self.lock:
                 self.write_statuses.append((time.monotonic(), r.status_code))
@@ -130,7 +122,7 @@ def test_reload_swaps_the_model_while_reads_and_writes_keep_succeeding(
 ) -> None:
     two = two_artifacts
     with TestClient(create_app(_settings(two.root, store_spec))) as c:
-        before = {f"pre:{n}": _item(trained_artifact, n, f"pre:{n}") for n in range(300)}
+        before = {f"pre:{n}": trained_artifact.cold_item(n, f"pre:{n}") for n in range(300)}
         batch = list(before.values())
         for s in range(0, len(batch), 100):
             assert c.post("/items/batch", json={"items": batch[s : s + 100]}, headers=HEADERS).status_code == 200
@@ -194,7 +186,7 @@ def test_a_bad_artifact_is_refused_and_the_old_model_keeps_serving(
     tensors.write_bytes(bytes(data))
     spec = StoreSpec("sqlite", str(tmp_path / "s.sqlite3"), "")
     with TestClient(create_app(_settings(root, spec))) as c:
-        item = _item(trained_artifact, 0, "kept")
+        item = trained_artifact.cold_item(0, "kept")
         assert c.post("/items", json=item, headers=HEADERS).status_code == 201
         refused = c.post("/admin/reload", json={"version": two_artifacts.new}, headers=HEADERS)
         assert refused.status_code == 422 and "checksum mismatch" in refused.json()["detail"]
@@ -222,7 +214,7 @@ def test_moving_the_current_pointer_reloads_a_polling_service(
     root = _copy_root(two_artifacts, tmp_path)
     spec = StoreSpec("sqlite", str(tmp_path / "s.sqlite3"), "")
     with TestClient(create_app(_settings(root, spec, artifact_poll_seconds=0.05))) as c:
-        item = _item(trained_artifact, 1, "before-the-move")
+        item = trained_artifact.cold_item(1, "before-the-move")
         assert c.post("/items", json=item, headers=HEADERS).status_code == 201
         time.sleep(0.2)
         assert c.get("/readyz").json()["model_version"] == two_artifacts.old  # nothing moved: no reload
@@ -238,7 +230,7 @@ def test_shutting_down_during_a_reload_stops_it_promptly(
     spec = StoreSpec("sqlite", str(tmp_path / "s.sqlite3"), "")
     settings = _settings(two_artifacts.root, spec, reload_batch_items=1, reload_batch_pause_seconds=5.0)
     with TestClient(create_app(settings)) as c:
-        items = [_item(trained_artifact, n, f"slow:{n}") for n in range(5)]
+        items = [trained_artifact.cold_item(n, f"slow:{n}") for n in range(5)]
         assert c.post("/items/batch", json={"items": items}, headers=HEADERS).status_code == 200
         assert c.post("/admin/reload", json={"version": two_artifacts.new}, headers=HEADERS).status_code == 202
         conflict = c.post("/admin/reload", json={"version": two_artifacts.new}, headers=HEADERS)
