@@ -2,7 +2,7 @@
 
     python -m benchmarks.make_artifact --dataset data/ml-100k --out /tmp/m2rec-bench/artifacts --epochs 10
 
-Default model sizes (D=128) are the ones a deployment would serve, so the serving benchmark
+Default model sizes (TrainConfig, D=64) are the ones a deployment would serve, so the serving benchmark
 measures real fold-in and generator cost, not a toy's.
 """
 

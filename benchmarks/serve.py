@@ -113,7 +113,7 @@ def calibrate(bench: Bench, kind: str) -> tuple[VectorIndex, int, list[dict[str,
     sweep: list[dict[str, float]] = []
     chosen = NPROBES[-1]
     for nprobe in NPROBES:
-        index._base.nprobe = nprobe
+        index.nprobe = nprobe
         t0 = time.perf_counter()
         found = index.search(q, K, exclude=[set(h) for h in bench.calib_users.values()])
         per_query = (time.perf_counter() - t0) / len(q)
@@ -122,7 +122,7 @@ def calibrate(bench: Bench, kind: str) -> tuple[VectorIndex, int, list[dict[str,
         if recall >= 0.95:
             chosen = nprobe
             break
-    index._base.nprobe = chosen
+    index.nprobe = chosen
     return index, chosen, sweep
 
 

@@ -19,7 +19,9 @@ from fastapi import FastAPI, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from threadpoolctl import threadpool_limits
 
 from service.artifact import Artifact, ArtifactError, load_artifact
 from service.config import Settings
@@ -116,6 +118,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = runtime.settings
     torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.faiss_threads)
+    # NumPy's BLAS (fold-in) would start its own threads per tiny product and stall on a busy core
+    blas_limit = threadpool_limits(settings.torch_threads, user_api="blas")
     artifact = await run_in_threadpool(load_artifact, settings.artifact_path)
     store = await run_in_threadpool(open_store, settings)
     runtime.store = store
@@ -141,6 +145,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await task
         await reloader.close()
         runtime.reloader = None
+        blas_limit.restore_original_limits()
         if runtime.recommender is not None and settings.index_snapshot_dir is not None:
             try:
                 await run_in_threadpool(runtime.recommender.save_snapshot, settings.index_snapshot_dir,
@@ -187,7 +192,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0", lifespan=lifespan,
     )
     app.state.runtime = Runtime(settings=settings, metrics=metrics)
-    for router in (items.router, interactions.router, recommend.router, health.router, admin.router):
+    # routes are matched in order: the hot read first
+    for router in (recommend.router, items.router, interactions.router, health.router, admin.router):
         app.include_router(router)
     handler = _error_handler(metrics)
     app.add_exception_handler(RequestValidationError, _invalid_request(metrics))
@@ -235,6 +241,8 @@ class Measure:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # (template, method, status) -> its series: `labels()` per request costs more than observing
+        self._series: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -252,7 +260,20 @@ class Measure:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            _observe(self.metrics, scope, status_code, start)
+            self._observe(scope, status_code, time.perf_counter() - start)
+
+    def _observe(self, scope: Scope, status_code: int, seconds: float) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", "unmatched")  # the template, never the raw path with ids
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        key = (template, method, str(status_code))
+        series = self._series.get(key)
+        if series is None:  # bounded: route templates x methods x status codes
+            labels = {"route": template, "method": method, "status": key[2]}
+            series = self._series[key] = (self.metrics.requests.labels(**labels),
+                                          self.metrics.latency.labels(**labels))
+        series[0].inc()
+        series[1].observe(seconds)
 
 
 class BodyLimit:
@@ -267,12 +288,20 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
+        length = chunked = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = value
         if length is not None:
             if length.isdigit() and int(length) > self.limit:
                 await self._reject(scope, receive, send, int(length))
             else:
                 await self.app(scope, receive, send)
+            return
+        if chunked is None and scope.get("http_version") != "2":  # HTTP/1.x: then there is no body
+            await self.app(scope, receive, send)
             return
         messages: list[Message] = []
         size = 0
@@ -298,11 +327,3 @@ class BodyLimit:
             status_code=status.HTTP_413_CONTENT_TOO_LARGE)
         await response(scope, receive, send)
 
-
-def _observe(metrics: Metrics, scope: Scope, status_code: int, start: float) -> None:
-    route = scope.get("route")
-    template = getattr(route, "path", "unmatched")  # the template, never the raw path with ids
-    method = scope["method"] if scope["method"] in _METHODS else "other"
-    metrics.requests.labels(route=template, method=method, status=str(status_code)).inc()
-    metrics.latency.labels(route=template, method=method, status=str(status_code)).observe(
-        time.perf_counter() - start)

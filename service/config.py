@@ -27,8 +27,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, writes need header X-API-Key")
 
     index_kind: Literal["exact", "ivf"] = "exact"
-    index_nlist: int | None = Field(None, ge=1, description="IVF lists; None = about 4·sqrt(N)")
-    index_nprobe: int = Field(32, ge=1)
+    index_nlist: int | None = Field(None, ge=1, description="IVF lists; None = about 2·sqrt(N), set at each training")
+    index_nprobe: int = Field(16, ge=1, description="IVF lists scanned per query (recall vs latency: "
+                              "benchmarks/index_bench.py)")
     index_ivf_min_rows: int = Field(50_000, ge=1, description="below this many rows IVF stays exact")
     index_snapshot_dir: Path | None = Field(
         None, description="save the index here at shutdown and start from it plus later events"

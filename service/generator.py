@@ -77,14 +77,36 @@ class AttributePooling(nn.Module):
             self.embedding.weight[0].zero_()
         self.key = nn.Linear(dim, dim)
         self.query = nn.Linear(dim, 1, bias=False)
+        self._scores: tuple[tuple[object, ...], torch.Tensor] | None = None  # (parameter state, scores)
+
+    def vocabulary_scores(self) -> torch.Tensor:
+        """The score of every vocabulary entry (A+1,): an attribute's score depends on the attribute alone.
+
+        Without autograd (serving, evaluation) the scores are kept until a parameter changes (an
+        optimiser step or load_state_dict bumps its version): registering one item would otherwise
+        spend half its time scoring the whole vocabulary. With autograd they are always recomputed.
+        """
+        if torch.is_grad_enabled():
+            return self._score_vocabulary()
+        params = (self.embedding.weight, self.key.weight, self.key.bias, self.query.weight)
+        state = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p._version) for p in params))
+        cached = self._scores
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        scores = self._score_vocabulary()
+        self._scores = (state, scores)
+        return scores
+
+    def _score_vocabulary(self) -> torch.Tensor:
+        scores: torch.Tensor = self.query(torch.tanh(self.key(self.embedding.weight))).squeeze(-1)  # (A+1,)
+        return scores
 
     def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.embedding(idx)  # (B, A, H)
         real = idx > 0  # (B, A)
-        # The score of an attribute depends on the attribute alone: compute it once per vocabulary
-        # entry (A+1, not B·A evaluations), then normalise over each item's own attributes.
-        vocab_score = self.query(torch.tanh(self.key(self.embedding.weight))).squeeze(-1)  # (A+1,)
-        score = vocab_score[idx]  # (B, A)
+        # Scored once per vocabulary entry (A+1, not B·A evaluations), then normalised over each
+        # item's own attributes.
+        score = self.vocabulary_scores()[idx]  # (B, A)
         score = score.masked_fill(~real, float("-inf"))
         # An item with no attributes would be a row of -inf (NaN softmax): give it zero weights.
         any_real = real.any(dim=1, keepdim=True)  # (B, 1)

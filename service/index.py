@@ -2,36 +2,33 @@
 
 Rows are x_j = [v_j; b_j] and queries q = [h; 1], so q·x = h·v_j + b_j: the bias rides along.
 
-Writes never wait on FAISS storage growth. The index is three kinds of segment (see
-`service.index_storage`): an immutable FAISS *base*, zero or more *frozen* deltas being merged
-into the next base, and the live *delta* that takes every add. An add appends to the delta's
-chunks (no reallocation) and is searchable as soon as it returns. Removes and upserts leave
-tombstones: internal ids are never reused, and a row is live only while `_item_of` holds its id,
-so stale rows are filtered at search time until a merge, run in a background thread, builds a
-new base without them and swaps it in under the lock. Searches hold the lock only to take the
-segments; FAISS and NumPy then run without the GIL, so many threads search at once.
+Writes never wait on FAISS. The index is four kinds of segment: an immutable *base* of FAISS
+shards (`service.index_base`; IVF through the MIPS->L2 reduction), zero or more *frozen* deltas
+being merged into the next base, the live *delta* that takes every add (`service.index_storage`),
+and the exact *pinned* rows. An add appends to the delta's chunks (no reallocation) and is
+searchable as soon as it returns. Removes and upserts leave tombstones: internal ids are never
+reused, and a row is live only while `_item_of` holds its id, so stale rows are filtered at search
+time until a merge, run in a background thread, builds a new base without them and swaps it in
+under the lock. Searches hold the lock only to take the segments; FAISS and NumPy then run without
+the GIL, so many threads search at once.
 
 `build(..., pin_warm=True)` keeps the trained (warm) rows out of the base in a small exact
-*pinned* segment that every search scans. Trained rows [V; b] are few and, for a real model, of a
-different norm than generated rows (about 4x at ml-100k, benchmarks/results/serve.md), so
-inner-product IVF lists sort them badly: without pinning, IVF recall@20 at 100k items was 0.1 at
-nprobe=128, because almost all of a user's exact top-20 are trained items.
+*pinned* segment that every search scans. Trained rows [V; b] are few, carry most of a user's
+exact top-k, and are ~4x longer than generated rows (benchmarks/results/serve.md): pinned, they are
+found exactly whatever lists IVF probes, and they do not set the M of the L2 reduction.
 
 OpenMP threads are the caller's choice: with many concurrent request threads, call
 `faiss.omp_set_num_threads(1)` so searches do not oversubscribe the cores; for a few large batches
-(or a fast merge) leave FAISS its default.
+(or a fast build) leave FAISS its default.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import ctypes
 import logging
-import os
-import shutil
 import threading
-import time
-import uuid
-from collections.abc import Sequence, Set
+from collections.abc import Iterable, Sequence, Set
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,7 +36,8 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from service.durable import fsync_path, write_durably
+from service.index_base import Base, build_base, is_dead, merged_base, search_shards
+from service.index_snapshot import SNAPSHOT_FORMAT, read_snapshot, write_snapshot
 from service.index_storage import (
     DeltaSegment,
     DeltaView,
@@ -50,19 +48,13 @@ from service.index_storage import (
     ItemTable,
     Scores,
     Vectors,
-    base_arrays,
-    base_ids,
-    empty_base,
-    is_ivf,
-    merged_base,
-    search_base,
 )
 
-__all__ = ["Hit", "IndexConfig", "VectorIndex", "recall_at_k"]
+__all__ = ["SNAPSHOT_FORMAT", "Hit", "IndexConfig", "VectorIndex", "recall_at_k"]
 
-SNAPSHOT_FORMAT = "m2rec-index/1"
 _GIL_SLICE = 16_384  # ids per Python-level pass, so other threads get the GIL between passes
 log = logging.getLogger(__name__)
+Batch = tuple[Sequence[str], npt.ArrayLike, Sequence[bool]]  # ids, rows (N, D+1), cold flags
 
 
 class Hit(NamedTuple):
@@ -76,10 +68,10 @@ class VectorIndex:
         """`dim` is D+1: the item row with its bias."""
         self.dim = dim
         self.config = config or IndexConfig()
+        self.nprobe = self.config.nprobe  # IVF lists scanned per query; may be retuned live
         self._lock = threading.Lock()  # guards every field below; held only for bookkeeping
         self._merge_lock = threading.Lock()  # one merge at a time
-        self._base: Any = empty_base(dim)
-        self._trained_rows = 0
+        self._base = Base(dim)
         self._frozen: tuple[DeltaView, ...] = ()
         self._delta = DeltaSegment(dim, self.config.delta_chunk_rows)
         self._pinned = DeltaSegment(dim, 1).view()  # exact, set once by build(pin_warm=True)
@@ -96,31 +88,43 @@ class VectorIndex:
         cls, dim: int, ids: Sequence[str], vectors: npt.ArrayLike, cold: Sequence[bool],
         config: IndexConfig | None = None, *, pin_warm: bool = False,
     ) -> VectorIndex:
-        """Bulk load, then one merge in the calling thread (IVF trained here when configured).
+        """Bulk load, then the base built in the calling thread (IVF trained here when configured).
 
         `pin_warm`: rows with cold=False go to the exact pinned segment, never into the base.
         """
+        return cls.build_from([(ids, vectors, cold)], dim, config, pin_warm=pin_warm)
+
+    @classmethod
+    def build_from(
+        cls, batches: Iterable[Batch], dim: int, config: IndexConfig | None = None, *, pin_warm: bool = False,
+    ) -> VectorIndex:
+        """`build` from batches, so a caller streaming from a store never holds the catalogue twice:
+        rows are copied into the delta's chunks, and each chunk is freed once the base has it."""
         index = cls(dim, config)
-        rows = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D+1)
-        is_cold = np.asarray(cold, dtype=bool)
-        if pin_warm and len(ids) and not is_cold.all():
-            warm = np.flatnonzero(~is_cold)
-            index._append([ids[j] for j in warm.tolist()], rows[warm], [False] * len(warm))
-            with index._lock:  # nothing else holds the index yet: the delta becomes the pinned segment
-                index._pinned = index._delta.view()
-                index._delta = DeltaSegment(dim, index.config.delta_chunk_rows)
-            rest = np.flatnonzero(is_cold)
-            index._append([ids[j] for j in rest.tolist()], rows[rest], [True] * len(rest))
-        else:
-            index._append(ids, rows, cold)
-        index.merge()
+        pinned = DeltaSegment(dim, index.config.delta_chunk_rows)
+        for ids, vectors, cold in batches:
+            rows = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D+1)
+            is_cold = np.asarray(cold, dtype=bool)
+            if pin_warm and not is_cold.all():
+                warm, rest = np.flatnonzero(~is_cold), np.flatnonzero(is_cold)
+                index._append([ids[j] for j in warm.tolist()], rows[warm], [False] * len(warm), pinned)
+                index._append([ids[j] for j in rest.tolist()], rows[rest], [True] * len(rest), index._delta)
+            else:
+                index._append(ids, rows, cold, index._delta)
+        with index._lock:  # nothing else holds the index yet
+            killed = np.sort(np.fromiter(index._killed, np.int64, len(index._killed)))
+            parts = [(iids[live], rows[live]) for iids, rows in index._delta.take()
+                     for live in [~is_dead(iids, killed)]]
+            index._pinned = pinned.view()
+            index._base = build_base(parts, dim, index.config)
+            index._killed = set(killed[is_dead(killed, np.sort(index._pinned.arrays()[0]))].tolist())
         return index
 
     # -- writes -------------------------------------------------------------------------------
 
     def add(self, ids: Sequence[str], vectors: npt.ArrayLike, cold: Sequence[bool]) -> None:
         """Insert or replace; searchable when this returns. `vectors` is (N, D+1)."""
-        if self._append(ids, vectors, cold):
+        if self._append(ids, vectors, cold, self._delta):
             self._start_background_merge()
 
     def remove(self, ids: Sequence[str]) -> int:
@@ -137,14 +141,14 @@ class VectorIndex:
             self._start_background_merge()
         return removed
 
-    def _append(self, ids: Sequence[str], vectors: npt.ArrayLike, cold: Sequence[bool]) -> bool:
+    def _append(self, ids: Sequence[str], vectors: npt.ArrayLike, cold: Sequence[bool], into: DeltaSegment) -> bool:
         rows = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D+1)
         if rows.shape != (len(ids), self.dim) or len(cold) != len(ids):
             raise ValueError(f"expected {len(ids)} rows of {self.dim} and {len(ids)} cold flags")
         with self._lock:
             iids = np.arange(self._next_iid, self._next_iid + len(ids), dtype=np.int64)
             self._next_iid += len(ids)
-            self._delta.append(iids, rows)
+            into.append(iids, rows)
             for item_id, iid, is_cold in zip(ids, iids.tolist(), cold, strict=True):
                 old = self._iid_of.get(item_id)
                 if old is not None:
@@ -179,6 +183,10 @@ class VectorIndex:
     def __len__(self) -> int:
         return len(self._iid_of)
 
+    @property
+    def is_approximate(self) -> bool:
+        return self._base.is_ivf
+
     def search(
         self, queries: npt.ArrayLike, k: int, exclude: Sequence[Set[str]] | None = None
     ) -> list[list[Hit]]:
@@ -194,18 +202,30 @@ class VectorIndex:
         if len(excluded) != len(q):
             raise ValueError("one exclusion set per query")
         with self._lock:
-            segments = [self._pinned, self._base, *self._frozen, self._delta.view()]
+            segments: list[Any] = [self._pinned, self._base, *self._frozen, self._delta.view()]
             dead = len(self._killed)
+        nprobe = self.nprobe
         results: list[list[Hit]] = [[] for _ in q]
         todo = np.arange(len(q))
         fetch = k + max((len(e) for e in excluded), default=0) + min(dead, 4 * k)
         while len(todo):
-            found = [_search_segment(seg, q[todo], fetch) for seg in segments]
+            found = [f for seg in segments for f in _search_segment(seg, q[todo], fetch, nprobe) if f[0].shape[1]]
+            if not found:
+                break
+            # a segment (or shard) that filled all `fetch` slots may hold more rows below its last score
+            bound = np.full(len(todo), -np.inf)
+            for scores, iids in found:
+                if scores.shape[1] == fetch:
+                    bound = np.maximum(bound, np.where(iids[:, -1] >= 0, scores[:, -1], -np.inf))
+            all_scores = np.concatenate([f[0] for f in found], axis=1)  # (B', S): every segment's candidates
+            order = np.argsort(-all_scores, axis=1, kind="stable")
+            all_scores = np.take_along_axis(all_scores, order, axis=1)
+            all_iids = np.take_along_axis(np.concatenate([f[1] for f in found], axis=1), order, axis=1)
             unfinished = []
             for row, b in enumerate(todo.tolist()):
-                hits, bound = self._collect(found, row, fetch, excluded[b])
-                results[b] = hits[:k]
-                if bound is not None and (len(hits) < k or hits[k - 1].score < bound):
+                hits = self._collect(all_scores[row], all_iids[row], k, excluded[b])
+                results[b] = hits
+                if bound[row] > -np.inf and (len(hits) < k or hits[-1].score < bound[row]):
                     unfinished.append(b)
             todo = np.asarray(unfinished, dtype=np.int64)
             fetch *= 4
@@ -218,33 +238,28 @@ class VectorIndex:
             raise ValueError(f"queries must be (B, {self.dim}), got {q.shape}")
         return q
 
-    def _collect(
-        self, found: list[tuple[Scores, Ids]], row: int, fetch: int, excluded: Set[str]
-    ) -> tuple[list[Hit], float | None]:
-        """Live, allowed hits of one query, sorted; and the best score a deeper fetch could add."""
+    def _collect(self, scores: Scores, iids: Ids, k: int, excluded: Set[str]) -> list[Hit]:
+        """The best k live, allowed hits among one query's candidates (sorted best first).
+
+        Stops at the first candidate below the k-th hit: Python touches about k + skipped rows,
+        not every candidate of every segment.
+        """
         hits: list[Hit] = []
-        bound: float | None = None
         item_of = self._item_of  # one slot is read atomically: no lock needed
-        for scores, iids in found:
-            got = 0
-            for score, iid in zip(scores[row].tolist(), iids[row].tolist(), strict=True):
-                if iid < 0:
-                    break
-                got += 1
-                item = item_of.get(iid)
-                if item is not None and item[0] not in excluded:
-                    hits.append(Hit(item[0], score, item[1]))
-            if got == fetch:  # this segment may hold more rows below its last score
-                last = float(scores[row, got - 1])
-                bound = last if bound is None else max(bound, last)
-        hits.sort(key=lambda h: (-h.score, h.item_id))
-        return hits, bound
+        for score, iid in zip(scores.tolist(), iids.tolist(), strict=True):
+            if iid < 0 or (len(hits) >= k and score < hits[-1].score):
+                break
+            item = item_of.get(iid)
+            if item is not None and item[0] not in excluded:
+                hits.append(Hit(item[0], score, item[1]))
+        hits.sort(key=lambda h: (-h.score, h.item_id))  # ties at the k-th score: by item id
+        return hits[:k]
 
     def live_vectors(self) -> tuple[list[str], Vectors, list[bool]]:
         """Every live item with its row: for exact baselines and rebuilding elsewhere."""
         with self._lock:
-            segments = [self._pinned, self._base, *self._frozen, self._delta.view()]
-        parts = [base_arrays(seg) if not isinstance(seg, DeltaView) else seg.arrays() for seg in segments]
+            base, views = self._base, [self._pinned, *self._frozen, self._delta.view()]
+        parts = [*base.parts(), *(view.arrays() for view in views)]
         iids = np.concatenate([p[0] for p in parts])
         keep, items = self._lookup(iids)
         return [i[0] for i in items], np.concatenate([p[1] for p in parts])[keep], [i[1] for i in items]
@@ -276,25 +291,34 @@ class VectorIndex:
                 if self._delta.size:
                     self._frozen = (*self._frozen, self._delta.view())
                     self._delta = DeltaSegment(self.dim, self.config.delta_chunk_rows)
-                base, frozen, trained = self._base, self._frozen, self._trained_rows
-                killed = frozenset(self._killed)
+                base, frozen, pinned = self._base, self._frozen, self._pinned
+                killed = np.sort(np.fromiter(self._killed, np.int64, len(self._killed)))
             # from here on adds go to the new delta; the base and frozen views are read-only
             parts = [view.arrays() for view in frozen]
-            new_iids = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
-            no_vectors = np.empty((0, self.dim), np.float32)
-            new_vectors = np.concatenate([p[1] for p in parts]) if parts else no_vectors
-            # vectorised against the small tombstone set: no per-row Python holding the GIL
-            killed_ids = np.fromiter(killed, dtype=np.int64, count=len(killed))
-
-            def alive(iids: Ids) -> npt.NDArray[np.bool_]:
-                return ~np.isin(iids, killed_ids)
-
-            new_base, trained = merged_base(base, alive, new_iids, new_vectors, self.config, trained)
+            new: tuple[Ids, Vectors] = (
+                np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64),
+                np.concatenate([p[1] for p in parts]) if parts else np.empty((0, self.dim), np.float32),
+            )
+            new_base = merged_base(base, new, killed, self.config)
+            pinned_iids, pinned_rows = pinned.arrays()
+            pinned_dead = is_dead(pinned_iids, killed)
+            if pinned_dead.any():
+                segment = DeltaSegment(self.dim, max(len(pinned_iids), 1))
+                segment.append(pinned_iids[~pinned_dead], pinned_rows[~pinned_dead])
+                pinned = segment.view()
+            # tombstones the new segments still hold stay; the rest are gone for good
+            kept = np.zeros(len(killed), dtype=bool)
+            for shard in new_base.shards:
+                kept |= is_dead(killed, shard.iids)
+            if new_base.overflow is not None:
+                kept |= is_dead(killed, np.sort(new_base.overflow.arrays()[0]))
+            dropped = set(killed[~kept].tolist())
             with self._lock:
-                self._base, self._trained_rows = new_base, trained
+                self._base, self._pinned = new_base, pinned
                 self._frozen = self._frozen[len(frozen) :]
-                # rows killed after the freeze may sit in the new base: they stay tombstones
-                self._killed -= killed
+                self._killed -= dropped
+            del base, frozen, parts, new, new_base
+        _release_freed_memory()
 
     def _start_background_merge(self) -> None:
         with self._lock:
@@ -333,76 +357,28 @@ class VectorIndex:
         The files go to a fresh versioned directory beside `path`; `path` is a symlink swapped
         to it with one rename, so readers see the old snapshot or the new one, never half of one.
         """
-        path = Path(path)
-        if path.exists() and not path.is_symlink():
-            raise FileExistsError(f"{path} exists and is not a snapshot link")
         with self._lock:
             base, views, pinned = self._base, [*self._frozen, self._delta.view()], self._pinned
-            next_iid, trained = self._next_iid, self._trained_rows
-        target = path.parent / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        target.mkdir(parents=True)
-        faiss.write_index(base, str(target / "base.faiss"))
-        parts = [view.arrays() for view in views]
-        delta_iids = np.concatenate([p[0] for p in parts])
-        keep, _ = self._lookup(delta_iids)
-        np.save(target / "delta_iids.npy", delta_iids[keep])
-        np.save(target / "delta_vectors.npy", np.concatenate([p[1] for p in parts])[keep])
-        pinned_iids, pinned_vectors = pinned.arrays()
-        np.save(target / "pinned_iids.npy", pinned_iids)
-        np.save(target / "pinned_vectors.npy", pinned_vectors)
-        # live rows of the base and delta taken above; an item changed meanwhile is left out or
-        # kept, and replaying the events after `event_id` (idempotent upserts/removes) fixes it
-        iids = np.concatenate([pinned_iids, base_ids(base), delta_iids[keep]])
-        keep, items = self._lookup(iids)
-        write_durably(target / "items.json", json.dumps({
-            "iids": iids[keep].tolist(),
-            "ids": [item[0] for item in items],
-            "cold": [item[1] for item in items],
-        }))
-        write_durably(target / "meta.json", json.dumps({
-            "format": SNAPSHOT_FORMAT, "dim": self.dim, "event_id": event_id, "next_iid": next_iid,
-            "trained_rows": trained, "saved_at": time.time(), "faiss_version": faiss.__version__,
-        }))
-        for name in ("base.faiss", "delta_iids.npy", "delta_vectors.npy", "pinned_iids.npy", "pinned_vectors.npy"):
-            fsync_path(target / name)
-        fsync_path(target)
-        previous = path.resolve() if path.is_symlink() else None
-        link = path.parent / f".{path.name}.{uuid.uuid4().hex}.link"
-        os.symlink(target.name, link)
-        os.replace(link, path)
-        fsync_path(path.parent)
-        if previous is not None and previous != target and previous.parent == path.parent:
-            shutil.rmtree(previous, ignore_errors=True)
+            next_iid = self._next_iid
+        write_snapshot(Path(path), base=base, pinned=pinned, deltas=views, next_iid=next_iid,
+                       event_id=event_id, lookup=self._lookup)
 
     @classmethod
     def load(cls, path: str | Path, config: IndexConfig | None = None) -> tuple[VectorIndex, str | None]:
         """The index and the event id it reflects; apply the store's later events to catch up."""
-        root = Path(path).resolve()
-        meta = json.loads((root / "meta.json").read_text())
-        if meta.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(f"{root}: unknown snapshot format {meta.get('format')!r}")
-        index = cls(int(meta["dim"]), config)
-        base: Any = faiss.read_index(str(root / "base.faiss"))
-        if is_ivf(base):
-            base.nprobe = index.config.nprobe
-        items = json.loads((root / "items.json").read_text())
-        delta_iids = np.load(root / "delta_iids.npy")
-        pinned_iids = np.load(root / "pinned_iids.npy") if (root / "pinned_iids.npy").is_file() else None
+        snapshot = read_snapshot(Path(path))
+        index = cls(snapshot.dim, config)
         with index._lock:
-            if pinned_iids is not None and len(pinned_iids):
-                pinned = DeltaSegment(index.dim, len(pinned_iids))
-                pinned.append(pinned_iids, np.load(root / "pinned_vectors.npy"))
-                index._pinned = pinned.view()
-            index._base, index._trained_rows = base, int(meta["trained_rows"])
-            index._next_iid = int(meta["next_iid"])
-            index._delta.append(delta_iids, np.load(root / "delta_vectors.npy"))
-            for iid, item_id, is_cold in zip(items["iids"], items["ids"], items["cold"], strict=True):
+            index._pinned, index._base = snapshot.pinned, snapshot.base
+            index._next_iid = snapshot.next_iid
+            index._delta.append(*snapshot.delta)
+            for iid, item_id, is_cold in zip(snapshot.iids, snapshot.item_ids, snapshot.cold, strict=True):
                 index._iid_of.set(item_id, iid)
                 index._item_of.set(iid, (item_id, is_cold))
                 index._cold += is_cold
-            stored = np.concatenate([base_ids(base), delta_iids, *([] if pinned_iids is None else [pinned_iids])])
-            index._killed = set(np.setdiff1d(stored, np.asarray(items["iids"], dtype=np.int64)).tolist())
-        return index, meta["event_id"]
+            stored = np.concatenate([snapshot.base.iids(), snapshot.delta[0], snapshot.pinned.arrays()[0]])
+            index._killed = set(np.setdiff1d(stored, np.asarray(snapshot.iids, dtype=np.int64)).tolist())
+        return index, snapshot.event_id
 
 
 def recall_at_k(index: VectorIndex, queries: npt.ArrayLike, k: int) -> float:
@@ -420,7 +396,15 @@ def recall_at_k(index: VectorIndex, queries: npt.ArrayLike, k: int) -> float:
     return float(np.mean(overlap)) / min(k, len(ids))
 
 
-def _search_segment(segment: Any, queries: Vectors, k: int) -> tuple[Scores, Ids]:
+def _release_freed_memory() -> None:
+    """Hand the replaced segments' memory back to the OS: glibc keeps freed small blocks (a shard's
+    inverted lists are thousands of them) in its heap, and RSS would keep the old base's size.
+    ctypes drops the GIL for the call."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _search_segment(segment: Any, queries: Vectors, k: int, nprobe: int) -> list[tuple[Scores, Ids]]:
     if isinstance(segment, DeltaView):
-        return segment.search(queries, k)
-    return search_base(segment, queries, k)
+        return [segment.search(queries, k)] if segment.size else []
+    return search_shards(segment, queries, k, nprobe)

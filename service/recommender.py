@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -30,11 +30,13 @@ from service.artifact import Artifact, ArtifactError, check_compatible
 from service.fold_in import FoldIn
 from service.index import Hit, IndexConfig, VectorIndex
 from service.model import AttributeVocabulary, M2Rec, ModelConfig, item_inputs
+from service.row_cache import RowCache
 from service.store import Event, EventKind, Interaction, ItemRecord, Store, event_order_key
 
 log = logging.getLogger(__name__)
 Rows = npt.NDArray[np.float32]  # (N, D+1)
-EMBED_CHUNK = 1024  # items per generator forward pass
+EMBED_CHUNK = 128  # items per generator forward pass (sorted by attribute count: little padding)
+ROW_CACHE_ITEMS = 65_536  # registered rows kept in memory for fold-ins (~34 MB at D=128)
 
 
 class InvalidItemError(ValueError):
@@ -141,7 +143,7 @@ class NewestItems:
 class Recommender:
     def __init__(
         self, artifact: Artifact, store: Store, index_config: IndexConfig | None = None, *,
-        fallback_cold_share: float = 0.2, newest_kept: int = 1000,
+        fallback_cold_share: float = 0.2, newest_kept: int = 1000, row_cache_items: int = ROW_CACHE_ITEMS,
     ) -> None:
         self.artifact = artifact
         self.version = artifact.version
@@ -160,6 +162,7 @@ class Recommender:
         self.index = VectorIndex(self.dim, self.index_config)  # empty until build_index
         self.fallback_cold_share = fallback_cold_share
         self.newest = NewestItems(newest_kept)
+        self._rows = RowCache(row_cache_items)  # registered items' rows for history fold-ins
         # id -> (created_at, index) of this replica's own writes: the follower skips re-adding them
         self._own_writes: dict[str, tuple[float, VectorIndex]] = {}
 
@@ -193,20 +196,30 @@ class Recommender:
         problems = [p for p in map(self.problem, items) if p is not None]
         if problems:
             raise InvalidItemError("; ".join(problems[:20]))
-        out = [self._embed_chunk(items[s : s + EMBED_CHUNK]) for s in range(0, len(items), EMBED_CHUNK)]
-        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+        # Attribute pooling pads every item of a pass to the widest one's attribute count (B, A, H):
+        # passes of items of similar width (sorted by it) keep that padding small.
+        index = self.vocabulary.index
+        widths = [len({t for t in item.attributes if t in index}) for item in items]
+        order = sorted(range(len(items)), key=widths.__getitem__)
+        out = np.empty((len(items), self.dim), np.float32)  # (B, D+1)
+        for s in range(0, len(order), EMBED_CHUNK):
+            chunk = order[s : s + EMBED_CHUNK]
+            out[chunk] = self._embed_chunk([items[j] for j in chunk])
+        return out
 
     def _embed_chunk(self, items: Sequence[NewItem]) -> Rows:
         attributes, _ = self.vocabulary.encode([item.attributes for item in items])  # (B, A)
-        content = torch.zeros(len(items), max(self.content_dim, 1))  # (B, F)
-        has_content = torch.zeros(len(items), dtype=torch.bool)  # (B,)
+        content = np.zeros((len(items), max(self.content_dim, 1)), np.float32)  # (B, F)
+        has_content = np.zeros(len(items), dtype=bool)  # (B,)
         for b, item in enumerate(items):
             if item.content is not None:
-                content[b] = torch.tensor(item.content, dtype=torch.float32)
+                content[b] = item.content
                 has_content[b] = True
         # inference_mode is per thread, and requests arrive on pool threads: entered per call
         with torch.inference_mode():
-            rows, _ = self.model.embed_items(item_inputs(attributes, content, self.content_dim, has_content))
+            inputs = item_inputs(attributes, torch.from_numpy(content), self.content_dim,
+                                 torch.from_numpy(has_content))
+            rows, _ = self.model.embed_items(inputs)
         return rows.numpy().astype(np.float32)  # (B, D+1)
 
     def record_rows(self, records: Sequence[ItemRecord]) -> dict[str, npt.NDArray[np.float32]]:
@@ -227,23 +240,23 @@ class Recommender:
         """A fresh index from the artifact's rows and every stored item; returns the event id to
         follow from (taken before reading, so events racing the build are applied again)."""
         cursor = self.store.last_event_id()
-        ids: list[str] = list(self.warm_ids)
-        parts: list[Rows] = [self.warm_rows]
-        n_cold = 0
+        self.index = VectorIndex.build_from(self._index_batches(), self.dim, self.index_config, pin_warm=True)
+        self._own_writes.clear()
+        return cursor
+
+    def _index_batches(self) -> Iterator[tuple[list[str], Rows, list[bool]]]:
+        """The trained rows, then stored items a batch at a time: the index copies each batch into
+        its own storage, so the catalogue is never held twice (nor as one small array per item)."""
+        yield list(self.warm_ids), self.warm_rows, [False] * len(self.warm_ids)
         for batch in self.store.iter_items():
             batch = [r for r in batch if not self.is_trained(r.item_id)]
             rows = self.record_rows(batch)
+            ids = [r.item_id for r in batch if r.item_id in rows]
             for record in batch:
                 if record.item_id in rows:
-                    ids.append(record.item_id)
-                    parts.append(rows[record.item_id][None])
                     self.newest.add(record.item_id, record.created_at, float(rows[record.item_id][-1]))
-                    n_cold += 1
-        vectors = np.concatenate(parts).astype(np.float32)  # (N, D+1)
-        cold = [False] * len(self.warm_ids) + [True] * n_cold
-        self.index = VectorIndex.build(self.dim, ids, vectors, cold, self.index_config, pin_warm=True)
-        self._own_writes.clear()
-        return cursor
+            if ids:
+                yield ids, np.stack([rows[i] for i in ids]).astype(np.float32), [True] * len(ids)
 
     def save_snapshot(self, directory: Path, cursor: str | None) -> None:
         """Index files plus the fallback's newest items, for a restart that skips re-embedding."""
@@ -289,6 +302,7 @@ class Recommender:
             return []
         records = self.store.get_items(ids)
         gone = [i for i in ids if i not in records]
+        self._rows.discard(ids)  # before the index changes: a fold-in never mixes old and new rows
         if gone:
             self.index.remove(gone)
             for item_id in gone:
@@ -301,6 +315,7 @@ class Recommender:
         rows = self.record_rows(fresh)
         if rows:
             self.index.add(list(rows), np.stack(list(rows.values())), [True] * len(rows))
+            self._rows.put(rows)
         now = time.time()
         for item_id, row in rows.items():
             self.newest.add(item_id, records[item_id].created_at, float(row[-1]))
@@ -322,6 +337,7 @@ class Recommender:
         result = self.store.put_items(records)
         index = self.index
         index.add([r.item_id for r in records], rows, [True] * len(records))
+        self._rows.put({r.item_id: row for r, row in zip(records, rows, strict=True)})
         inserted = set(result.inserted)
         if len(self._own_writes) > 100_000:  # the follower is not draining them: stop remembering
             self._own_writes.clear()
@@ -336,6 +352,7 @@ class Recommender:
                                       f"and cannot be deleted; deploy a model trained without it")
         if not self.store.delete_item(item_id):
             raise UnknownItemsError([item_id])
+        self._rows.discard([item_id])
         self.index.remove([item_id])
         self.newest.remove(item_id)
 
@@ -365,10 +382,23 @@ class Recommender:
         registered = [i for i, j in zip(history, positions, strict=True) if j < 0]
         if not registered:  # the common case: one gather, no per-row Python
             return self.warm_rows[np.asarray(positions, dtype=np.int64)] if positions else self._no_rows()
-        found = self.record_rows(list(self.store.get_items(registered).values()))
-        kept = [self.warm_rows[j] if j >= 0 else found[i]
-                for i, j in zip(history, positions, strict=True) if j >= 0 or i in found]
-        return np.stack(kept).astype(np.float32) if kept else self._no_rows()
+        found = self._rows.get_many(registered)
+        missing = [i for i in registered if i not in found]
+        if missing:
+            generation = self._rows.generation  # read first: a write racing the store read wins
+            fetched = self.record_rows(list(self.store.get_items(missing).values()))
+            self._rows.fill(fetched, generation)
+            found.update(fetched)
+        rows = self.warm_rows[np.maximum(np.asarray(positions, dtype=np.int64), 0)]  # (L, D+1) gathered copy
+        keep = np.ones(len(history), dtype=bool)
+        for at, (item_id, j) in enumerate(zip(history, positions, strict=True)):
+            if j < 0:
+                row = found.get(item_id)
+                if row is None:  # deleted, or not embeddable by this model: left out of the fold-in
+                    keep[at] = False
+                else:
+                    rows[at] = row
+        return rows if keep.all() else rows[keep]
 
     def _no_rows(self) -> Rows:
         return np.zeros((0, self.dim), np.float32)

@@ -20,6 +20,7 @@ from pydantic import SecretStr, ValidationError
 
 from service.app import create_app
 from service.config import Settings
+from service.schemas import RecommendationsOut
 from tests.conftest import StoreSpec, TrainedArtifact
 
 API_KEY = "test-key"
@@ -181,6 +182,30 @@ def test_batch_registers_all_items_or_none(client: TestClient, trained_artifact:
     assert response.status_code == 200
     assert [i["id"] for i in response.json()["items"]] == [g["id"] for g in good]
     assert _index_size(client) == before + 3
+
+
+def test_malformed_json_is_a_422_that_changes_nothing(client: TestClient, trained_artifact: TrainedArtifact) -> None:
+    before = _index_size(client)
+    for body in (b'{"items": [', b"\xff\xfe", b'{"id": "x", "attributes": ["a"]'):
+        response = client.post("/items/batch", content=body, headers={**HEADERS, "Content-Type": "application/json"})
+        assert response.status_code == 422, (body, response.text)
+    big = {"items": [_item(trained_artifact, n) for n in range(20)]}  # ~160 KB: decoded off the event loop
+    response = client.post("/items/batch", content=json.dumps(big)[:-2], headers={
+        **HEADERS, "Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert _index_size(client) == before
+    response = client.post("/items/batch", json=big, headers=HEADERS)
+    assert response.status_code == 200 and len(response.json()["items"]) == 20
+
+
+def test_recommend_body_is_exactly_the_documented_model(client: TestClient, trained_artifact: TrainedArtifact) -> None:
+    item = _item(trained_artifact, 8, item_id="cold:8")
+    client.post("/items", json=item, headers=HEADERS)
+    response = client.get("/recommend", params={"user": "nobody", "k": 30})
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert RecommendationsOut.model_validate(body).model_dump() == body
+    assert "cold:8" in [i["id"] for i in body["items"]]
 
 
 def test_oversized_batch_is_rejected_with_413(client: TestClient, trained_artifact: TrainedArtifact) -> None:

@@ -11,7 +11,6 @@ import numpy.typing as npt
 import pytest
 
 from service.index import Hit, IndexConfig, VectorIndex, recall_at_k
-from service.index_storage import is_ivf
 
 D = 16  # latent size; index rows are D+1 wide
 Array = npt.NDArray[np.float32]
@@ -151,7 +150,7 @@ def test_approximate_index_recall_at_10_is_at_least_0_9_on_clustered_data() -> N
 
     index = VectorIndex.build(D + 1, [f"i{j}" for j in range(N)], rows(v, b), [False] * N, config)
 
-    assert is_ivf(index._base)
+    assert index.is_approximate
     assert recall_at_k(index, user_queries(h), 10) >= 0.9
 
 
@@ -214,7 +213,7 @@ def test_save_then_load_gives_identical_results(
     loaded, event_id = VectorIndex.load(tmp_path / "snapshot", config)
 
     assert event_id == "1700000000000-5"
-    assert is_ivf(loaded._base) == (kind == "ivf")
+    assert loaded.is_approximate == (kind == "ivf")
     assert loaded.search(user_queries(h), 25, exclude) == before
     assert loaded.count() == index.count()
     loaded.add(["after-load"], rows(v[:1], b[:1]), [True])  # internal ids continue, no collision
@@ -258,7 +257,7 @@ def test_pinned_warm_rows_are_found_exactly_whatever_lists_ivf_probes() -> None:
     ids, vectors, cold = _warm_heavy_catalogue(200, 3000)
     config = IndexConfig(kind="ivf", ivf_min_rows=1000, nlist=64, nprobe=1, auto_merge=False)
     index = VectorIndex.build(D + 1, ids, vectors, cold, config, pin_warm=True)
-    assert is_ivf(index._base) and index._base.ntotal == 3000  # only the cold rows went to IVF
+    assert index.is_approximate and index._base.ntotal == 3000  # only the cold rows went to IVF
     assert index.count() == (200, 3000)
     h = np.random.default_rng(4).normal(size=(30, D)).astype(np.float32)
     q = user_queries(h)

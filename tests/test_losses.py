@@ -157,3 +157,28 @@ def test_in_batch_ranking_loss_prefers_the_users_items_and_reaches_the_rows() ->
     assert rows.grad is not None and rows.grad.abs().sum() > 0
     shuffled = aligned[[1, 2, 3, 0, 4, 5]]
     assert in_batch_ranking_loss(aligned, h, truth) < in_batch_ranking_loss(shuffled, h, truth)
+
+
+def test_surrogate_ranking_loss_ranks_generated_rows_among_trained_ones() -> None:
+    from training.losses import surrogate_ranking_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 8)  # (U, D)
+    table = torch.randn(10, 9) * 0.1  # (J, D+1) trained rows, detached
+    batch = torch.tensor([2, 5, 7])  # table rows the generator replaces
+    truth = torch.eye(3)  # user u took batch item u
+    aligned = torch.zeros(3, 9)
+    aligned[:, :8] = 3.0 * h
+    rows = aligned.clone().requires_grad_(True)
+    loss = surrogate_ranking_loss(rows, batch, table, h, truth)
+    assert torch.isfinite(loss)
+    loss.backward()  # type: ignore[no-untyped-call]
+    assert rows.grad is not None and rows.grad.abs().sum() > 0
+    # the generated rows replace their trained rows: a trained row's value must not matter
+    changed = table.clone()
+    changed[batch] = 100.0
+    assert torch.isclose(surrogate_ranking_loss(aligned, batch, changed, h, truth),
+                         surrogate_ranking_loss(aligned, batch, table, h, truth))
+    shuffled = aligned[[1, 2, 0]]
+    assert surrogate_ranking_loss(aligned, batch, table, h, truth) < surrogate_ranking_loss(
+        shuffled, batch, table, h, truth)

@@ -127,3 +127,24 @@ def test_vocabulary_reports_unknown_tokens_and_pads() -> None:
 def test_config_rejects_unknown_generator() -> None:
     with pytest.raises(ValueError, match="generator"):
         ModelConfig(n_warm=3, n_attributes=2, content_dim=0, generator="gan")
+
+
+def test_vocabulary_scores_are_kept_without_autograd_and_follow_parameter_changes() -> None:
+    torch.manual_seed(0)
+    pool = AttributePooling(A, 8)
+    idx = torch.tensor([[3, 5, 0], [1, 2, 7]])
+    with torch.no_grad():
+        first, _ = pool(idx)
+        assert pool.vocabulary_scores() is pool.vocabulary_scores()  # kept, not recomputed
+        fresh = pool.query(torch.tanh(pool.key(pool.embedding.weight))).squeeze(-1)
+        assert torch.equal(pool.vocabulary_scores(), fresh)  # the same numbers as computing them anew
+        pool.key.weight.add_(0.5)  # an optimiser step, in place
+        moved, _ = pool(idx)
+    assert not torch.allclose(first, moved)
+    pool.load_state_dict(AttributePooling(A, 8).state_dict())  # copy_ into the same tensors
+    with torch.no_grad():
+        loaded = pool.query(torch.tanh(pool.key(pool.embedding.weight))).squeeze(-1)
+        assert torch.equal(pool.vocabulary_scores(), loaded)
+    pooled, _ = pool(idx)  # with autograd: recomputed, so gradients reach the scoring layers
+    pooled.sum().backward()
+    assert pool.key.weight.grad is not None and pool.query.weight.grad is not None

@@ -77,15 +77,6 @@ def test_items_with_only_attributes_or_only_content_get_finite_distinct_rows(
     assert not np.allclose(attrs_only, content_only)
 
 
-def test_embedding_a_batch_equals_embedding_its_items_one_by_one(
-    recommender: Recommender, trained_artifact: TrainedArtifact
-) -> None:
-    items = [_cold_item(trained_artifact, n) for n in range(5)]
-    batch = recommender.embed(items)
-    single = np.concatenate([recommender.embed([i]) for i in items])
-    np.testing.assert_allclose(batch, single, rtol=1e-5, atol=1e-6)
-
-
 def test_wrong_content_dimension_is_rejected_naming_expected_and_got(
     recommender: Recommender, trained_artifact: TrainedArtifact
 ) -> None:
@@ -141,14 +132,20 @@ def test_stored_row_from_another_model_version_is_re_embedded(
     np.testing.assert_allclose(row, recommender.embed([item])[0], rtol=1e-5, atol=1e-6)
 
 
-def test_follower_applies_another_replicas_upserts_and_deletes(
-    trained_artifact: TrainedArtifact, tmp_path: Path
-) -> None:
+def _two_replicas(trained_artifact: TrainedArtifact, tmp_path: Path) -> tuple[Recommender, Recommender, str | None]:
+    """Two replicas on one store, both indexed; the cursor is where b's follower starts."""
     artifact = load_artifact(trained_artifact.root)
     a = Recommender(artifact, SqliteStore(tmp_path / "s.sqlite3"))
     b = Recommender(artifact, SqliteStore(tmp_path / "s.sqlite3"))
     cursor = b.build_index()
     a.build_index()
+    return a, b, cursor
+
+
+def test_follower_applies_another_replicas_upserts_and_deletes(
+    trained_artifact: TrainedArtifact, tmp_path: Path
+) -> None:
+    a, b, cursor = _two_replicas(trained_artifact, tmp_path)
     item = _cold_item(trained_artifact, 4)
     a.register([item])
     assert not b.index.contains(item.item_id)
@@ -207,3 +204,31 @@ def test_service_ranking_matches_the_offline_evaluation_table(
         np.testing.assert_allclose([h.score for h in got.hits], np.sort(scores)[::-1][:k], rtol=1e-4, atol=1e-4)
         overlap = {h.item_id for h in got.hits} & {ds.item_ids[j] for j in top}
         assert len(overlap) >= k - 1  # at most a near-tie at the cut differs
+
+
+def test_embedding_a_batch_equals_embedding_its_items_one_by_one_in_the_callers_order(
+    recommender: Recommender, trained_artifact: TrainedArtifact
+) -> None:
+    items = [_cold_item(trained_artifact, n) for n in range(6)]
+    items[1] = NewItem("few", items[1].attributes[:1], items[1].content)
+    items[4] = NewItem("none", [], items[4].content)
+    batch = recommender.embed(items)
+    single = np.concatenate([recommender.embed([i]) for i in items])
+    np.testing.assert_allclose(batch, single, rtol=1e-5, atol=1e-6)
+
+
+def test_history_rows_follow_updates_and_deletes_made_through_another_replica(
+    trained_artifact: TrainedArtifact, tmp_path: Path
+) -> None:
+    a, b, cursor = _two_replicas(trained_artifact, tmp_path)
+    first, second = _cold_item(trained_artifact, 1), _cold_item(trained_artifact, 2)
+    a.register([first])
+    cursor = b.follow(cursor).cursor
+    history = [b.warm_ids[0], first.item_id]
+    np.testing.assert_allclose(b.history_rows(history)[1], a.embed([first])[0], rtol=1e-6)  # read, then kept
+    a.register([NewItem(first.item_id, second.attributes, second.content)])  # same id, new inputs
+    cursor = b.follow(cursor).cursor
+    np.testing.assert_allclose(b.history_rows(history)[1], a.embed([second])[0], rtol=1e-6)
+    a.delete(first.item_id)
+    b.follow(cursor)
+    assert len(b.history_rows(history)) == 1  # the deleted item no longer enters the fold-in

@@ -332,3 +332,46 @@ def test_closed_sqlite_store_raises_store_unavailable(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreUnavailable):
         store.ping()
+
+
+def test_sqlite_reads_do_not_wait_for_a_write_in_progress(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.put_items([make_item("before")])
+    store.add_interactions([Interaction("u", "before", 1.0)])
+    in_write, release = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        with store._write() as cur:  # holds the writer's lock, as a commit waiting on its fsync does
+            cur.execute("DELETE FROM history")
+            in_write.set()
+            release.wait(10)
+
+    writer = threading.Thread(target=slow_write)
+    writer.start()
+    try:
+        assert in_write.wait(10)
+        done = threading.Event()
+        seen: list[list[str]] = []
+
+        def read() -> None:
+            seen.append(store.get_history("u"))
+            done.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert done.wait(5), "a read waited for the writer"
+        assert seen == [["before"]]  # the last committed state, not the write in progress
+    finally:
+        release.set()
+        writer.join()
+    assert store.get_history("u") == []  # and the write is visible once committed
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.get_history("u")
+
+
+def test_in_memory_sqlite_reads_see_their_own_database() -> None:
+    store = SqliteStore(":memory:")
+    store.put_items([make_item("a")])
+    assert store.get_item("a") == make_item("a") and store.count_items() == 1
+    store.close()

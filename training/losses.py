@@ -139,6 +139,24 @@ def in_batch_ranking_loss(rows: torch.Tensor, h: torch.Tensor, truth: torch.Tens
     return (-(F.log_softmax(logits, dim=1) * truth).sum(dim=1) / n).mean()
 
 
+def surrogate_ranking_loss(rows: torch.Tensor, batch: torch.Tensor, table: torch.Tensor, h: torch.Tensor,
+                           truth: torch.Tensor) -> torch.Tensor:
+    """Multi-VAE likelihood over the whole warm table with the batch's rows swapped for generated ones.
+
+    rows (B, D+1) generated [v; b] of table rows `batch` (B,); table (J, D+1) trained [V; b],
+    detached; h (U, D) user vectors (detached); truth (U, B) 0/1, which batch items each user took.
+    This is MDsym's surrogate use of a generated row: it must rank for a user among the trained
+    rows of every other item, so generated rows come out on the same scale as trained ones (what
+    ranking new items among warm ones needs), not only in the right order among themselves.
+    Mean over the users' batch positives.
+    """
+    surrogate = table.index_copy(0, batch, rows)  # (J, D+1)
+    logits = h @ surrogate[:, :-1].T + surrogate[:, -1]  # (U, J)
+    logp = F.log_softmax(logits, dim=1)[:, batch]  # (U, B)
+    n = truth.sum(dim=1).clamp(min=1.0)  # (U,)
+    return (-(logp * truth).sum(dim=1) / n).mean()
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return values.mean()

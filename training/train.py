@@ -63,6 +63,9 @@ class TrainConfig:
     # t-step (generator)
     batch_items: int = 256
     lr_gen: float = 3e-3
+    t_passes: int = 1  # generator passes over the warm items per epoch
+    wd_gen: float = 0.0  # decoupled weight decay of the generator (AdamW)
+    feature_dropout: float = 0.0  # t-step augmentation: drop attribute tokens and content entries
     gen_kl: float = 0.1
     recon_weight: float = 1.0
     bpr_weight: float = 1.0
@@ -70,6 +73,7 @@ class TrainConfig:
     modality_dropout: float = 0.15
     rank_weight: float = 1.0  # in-batch user-centric ranking of generated rows (0 = off)
     rank_users: int = 256
+    surrogate_weight: float = 0.0  # rank each generated row among every trained warm row (0 = off)
     neutral_gate: float = 0.0  # share of t-step items gated by the neutral user instead of the positive one
     disentangle: bool = True
     alpha_disentangle: float = 0.1
@@ -198,6 +202,18 @@ def _modality_dropout(x: Any, p: float, rng: np.random.Generator) -> None:
     x.has_content = x.has_content & ~drop_c
 
 
+def _feature_dropout(x: Any, p: float, rng: np.random.Generator) -> None:
+    """Drop each attribute token and each content entry with probability p (a new item's inputs are
+    never exactly a warm item's: without this the generator memorises the warm items)."""
+    if p <= 0:
+        return
+    drop = torch.from_numpy(rng.random(tuple(x.attributes.shape)) < p)
+    x.attributes = x.attributes.masked_fill(drop, 0)
+    x.has_attributes = x.has_attributes & x.attributes.gt(0).any(dim=1)
+    keep = torch.from_numpy(rng.random(tuple(x.content.shape)) >= p).to(x.content.dtype)
+    x.content = x.content * keep
+
+
 def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: TrainConfig,
            rng: np.random.Generator) -> dict[str, float]:
     targets = model.item_rows().detach()  # (J, D+1): [V_j; b_j] fixed for the step
@@ -209,6 +225,7 @@ def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
         r = rows[start : start + cfg.batch_items]
         x = data.inputs(data.warm[r])
         _modality_dropout(x, cfg.modality_dropout, rng)
+        _feature_dropout(x, cfg.feature_dropout, rng)
         target = targets[torch.from_numpy(r)]  # (B, D+1)
         pos_users = data.sample_users_of(r, rng)
         neg_users = rng.choice(data.train_users, size=r.size)
@@ -234,15 +251,21 @@ def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
                 neg = rng.integers(0, data.warm.size, size=(r.size, cfg.co_negatives))  # (B, N)
                 parts["co"] = cfg.beta_co * losses.cooccurrence_loss(
                     out.serving_rows, targets[torch.from_numpy(pos)], targets[torch.from_numpy(neg)], cfg.tau_co)
-        if cfg.rank_weight > 0 and cfg.generator == "m2vae":  # the content VAE stays the paper's model
-            # The cold-only task itself: for a user, rank the batch's generated rows against each
-            # other. Users are those who took an item of the batch, so every softmax has a positive.
+        ranking = cfg.generator == "m2vae" and (cfg.rank_weight > 0 or cfg.surrogate_weight > 0)
+        if ranking:  # the content VAE stays the paper's model
+            # The task itself, for users who took an item of the batch (every softmax has a positive):
+            # rank the batch's generated rows against each other (cold-only) and, as MDsym's
+            # surrogate rows, against the trained rows of every other warm item (new among warm).
             users = np.unique(pos_users)[: cfg.rank_users]
             hits = torch.from_numpy(data.history[users][:, r].toarray())  # (U, B)
             keep = hits.sum(dim=1) > 0
-            if keep.any():
+            h_rank = h_all[torch.from_numpy(users)][keep]
+            if keep.any() and cfg.rank_weight > 0:
                 parts["rank"] = cfg.rank_weight * losses.in_batch_ranking_loss(
-                    out.serving_rows, h_all[torch.from_numpy(users)][keep], hits[keep])
+                    out.serving_rows, h_rank, hits[keep])
+            if keep.any() and cfg.surrogate_weight > 0:
+                parts["surrogate"] = cfg.surrogate_weight * losses.surrogate_ranking_loss(
+                    out.serving_rows, torch.from_numpy(r), targets, h_rank, hits[keep])
         loss = sum(parts.values())
         opt.zero_grad()
         loss.backward()  # type: ignore[union-attr]
@@ -278,7 +301,7 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainRe
     data = prepare(dataset, split)
     model = M2Rec(cfg.model_config(data.warm.size, len(data.vocabulary), data.content_dim))
     opt_user = torch.optim.Adam(model.user.parameters(), lr=cfg.lr_user)
-    opt_gen = torch.optim.Adam(model.generator.parameters(), lr=cfg.lr_gen)
+    opt_gen = torch.optim.AdamW(model.generator.parameters(), lr=cfg.lr_gen, weight_decay=cfg.wd_gen)
     steps_per_epoch = -(-data.train_users.size // cfg.batch_users)
     step, best_val, best_epoch = 0, -1.0, -1
     best_state: dict[str, torch.Tensor] = {}
@@ -288,7 +311,8 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainRe
     for epoch in bar:
         t0 = time.perf_counter()
         b_parts, step = b_step(model, data, opt_user, cfg, rng, step, steps_per_epoch)
-        t_parts = t_step(model, data, opt_gen, cfg, rng)
+        for _ in range(cfg.t_passes):
+            t_parts = t_step(model, data, opt_gen, cfg, rng)
         row: dict[str, float] = {"epoch": epoch, **b_parts, **t_parts}
         last = epoch == cfg.epochs - 1
         if (epoch + 1) % cfg.eval_every == 0 or last:

@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.artifact import VERSION_PATTERN
 from service.deps import RuntimeDep, WriteAccess
 from service.reload import RUNNING, Reloader, ReloadState, ReloadStatus
+from service.routes.json_body import JsonBodyRoute
 from service.schemas import ErrorOut
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[WriteAccess])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[WriteAccess], route_class=JsonBodyRoute)
 
 
 class ReloadIn(BaseModel):

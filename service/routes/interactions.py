@@ -8,10 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Body
 
 from service.deps import MetricsDep, RecommenderDep, SettingsDep, WriteAccess, check_batch_size
+from service.routes.json_body import JsonBodyRoute
 from service.schemas import ErrorOut, InteractionBatchIn, InteractionIn, InteractionsOut
 from service.store import Interaction
 
-router = APIRouter(tags=["interactions"])
+router = APIRouter(tags=["interactions"], route_class=JsonBodyRoute)
 
 
 @router.post("/interactions", dependencies=[WriteAccess], responses={

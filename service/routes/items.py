@@ -10,9 +10,10 @@ from fastapi import APIRouter, Path, Response, status
 from service.deps import MetricsDep, RecommenderDep, SettingsDep, WriteAccess, check_batch_size
 from service.metrics import Metrics
 from service.recommender import NewItem, Recommender, Registration, UnknownItemsError
+from service.routes.json_body import JsonBodyRoute
 from service.schemas import ID_PATTERN, ErrorOut, ItemBatchIn, ItemBatchOut, ItemIn, ItemOut
 
-router = APIRouter(tags=["items"])
+router = APIRouter(tags=["items"], route_class=JsonBodyRoute)
 ItemId = Annotated[str, Path(pattern=ID_PATTERN, description="1-128 characters of A-Z a-z 0-9 _ . : -")]
 
 _WRITE_ERRORS: dict[int | str, dict[str, object]] = {
@@ -27,9 +28,12 @@ _WRITE_ERRORS: dict[int | str, dict[str, object]] = {
 def _register(recommender: Recommender, metrics: Metrics, items: list[ItemIn]) -> list[ItemOut]:
     registrations = recommender.register([NewItem(i.id, i.attributes, i.content) for i in items])
     now = time.time()
+    inserted = sum(reg.inserted for reg in registrations)
+    metrics.items_ingested.labels(outcome="inserted").inc(inserted)
+    metrics.items_ingested.labels(outcome="updated").inc(len(registrations) - inserted)
+    lag = metrics.ingest_lag.labels(source="local")
     for reg in registrations:
-        metrics.items_ingested.labels(outcome="inserted" if reg.inserted else "updated").inc()
-        metrics.ingest_lag.labels(source="local").observe(max(now - reg.record.created_at, 0.0))
+        lag.observe(max(now - reg.record.created_at, 0.0))
     metrics.set_index_size(*recommender.index.count())
     return [_out(reg) for reg in registrations]
 

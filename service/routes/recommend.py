@@ -2,35 +2,60 @@
 
 from __future__ import annotations
 
+import math
+from json.encoder import encode_basestring as _string  # a JSON string literal, non-ASCII kept as is
 from typing import Annotated
 
-from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
-from service.deps import MetricsDep, OutOfBoundsError, RecommenderDep, SettingsDep
+from service.deps import OutOfBoundsError, runtime_of, serving
+from service.recommender import Recommendations
 from service.schemas import ID_PATTERN, ErrorOut, RecommendationsOut
 
 router = APIRouter(tags=["recommend"])
 
 
+# async and without dependencies (the Request is FastAPI's own parameter): each dependency, and a
+# sync route's thread-pool round trip, cost about as much server time as the fold-in itself
+# (benchmarks/results/serve.md).
 @router.get("/recommend", response_model=RecommendationsOut, responses={503: {"model": ErrorOut}})
-def recommend(
+async def recommend(
     user: Annotated[str, Query(pattern=ID_PATTERN, description="user id")],
-    recommender: RecommenderDep, metrics: MetricsDep, settings: SettingsDep,
+    request: Request,
     k: Annotated[int, Query(ge=1, description="number of items; at most the configured k_max")] = 20,
-) -> JSONResponse:
-    if k > settings.k_max:
-        raise OutOfBoundsError(f"k={k} is larger than this service's k_max={settings.k_max}; ask for fewer items")
-    result = recommender.recommend(user, k)
-    metrics.recommendations.labels(outcome="fallback" if result.fallback else "personal").inc()
+) -> Response:
+    runtime = runtime_of(request)
+    if k > runtime.settings.k_max:
+        raise OutOfBoundsError(
+            f"k={k} is larger than this service's k_max={runtime.settings.k_max}; ask for fewer items")
+    recommender = serving(runtime)
+    if recommender.store.inline_reads:
+        # ~0.1-2 ms of CPU (fold-in and search) and an in-process store read that never waits for a
+        # writer: on one core, handing it to a thread only adds switches and GIL hand-offs.
+        result = recommender.recommend(user, k)
+    else:  # a network store may take up to its timeout: never on the event loop
+        result = await run_in_threadpool(recommender.recommend, user, k)
+    served = runtime.served
+    (served.fallback if result.fallback else served.personal).inc()
     cold = sum(hit.is_cold for hit in result.hits)
-    metrics.recommended_items.labels(kind="cold").inc(cold)
-    metrics.recommended_items.labels(kind="warm").inc(len(result.hits) - cold)
-    # The RecommendationsOut shape, serialised directly: building and re-validating 20 pydantic
-    # models per request is a measurable share of this route's time (benchmarks/serve.py).
-    version = result.model_version
-    return JSONResponse({
-        "user": user, "model_version": version, "fallback": result.fallback,
-        "items": [{"id": h.item_id, "score": h.score, "is_cold": h.is_cold, "model_version": version}
-                  for h in result.hits],
-    })
+    served.cold_items.inc(cold)
+    served.warm_items.inc(len(result.hits) - cold)
+    return Response(_body(user, result), media_type="application/json")
+
+
+def _body(user: str, result: Recommendations) -> bytes:
+    """The RecommendationsOut shape, serialised directly: building and re-validating k pydantic
+    models per request cost more than the JSON itself, and joining pre-encoded parts is ~3x faster
+    than json.dumps of the equivalent dict (the OpenAPI document still names the model)."""
+    version = _string(result.model_version)
+    tail = ',"model_version":' + version + "}"
+    items = []
+    for hit in result.hits:
+        score = float(hit.score)  # repr of a NumPy scalar is not a JSON number
+        if not math.isfinite(score):  # JSON has no NaN: a bug upstream, never a body clients cannot parse
+            raise ValueError(f"non-finite score {score} for item {hit.item_id}")
+        items.append('{"id":' + _string(hit.item_id) + ',"score":' + repr(score)
+                     + (',"is_cold":true' if hit.is_cold else ',"is_cold":false') + tail)
+    return ('{"user":' + _string(user) + ',"model_version":' + version + ',"fallback":'
+            + ("true" if result.fallback else "false") + ',"items":[' + ",".join(items) + "]}").encode()

@@ -21,6 +21,10 @@ class StoreUnavailable(RuntimeError):  # noqa: N818 -- the name the app contract
 
 
 class Store(Protocol):
+    # True when reads are answered in-process in microseconds and never wait for a writer or the
+    # network, so an event loop may make them itself instead of handing them to a thread.
+    inline_reads: bool
+
     def put_items(self, records: Sequence[ItemRecord]) -> PutResult:
         """Upsert all records atomically and append one ITEM_UPSERT event per record."""
         ...

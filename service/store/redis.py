@@ -59,6 +59,8 @@ _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.ReadOnlyError, rex
 
 
 class RedisStore:
+    inline_reads = False  # a network round trip, and up to the socket timeout when Redis is down
+
     def __init__(
         self,
         client: redis.Redis,

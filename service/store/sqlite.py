@@ -1,9 +1,10 @@
 """SQLite backend: the zero-setup default, stdlib only.
 
 WAL with synchronous=FULL: a write is acknowledged only after its transaction's WAL frames are
-fsynced, so it survives kill -9 of the process (and power loss). One connection guarded by one
-lock serves all threads; SQLite answers these small queries in microseconds, so the lock is not
-the bottleneck, and it keeps every call a single consistent transaction.
+fsynced, so it survives kill -9 of the process (and power loss). Writes go through one connection
+guarded by one lock (one transaction, one fsync per call). Reads use a pool of their own
+connections: in WAL mode a reader never waits for a writer, so a read is never stuck behind
+another request's fsync (the app answers GET /recommend on the event loop; see `inline_reads`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ _ItemRow = tuple[str, str, bytes | None, bytes, str, float]
 
 
 class SqliteStore:
+    # Reads are in-process, take microseconds and never wait for a writer (WAL, own connections):
+    # callers may make them on an event loop (Store.inline_reads).
+    inline_reads = True
+
     def __init__(
         self,
         path: str | Path,
@@ -72,12 +77,16 @@ class SqliteStore:
     ) -> None:
         self.max_history = max_history
         self.event_cap = event_cap
-        self._lock = threading.Lock()
+        self._path = str(path)
+        self._busy_timeout = busy_timeout
+        self._lock = threading.Lock()  # the writer connection, and reads of an in-memory database
+        # An in-memory database exists only in its one connection: reads share it (under the lock).
+        self._shared_reads = self._path in (":memory:", "")
+        self._idle_readers: list[sqlite3.Connection] = []  # LIFO: the most recently used cache stays warm
+        self._closed = False
         try:
             # isolation_level=None: transactions are begun explicitly (BEGIN IMMEDIATE) below
-            self._conn = sqlite3.connect(
-                str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
+            self._conn = self._connect()
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(_SCHEMA)
@@ -99,10 +108,42 @@ class SqliteStore:
                 raise
             cur.execute("COMMIT")
 
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Cursor]:
-        with self._lock, _unavailable_on_errors():
-            yield self._conn.cursor()
+    def _read(self, snapshot: bool = False) -> Iterator[sqlite3.Cursor]:
+        """A reader's cursor; `snapshot`: the statements see one state (one read transaction),
+        for reads made of several statements."""
+        if self._shared_reads:
+            with self._lock, _unavailable_on_errors():
+                yield self._conn.cursor()
+            return
+        with _unavailable_on_errors():
+            if self._closed:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            try:
+                conn = self._idle_readers.pop()  # list.pop is atomic under the GIL
+            except IndexError:
+                conn = self._connect()
+                conn.execute("PRAGMA query_only=1")
+            cur = conn.cursor()
+            try:
+                if not snapshot:
+                    yield cur
+                else:
+                    cur.execute("BEGIN")
+                    try:
+                        yield cur
+                    finally:
+                        cur.execute("COMMIT")
+            finally:
+                cur.close()
+                if self._closed:
+                    conn.close()
+                else:
+                    self._idle_readers.append(conn)
 
     def _append_event(
         self, cur: sqlite3.Cursor, kind: EventKind, item_id: str | None, user_ids: Sequence[str], at: float
@@ -111,9 +152,13 @@ class SqliteStore:
             "INSERT INTO events (kind, item_id, user_ids, at) VALUES (?, ?, ?, ?)",
             (kind.value, item_id, json.dumps(list(user_ids)) if user_ids else None, at),
         )
-        event_id = int(cur.lastrowid or 0)
+        return self._trim_events(cur)
+
+    def _trim_events(self, cur: sqlite3.Cursor) -> str:
+        """Drop all but the newest `event_cap` events; returns the id of the last one inserted."""
+        (event_id,) = cur.execute("SELECT last_insert_rowid()").fetchone()
         # AUTOINCREMENT never reuses ids, so trimming by id keeps the newest `event_cap` events
-        cur.execute("DELETE FROM events WHERE id <= ?", (event_id - self.event_cap,))
+        cur.execute("DELETE FROM events WHERE id <= ?", (int(event_id) - self.event_cap,))
         return str(event_id)
 
     # -- items --------------------------------------------------------------------------------
@@ -123,21 +168,24 @@ class SqliteStore:
             return PutResult()
         inserted: list[str] = []
         updated: list[str] = []
-        event_id: str | None = None
         now = time.time()
+        rows = [_item_row(rec) for rec in records]  # encoded before the write lock is taken
+        events = [(EventKind.ITEM_UPSERT.value, rec.item_id, None, now) for rec in records]
         with self._write() as cur:
             known = _existing_item_ids(cur, [r.item_id for r in records])
             for rec in records:
                 (updated if rec.item_id in known else inserted).append(rec.item_id)
                 known.add(rec.item_id)
-                cur.execute(
-                    f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (item_id) DO UPDATE SET attributes = excluded.attributes, "
-                    "content = excluded.content, embedding = excluded.embedding, "
-                    "model_version = excluded.model_version, created_at = excluded.created_at",
-                    _item_row(rec),
-                )
-                event_id = self._append_event(cur, EventKind.ITEM_UPSERT, rec.item_id, (), now)
+            # in record order, so an id twice in one call keeps its last record
+            cur.executemany(
+                f"INSERT INTO items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (item_id) DO UPDATE SET attributes = excluded.attributes, "
+                "content = excluded.content, embedding = excluded.embedding, "
+                "model_version = excluded.model_version, created_at = excluded.created_at",
+                rows,
+            )
+            cur.executemany("INSERT INTO events (kind, item_id, user_ids, at) VALUES (?, ?, ?, ?)", events)
+            event_id = self._trim_events(cur)
         return PutResult(inserted, updated, event_id)
 
     def get_item(self, item_id: str) -> ItemRecord | None:
@@ -146,7 +194,7 @@ class SqliteStore:
     def get_items(self, item_ids: Sequence[str]) -> dict[str, ItemRecord]:
         found: dict[str, ItemRecord] = {}
         ids = list(dict.fromkeys(item_ids))
-        with self._read() as cur:
+        with self._read(snapshot=len(ids) > _IN_CHUNK) as cur:
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[start : start + _IN_CHUNK]
                 marks = ",".join("?" * len(chunk))
@@ -255,7 +303,7 @@ class SqliteStore:
 
     def stats(self, sample: int = 20) -> StoreStats:
         """Payload bytes (not page overhead) of the first `sample` items and users."""
-        with self._read() as cur:
+        with self._read(snapshot=True) as cur:
             (items,) = cur.execute("SELECT COUNT(*) FROM items").fetchone()
             (per_item,) = cur.execute(
                 "SELECT avg(length(item_id) + length(attributes) + coalesce(length(content), 0) "
@@ -274,8 +322,11 @@ class SqliteStore:
             cur.execute("SELECT 1").fetchone()
 
     def close(self) -> None:
+        self._closed = True  # readers in use close themselves when they are returned
         with self._lock:
             self._conn.close()
+        while self._idle_readers:
+            self._idle_readers.pop().close()
 
 
 @contextmanager
