@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -132,6 +133,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.metrics.set_model_version(recommender.version)
         runtime.metrics.set_index_size(*recommender.index.count())
         runtime.recommender = recommender
+        # The start-up objects (model, vocabularies, id maps) live as long as the process: move them
+        # out of the collector's reach so full collections do not rescan them inside requests.
+        gc.collect()
+        gc.freeze()
         tasks.append(asyncio.create_task(follow_events(runtime), name="m2rec-event-follower"))
         if settings.artifact_poll_seconds is not None:
             tasks.append(asyncio.create_task(reloader.follow_pointer(settings.artifact_poll_seconds),
@@ -146,6 +151,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await reloader.close()
         runtime.reloader = None
         blas_limit.restore_original_limits()
+        gc.unfreeze()  # what this app froze may be garbage now (tests build many apps in one process)
         if runtime.recommender is not None and settings.index_snapshot_dir is not None:
             try:
                 await run_in_threadpool(runtime.recommender.save_snapshot, settings.index_snapshot_dir,

@@ -65,7 +65,7 @@ def test_checkpoint_reloads_to_identical_outputs(dataset: Dataset, tmp_path: Pat
         assert torch.equal(model.generator.neutral_user, result.model.generator.neutral_user)
 
 
-@pytest.mark.parametrize("variant", ["m2rec", "mdsym-content-vae", "m2rec-no-common"])
+@pytest.mark.parametrize("variant", ["m2rec", "mdsym-content-vae", "m2rec-no-common", "m2rec-slow-gen-surrogate"])
 def test_adapter_scores_every_candidate_finitely(dataset: Dataset, variant: str) -> None:
     split = cold_start_split(dataset, seed=1)
     rec = M2RecRecommender.variant(variant, **TINY)

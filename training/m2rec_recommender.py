@@ -26,6 +26,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec-no-moe": {"moe": False},
     "m2rec-no-rank": {"rank_weight": 0.0},
     "mdsym-content-vae": {"generator": "content-vae"},
+    # from the tuning round (benchmarks/results/model-tuning.md): slower, regularised generator; surrogate loss
+    "m2rec-surrogate": {"surrogate_weight": 1.0},
+    "m2rec-slow-gen": {"lr_gen": 1e-3, "feature_dropout": 0.3},
+    "m2rec-slow-gen-surrogate": {"lr_gen": 1e-3, "feature_dropout": 0.3, "surrogate_weight": 1.0},
 }
 
 
