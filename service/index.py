@@ -108,9 +108,9 @@ class VectorIndex:
             if pin_warm and not is_cold.all():
                 warm, rest = np.flatnonzero(~is_cold), np.flatnonzero(is_cold)
                 index._append([ids[j] for j in warm.tolist()], rows[warm], [False] * len(warm), pinned)
-                index._append([ids[j] for j in rest.tolist()], rows[rest], [True] * len(rest), index._delta)
+                index._append([ids[j] for j in rest.tolist()], rows[rest], [True] * len(rest))
             else:
-                index._append(ids, rows, cold, index._delta)
+                index._append(ids, rows, cold)
         with index._lock:  # nothing else holds the index yet
             killed = np.sort(np.fromiter(index._killed, np.int64, len(index._killed)))
             parts = [(iids[live], rows[live]) for iids, rows in index._delta.take()
@@ -124,7 +124,7 @@ class VectorIndex:
 
     def add(self, ids: Sequence[str], vectors: npt.ArrayLike, cold: Sequence[bool]) -> None:
         """Insert or replace; searchable when this returns. `vectors` is (N, D+1)."""
-        if self._append(ids, vectors, cold, self._delta):
+        if self._append(ids, vectors, cold):
             self._start_background_merge()
 
     def remove(self, ids: Sequence[str]) -> int:
@@ -141,11 +141,17 @@ class VectorIndex:
             self._start_background_merge()
         return removed
 
-    def _append(self, ids: Sequence[str], vectors: npt.ArrayLike, cold: Sequence[bool], into: DeltaSegment) -> bool:
+    def _append(self, ids: Sequence[str], vectors: npt.ArrayLike, cold: Sequence[bool],
+                into: DeltaSegment | None = None) -> bool:
+        """Append to `into` (default: the current delta, resolved under the lock: a merge may swap
+        the delta between the caller's read of it and this append, and rows appended to a delta
+        the merge already froze would be in neither the merge nor the new delta)."""
         rows = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D+1)
         if rows.shape != (len(ids), self.dim) or len(cold) != len(ids):
             raise ValueError(f"expected {len(ids)} rows of {self.dim} and {len(ids)} cold flags")
         with self._lock:
+            if into is None:
+                into = self._delta
             iids = np.arange(self._next_iid, self._next_iid + len(ids), dtype=np.int64)
             self._next_iid += len(ids)
             into.append(iids, rows)

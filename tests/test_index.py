@@ -285,3 +285,32 @@ def test_pinned_rows_survive_a_snapshot_round_trip(tmp_path: Path) -> None:
 def _brute(q: Array, vectors: Array, k: int) -> list[list[tuple[int, float]]]:
     scores = q @ vectors.T
     return [[(int(j), float(row[j])) for j in np.argsort(-row, kind="stable")[:k]] for row in scores]
+
+
+def test_no_row_is_lost_when_merges_swap_the_delta_under_concurrent_adds() -> None:
+    # A merge swaps in a new delta; an add that had already picked up the old one must not append
+    # to it after the merge froze it (those rows were in neither the merge nor the new delta).
+    index = VectorIndex(D + 1, IndexConfig(merge_delta_rows=64, delta_chunk_rows=32))
+    added: list[str] = []
+    lock = threading.Lock()
+
+    def writer(w: int) -> None:
+        local = np.random.default_rng(w)
+        for n in range(300):
+            ids = [f"w{w}-{n}-{j}" for j in range(4)]
+            index.add(ids, local.normal(size=(4, D + 1)).astype(np.float32), [True] * 4)
+            with lock:
+                added.extend(ids)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for _ in range(200):  # merges in the calling thread too, racing the writers
+        index.merge()
+    for t in threads:
+        t.join()
+    assert index.wait_for_merge(timeout=30)
+    live_ids, vectors, _ = index.live_vectors()
+    assert len(live_ids) == len(set(live_ids)) == len(added) == 4 * 300 * 4
+    assert set(live_ids) == set(added)
+    assert len(vectors) == len(added)
