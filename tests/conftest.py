@@ -7,6 +7,7 @@ cases loudly, or fails them when M2REC_REQUIRE_REDIS=1 (CI).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -62,6 +63,13 @@ def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store
     if request.param == "sqlite":
         yield StoreSpec("sqlite", str(tmp_path / "m2rec.sqlite3"), "")
         return
+    with redis_namespace() as spec:
+        yield spec
+
+
+@contextlib.contextmanager
+def redis_namespace() -> Iterator[StoreSpec]:
+    """A Redis store spec under a namespace of its own, deleted afterwards."""
     _require_redis()
     spec = StoreSpec("redis", REDIS_URL, f"test-{uuid.uuid4().hex[:12]}")
     try:

@@ -86,13 +86,8 @@ class LiveServer:
 
     def stop(self) -> None:
         """SIGTERM (uvicorn's graceful shutdown runs the lifespan's end); SIGKILL if it hangs."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        if self.process is not None:
+            stop_process(self.process)
         self._close()
 
     def _close(self) -> None:
@@ -107,3 +102,14 @@ class LiveServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (uvicorn's graceful shutdown runs the lifespan's end); SIGKILL if it hangs."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)

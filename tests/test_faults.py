@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from service.app import create_app
 from service.config import Settings
 from tests.conftest import StoreSpec, TrainedArtifact
+from tests.live_server import stop_process
 
 API_KEY = "fault-key"
 HEADERS = {"X-API-Key": API_KEY}
@@ -217,13 +218,7 @@ class Replica:
         assert _wait_for(ready, seconds, every=0.1)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         self.http.close()
         self.log.close()
 

@@ -4,7 +4,6 @@ users index by the same TTL, the event stream by its cap. Real Redis, a namespac
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from typing import cast
 
@@ -13,17 +12,13 @@ import redis
 
 from service.store import Interaction
 from service.store.redis import RedisStore
-from tests.conftest import REDIS_URL, StoreSpec, _delete_namespace, _require_redis
+from tests.conftest import REDIS_URL, StoreSpec, redis_namespace
 
 
 @pytest.fixture
 def spec() -> Iterator[StoreSpec]:
-    _require_redis()
-    spec = StoreSpec("redis", REDIS_URL, f"test-{uuid.uuid4().hex[:12]}")
-    try:
+    with redis_namespace() as spec:
         yield spec
-    finally:
-        _delete_namespace(spec)
 
 
 def _client() -> redis.Redis:
