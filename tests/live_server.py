@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -113,3 +114,17 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+def wait_until_ready(process: subprocess.Popen[bytes], ready_url: str, seconds: float, why: Callable[[], str]) -> None:
+    """Poll `ready_url` until it answers 200; fail with `why()` if the process exits first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, why()
+        try:
+            if httpx.get(ready_url, timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{ready_url} was not ready within {seconds} s"
+        time.sleep(0.2)

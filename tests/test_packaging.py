@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 
 from service.config import Settings
 from tests.conftest import TrainedArtifact
+from tests.live_server import stop_process, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "service" / "deploy"
@@ -92,24 +92,11 @@ def running_service(artifact_root: Path, store_url: str, **env: str) -> Iterator
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, server.stderr.read().decode() if server.stderr else "exited"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the service was not ready within 60 s"
-            time.sleep(0.2)
+        wait_until_ready(server, f"{url}/readyz", 60,
+                         lambda: server.stderr.read().decode() if server.stderr else "exited")
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 def healthcheck(port: int) -> int:

@@ -24,6 +24,7 @@ import pytest
 from service.metrics import Metrics
 from service.store import ItemRecord, SqliteStore
 from tests.conftest import TrainedArtifact
+from tests.live_server import stop_process, wait_until_ready
 from tests.test_packaging import DEPLOY, free_port, running_service
 
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "m2rec.json"
@@ -136,15 +137,6 @@ def _prometheus_binary() -> str:
     return binary
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @contextmanager
 def _running_prometheus(binary: str, target: str, workdir: Path) -> Iterator[str]:
     config = workdir / "prometheus.yml"
@@ -159,19 +151,10 @@ def _running_prometheus(binary: str, target: str, workdir: Path) -> Iterator[str
         cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, (workdir / "prometheus.log").read_text()
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "prometheus was not ready within 30 s"
-            time.sleep(0.2)
+        wait_until_ready(process, f"{url}/-/ready", 30, lambda: (workdir / "prometheus.log").read_text())
         yield url
     finally:
-        _stop(process)
+        stop_process(process)
         log.close()
 
 
