@@ -41,6 +41,8 @@ def table(results: list[dict[str, Any]]) -> str:
         ("throughput / floor", lambda r: _target(r["throughput_vs_floor"], 0.5, below=False)),
         ("/recommend p50 / p99 ms, 1 client", lambda r: f"{r['unloaded']['p50_ms']} / {r['unloaded']['p99_ms']}"),
         ("in-process recommend() p50 / p99 ms", lambda r: f"{r['compute']['p50_ms']} / {r['compute']['p99_ms']}"),
+        ("in-process recommend_many(10 users) p50 ms per user",
+         lambda r: f"{r['compute_batched']['p50_ms_per_user']}" if "compute_batched" in r else "-"),
         ("in-process index.search p50 / p99 ms",
          lambda r: f"{r['compute_search_only']['p50_ms']} / {r['compute_search_only']['p99_ms']}"),
         ("server RSS MB (peak)", lambda r: f"{r['rss_end_mb']:.0f} ({r['rss_end_peak_mb']:.0f})"),

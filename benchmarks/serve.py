@@ -27,6 +27,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from benchmarks.catalogue import (
     SyntheticBatch,
@@ -138,6 +139,22 @@ def in_process_compute(bench: Bench, index: VectorIndex, n: int) -> dict[str, fl
     a = np.asarray(times[10:]) * 1e3
     return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
             "mean_ms": round(float(a.mean()), 3)}
+
+
+def in_process_batched(bench: Bench, index: VectorIndex, batch: int, rounds: int) -> dict[str, float]:
+    """recommender.recommend_many() for `batch` users at a time, as the request batcher calls it:
+    milliseconds per user (the batch's time / batch)."""
+    bench.recommender.index = index
+    users = list(bench.bench_users)
+    per_user = []
+    for j in range(rounds):
+        chosen = [(users[(j * batch + b) % len(users)], K) for b in range(batch)]
+        t0 = time.perf_counter()
+        bench.recommender.recommend_many(chosen)
+        per_user.append((time.perf_counter() - t0) / batch)
+    a = np.asarray(per_user[2:]) * 1e3
+    return {"batch": batch, "p50_ms_per_user": round(float(np.percentile(a, 50)), 3),
+            "mean_ms_per_user": round(float(a.mean()), 3)}
 
 
 def served_recall(bench: Bench, port: int) -> tuple[float, dict[str, float]]:
@@ -287,8 +304,10 @@ def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"size": size, "indexed": len(bench.ids), "index": kind, "nprobe": nprobe,
                               "nprobe_sweep": sweep, "calibration_s": round(time.perf_counter() - t0, 1)}
     torch.set_num_threads(1)
-    result["compute"] = in_process_compute(bench, index, 300 if args.quick else 1000)
-    result["compute_search_only"] = search_only(bench, index)
+    with threadpool_limits(1, user_api="blas"):  # as the server runs (service/app.py)
+        result["compute"] = in_process_compute(bench, index, 300 if args.quick else 1000)
+        result["compute_batched"] = in_process_batched(bench, index, 10, 30 if args.quick else 100)
+        result["compute_search_only"] = search_only(bench, index)
     bench.recommender.index = VectorIndex(r.dim)  # free the in-process copy before the server starts
     del index
     env = {"M2REC_ARTIFACT_PATH": str(args.artifact), "M2REC_STORE_URL": str(work / "store.sqlite3"),

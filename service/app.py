@@ -29,6 +29,7 @@ from service.config import Settings
 from service.deps import OutOfBoundsError, RequestTooLargeError, Runtime, SwapGate
 from service.index import IndexConfig
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
+from service.recommend_batcher import RecommendBatcher
 from service.recommender import InvalidItemError, Recommender, TrainedItemConflictError, UnknownItemsError
 from service.reload import Reloader, ReloadInProgressError
 from service.routes import admin, health, interactions, items, recommend
@@ -125,6 +126,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = await run_in_threadpool(open_store, settings)
     runtime.store = store
     runtime.gate = SwapGate()  # asyncio state belongs to the loop running this lifespan
+    runtime.batcher = RecommendBatcher(runtime.metrics.recommend_batch)
     reloader = runtime.reloader = Reloader(runtime, lambda a: new_recommender(a, store, settings))
     tasks: list[asyncio.Task[None]] = []
     try:

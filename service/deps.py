@@ -14,6 +14,7 @@ from prometheus_client import Counter
 
 from service.config import Settings
 from service.metrics import Metrics
+from service.recommend_batcher import RecommendBatcher
 from service.recommender import Recommender
 from service.store import Store
 
@@ -99,9 +100,11 @@ class Runtime:
     gate: SwapGate = field(default_factory=SwapGate)  # replaced per lifespan: asyncio state is per loop
     reloader: Reloader | None = None
     served: ServedCounters = field(init=False)
+    batcher: RecommendBatcher = field(init=False)  # replaced per lifespan, like the gate
 
     def __post_init__(self) -> None:
         self.served = ServedCounters.of(self.metrics)
+        self.batcher = RecommendBatcher(self.metrics.recommend_batch)
 
 
 # The dependencies below do no I/O: as `async def` they run on the event loop instead of costing a

@@ -72,5 +72,15 @@ class FoldIn:
         return _run(self.decoder, mu)  # (1, D)
 
     def query(self, rows: Array) -> Array:
-        h = self.user_vector(rows)
-        return np.concatenate([h, np.ones((1, 1), np.float32)], axis=1)  # (1, D+1)
+        return self.queries([rows])
+
+    def queries(self, histories: list[Array]) -> Array:
+        """[h; 1] (B, D+1) of B users, each from their history rows (L_b, D+1).
+
+        One user at a time on purpose: a BLAS product over B users rounds each user's h
+        differently with B, so a user's scores would depend on which requests shared the batch.
+        """
+        out = np.ones((len(histories), self.dim + 1), np.float32)  # (B, D+1): the last column stays 1
+        for b, rows in enumerate(histories):
+            out[b, : self.dim] = self.user_vector(rows)[0]
+        return out

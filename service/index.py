@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import threading
 from collections.abc import Iterable, Sequence, Set
 from pathlib import Path
@@ -36,11 +37,12 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from service.index_base import Base, build_base, is_dead, merged_base, search_shards
+from service.index_base import Base, base_found, build_base, is_dead, merged_base
 from service.index_snapshot import SNAPSHOT_FORMAT, read_snapshot, write_snapshot
 from service.index_storage import (
     DeltaSegment,
     DeltaView,
+    Found,
     IdMap,
     Ids,
     IndexConfig,
@@ -118,6 +120,7 @@ class VectorIndex:
             index._pinned = pinned.view()
             index._base = build_base(parts, dim, index.config)
             index._killed = set(killed[is_dead(killed, np.sort(index._pinned.arrays()[0]))].tolist())
+            index._iid_of.freeze()
         return index
 
     # -- writes -------------------------------------------------------------------------------
@@ -198,8 +201,10 @@ class VectorIndex:
     ) -> list[list[Hit]]:
         """Top-k live items per query (B, D+1), best first, ties by item id; `exclude[b]` never returned.
 
-        Each segment is over-fetched by the exclusions and tombstones, and re-asked for more
-        (k' x4) until the k-th kept score is at least every non-exhausted segment's last score.
+        Exact segments score every row and drop the excluded ones before choosing; FAISS shards are
+        over-fetched by the excluded rows they hold. Every segment is over-fetched by the tombstones
+        and re-asked for more (x4) until each query's k-th kept score is at least every
+        non-exhausted segment's last score. Python then walks only the ~k best candidates.
         """
         if k < 1:
             raise ValueError("k must be >= 1")
@@ -210,32 +215,35 @@ class VectorIndex:
         with self._lock:
             segments: list[Any] = [self._pinned, self._base, *self._frozen, self._delta.view()]
             dead = len(self._killed)
+        banned = [self._internal_ids(e) for e in excluded]  # may miss a racing upsert: _collect re-checks
         nprobe = self.nprobe
         results: list[list[Hit]] = [[] for _ in q]
-        todo = np.arange(len(q))
-        fetch = k + max((len(e) for e in excluded), default=0) + min(dead, 4 * k)
-        while len(todo):
-            found = [f for seg in segments for f in _search_segment(seg, q[todo], fetch, nprobe) if f[0].shape[1]]
+        todo = list(range(len(q)))
+        fetch = k + min(dead, 4 * k)
+        while todo:
+            ban = [banned[b] for b in todo]
+            found = [f for seg in segments for f in _segment_found(seg, q[todo], fetch, ban, nprobe)]
             if not found:
                 break
-            # a segment (or shard) that filled all `fetch` slots may hold more rows below its last score
-            bound = np.full(len(todo), -np.inf)
-            for scores, iids in found:
-                if scores.shape[1] == fetch:
-                    bound = np.maximum(bound, np.where(iids[:, -1] >= 0, scores[:, -1], -np.inf))
-            all_scores = np.concatenate([f[0] for f in found], axis=1)  # (B', S): every segment's candidates
-            order = np.argsort(-all_scores, axis=1, kind="stable")
-            all_scores = np.take_along_axis(all_scores, order, axis=1)
-            all_iids = np.take_along_axis(np.concatenate([f[1] for f in found], axis=1), order, axis=1)
+            all_scores = np.concatenate([f.scores for f in found], axis=1)  # (B', S): every segment's candidates
+            all_iids = np.concatenate([f.iids for f in found], axis=1)
+            bound = np.max([f.bound for f in found], axis=0).tolist()  # (B',)
             unfinished = []
-            for row, b in enumerate(todo.tolist()):
-                hits = self._collect(all_scores[row], all_iids[row], k, excluded[b])
+            for row, b in enumerate(todo):
+                scores, iids = all_scores[row], all_iids[row]
+                if len(banned[b]):  # what FAISS shards returned of them
+                    scores = np.where(_member(iids, banned[b]), -np.inf, scores)
+                order = np.argsort(-scores, kind="stable")
+                hits = self._collect(scores[order], iids[order], k, excluded[b])
                 results[b] = hits
-                if bound[row] > -np.inf and (len(hits) < k or hits[-1].score < bound[row]):
+                if bound[row] > -math.inf and (len(hits) < k or hits[-1].score < bound[row]):
                     unfinished.append(b)
-            todo = np.asarray(unfinished, dtype=np.int64)
+            todo = unfinished
             fetch *= 4
         return results
+
+    def _internal_ids(self, item_ids: Set[str]) -> Ids:
+        return np.sort(np.asarray(self._iid_of.get_many(item_ids), dtype=np.int64))
 
     def _queries(self, queries: npt.ArrayLike) -> Vectors:
         q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -245,21 +253,24 @@ class VectorIndex:
         return q
 
     def _collect(self, scores: Scores, iids: Ids, k: int, excluded: Set[str]) -> list[Hit]:
-        """The best k live, allowed hits among one query's candidates (sorted best first).
+        """The best k live, allowed hits among one query's candidates (sorted best first; dropped
+        candidates carry -inf).
 
         Stops at the first candidate below the k-th hit: Python touches about k + skipped rows,
-        not every candidate of every segment.
+        not every candidate of every segment (it converts a few more than k at a time).
         """
         hits: list[Hit] = []
         item_of = self._item_of  # one slot is read atomically: no lock needed
-        for score, iid in zip(scores.tolist(), iids.tolist(), strict=True):
-            if iid < 0 or (len(hits) >= k and score < hits[-1].score):
-                break
-            item = item_of.get(iid)
-            if item is not None and item[0] not in excluded:
-                hits.append(Hit(item[0], score, item[1]))
-        hits.sort(key=lambda h: (-h.score, h.item_id))  # ties at the k-th score: by item id
-        return hits[:k]
+        step = k + 8
+        for start in range(0, len(iids), step):
+            for score, iid in zip(scores[start : start + step].tolist(), iids[start : start + step].tolist(),
+                                  strict=True):
+                if iid < 0 or score == -math.inf or (len(hits) >= k and score < hits[-1].score):
+                    return _ranked(hits, k)
+                item = item_of.get(iid)
+                if item is not None and item[0] not in excluded:
+                    hits.append(Hit(item[0], score, item[1]))
+        return _ranked(hits, k)
 
     def live_vectors(self) -> tuple[list[str], Vectors, list[bool]]:
         """Every live item with its row: for exact baselines and rebuilding elsewhere."""
@@ -384,6 +395,7 @@ class VectorIndex:
                 index._cold += is_cold
             stored = np.concatenate([snapshot.base.iids(), snapshot.delta[0], snapshot.pinned.arrays()[0]])
             index._killed = set(np.setdiff1d(stored, np.asarray(snapshot.iids, dtype=np.int64)).tolist())
+            index._iid_of.freeze()
         return index, snapshot.event_id
 
 
@@ -410,7 +422,22 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _search_segment(segment: Any, queries: Vectors, k: int, nprobe: int) -> list[tuple[Scores, Ids]]:
+def _ranked(hits: list[Hit], k: int) -> list[Hit]:
+    """Hits in descending score order, ties by item id, the first k."""
+    if len({h.score for h in hits}) < len(hits):  # ties (rare): order them by id
+        hits.sort(key=lambda h: (-h.score, h.item_id))
+    return hits[:k]
+
+
+def _member(iids: Ids, sorted_ids: Ids) -> npt.NDArray[np.bool_]:
+    """iids (S,) found in the non-empty sorted_ids: a binary search each (np.isin builds a table
+    over the ids' whole range, ~10x slower for a few hundred candidates)."""
+    at = np.minimum(np.searchsorted(sorted_ids, iids), len(sorted_ids) - 1)
+    return sorted_ids[at] == iids  # type: ignore[no-any-return]
+
+
+def _segment_found(segment: Any, queries: Vectors, k: int, banned: list[Ids], nprobe: int) -> list[Found]:
     if isinstance(segment, DeltaView):
-        return [segment.search(queries, k)] if segment.size else []
-    return search_shards(segment, queries, k, nprobe)
+        top = segment.top(queries, k, banned)
+        return [] if top is None else [top]
+    return base_found(segment, queries, k, banned, nprobe)

@@ -22,8 +22,9 @@ get exactly their size (growth by doubling would waste up to half the memory).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,16 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from service.index_storage import DeltaSegment, DeltaView, Ids, IndexConfig, Scores, Vectors, top_k
+from service.index_storage import (
+    DeltaSegment,
+    DeltaView,
+    Found,
+    Ids,
+    IndexConfig,
+    Scores,
+    Vectors,
+    top_k,
+)
 
 _BLOCK = 16_384  # rows per lift/assign step: bounds temporaries
 Part = tuple[Ids, Vectors]  # internal ids (n,) and rows (n, D+1)
@@ -114,21 +124,56 @@ def search_shards(base: Base, queries: Vectors, k: int, nprobe: int) -> list[tup
     return found
 
 
+def base_found(base: Base, queries: Vectors, k: int, banned: list[Ids], nprobe: int) -> list[Found]:
+    """Each shard's and the overflow's best k per query (B, D+1) without its banned ids (sorted, per
+    query). FAISS cannot skip ids, so a shard is asked for k more per banned id it holds, and the
+    caller drops them; the overflow drops them itself."""
+    found: list[Found] = []
+    shards = [s for s in base.shards if s.size]
+    fetch = [k + max(_held(shard.iids, ban) for ban in banned) for shard in shards]
+    if base.coarse is None:
+        for shard, kk in zip(shards, fetch, strict=True):
+            kk = min(kk, shard.size)
+            scores, iids = shard.index.search(queries, kk)  # (B, kk) best first
+            bound = scores[:, -1] if kk < shard.size else np.full(len(queries), -np.inf, np.float32)
+            found.append(Found(scores, iids, bound))
+    elif shards:
+        for kk, (scores, iids) in zip(fetch, _search_ivf(base.coarse, shards, queries, fetch, nprobe), strict=True):
+            full = (iids[:, -1] >= 0) & (scores.shape[1] == kk)  # kk rows found: more may lie below
+            found.append(Found(scores, iids, np.where(full, scores[:, -1], -np.inf).astype(np.float32)))
+    if base.overflow is not None and base.overflow.size:
+        top = base.overflow.top(queries, k, banned)
+        if top is not None:
+            found.append(top)
+    return found
+
+
+def _held(sorted_iids: Ids, ban: Ids) -> int:
+    """How many of the banned ids (sorted) the shard's sorted ids hold."""
+    if not len(ban) or not len(sorted_iids):
+        return 0
+    at = np.minimum(np.searchsorted(sorted_iids, ban), len(sorted_iids) - 1)
+    return int(np.count_nonzero(sorted_iids[at] == ban))
+
+
 def _search_ivf(
-    coarse: Coarse, shards: tuple[Shard, ...], queries: Vectors, k: int, nprobe: int
+    coarse: Coarse, shards: Sequence[Shard], queries: Vectors, k: int | Sequence[int], nprobe: int
 ) -> list[tuple[Scores, Ids]]:
+    """Each shard's top-k (B, k_s) best first, k per shard or one for all; empty shards skipped."""
     n = len(queries)
     lifted = np.zeros((n, queries.shape[1] + 1), np.float32)  # (B, D+2): q' = [q; 0]
     lifted[:, :-1] = queries
     nprobe = min(nprobe, coarse.nlist)
-    coarse_dist, lists = coarse.quantizer.search(lifted, nprobe)  # (B, nprobe): assigned once for all shards
-    params = faiss.SearchParametersIVF()
-    params.nprobe = nprobe  # per call: shards are shared by concurrent searches
+    coarse_dist = np.empty((n, nprobe), np.float32)
+    lists = np.empty((n, nprobe), np.int64)  # (B, nprobe): assigned once for all shards
+    coarse.quantizer.search_c(n, faiss.swig_ptr(lifted), nprobe, faiss.swig_ptr(coarse_dist), faiss.swig_ptr(lists))
+    params = _ivf_params(nprobe)
     # |q' - x'|² = |q|² + M² - 2 q·x, so q·x = (|q|² + M² - distance) / 2
-    offset = (np.einsum("bd,bd->b", queries.astype(np.float64), queries) + coarse.max_sq_norm)[:, None]
+    q64 = queries.astype(np.float64)
+    offset = np.square(q64).sum(axis=1, keepdims=True) + coarse.max_sq_norm  # (B, 1)
     out = []
-    for shard in shards:
-        kk = min(k, shard.size)
+    for s, shard in enumerate(shards):
+        kk = min(k if isinstance(k, int) else k[s], shard.size)
         if kk == 0:
             continue
         dist = np.empty((n, kk), np.float32)
@@ -137,10 +182,19 @@ def _search_ivf(
             n, faiss.swig_ptr(lifted), kk, faiss.swig_ptr(lists), faiss.swig_ptr(coarse_dist),
             faiss.swig_ptr(dist), faiss.swig_ptr(iids), False, params,
         )
-        scores = ((offset - dist) / 2).astype(np.float32)
-        scores[iids < 0] = -np.inf
+        scores = ((offset - dist) * 0.5).astype(np.float32)
+        if (iids[:, -1] < 0).any():  # fewer than kk rows in the probed lists: FAISS pads the tail
+            scores[iids < 0] = -np.inf
         out.append((scores, iids))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _ivf_params(nprobe: int) -> Any:
+    """Read-only search parameters, shared by concurrent searches (building one costs ~5 µs)."""
+    params = faiss.SearchParametersIVF()
+    params.nprobe = nprobe
+    return params
 
 
 # -- building ----------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ Rows are [v; b] and queries [h; 1], so every score here is h·v + b.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import faiss
 import numpy as np
@@ -25,6 +26,53 @@ import numpy.typing as npt
 Vectors = npt.NDArray[np.float32]  # (N, D+1)
 Ids = npt.NDArray[np.int64]  # (N,)
 Scores = npt.NDArray[np.float32]
+
+
+class Found(NamedTuple):
+    """One segment's candidates for B queries, in any order within a row: scores and internal ids
+    (B, n), and per query the lowest score returned when the segment may hold more rows below it
+    (else -inf). Id -1 and score -inf pad rows with fewer candidates."""
+
+    scores: Scores  # (B, n)
+    iids: Ids  # (B, n)
+    bound: npt.NDArray[np.float32]  # (B,)
+
+
+def mask_banned(scores: Scores, iids: Ids, banned: list[Ids], ascending: bool) -> None:
+    """Set to -inf, in place, each query's score (B, n) of the rows whose ids (n,) are in its
+    banned ids (sorted): a binary search per banned id when `iids` is ascending, else per row."""
+    n = len(iids)
+    for b, ban in enumerate(banned):
+        if not len(ban) or not n:
+            continue
+        if ascending:
+            at = np.minimum(np.searchsorted(iids, ban), n - 1)
+            scores[b, at[iids[at] == ban]] = -np.inf
+        else:
+            at = np.minimum(np.searchsorted(ban, iids), len(ban) - 1)
+            scores[b, ban[at] == iids] = -np.inf
+
+
+def inner_products(out: Scores, query: Vectors, rows: Vectors) -> None:
+    """out (n,) = rows (n, D+1) · query (D+1,), one SIMD dot product per row.
+
+    Not a BLAS product: BLAS rounds a row's score differently with the number of queries and
+    the row's place in the block, so a user's scores (and near-ties) would depend on which other
+    requests shared the batch and on how many items were added since. A dot product per pair
+    depends only on the pair, and costs the same as BLAS's matrix-vector product here.
+    """
+    faiss.fvec_inner_products_ny(  # type: ignore[attr-defined]  # SWIG function the stubs omit
+        faiss.swig_ptr(out), faiss.swig_ptr(query), faiss.swig_ptr(rows), rows.shape[1], len(rows))
+
+
+def best_rows(scores: Scores, iids: Ids, k: int) -> Found:
+    """The k best of exact scores (B, n) over rows with ids (n,), per query, unsorted."""
+    n = scores.shape[1]
+    if n <= k:
+        return Found(scores, np.broadcast_to(iids, scores.shape), np.full(len(scores), -np.inf, np.float32))
+    top = np.argpartition(scores, n - k, axis=1)[:, n - k :]  # (B, k): each row's k largest
+    best = np.take_along_axis(scores, top, axis=1)
+    return Found(best, iids[top], best.min(axis=1))
 
 
 @dataclass(frozen=True)
@@ -55,6 +103,7 @@ class DeltaView:
     size: int
     chunk_rows: int
     dim: int
+    ascending: bool = True  # ids in increasing order, as the index's appends make them
 
     def _parts(self) -> list[tuple[Vectors, Ids]]:
         parts = []
@@ -86,6 +135,23 @@ class DeltaView:
         return top_k(found, k)
 
 
+    def top(self, queries: Vectors, k: int, banned: list[Ids]) -> Found | None:
+        """Each query's (B, D+1) best k rows, banned ids (sorted, per query) left out; None when empty."""
+        parts = self._parts()
+        if not parts:
+            return None
+        n = sum(len(part_iids) for _, part_iids in parts)
+        scores = np.empty((len(queries), n), np.float32)  # (B, n)
+        for b in range(len(queries)):
+            at = 0
+            for vectors, _ in parts:
+                inner_products(scores[b, at : at + len(vectors)], queries[b], vectors)
+                at += len(vectors)
+        iids = np.concatenate([part_iids for _, part_iids in parts]) if len(parts) > 1 else parts[0][1]
+        mask_banned(scores, iids, banned, self.ascending)
+        return best_rows(scores, iids, k)
+
+
 def top_k(found: list[tuple[Scores, Ids]], k: int) -> tuple[Scores, Ids]:
     """Merge per-segment results (each best first) into the best k per query, best first."""
     if len(found) == 1:
@@ -108,8 +174,14 @@ class DeltaSegment:
         self.chunk_rows = chunk_rows
         self._chunks: list[tuple[Vectors, Ids]] = []
         self.size = 0
+        self.ascending = True  # every id larger than the one before: searches find ids by bisection
+        self._last_iid = -1
 
     def append(self, iids: Ids, vectors: Vectors) -> None:
+        if len(iids):
+            if iids[0] <= self._last_iid or (len(iids) > 1 and bool((np.diff(iids) <= 0).any())):
+                self.ascending = False
+            self._last_iid = int(iids[-1])
         done = 0
         while done < len(iids):
             if self.size == len(self._chunks) * self.chunk_rows:
@@ -126,12 +198,13 @@ class DeltaSegment:
             self.size += n  # published after the rows are written
 
     def view(self) -> DeltaView:
-        return DeltaView(tuple(self._chunks), self.size, self.chunk_rows, self.dim)
+        return DeltaView(tuple(self._chunks), self.size, self.chunk_rows, self.dim, self.ascending)
 
     def take(self) -> list[tuple[Ids, Vectors]]:
         """Hand over every row as (ids, rows) parts and empty the segment: the caller may free them."""
         parts = [(iids, vectors) for vectors, iids in self.view()._parts()]
         self._chunks, self.size = [], 0
+        self.ascending, self._last_iid = True, -1
         return parts
 
 
@@ -178,27 +251,50 @@ class ItemTable:
 
 
 class IdMap:
-    """Item id -> internal id over many small dicts: a resize rehashes 1/256 of the ids."""
+    """Item id -> internal id: one dict for the ids present at the last `freeze` (start-up), read
+    with C-level `map` on the request path, and many small dicts for later adds, so a resize
+    rehashes 1/256 of those instead of the whole catalogue. An id is in exactly one of them."""
 
     def __init__(self) -> None:
+        self._frozen: dict[str, int] = {}  # never grows after `freeze`: only pops
         self._shards: list[dict[str, int]] = [{} for _ in range(_ID_SHARDS)]
         self._size = 0
 
+    def freeze(self) -> None:
+        """Move every id into the frozen dict (one O(n) copy, before the index serves)."""
+        for shard in self._shards:
+            self._frozen.update(shard)
+            shard.clear()
+
     def get(self, item_id: str) -> int | None:
-        return self._shards[hash(item_id) % _ID_SHARDS].get(item_id)
+        iid = self._frozen.get(item_id)
+        return iid if iid is not None else self._shards[hash(item_id) % _ID_SHARDS].get(item_id)
+
+    def get_many(self, item_ids: Collection[str]) -> list[int]:
+        """The internal ids of those item ids that are present."""
+        found = list(map(self._frozen.get, item_ids))
+        if None in found:
+            shards = self._shards
+            found = [iid if iid is not None else shards[hash(item_id) % _ID_SHARDS].get(item_id)
+                     for item_id, iid in zip(item_ids, found, strict=True)]
+        return [iid for iid in found if iid is not None]
 
     def set(self, item_id: str, iid: int) -> None:
+        if self._frozen.pop(item_id, None) is not None:
+            self._size -= 1
         shard = self._shards[hash(item_id) % _ID_SHARDS]
         self._size += item_id not in shard
         shard[item_id] = iid
 
     def pop(self, item_id: str) -> int | None:
-        iid = self._shards[hash(item_id) % _ID_SHARDS].pop(item_id, None)
+        iid = self._frozen.pop(item_id, None)
+        if iid is None:
+            iid = self._shards[hash(item_id) % _ID_SHARDS].pop(item_id, None)
         self._size -= iid is not None
         return iid
 
     def __contains__(self, item_id: str) -> bool:
-        return item_id in self._shards[hash(item_id) % _ID_SHARDS]
+        return item_id in self._frozen or item_id in self._shards[hash(item_id) % _ID_SHARDS]
 
     def __len__(self) -> int:
         return self._size

@@ -52,6 +52,9 @@ class Metrics:
         self.recommended_items = Counter(
             "m2rec_recommended_items", "Items served in recommendations, by cold/warm "
             "(cold share = cold / (cold + warm))", ["kind"], registry=r)
+        self.recommend_batch = Histogram(
+            "m2rec_recommend_batch_size", "/recommend requests answered together by one index search",
+            buckets=(1, 2, 4, 8, 16, 32), registry=r)
         self.index_items = Gauge("m2rec_index_items", "Live items in the index", ["kind"], registry=r)
         self.model_info = Gauge("m2rec_model_info", "1 for the model version being served",
                                 ["model_version"], registry=r)

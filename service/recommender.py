@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -349,10 +350,10 @@ class Recommender:
 
     def history_rows(self, history: Sequence[str]) -> Rows:
         """Rows (L, D+1) of the history items this model can still use, warm and registered alike."""
-        positions = [self._warm_pos.get(i, -1) for i in history]
-        registered = [i for i, j in zip(history, positions, strict=True) if j < 0]
-        if not registered:  # the common case: one gather, no per-row Python
+        positions = list(map(self._warm_pos.get, history, repeat(-1)))  # C-level: no Python step per item
+        if -1 not in positions:  # the common case: one gather, no per-row Python
             return self.warm_rows[np.asarray(positions, dtype=np.int64)] if positions else self._no_rows()
+        registered = [i for i, j in zip(history, positions, strict=True) if j < 0]
         found = self._rows.get_many(registered)
         missing = [i for i in registered if i not in found]
         if missing:
@@ -360,15 +361,15 @@ class Recommender:
             fetched = self.record_rows(list(self.store.get_items(missing).values()))
             self._rows.fill(fetched, generation)
             found.update(fetched)
-        rows = self.warm_rows[np.maximum(np.asarray(positions, dtype=np.int64), 0)]  # (L, D+1) gathered copy
+        at = np.asarray(positions, dtype=np.int64)
+        rows = self.warm_rows[np.maximum(at, 0)]  # (L, D+1) gathered copy
         keep = np.ones(len(history), dtype=bool)
-        for at, (item_id, j) in enumerate(zip(history, positions, strict=True)):
-            if j < 0:
-                row = found.get(item_id)
-                if row is None:  # deleted, or not embeddable by this model: left out of the fold-in
-                    keep[at] = False
-                else:
-                    rows[at] = row
+        for a in np.flatnonzero(at < 0).tolist():  # only the registered items' places
+            row = found.get(history[a])
+            if row is None:  # deleted, or not embeddable by this model: left out of the fold-in
+                keep[a] = False
+            else:
+                rows[a] = row
         return rows if keep.all() else rows[keep]
 
     def _no_rows(self) -> Rows:
@@ -380,13 +381,33 @@ class Recommender:
         return self._fold_in.query(rows)
 
     def recommend(self, user_id: str, k: int) -> Recommendations:
-        history = self.store.get_history(user_id)
-        seen = set(history)
-        rows = self.history_rows(history)
-        if len(rows) == 0:
-            return Recommendations(self.fallback(k, seen), True, self.version)
-        hits = self.index.search(self.user_query(rows), k, exclude=[seen])[0]
-        return Recommendations(hits, False, self.version)
+        return self.recommend_many([(user_id, k)])[0]
+
+    def recommend_many(self, requests: Sequence[tuple[str, int]]) -> list[Recommendations]:
+        """`recommend` for many (user, k) at once: one store read, one fold-in pass and one index
+        search for all of them. Each answer is the one `recommend` alone would give."""
+        histories = self.store.get_histories([user for user, _ in requests])
+        out: list[Recommendations | None] = [None] * len(requests)
+        personal: list[int] = []
+        rows: list[Rows] = []
+        seen: list[set[str]] = []
+        for at, (user_id, k) in enumerate(requests):
+            history = histories[user_id]
+            user_rows = self.history_rows(history)
+            if len(user_rows) == 0:
+                out[at] = Recommendations(self.fallback(k, set(history)), True, self.version)
+            else:
+                personal.append(at)
+                rows.append(user_rows)
+                seen.append(set(history))
+        if personal:
+            k_max = max(requests[at][1] for at in personal)  # a top-k is the first k of the top-k_max
+            found = self.index.search(self._fold_in.queries(rows), k_max, exclude=seen)
+            for at, hits in zip(personal, found, strict=True):
+                out[at] = Recommendations(hits[: requests[at][1]], False, self.version)
+        answered = [r for r in out if r is not None]
+        assert len(answered) == len(requests)  # every request is personal or a fallback
+        return answered
 
     def fallback(self, k: int, exclude: set[str]) -> list[Hit]:
         """Most popular trained items (largest bias b) with the newest registered items mixed in:

@@ -232,3 +232,27 @@ def test_history_rows_follow_updates_and_deletes_made_through_another_replica(
     a.delete(first.item_id)
     b.follow(cursor)
     assert len(b.history_rows(history)) == 1  # the deleted item no longer enters the fold-in
+
+
+def test_many_users_at_once_get_exactly_what_each_gets_alone(
+    recommender: Recommender, trained_artifact: TrainedArtifact
+) -> None:
+    """The request batcher's path: same ids and bit-identical scores, whatever else is in the batch."""
+    cold = [_cold_item(trained_artifact, n) for n in range(30)]
+    recommender.register(cold)
+    warm = recommender.warm_ids
+    histories = {f"u{u}": [warm[(u * 13 + t) % len(warm)] for t in range(3 + 7 * u)] + [cold[u].item_id]
+                 for u in range(12)}
+    histories["only-registered"] = [cold[29].item_id]
+    recommender.store.add_interactions(
+        [Interaction(u, i, float(t)) for u, items in histories.items() for t, i in enumerate(items)])
+    requests = [(u, 5 + 3 * n) for n, u in enumerate(histories)] + [("nobody", 7), ("u3", 40)]
+
+    together = recommender.recommend_many(requests)
+
+    alone = [recommender.recommend(u, k) for u, k in requests]
+    assert together == alone
+    assert [len(r.hits) for r in together] == [k for _, k in requests]
+    assert [r.fallback for r in together] == [False] * (len(requests) - 2) + [True, False]
+    assert all(not set(histories.get(u, [])) & {h.item_id for h in r.hits}
+               for (u, _), r in zip(requests, together, strict=True))

@@ -165,6 +165,19 @@ def test_history_is_capped_to_the_most_recent_items(store_spec: StoreSpec) -> No
     store.close()
 
 
+def test_histories_of_many_users_in_one_read_match_one_at_a_time(store: Store) -> None:
+    store.add_interactions(
+        [Interaction(f"u{u}", f"i{(u * 7 + t) % 11}", float(t % 4)) for u in range(30) for t in range(9)])
+    users = ["u3", "nobody", "u0", "u3", *[f"u{u}" for u in range(29, 4, -1)]]
+
+    histories = store.get_histories(users)
+
+    assert list(histories) == list(dict.fromkeys(users))  # each user once, in the order asked
+    assert histories["nobody"] == []
+    assert all(histories[u] == store.get_history(u) and histories[u] for u in histories if u != "nobody")
+    assert store.get_histories([]) == {}
+
+
 def test_user_exists_only_after_an_interaction(store: Store) -> None:
     assert not store.user_exists("u")
     assert store.get_history("u") == []

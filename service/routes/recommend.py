@@ -7,7 +7,6 @@ from json.encoder import encode_basestring as _string  # a JSON string literal, 
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 
 from service.deps import OutOfBoundsError, runtime_of, serving
 from service.recommender import Recommendations
@@ -29,13 +28,8 @@ async def recommend(
     if k > runtime.settings.k_max:
         raise OutOfBoundsError(
             f"k={k} is larger than this service's k_max={runtime.settings.k_max}; ask for fewer items")
-    recommender = serving(runtime)
-    if recommender.store.inline_reads:
-        # ~0.1-2 ms of CPU (fold-in and search) and an in-process store read that never waits for a
-        # writer: on one core, handing it to a thread only adds switches and GIL hand-offs.
-        result = recommender.recommend(user, k)
-    else:  # a network store may take up to its timeout: never on the event loop
-        result = await run_in_threadpool(recommender.recommend, user, k)
+    # answered together with the other requests of this event-loop pass (service/recommend_batcher.py)
+    result = await runtime.batcher.recommend(serving(runtime), user, k)
     served = runtime.served
     (served.fallback if result.fallback else served.personal).inc()
     cold = sum(hit.is_cold for hit in result.hits)

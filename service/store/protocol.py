@@ -53,6 +53,10 @@ class Store(Protocol):
         """Distinct items by latest timestamp, oldest first, at most `max_history` (the most recent)."""
         ...
 
+    def get_histories(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
+        """`get_history` of each user in one read (one consistent snapshot); unknown users map to []."""
+        ...
+
     def user_exists(self, user_id: str) -> bool: ...
 
     def read_events(self, after_id: str | None = None, limit: int = 1000) -> list[Event]:

@@ -189,6 +189,17 @@ class RedisStore:
         members: list[bytes] = _call(self._r.zrange, self._hist_key(user_id), 0, -1)
         return [m.decode() for m in members]
 
+    def get_histories(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
+        unique = list(dict.fromkeys(user_ids))
+        if not unique:
+            return {}
+        # MULTI/EXEC: one round trip, and every history read at the same instant
+        pipe = self._r.pipeline(transaction=True)
+        for user_id in unique:
+            pipe.zrange(self._hist_key(user_id), 0, -1)
+        replies: list[list[bytes]] = _call(pipe.execute)
+        return {user_id: [m.decode() for m in members] for user_id, members in zip(unique, replies, strict=True)}
+
     def user_exists(self, user_id: str) -> bool:
         return bool(_call(self._r.exists, self._hist_key(user_id)))
 

@@ -13,8 +13,10 @@ import json
 import sqlite3
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from operator import itemgetter
 from pathlib import Path
 
 from service.store.protocol import DEFAULT_EVENT_CAP, DEFAULT_MAX_HISTORY, StoreUnavailable
@@ -256,6 +258,24 @@ class SqliteStore:
                 "SELECT item_id FROM history WHERE user_id = ? ORDER BY ts, item_id", (user_id,)
             ).fetchall()
         return [row[0] for row in rows]
+
+    def get_histories(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
+        unique = list(dict.fromkeys(user_ids))
+        out: dict[str, list[str]] = {user: [] for user in unique}
+        with self._read(snapshot=len(unique) > _IN_CHUNK) as cur:
+            for s in range(0, len(unique), _IN_CHUNK):
+                chunk = unique[s : s + _IN_CHUNK]
+                rows = cur.execute(
+                    f"SELECT user_id, item_id FROM history WHERE user_id IN ({','.join('?' * len(chunk))}) "
+                    "ORDER BY user_id, ts, item_id", chunk,
+                ).fetchall()
+                # sorted by user: each user's items are one slice, found by bisection (no Python
+                # step per item: a history is up to max_history items and this is the request path)
+                users = list(map(itemgetter(0), rows))
+                items = list(map(itemgetter(1), rows))
+                for user_id in chunk:
+                    out[user_id] = items[bisect_left(users, user_id) : bisect_right(users, user_id)]
+        return out
 
     def user_exists(self, user_id: str) -> bool:
         with self._read() as cur:
