@@ -66,21 +66,26 @@ class FoldIn:
 
     def user_vector(self, rows: Array) -> Array:
         """h (1, D); rows (L, D+1) or (L, D), warm and generated alike; L = 0 folds in "knows nothing"."""
-        n = max(len(rows), 1)
-        first = rows[:, : self.dim].sum(axis=0, dtype=np.float32)[None] / np.float32(np.sqrt(n))  # (1, D)
-        mu = _run(self.encoder, np.tanh(first + self.enc_bias))  # (1, Ku)
-        return _run(self.decoder, mu)  # (1, D)
+        return self.queries(rows, [len(rows)])[:, : self.dim]
 
     def query(self, rows: Array) -> Array:
-        return self.queries([rows])
+        return self.queries(rows, [len(rows)])
 
-    def queries(self, histories: list[Array]) -> Array:
-        """[h; 1] (B, D+1) of B users, each from their history rows (L_b, D+1).
+    def queries(self, rows: Array, lengths: list[int]) -> Array:
+        """[h; 1] (B, D+1) of B users whose history rows are stacked in `rows` (sum L_b, D+1), user b
+        owning the next lengths[b] of them.
 
-        One user at a time on purpose: a BLAS product over B users rounds each user's h
-        differently with B, so a user's scores would depend on which requests shared the batch.
+        The first layer's sums for every user in one `reduceat`; the MLPs one user at a time on
+        purpose: a BLAS product over B users rounds each user's h differently with B, so a user's
+        scores would depend on which requests shared the batch.
         """
-        out = np.ones((len(histories), self.dim + 1), np.float32)  # (B, D+1): the last column stays 1
-        for b, rows in enumerate(histories):
-            out[b, : self.dim] = self.user_vector(rows)[0]
+        sums = np.zeros((len(lengths), self.dim), np.float32)  # (B, D)
+        starts = np.cumsum([0, *lengths[:-1]])
+        filled = np.asarray(lengths) > 0
+        if len(rows):
+            sums[filled] = np.add.reduceat(rows[:, : self.dim], starts[filled], axis=0)
+        first = sums / np.sqrt(np.maximum(lengths, 1)).astype(np.float32)[:, None] + self.enc_bias  # (B, D)
+        out = np.ones((len(lengths), self.dim + 1), np.float32)  # (B, D+1): the last column stays 1
+        for b in range(len(lengths)):
+            out[b, : self.dim] = _run(self.decoder, _run(self.encoder, np.tanh(first[b : b + 1])))[0]
         return out

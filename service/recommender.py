@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import chain, repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -350,10 +350,18 @@ class Recommender:
 
     def history_rows(self, history: Sequence[str]) -> Rows:
         """Rows (L, D+1) of the history items this model can still use, warm and registered alike."""
-        positions = list(map(self._warm_pos.get, history, repeat(-1)))  # C-level: no Python step per item
+        return self.histories_rows([history])[0]
+
+    def histories_rows(self, histories: Sequence[Sequence[str]]) -> tuple[Rows, list[int]]:
+        """`history_rows` of many users in one gather: their rows stacked (sum L_b, D+1) in user
+        order, and how many rows each user kept."""
+        flat = list(chain.from_iterable(histories))
+        positions = list(map(self._warm_pos.get, flat, repeat(-1)))  # C-level: no Python step per item
+        at = np.asarray(positions, dtype=np.int64)
         if -1 not in positions:  # the common case: one gather, no per-row Python
-            return self.warm_rows[np.asarray(positions, dtype=np.int64)] if positions else self._no_rows()
-        registered = [i for i, j in zip(history, positions, strict=True) if j < 0]
+            return self.warm_rows[at] if positions else self._no_rows(), [len(h) for h in histories]
+        places = np.flatnonzero(at < 0).tolist()  # the registered items' places
+        registered = list(dict.fromkeys(flat[a] for a in places))
         found = self._rows.get_many(registered)
         missing = [i for i in registered if i not in found]
         if missing:
@@ -361,16 +369,21 @@ class Recommender:
             fetched = self.record_rows(list(self.store.get_items(missing).values()))
             self._rows.fill(fetched, generation)
             found.update(fetched)
-        at = np.asarray(positions, dtype=np.int64)
-        rows = self.warm_rows[np.maximum(at, 0)]  # (L, D+1) gathered copy
-        keep = np.ones(len(history), dtype=bool)
-        for a in np.flatnonzero(at < 0).tolist():  # only the registered items' places
-            row = found.get(history[a])
+        rows = self.warm_rows[np.maximum(at, 0)]  # (sum L, D+1) gathered copy
+        keep = np.ones(len(flat), dtype=bool)
+        for a in places:
+            row = found.get(flat[a])
             if row is None:  # deleted, or not embeddable by this model: left out of the fold-in
                 keep[a] = False
             else:
                 rows[a] = row
-        return rows if keep.all() else rows[keep]
+        lengths = np.asarray([len(h) for h in histories], dtype=np.int64)
+        if keep.all():
+            return rows, lengths.tolist()
+        kept_before = np.concatenate([[0], np.cumsum(keep)])  # rows kept before each place
+        ends = np.cumsum(lengths)
+        kept = kept_before[ends] - kept_before[ends - lengths]
+        return rows[keep], kept.tolist()
 
     def _no_rows(self) -> Rows:
         return np.zeros((0, self.dim), np.float32)
@@ -378,7 +391,7 @@ class Recommender:
     def user_query(self, rows: Rows) -> Rows:
         """Index query [h; 1] (1, D+1) of a user folded in from history rows (L, D+1); equals
         `M2Rec.query(model.fold_in(rows))` (service.fold_in runs it in NumPy)."""
-        return self._fold_in.query(rows)
+        return self._fold_in.queries(rows, [len(rows)])
 
     def recommend(self, user_id: str, k: int) -> Recommendations:
         return self.recommend_many([(user_id, k)])[0]
@@ -387,22 +400,17 @@ class Recommender:
         """`recommend` for many (user, k) at once: one store read, one fold-in pass and one index
         search for all of them. Each answer is the one `recommend` alone would give."""
         histories = self.store.get_histories([user for user, _ in requests])
+        asked = [histories[user] for user, _ in requests]
+        rows, lengths = self.histories_rows(asked)  # (sum L, D+1), rows per request
         out: list[Recommendations | None] = [None] * len(requests)
-        personal: list[int] = []
-        rows: list[Rows] = []
-        seen: list[set[str]] = []
-        for at, (user_id, k) in enumerate(requests):
-            history = histories[user_id]
-            user_rows = self.history_rows(history)
-            if len(user_rows) == 0:
-                out[at] = Recommendations(self.fallback(k, set(history)), True, self.version)
-            else:
-                personal.append(at)
-                rows.append(user_rows)
-                seen.append(set(history))
+        personal = [at for at, n in enumerate(lengths) if n > 0]
+        for at, n in enumerate(lengths):
+            if n == 0:
+                out[at] = Recommendations(self.fallback(requests[at][1], set(asked[at])), True, self.version)
         if personal:
             k_max = max(requests[at][1] for at in personal)  # a top-k is the first k of the top-k_max
-            found = self.index.search(self._fold_in.queries(rows), k_max, exclude=seen)
+            queries = self._fold_in.queries(rows, [n for n in lengths if n > 0])  # (B', D+1)
+            found = self.index.search(queries, k_max, exclude=[set(asked[at]) for at in personal])
             for at, hits in zip(personal, found, strict=True):
                 out[at] = Recommendations(hits[: requests[at][1]], False, self.version)
         answered = [r for r in out if r is not None]

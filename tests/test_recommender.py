@@ -256,3 +256,21 @@ def test_many_users_at_once_get_exactly_what_each_gets_alone(
     assert [r.fallback for r in together] == [False] * (len(requests) - 2) + [True, False]
     assert all(not set(histories.get(u, [])) & {h.item_id for h in r.hits}
                for (u, _), r in zip(requests, together, strict=True))
+
+
+def test_rows_of_many_histories_keep_each_users_usable_items_in_order(
+    recommender: Recommender, trained_artifact: TrainedArtifact
+) -> None:
+    items = [_cold_item(trained_artifact, n) for n in range(3)]
+    recommender.register(items)
+    recommender.delete(items[1].item_id)  # deleted: left out of every fold-in it appears in
+    warm = recommender.warm_ids
+    histories = [[warm[0], items[0].item_id, warm[5]], [], [items[1].item_id], [items[1].item_id, warm[2]], [warm[9]]]
+
+    rows, lengths = recommender.histories_rows(histories)
+
+    assert lengths == [3, 0, 0, 1, 1]
+    expected = np.concatenate([recommender.history_rows(h) for h in histories])
+    np.testing.assert_array_equal(rows, expected)
+    np.testing.assert_allclose(rows[1], recommender.embed([items[0]])[0], rtol=1e-5, atol=1e-6)  # its generated row
+    np.testing.assert_array_equal(rows[3], recommender.warm_rows[2])
