@@ -234,6 +234,13 @@ class ItemTable:
         item_id = ids[chunk][slot] if 0 <= chunk < len(ids) else None
         return None if item_id is None else (item_id, bool(self._cold[chunk][slot]))
 
+    def get_many(self, iids: list[int]) -> list[Item | None]:
+        """`get` of each id (padding ids < 0 give None), without a Python call per id."""
+        ids, cold, mask, n = self._ids, self._cold, (1 << _CHUNK_BITS) - 1, len(self._ids)
+        found = [ids[i >> _CHUNK_BITS][i & mask] if 0 <= i >> _CHUNK_BITS < n else None for i in iids]
+        return [None if item_id is None else (item_id, bool(cold[i >> _CHUNK_BITS][i & mask]))
+                for i, item_id in zip(iids, found, strict=True)]
+
     def set(self, iid: int, item: Item) -> None:
         while iid >> _CHUNK_BITS >= len(self._ids):
             self._cold.append(bytearray(1 << _CHUNK_BITS))
