@@ -40,6 +40,7 @@ from service.index_storage import (
     IndexConfig,
     Scores,
     Vectors,
+    flat_banned,
     top_k,
 )
 
@@ -130,7 +131,7 @@ def base_found(base: Base, queries: Vectors, k: int, banned: list[Ids], nprobe: 
     caller drops them; the overflow drops them itself."""
     found: list[Found] = []
     shards = [s for s in base.shards if s.size]
-    fetch = [k + max(_held(shard.iids, ban) for ban in banned) for shard in shards]
+    fetch = [k + _held(shard.iids, banned) for shard in shards]
     if base.coarse is None:
         for shard, kk in zip(shards, fetch, strict=True):
             kk = min(kk, shard.size)
@@ -148,12 +149,13 @@ def base_found(base: Base, queries: Vectors, k: int, banned: list[Ids], nprobe: 
     return found
 
 
-def _held(sorted_iids: Ids, ban: Ids) -> int:
-    """How many of the banned ids (sorted) the shard's sorted ids hold."""
-    if not len(ban) or not len(sorted_iids):
+def _held(sorted_iids: Ids, banned: list[Ids]) -> int:
+    """The most banned ids (sorted, per query) that the shard's sorted ids hold for one query."""
+    if not len(sorted_iids) or not any(len(ban) for ban in banned):
         return 0
-    at = np.minimum(np.searchsorted(sorted_iids, ban), len(sorted_iids) - 1)
-    return int(np.count_nonzero(sorted_iids[at] == ban))
+    owner, ids = flat_banned(banned)
+    at = np.minimum(np.searchsorted(sorted_iids, ids), len(sorted_iids) - 1)
+    return int(np.bincount(owner[sorted_iids[at] == ids], minlength=1).max())
 
 
 def _search_ivf(

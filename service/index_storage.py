@@ -40,17 +40,26 @@ class Found(NamedTuple):
 
 def mask_banned(scores: Scores, iids: Ids, banned: list[Ids], ascending: bool) -> None:
     """Set to -inf, in place, each query's score (B, n) of the rows whose ids (n,) are in its
-    banned ids (sorted): a binary search per banned id when `iids` is ascending, else per row."""
+    banned ids (sorted): one binary search for the whole batch when `iids` is ascending."""
     n = len(iids)
+    if not n or not any(len(ban) for ban in banned):
+        return
+    if ascending:
+        owner, ids = flat_banned(banned)
+        at = np.minimum(np.searchsorted(iids, ids), n - 1)
+        hit = iids[at] == ids
+        scores[owner[hit], at[hit]] = -np.inf
+        return
     for b, ban in enumerate(banned):
-        if not len(ban) or not n:
-            continue
-        if ascending:
-            at = np.minimum(np.searchsorted(iids, ban), n - 1)
-            scores[b, at[iids[at] == ban]] = -np.inf
-        else:
+        if len(ban):
             at = np.minimum(np.searchsorted(ban, iids), len(ban) - 1)
             scores[b, ban[at] == iids] = -np.inf
+
+
+def flat_banned(banned: list[Ids]) -> tuple[Ids, Ids]:
+    """Every query's banned ids in one array, with the query each belongs to."""
+    owner = np.repeat(np.arange(len(banned)), [len(ban) for ban in banned])
+    return owner, np.concatenate(banned)
 
 
 def inner_products(out: Scores, query: Vectors, rows: Vectors) -> None:
