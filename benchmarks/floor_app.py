@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import FastAPI, Query, Response
 
 from service.index import Hit
-from service.recommender import Recommendations
+from service.recommender_types import Recommendations
 from service.routes.recommend import _body
 from service.schemas import ID_PATTERN
 

@@ -30,7 +30,8 @@ import torch
 from benchmarks.catalogue import synthetic_batch
 from service.artifact import load_artifact
 from service.model import M2Rec
-from service.recommender import NewItem, Recommender
+from service.recommender import Recommender
+from service.recommender_types import NewItem
 from service.routes.recommend import _body
 from service.row_cache import RowCache
 from service.schemas import RecommendationsOut, RecommendedItem

@@ -30,7 +30,8 @@ from service.deps import OutOfBoundsError, RequestTooLargeError, Runtime, SwapGa
 from service.index import IndexConfig
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
 from service.recommend_batcher import RecommendBatcher
-from service.recommender import InvalidItemError, Recommender, TrainedItemConflictError, UnknownItemsError
+from service.recommender import Recommender
+from service.recommender_types import InvalidItemError, TrainedItemConflictError, UnknownItemsError
 from service.reload import Reloader, ReloadInProgressError
 from service.routes import admin, health, interactions, items, recommend
 from service.store import SqliteStore, Store, StoreUnavailable

@@ -10,7 +10,8 @@ searchable as soon as it returns. Removes and upserts leave tombstones: internal
 reused, and a row is live only while `_item_of` holds its id, so stale rows are filtered at search
 time until a merge, run in a background thread, builds a new base without them and swaps it in
 under the lock. Searches hold the lock only to take the segments; FAISS and NumPy then run without
-the GIL, so many threads search at once.
+the GIL, so many threads search at once. How a batch of queries is answered from the segments
+(exclusions, over-fetching, the best k live items) is `service.index_search`.
 
 `build(..., pin_warm=True)` keeps the trained (warm) rows out of the base in a small exact
 *pinned* segment that every search scans. Trained rows [V; b] are few, carry most of a user's
@@ -31,24 +32,23 @@ import math
 import threading
 from collections.abc import Iterable, Sequence, Set
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 
-from service.index_base import Base, base_found, build_base, is_dead, merged_base
+from service.index_base import Base, build_base, is_dead, merged_base
+from service.index_search import Hit, banned_mask, collect, segment_found
 from service.index_snapshot import SNAPSHOT_FORMAT, read_snapshot, write_snapshot
 from service.index_storage import (
     DeltaSegment,
     DeltaView,
-    Found,
     IdMap,
     Ids,
     IndexConfig,
     Item,
     ItemTable,
-    Scores,
     Vectors,
 )
 
@@ -57,12 +57,6 @@ __all__ = ["SNAPSHOT_FORMAT", "Hit", "IndexConfig", "VectorIndex", "recall_at_k"
 _GIL_SLICE = 16_384  # ids per Python-level pass, so other threads get the GIL between passes
 log = logging.getLogger(__name__)
 Batch = tuple[Sequence[str], npt.ArrayLike, Sequence[bool]]  # ids, rows (N, D+1), cold flags
-
-
-class Hit(NamedTuple):
-    item_id: str
-    score: float
-    is_cold: bool
 
 
 class VectorIndex:
@@ -222,19 +216,19 @@ class VectorIndex:
         fetch = k + min(dead, 4 * k)
         while todo:
             ban = [banned[b] for b in todo]
-            found = [f for seg in segments for f in _segment_found(seg, q[todo], fetch, ban, nprobe)]
+            found = [f for seg in segments for f in segment_found(seg, q[todo], fetch, ban, nprobe)]
             if not found:
                 break
             all_scores = np.concatenate([f.scores for f in found], axis=1)  # (B', S): every segment's candidates
             all_iids = np.concatenate([f.iids for f in found], axis=1)
             bound = np.max([f.bound for f in found], axis=0).tolist()  # (B',)
-            all_scores[_banned_mask(all_iids, ban)] = -np.inf  # what FAISS shards returned of them
+            all_scores[banned_mask(all_iids, ban)] = -np.inf  # what FAISS shards returned of them
             order = np.argsort(-all_scores, axis=1, kind="stable")  # (B', S) best first
             all_scores = np.take_along_axis(all_scores, order, axis=1)
             all_iids = np.take_along_axis(all_iids, order, axis=1)
             unfinished = []
             for row, b in enumerate(todo):
-                hits = self._collect(all_scores[row], all_iids[row], k, excluded[b])
+                hits = collect(self._item_of, all_scores[row], all_iids[row], k, excluded[b])
                 results[b] = hits
                 if bound[row] > -math.inf and (len(hits) < k or hits[-1].score < bound[row]):
                     unfinished.append(b)
@@ -251,26 +245,6 @@ class VectorIndex:
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be (B, {self.dim}), got {q.shape}")
         return q
-
-    def _collect(self, scores: Scores, iids: Ids, k: int, excluded: Set[str]) -> list[Hit]:
-        """The best k live, allowed hits among one query's candidates (sorted best first; dropped
-        candidates carry -inf).
-
-        Stops at the first candidate below the k-th hit: Python touches about k + skipped rows,
-        not every candidate of every segment (it converts a few more than k at a time).
-        """
-        hits: list[Hit] = []
-        item_of = self._item_of  # one slot is read atomically: no lock needed
-        step = k + 8
-        for start in range(0, len(iids), step):
-            chunk_iids = iids[start : start + step].tolist()
-            for score, iid, item in zip(scores[start : start + step].tolist(), chunk_iids,
-                                        item_of.get_many(chunk_iids), strict=True):
-                if iid < 0 or score == -math.inf or (len(hits) >= k and score < hits[-1].score):
-                    return _ranked(hits, k)
-                if item is not None and item[0] not in excluded:
-                    hits.append(Hit(item[0], score, item[1]))
-        return _ranked(hits, k)
 
     def live_vectors(self) -> tuple[list[str], Vectors, list[bool]]:
         """Every live item with its row: for exact baselines and rebuilding elsewhere."""
@@ -422,28 +396,3 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _ranked(hits: list[Hit], k: int) -> list[Hit]:
-    """Hits in descending score order, ties by item id, the first k."""
-    if len({h.score for h in hits}) < len(hits):  # ties (rare): order them by id
-        hits.sort(key=lambda h: (-h.score, h.item_id))
-    return hits[:k]
-
-
-def _banned_mask(iids: Ids, banned: list[Ids]) -> npt.NDArray[np.bool_]:
-    """(B, S): whether candidate iids[b, s] is among query b's banned ids (sorted), for all
-    queries in one binary search: keys (b, iid) as b·2^40 + iid, ids being below 2^40."""
-    if not any(len(ban) for ban in banned):
-        return np.zeros(iids.shape, dtype=bool)
-    rows = np.arange(len(iids), dtype=np.int64)[:, None] << 40  # (B, 1)
-    keys = np.concatenate([(b << 40) + ban for b, ban in enumerate(banned)])  # sorted: b, then id
-    wanted = rows + iids  # (B, S)
-    at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-    found: npt.NDArray[np.bool_] = (keys[at] == wanted) & (iids >= 0)
-    return found
-
-
-def _segment_found(segment: Any, queries: Vectors, k: int, banned: list[Ids], nprobe: int) -> list[Found]:
-    if isinstance(segment, DeltaView):
-        top = segment.top(queries, k, banned)
-        return [] if top is None else [top]
-    return base_found(segment, queries, k, banned, nprobe)

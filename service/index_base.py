@@ -22,9 +22,8 @@ get exactly their size (growth by doubling would waste up to half the memory).
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +34,9 @@ import numpy.typing as npt
 from service.index_storage import (
     DeltaSegment,
     DeltaView,
-    Found,
     Ids,
     IndexConfig,
-    Scores,
     Vectors,
-    flat_banned,
-    top_k,
 )
 
 _BLOCK = 16_384  # rows per lift/assign step: bounds temporaries
@@ -97,106 +92,6 @@ class Base:
             yield iids, rows[:, : self.dim] if self.coarse is not None else rows
         if self.overflow is not None and self.overflow.size:
             yield self.overflow.arrays()
-
-
-# -- search ------------------------------------------------------------------------------------
-
-
-def search_base(base: Base, queries: Vectors, k: int, nprobe: int) -> tuple[Scores, Ids]:
-    """(B, k') scores h·v + b and ids, best first, k' = min(k, ntotal); IVF pads with id -1."""
-    found = search_shards(base, queries, k, nprobe)
-    if not found:
-        return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
-    return top_k(found, k)
-
-
-def search_shards(base: Base, queries: Vectors, k: int, nprobe: int) -> list[tuple[Scores, Ids]]:
-    """Each non-empty shard's (and the overflow's) top-k, (B, <=k) best first, unmerged: the caller
-    merges them with its other segments in one sort."""
-    found: list[tuple[Scores, Ids]] = []
-    if base.coarse is None:
-        for shard in base.shards:
-            if shard.size:
-                found.append(shard.index.search(queries, min(k, shard.size)))
-    elif base.shards:
-        found += _search_ivf(base.coarse, base.shards, queries, k, nprobe)
-    if base.overflow is not None and base.overflow.size:
-        found.append(base.overflow.search(queries, k))
-    return found
-
-
-def base_found(base: Base, queries: Vectors, k: int, banned: list[Ids], nprobe: int) -> list[Found]:
-    """Each shard's and the overflow's best k per query (B, D+1) without its banned ids (sorted, per
-    query). FAISS cannot skip ids, so a shard is asked for k more per banned id it holds, and the
-    caller drops them; the overflow drops them itself."""
-    found: list[Found] = []
-    shards = [s for s in base.shards if s.size]
-    fetch = [k + _held(shard.iids, banned) for shard in shards]
-    if base.coarse is None:
-        for shard, kk in zip(shards, fetch, strict=True):
-            kk = min(kk, shard.size)
-            scores, iids = shard.index.search(queries, kk)  # (B, kk) best first
-            bound = scores[:, -1] if kk < shard.size else np.full(len(queries), -np.inf, np.float32)
-            found.append(Found(scores, iids, bound))
-    elif shards:
-        for kk, (scores, iids) in zip(fetch, _search_ivf(base.coarse, shards, queries, fetch, nprobe), strict=True):
-            full = (iids[:, -1] >= 0) & (scores.shape[1] == kk)  # kk rows found: more may lie below
-            found.append(Found(scores, iids, np.where(full, scores[:, -1], -np.inf).astype(np.float32)))
-    if base.overflow is not None and base.overflow.size:
-        top = base.overflow.top(queries, k, banned)
-        if top is not None:
-            found.append(top)
-    return found
-
-
-def _held(sorted_iids: Ids, banned: list[Ids]) -> int:
-    """The most banned ids (sorted, per query) that the shard's sorted ids hold for one query."""
-    if not len(sorted_iids) or not any(len(ban) for ban in banned):
-        return 0
-    owner, ids = flat_banned(banned)
-    at = np.minimum(np.searchsorted(sorted_iids, ids), len(sorted_iids) - 1)
-    return int(np.bincount(owner[sorted_iids[at] == ids], minlength=1).max())
-
-
-def _search_ivf(
-    coarse: Coarse, shards: Sequence[Shard], queries: Vectors, k: int | Sequence[int], nprobe: int
-) -> list[tuple[Scores, Ids]]:
-    """Each shard's top-k (B, k_s) best first, k per shard or one for all; empty shards skipped."""
-    n = len(queries)
-    lifted = np.zeros((n, queries.shape[1] + 1), np.float32)  # (B, D+2): q' = [q; 0]
-    lifted[:, :-1] = queries
-    nprobe = min(nprobe, coarse.nlist)
-    coarse_dist = np.empty((n, nprobe), np.float32)
-    lists = np.empty((n, nprobe), np.int64)  # (B, nprobe): assigned once for all shards
-    coarse.quantizer.search_c(n, faiss.swig_ptr(lifted), nprobe, faiss.swig_ptr(coarse_dist), faiss.swig_ptr(lists))
-    params = _ivf_params(nprobe)
-    # |q' - x'|² = |q|² + M² - 2 q·x, so q·x = (|q|² + M² - distance) / 2
-    q64 = queries.astype(np.float64)
-    offset = np.square(q64).sum(axis=1, keepdims=True) + coarse.max_sq_norm  # (B, 1)
-    out = []
-    for s, shard in enumerate(shards):
-        kk = min(k if isinstance(k, int) else k[s], shard.size)
-        if kk == 0:
-            continue
-        dist = np.empty((n, kk), np.float32)
-        iids = np.empty((n, kk), np.int64)
-        shard.index.search_preassigned_c(
-            n, faiss.swig_ptr(lifted), kk, faiss.swig_ptr(lists), faiss.swig_ptr(coarse_dist),
-            faiss.swig_ptr(dist), faiss.swig_ptr(iids), False, params,
-        )
-        scores = ((offset - dist) * 0.5).astype(np.float32)
-        if (iids[:, -1] < 0).any():  # fewer than kk rows in the probed lists: FAISS pads the tail
-            scores[iids < 0] = -np.inf
-        out.append((scores, iids))
-    return out
-
-
-@functools.lru_cache(maxsize=64)
-def _ivf_params(nprobe: int) -> Any:
-    """Read-only search parameters, shared by concurrent searches (building one costs ~5 µs)."""
-    params = faiss.SearchParametersIVF()
-    params.nprobe = nprobe
-    return params
 
 
 # -- building ----------------------------------------------------------------------------------

@@ -17,10 +17,8 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from itertools import chain, repeat
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +29,16 @@ from service.fold_in import FoldIn
 from service.index import Hit, IndexConfig, VectorIndex
 from service.model import AttributeVocabulary, M2Rec, ModelConfig, item_inputs
 from service.newest_items import NewestItems
+from service.recommender_types import (
+    Followed,
+    InvalidItemError,
+    ItemView,
+    NewItem,
+    Recommendations,
+    Registration,
+    TrainedItemConflictError,
+    UnknownItemsError,
+)
 from service.row_cache import RowCache
 from service.store import Event, EventKind, Interaction, ItemRecord, Store, event_order_key
 
@@ -38,56 +46,6 @@ log = logging.getLogger(__name__)
 Rows = npt.NDArray[np.float32]  # (N, D+1)
 EMBED_CHUNK = 128  # items per generator forward pass (sorted by attribute count: little padding)
 ROW_CACHE_ITEMS = 65_536  # registered rows kept in memory for fold-ins (~34 MB at D=128)
-
-
-class InvalidItemError(ValueError):
-    """An item this model cannot embed; the message says what to change."""
-
-
-class UnknownItemsError(LookupError):
-    def __init__(self, item_ids: Sequence[str]) -> None:
-        self.item_ids = list(item_ids)
-        super().__init__(f"unknown item ids {self.item_ids[:10]}; register them with POST /items first")
-
-
-class TrainedItemConflictError(ValueError):
-    """The id belongs to an item the model was trained on: its row is learned, not registered."""
-
-
-@dataclass(frozen=True)
-class NewItem:
-    item_id: str
-    attributes: list[str]
-    content: list[float] | None
-
-
-@dataclass(frozen=True)
-class Registration:
-    record: ItemRecord
-    unknown_attributes: list[str]
-    inserted: bool
-
-
-@dataclass(frozen=True)
-class ItemView:
-    item_id: str
-    is_cold: bool
-    model_version: str
-    record: ItemRecord | None  # None for trained items: the artifact keeps no raw inputs
-    unknown_attributes: list[str]
-
-
-@dataclass(frozen=True)
-class Recommendations:
-    hits: list[Hit]
-    fallback: bool
-    model_version: str
-
-
-class Followed(NamedTuple):
-    cursor: str | None  # the last event applied
-    lags: list[float]  # seconds from each applied item event to its row being searchable
-    rebuilt: bool
 
 
 def load_model(artifact: Artifact) -> M2Rec:

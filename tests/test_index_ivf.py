@@ -11,8 +11,9 @@ import pytest
 
 from service.artifact import load_artifact
 from service.index import Hit, IndexConfig, VectorIndex
-from service.index_base import search_base
-from service.recommender import NewItem, Recommender
+from service.index_search import search_base
+from service.recommender import Recommender
+from service.recommender_types import NewItem
 from service.store import SqliteStore
 from tests.conftest import TrainedArtifact
 

@@ -11,7 +11,8 @@ import torch
 
 from service.artifact import load_artifact
 from service.model import M2Rec
-from service.recommender import InvalidItemError, NewItem, Recommender, TrainedItemConflictError
+from service.recommender import Recommender
+from service.recommender_types import InvalidItemError, NewItem, TrainedItemConflictError
 from service.store import Interaction, ItemRecord, SqliteStore
 from tests.conftest import TrainedArtifact
 

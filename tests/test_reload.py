@@ -19,7 +19,8 @@ from pydantic import SecretStr
 from service.app import create_app
 from service.artifact import TENSORS_FILE, load_artifact, set_current
 from service.config import Settings
-from service.recommender import NewItem, Recommender
+from service.recommender import Recommender
+from service.recommender_types import NewItem
 from service.store import SqliteStore
 from tests.conftest import StoreSpec, TrainedArtifact, TwoArtifacts
 

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Path, Response, status
 
 from service.deps import MetricsDep, RecommenderDep, SettingsDep, WriteAccess, check_batch_size
 from service.metrics import Metrics
-from service.recommender import NewItem, Recommender, Registration, UnknownItemsError
+from service.recommender import Recommender
+from service.recommender_types import NewItem, Registration, UnknownItemsError
 from service.routes.json_body import JsonBodyRoute
 from service.schemas import ID_PATTERN, ErrorOut, ItemBatchIn, ItemBatchOut, ItemIn, ItemOut
 

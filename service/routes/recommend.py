@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from service.deps import OutOfBoundsError, runtime_of, serving
-from service.recommender import Recommendations
+from service.recommender_types import Recommendations
 from service.schemas import ID_PATTERN, ErrorOut, RecommendationsOut
 
 router = APIRouter(tags=["recommend"])
