@@ -356,6 +356,7 @@ def test_sqlite_reads_do_not_wait_for_a_write_in_progress(tmp_path: Path) -> Non
     def slow_write() -> None:
         with store._write() as cur:  # holds the writer's lock, as a commit waiting on its fsync does
             cur.execute("DELETE FROM history")
+            cur.execute("DELETE FROM history_lists")
             in_write.set()
             release.wait(10)
 
@@ -388,3 +389,17 @@ def test_in_memory_sqlite_reads_see_their_own_database() -> None:
     store.put_items([make_item("a")])
     assert store.get_item("a") == make_item("a") and store.count_items() == 1
     store.close()
+
+
+def test_a_store_written_before_history_lists_gets_them_at_open(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.add_interactions([Interaction("u", "b", 2.0), Interaction("u", "a", 1.0), Interaction("v", "c", 1.0)])
+    with store._write() as cur:  # as an older version left it: history rows only
+        cur.execute("DELETE FROM history_lists")
+        cur.execute("DELETE FROM meta WHERE key = 'sqlite:history_lists'")
+    store.close()
+
+    reopened = SqliteStore(tmp_path / "s.sqlite3")
+
+    assert reopened.get_histories(["u", "v", "w"]) == {"u": ["a", "b"], "v": ["c"], "w": []}
+    reopened.close()

@@ -13,10 +13,8 @@ import json
 import sqlite3
 import threading
 import time
-from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from operator import itemgetter
 from pathlib import Path
 
 from service.store.protocol import DEFAULT_EVENT_CAP, DEFAULT_MAX_HISTORY, StoreUnavailable
@@ -49,6 +47,9 @@ CREATE TABLE IF NOT EXISTS history (
     PRIMARY KEY (user_id, item_id)
 );
 CREATE INDEX IF NOT EXISTS history_by_time ON history (user_id, ts, item_id);
+-- each user's history as one JSON array, oldest first: the request path reads one row per user
+-- instead of one per item (~5x less read time); rewritten in the transaction that changes history
+CREATE TABLE IF NOT EXISTS history_lists (user_id TEXT PRIMARY KEY, items TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,
@@ -92,8 +93,19 @@ class SqliteStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(_SCHEMA)
+            self._fill_history_lists()
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
+
+    def _fill_history_lists(self) -> None:
+        """A store written before history_lists existed gets them, once, at open."""
+        with self._write() as cur:
+            if cur.execute("SELECT 1 FROM meta WHERE key = 'sqlite:history_lists'").fetchone() is not None:
+                return
+            users = [u for (u,) in cur.execute("SELECT DISTINCT user_id FROM history").fetchall()]
+            for user_id in users:
+                _write_history_list(cur, user_id)
+            cur.execute("INSERT INTO meta (key, value) VALUES ('sqlite:history_lists', '1')")
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -250,14 +262,11 @@ class SqliteStore:
                     "WHERE user_id = ?1 ORDER BY ts DESC, item_id DESC LIMIT -1 OFFSET ?2)",
                     (user_id, self.max_history),
                 )
+                _write_history_list(cur, user_id)
             return self._append_event(cur, EventKind.INTERACTIONS, None, sorted(latest), time.time())
 
     def get_history(self, user_id: str) -> list[str]:
-        with self._read() as cur:
-            rows = cur.execute(
-                "SELECT item_id FROM history WHERE user_id = ? ORDER BY ts, item_id", (user_id,)
-            ).fetchall()
-        return [row[0] for row in rows]
+        return self.get_histories([user_id])[user_id]
 
     def get_histories(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
         unique = list(dict.fromkeys(user_ids))
@@ -266,15 +275,10 @@ class SqliteStore:
             for s in range(0, len(unique), _IN_CHUNK):
                 chunk = unique[s : s + _IN_CHUNK]
                 rows = cur.execute(
-                    f"SELECT user_id, item_id FROM history WHERE user_id IN ({','.join('?' * len(chunk))}) "
-                    "ORDER BY user_id, ts, item_id", chunk,
+                    f"SELECT user_id, items FROM history_lists WHERE user_id IN ({','.join('?' * len(chunk))})", chunk,
                 ).fetchall()
-                # sorted by user: each user's items are one slice, found by bisection (no Python
-                # step per item: a history is up to max_history items and this is the request path)
-                users = list(map(itemgetter(0), rows))
-                items = list(map(itemgetter(1), rows))
-                for user_id in chunk:
-                    out[user_id] = items[bisect_left(users, user_id) : bisect_right(users, user_id)]
+                for user_id, items in rows:
+                    out[user_id] = json.loads(items)
         return out
 
     def user_exists(self, user_id: str) -> bool:
@@ -388,3 +392,13 @@ def _record(row: _ItemRow) -> ItemRecord:
         item_id, json.loads(attributes), content_from_bytes(content), embedding_from_bytes(embedding),
         model_version, created_at,
     )
+
+
+def _write_history_list(cur: sqlite3.Cursor, user_id: str) -> None:
+    """history_lists' row for the user, from the history table as it stands in this transaction."""
+    items = [item_id for (item_id,) in cur.execute(
+        "SELECT item_id FROM history WHERE user_id = ? ORDER BY ts, item_id", (user_id,)).fetchall()]
+    if items:
+        cur.execute("INSERT OR REPLACE INTO history_lists (user_id, items) VALUES (?, ?)", (user_id, json.dumps(items)))
+    else:
+        cur.execute("DELETE FROM history_lists WHERE user_id = ?", (user_id,))
