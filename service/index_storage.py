@@ -289,10 +289,11 @@ class IdMap:
     def get_many(self, item_ids: Collection[str]) -> list[int]:
         """The internal ids of those item ids that are present."""
         found = list(map(self._frozen.get, item_ids))
-        if None in found:
-            shards = self._shards
-            found = [iid if iid is not None else shards[hash(item_id) % _ID_SHARDS].get(item_id)
-                     for item_id, iid in zip(item_ids, found, strict=True)]
+        if None not in found:  # the common case: every id was there at start-up
+            return found  # type: ignore[return-value]  # no None in it
+        shards = self._shards
+        found = [iid if iid is not None else shards[hash(item_id) % _ID_SHARDS].get(item_id)
+                 for item_id, iid in zip(item_ids, found, strict=True)]
         return [iid for iid in found if iid is not None]
 
     def set(self, item_id: str, iid: int) -> None:
