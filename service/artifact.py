@@ -11,37 +11,30 @@ The content hash is sha256 over the sha256 of model.safetensors, of item_ids.jso
 canonical JSON of the model config, so two exports of the same weights share a suffix and an
 edit of any of the three (including the config in the manifest) is caught at load.
 
-Writes are crash-safe: a version is built in `<root>/.tmp-*`, fsynced, then renamed into place,
-and only then is `current` swapped (a temporary symlink os.replace'd over it, atomic on POSIX).
-A reader therefore sees either the old or the new artifact, never a mix; anything starting with
-"." is unfinished and never listed. A reader resolves `current` once and reads every file from
-the resolved directory, so a swap during a load cannot mix two versions.
+Writes (service/artifact_export.py) are crash-safe: a version is built in `<root>/.tmp-*`,
+fsynced, then renamed into place, and only then is `current` swapped (a temporary symlink
+os.replace'd over it, atomic on POSIX). A reader therefore sees either the old or the new
+artifact, never a mix; anything starting with "." is unfinished and never listed. A reader
+resolves `current` once and reads every file from the resolved directory, so a swap during a
+load cannot mix two versions.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
-import math
 import os
-import platform
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import safetensors
 import torch
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
-from safetensors.torch import load_file, save_file
-
-from service.durable import fsync_path, write_durably
+from safetensors.torch import load_file
 
 FORMAT = "m2rec-artifact"
 FORMAT_VERSION = 1
@@ -51,9 +44,9 @@ ITEM_IDS_FILE = "item_ids.json"
 CURRENT_POINTER = "current"
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 VERSION_PATTERN = r"^\d{8}T\d{6}Z-[0-9a-f]{8}$"
-_VERSION_RE = re.compile(VERSION_PATTERN)
+VERSION_RE = re.compile(VERSION_PATTERN)
 _SHA256_PATTERN = r"^[0-9a-f]{64}$"
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"
 
 
 class ArtifactError(Exception):
@@ -131,101 +124,6 @@ class Artifact:
         return self.manifest.version
 
 
-# --------------------------------------------------------------------------- writing
-
-
-def save_artifact(
-    root: Path,
-    *,
-    tensors: Mapping[str, torch.Tensor],
-    item_ids: list[str],
-    model_config: Mapping[str, Any],
-    attribute_vocabulary: list[str],
-    content_dim: int,
-    embedding_dim: int,
-    metrics: Mapping[str, Any],
-    data_fingerprint: str,
-    dataset: str,
-    activate: bool = True,
-) -> Path:
-    """Write a new version under `root` atomically and (with `activate`) point `current` at it.
-
-    Returns the version directory. `activate=False` exports a candidate without serving it;
-    `set_current` promotes it (or rolls back) later."""
-    root = Path(root)
-    if not tensors:
-        raise ArtifactError("save_artifact: no tensors given; pass the model's state_dict")
-    _check_item_ids(item_ids, f"save_artifact to {root}")
-    config_json = _json_object(model_config, "model_config")
-    metrics_json = _json_object(metrics, "metrics")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=root))
-    try:
-        # clone: tied or sliced tensors share storage, which safetensors refuses to write
-        cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-        save_file(cpu, str(tmp / TENSORS_FILE))
-        fsync_path(tmp / TENSORS_FILE)
-        write_durably(tmp / ITEM_IDS_FILE, json.dumps(list(item_ids), indent=0) + "\n")
-        files = {name: _sha256_file(tmp / name) for name in (TENSORS_FILE, ITEM_IDS_FILE)}
-        created_at = datetime.now(UTC)
-        version = f"{created_at.strftime(TIMESTAMP_FORMAT)}-{content_hash(files, config_json)[:8]}"
-        try:
-            manifest = Manifest(
-                format=FORMAT,
-                format_version=FORMAT_VERSION,
-                version=version,
-                created_at=created_at,
-                model_args=config_json,
-                attribute_vocabulary=tuple(attribute_vocabulary),
-                content_dim=content_dim,
-                embedding_dim=embedding_dim,
-                n_warm_items=len(item_ids),
-                metrics=metrics_json,
-                data_fingerprint=data_fingerprint,
-                dataset=dataset,
-                library_versions=_library_versions(),
-                files=files,
-            )
-        except ValidationError as e:
-            raise ArtifactError(f"save_artifact to {root}: invalid manifest fields: {e}") from e
-        write_durably(tmp / MANIFEST_FILE, _manifest_json(manifest))
-        fsync_path(tmp)
-        target = root / version
-        try:
-            # rename refuses a non-empty target, so an existing version is never overwritten
-            os.rename(tmp, target)
-        except OSError as e:
-            raise ArtifactError(
-                f"save_artifact: {target} already exists (the same weights, item ids and config were "
-                f"exported within the same second); wait a second and export again") from e
-        fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if activate:
-        set_current(root, version)
-    return target
-
-
-def set_current(root: Path, version: str) -> Path:
-    """Atomically point `<root>/current` at an existing, loadable version (promote or roll back)."""
-    root = Path(root)
-    target = root / version
-    if not _VERSION_RE.fullmatch(version) or not (target / MANIFEST_FILE).is_file():
-        raise ArtifactError(f"set_current: {target} is not an artifact version; choose one of "
-                            f"{list_versions(root)}")
-    load_artifact(target)  # never point the service at something it cannot start from
-    tmp_link = root / f"{_TMP_PREFIX}current-{os.getpid()}-{os.urandom(4).hex()}"
-    os.symlink(version, tmp_link)  # relative: the root can be moved or mounted elsewhere
-    try:
-        os.replace(tmp_link, root / CURRENT_POINTER)
-    except BaseException:
-        tmp_link.unlink(missing_ok=True)
-        raise
-    fsync_path(root)
-    return target
-
-
 def content_hash(files: Mapping[str, str], model_config: Mapping[str, Any]) -> str:
     """sha256 hex over the tensor file, the item id file and the canonical model config."""
     canonical = json.dumps(model_config, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -244,7 +142,7 @@ def list_versions(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir()
-                  if _VERSION_RE.fullmatch(p.name) and not p.is_symlink() and (p / MANIFEST_FILE).is_file())
+                  if VERSION_RE.fullmatch(p.name) and not p.is_symlink() and (p / MANIFEST_FILE).is_file())
 
 
 def resolve_current(root: Path) -> Path:
@@ -282,7 +180,7 @@ def load_artifact(path: Path) -> Artifact:
         if not file.is_file():
             raise ArtifactError(f"{where}: {name} is missing; the copy is incomplete, copy the whole "
                                 f"directory again or re-export the model")
-        got = _sha256_file(file)
+        got = file_sha256(file)
         if got != expected:
             raise ArtifactError(f"{where}: checksum mismatch for {name} (expected {expected}, got {got}); "
                                 f"the file changed after export, re-export the model")
@@ -366,11 +264,11 @@ def _read_item_ids(file: Path, where: str) -> list[str]:
         raise ArtifactError(f"{where}: {ITEM_IDS_FILE} is unreadable ({e}); re-export the model") from e
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ArtifactError(f"{where}: {ITEM_IDS_FILE} must be a JSON list of strings; re-export the model")
-    _check_item_ids(ids, where)
+    check_item_ids(ids, where)
     return ids
 
 
-def _check_item_ids(ids: list[str], where: str) -> None:
+def check_item_ids(ids: list[str], where: str) -> None:
     if any(not isinstance(i, str) or not i for i in ids):
         raise ArtifactError(f"{where}: item ids must be non-empty strings")
     dupes = [i for i, n in Counter(ids).items() if n > 1]
@@ -378,57 +276,7 @@ def _check_item_ids(ids: list[str], where: str) -> None:
         raise ArtifactError(f"{where}: duplicate item ids {dupes[:5]}; each warm row of V is one item")
 
 
-def _json_object(value: Mapping[str, Any], what: str) -> dict[str, JsonValue]:
-    """Plain JSON data (tuples become lists), so that saving and loading hash the same config."""
-    try:
-        data = json.loads(json.dumps(dict(value), allow_nan=False))
-    except (TypeError, ValueError) as e:
-        bad = _non_finite_path(value, what)
-        hint = (f"{bad} is not finite; store None instead" if bad
-                else "use plain numbers, strings, lists and dicts")
-        raise ArtifactError(f"save_artifact: {what} is not JSON data ({e}); {hint}") from e
-    if not isinstance(data, dict):
-        raise ArtifactError(f"save_artifact: {what} must be a dict, got {type(value).__name__}")
-    return data
-
-
-def _non_finite_path(value: Any, path: str) -> str | None:
-    if isinstance(value, float) and not math.isfinite(value):
-        return path
-    items = (value.items() if isinstance(value, Mapping)
-             else enumerate(value) if isinstance(value, list | tuple) else ())
-    for key, sub in items:
-        found = _non_finite_path(sub, f"{path}[{key!r}]")
-        if found:
-            return found
-    return None
-
-
-def _manifest_json(manifest: Manifest) -> str:
-    return json.dumps(manifest.model_dump(mode="json", by_alias=True), indent=2, allow_nan=False) + "\n"
-
-
-def _library_versions() -> LibraryVersions:
-    return LibraryVersions(
-        torch=torch.__version__,
-        numpy=_distribution_version("numpy"),
-        # read from package metadata: importing faiss here would load it into every trainer process
-        faiss=_distribution_version("faiss-cpu", "faiss-gpu", "faiss"),
-        safetensors=safetensors.__version__,
-        python=platform.python_version(),
-    )
-
-
-def _distribution_version(*names: str) -> str:
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "not installed"
-
-
-def _sha256_file(file: Path) -> str:
+def file_sha256(file: Path) -> str:
     h = hashlib.sha256()
     with file.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

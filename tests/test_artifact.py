@@ -25,9 +25,8 @@ from service.artifact import (
     list_versions,
     load_artifact,
     resolve_current,
-    save_artifact,
-    set_current,
 )
+from service.artifact_export import save_artifact, set_current
 
 MODEL_CONFIG: dict[str, Any] = {"latent_dim": 4, "hidden": (8, 6), "dropout": 0.5, "name": "tiny"}
 METRICS: dict[str, Any] = {"validation": {"cold_only": {"ndcg@20": 0.25, "recall@20": 0.3}},

@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from service.app import create_app
-from service.artifact import TENSORS_FILE, load_artifact, set_current
+from service.artifact import TENSORS_FILE, load_artifact
+from service.artifact_export import set_current
 from service.config import Settings
 from service.recommender import Recommender
 from service.recommender_types import NewItem

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from service.artifact import save_artifact
+from service.artifact_export import save_artifact
 from training.dataset import Dataset
 
 
