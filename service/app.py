@@ -127,7 +127,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = await run_in_threadpool(open_store, settings)
     runtime.store = store
     runtime.gate = SwapGate()  # asyncio state belongs to the loop running this lifespan
-    runtime.batcher = RecommendBatcher(runtime.metrics.recommend_batch)
+    runtime.batcher = RecommendBatcher(runtime.metrics.recommend_batch, runtime.served.count)
     reloader = runtime.reloader = Reloader(runtime, lambda a: new_recommender(a, store, settings))
     tasks: list[asyncio.Task[None]] = []
     try:

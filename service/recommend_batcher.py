@@ -12,6 +12,7 @@ waits for two passes of an otherwise idle loop: microseconds.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi.concurrency import run_in_threadpool
@@ -41,8 +42,10 @@ class RecommendBatcher:
     FAISS's BLAS threshold (20 queries): below it FAISS computes each query-row distance on its
     own, so a user's scores never depend on which other requests shared the batch."""
 
-    def __init__(self, batch_sizes: Histogram, max_batch: int = 16) -> None:
+    def __init__(self, batch_sizes: Histogram, count: Callable[[list[Recommendations]], None],
+                 max_batch: int = 16) -> None:
         self._batch_sizes = batch_sizes
+        self._count = count  # the served-recommendation counters, once per batch
         self._max_batch = max_batch
         self._pending: list[_Pending] = []
         self._flush_scheduled = False
@@ -73,11 +76,25 @@ class RecommendBatcher:
                 if group[0].recommender.store.inline_reads:
                     # a local store never waits for a writer: ~0.1-1 ms of CPU, on one core a
                     # thread would add switches and GIL hand-offs and nothing else
-                    _settle(group, _outcome(group))
+                    self._settle(group, _outcome(group))
                 else:  # a network store may take up to its timeout: never on the event loop
-                    task = asyncio.ensure_future(_settle_from_thread(group))
+                    task = asyncio.ensure_future(self._settle_from_thread(group))
                     self._in_threads.add(task)  # held until done: the loop keeps only weak references
                     task.add_done_callback(self._in_threads.discard)
+
+    async def _settle_from_thread(self, group: list[_Pending]) -> None:
+        self._settle(group, await run_in_threadpool(_outcome, group))
+
+    def _settle(self, group: list[_Pending], outcome: list[Recommendations] | Exception) -> None:
+        if not isinstance(outcome, Exception):
+            self._count(outcome)
+        for at, p in enumerate(group):
+            if p.answer.done():  # the client went away and its request was cancelled
+                continue
+            if isinstance(outcome, Exception):
+                p.answer.set_exception(outcome)
+            else:
+                p.answer.set_result(outcome[at])
 
 
 def _outcome(group: list[_Pending]) -> list[Recommendations] | Exception:
@@ -85,17 +102,3 @@ def _outcome(group: list[_Pending]) -> list[Recommendations] | Exception:
         return group[0].recommender.recommend_many([(p.user_id, p.k) for p in group])
     except Exception as exc:  # each request of the batch gets the error its own call would have raised
         return exc
-
-
-async def _settle_from_thread(group: list[_Pending]) -> None:
-    _settle(group, await run_in_threadpool(_outcome, group))
-
-
-def _settle(group: list[_Pending], outcome: list[Recommendations] | Exception) -> None:
-    for at, p in enumerate(group):
-        if p.answer.done():  # the client went away and its request was cancelled
-            continue
-        if isinstance(outcome, Exception):
-            p.answer.set_exception(outcome)
-        else:
-            p.answer.set_result(outcome[at])

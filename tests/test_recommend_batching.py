@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +26,18 @@ def service_env(trained_artifact: TrainedArtifact, store_spec: StoreSpec, tmp_pa
     return env
 
 
+def _counter(metrics: str, series: str) -> float:
+    found = re.search(rf"^{re.escape(series)} (\S+)$", metrics, re.M)
+    assert found, f"{series} is exported"
+    return float(found.group(1))
+
+
+def _served(metrics: str) -> tuple[float, ...]:
+    return tuple(_counter(metrics, s) for s in (
+        'm2rec_recommendations_total{outcome="personal"}', 'm2rec_recommendations_total{outcome="fallback"}',
+        'm2rec_recommended_items_total{kind="cold"}', 'm2rec_recommended_items_total{kind="warm"}'))
+
+
 def _batches(metrics: str) -> tuple[float, float]:
     """(batches, requests) answered so far, from the batch-size histogram."""
     count = re.search(r"^m2rec_recommend_batch_size_count (\S+)$", metrics, re.M)
@@ -33,7 +46,7 @@ def _batches(metrics: str) -> tuple[float, float]:
     return float(count.group(1)), float(total.group(1))
 
 
-async def _all_at_once(url: str, paths: list[str]) -> list[dict[str, object]]:
+async def _all_at_once(url: str, paths: list[str]) -> list[dict[str, Any]]:
     async with httpx.AsyncClient(base_url=url, timeout=30.0,
                                  limits=httpx.Limits(max_connections=len(paths))) as client:
         responses = await asyncio.gather(*(client.get(p) for p in paths))
@@ -58,12 +71,18 @@ def test_concurrent_requests_share_batches_and_get_what_each_gets_alone(
         assert client.post("/interactions", json={"interactions": [
             {"user": u, "item": i} for u, h in histories.items() for i in h]}).status_code == 200
         alone = [client.get(p).json() for p in paths]
-        batches_before, requests_before = _batches(client.get("/metrics").text)
+        before = client.get("/metrics").text
+        batches_before, requests_before = _batches(before)
 
         together = asyncio.run(_all_at_once(server.url, paths))
 
-        batches, requests = _batches(client.get("/metrics").text)
+        after = client.get("/metrics").text
+        batches, requests = _batches(after)
     assert requests - requests_before == len(paths)
     assert batches - batches_before < len(paths), "concurrent requests were answered in shared batches"
     assert together == alone
-    assert [len(body["items"]) for body in together] == [5 + u % 4 * 10 for u in range(USERS)] + [9]  # type: ignore[arg-type]
+    assert [len(body["items"]) for body in together] == [5 + u % 4 * 10 for u in range(USERS)] + [9]
+    cold = sum(item["is_cold"] for body in together for item in body["items"])
+    served = sum(len(body["items"]) for body in together)
+    counted = [a - b for a, b in zip(_served(after), _served(before), strict=True)]
+    assert counted == [USERS, 1, cold, served - cold], "each batch counts what it served"

@@ -29,12 +29,8 @@ async def recommend(
         raise OutOfBoundsError(
             f"k={k} is larger than this service's k_max={runtime.settings.k_max}; ask for fewer items")
     # answered together with the other requests of this event-loop pass (service/recommend_batcher.py)
+    # (and counted there, per batch)
     result = await runtime.batcher.recommend(serving(runtime), user, k)
-    served = runtime.served
-    (served.fallback if result.fallback else served.personal).inc()
-    cold = sum(hit.is_cold for hit in result.hits)
-    served.cold_items.inc(cold)
-    served.warm_items.inc(len(result.hits) - cold)
     return Response(_body(user, result), media_type="application/json")
 
 
