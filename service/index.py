@@ -42,6 +42,7 @@ from service.index_base import Base, build_base, is_dead, merged_base
 from service.index_search import Hit, banned_mask, collect, segment_found
 from service.index_snapshot import SNAPSHOT_FORMAT, read_snapshot, write_snapshot
 from service.index_storage import (
+    Banned,
     DeltaSegment,
     DeltaView,
     IdMap,
@@ -50,6 +51,7 @@ from service.index_storage import (
     Item,
     ItemTable,
     Vectors,
+    take_rows,
 )
 
 __all__ = ["SNAPSHOT_FORMAT", "Hit", "IndexConfig", "VectorIndex", "recall_at_k"]
@@ -215,7 +217,7 @@ class VectorIndex:
         todo = list(range(len(q)))
         fetch = k + min(dead, 4 * k)
         while todo:
-            ban = [banned[b] for b in todo]
+            ban = Banned([banned[b] for b in todo])
             found = [f for seg in segments for f in segment_found(seg, q[todo], fetch, ban, nprobe)]
             if not found:
                 break
@@ -224,8 +226,7 @@ class VectorIndex:
             bound = np.max([f.bound for f in found], axis=0).tolist()  # (B',)
             all_scores[banned_mask(all_iids, ban)] = -np.inf  # what FAISS shards returned of them
             order = np.argsort(-all_scores, axis=1, kind="stable")  # (B', S) best first
-            all_scores = np.take_along_axis(all_scores, order, axis=1)
-            all_iids = np.take_along_axis(all_iids, order, axis=1)
+            all_scores, all_iids = take_rows(all_scores, order), take_rows(all_iids, order)
             unfinished = []
             for row, b in enumerate(todo):
                 hits = collect(self._item_of, all_scores[row], all_iids[row], k, excluded[b])

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.index_base import Base, Coarse, Shard
-from service.index_storage import DeltaView, Found, Ids, ItemTable, Scores, Vectors, flat_banned, top_k
+from service.index_storage import Banned, DeltaView, Found, Ids, ItemTable, Scores, Vectors, top_k
 
 
 class Hit(NamedTuple):
@@ -49,7 +49,7 @@ def search_shards(base: Base, queries: Vectors, k: int, nprobe: int) -> list[tup
     return found
 
 
-def base_found(base: Base, queries: Vectors, k: int, banned: list[Ids], nprobe: int) -> list[Found]:
+def base_found(base: Base, queries: Vectors, k: int, banned: Banned, nprobe: int) -> list[Found]:
     """Each shard's and the overflow's best k per query (B, D+1) without its banned ids (sorted, per
     query). FAISS cannot skip ids, so a shard is asked for k more per banned id it holds, and the
     caller drops them; the overflow drops them itself."""
@@ -73,13 +73,12 @@ def base_found(base: Base, queries: Vectors, k: int, banned: list[Ids], nprobe: 
     return found
 
 
-def _held(sorted_iids: Ids, banned: list[Ids]) -> int:
-    """The most banned ids (sorted, per query) that the shard's sorted ids hold for one query."""
-    if not len(sorted_iids) or not any(len(ban) for ban in banned):
+def _held(sorted_iids: Ids, banned: Banned) -> int:
+    """The most banned ids that the shard's sorted ids hold for one query."""
+    if not len(sorted_iids) or not banned.any:
         return 0
-    owner, ids = flat_banned(banned)
-    at = np.minimum(np.searchsorted(sorted_iids, ids), len(sorted_iids) - 1)
-    return int(np.bincount(owner[sorted_iids[at] == ids], minlength=1).max())
+    at = np.minimum(np.searchsorted(sorted_iids, banned.ids), len(sorted_iids) - 1)
+    return int(np.bincount(banned.owner[sorted_iids[at] == banned.ids], minlength=1).max())
 
 
 def _search_ivf(
@@ -123,21 +122,20 @@ def _ivf_params(nprobe: int) -> Any:
     return params
 
 
-def segment_found(segment: Any, queries: Vectors, k: int, banned: list[Ids], nprobe: int) -> list[Found]:
+def segment_found(segment: Any, queries: Vectors, k: int, banned: Banned, nprobe: int) -> list[Found]:
     if isinstance(segment, DeltaView):
         top = segment.top(queries, k, banned)
         return [] if top is None else [top]
     return base_found(segment, queries, k, banned, nprobe)
 
 
-def banned_mask(iids: Ids, banned: list[Ids]) -> npt.NDArray[np.bool_]:
-    """(B, S): whether candidate iids[b, s] is among query b's banned ids (sorted), for all
-    queries in one binary search: keys (b, iid) as b·2^40 + iid, ids being below 2^40."""
-    if not any(len(ban) for ban in banned):
+def banned_mask(iids: Ids, banned: Banned) -> npt.NDArray[np.bool_]:
+    """(B, S): whether candidate iids[b, s] is among query b's banned ids, for all queries in one
+    binary search: keys (b, iid) as b·2^40 + iid (ids stay below 2^40), sorted by query then id."""
+    if not banned.any:
         return np.zeros(iids.shape, dtype=bool)
-    rows = np.arange(len(iids), dtype=np.int64)[:, None] << 40  # (B, 1)
-    keys = np.concatenate([(b << 40) + ban for b, ban in enumerate(banned)])  # sorted: b, then id
-    wanted = rows + iids  # (B, S)
+    keys = (banned.owner << 40) + banned.ids
+    wanted = (np.arange(len(iids), dtype=np.int64)[:, None] << 40) + iids  # (B, S)
     at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
     found: npt.NDArray[np.bool_] = (keys[at] == wanted) & (iids >= 0)
     return found

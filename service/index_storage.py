@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import faiss
 import numpy as np
@@ -38,28 +38,38 @@ class Found(NamedTuple):
     bound: npt.NDArray[np.float32]  # (B,)
 
 
-def mask_banned(scores: Scores, iids: Ids, banned: list[Ids], ascending: bool) -> None:
+class Banned:
+    """Each query's excluded internal ids (sorted), and the same flattened once per search for the
+    segments that locate them for the whole batch at once."""
+
+    def __init__(self, per_query: list[Ids]) -> None:
+        self.per_query = per_query
+        self.any = any(len(ban) for ban in per_query)
+        self.owner: Ids = np.repeat(np.arange(len(per_query)), [len(ban) for ban in per_query])  # query of each
+        self.ids: Ids = np.concatenate(per_query) if per_query else np.empty(0, np.int64)
+
+
+def mask_banned(scores: Scores, iids: Ids, banned: Banned, ascending: bool) -> None:
     """Set to -inf, in place, each query's score (B, n) of the rows whose ids (n,) are in its
-    banned ids (sorted): one binary search for the whole batch when `iids` is ascending."""
+    banned ids: one binary search for the whole batch when `iids` is ascending."""
     n = len(iids)
-    if not n or not any(len(ban) for ban in banned):
+    if not n or not banned.any:
         return
     if ascending:
-        owner, ids = flat_banned(banned)
-        at = np.minimum(np.searchsorted(iids, ids), n - 1)
-        hit = iids[at] == ids
-        scores[owner[hit], at[hit]] = -np.inf
+        at = np.minimum(np.searchsorted(iids, banned.ids), n - 1)
+        hit = iids[at] == banned.ids
+        scores[banned.owner[hit], at[hit]] = -np.inf
         return
-    for b, ban in enumerate(banned):
+    for b, ban in enumerate(banned.per_query):
         if len(ban):
             at = np.minimum(np.searchsorted(ban, iids), len(ban) - 1)
             scores[b, ban[at] == iids] = -np.inf
 
 
-def flat_banned(banned: list[Ids]) -> tuple[Ids, Ids]:
-    """Every query's banned ids in one array, with the query each belongs to."""
-    owner = np.repeat(np.arange(len(banned)), [len(ban) for ban in banned])
-    return owner, np.concatenate(banned)
+def take_rows(values: npt.NDArray[Any], columns: Ids) -> npt.NDArray[Any]:
+    """values[b, columns[b, j]] (B, m): np.take_along_axis without its Python-level set-up."""
+    picked: npt.NDArray[Any] = values[np.arange(len(values))[:, None], columns]
+    return picked
 
 
 def inner_products(out: Scores, query: Vectors, rows: Vectors) -> None:
@@ -80,7 +90,7 @@ def best_rows(scores: Scores, iids: Ids, k: int) -> Found:
     if n <= k:
         return Found(scores, np.broadcast_to(iids, scores.shape), np.full(len(scores), -np.inf, np.float32))
     top = np.argpartition(scores, n - k, axis=1)[:, n - k :]  # (B, k): each row's k largest
-    best = np.take_along_axis(scores, top, axis=1)
+    best = take_rows(scores, top)
     return Found(best, iids[top], best.min(axis=1))
 
 
@@ -144,7 +154,7 @@ class DeltaView:
         return top_k(found, k)
 
 
-    def top(self, queries: Vectors, k: int, banned: list[Ids]) -> Found | None:
+    def top(self, queries: Vectors, k: int, banned: Banned) -> Found | None:
         """Each query's (B, D+1) best k rows, banned ids (sorted, per query) left out; None when empty."""
         parts = self._parts()
         if not parts:
