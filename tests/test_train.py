@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.model import item_inputs
+from service.model import M2Rec, item_inputs
 from training.dataset import Dataset
 from training.m2rec_recommender import M2RecRecommender
 from training.protocol import cold_only, evaluate
@@ -74,3 +74,16 @@ def test_adapter_scores_every_candidate_finitely(dataset: Dataset, variant: str)
     assert scores.shape == (min(5, split.test_users.size), split.cold_items.size)
     assert np.isfinite(scores).all()
     assert set(evaluate(rec, cold_only(split))) >= {"recall@20", "ndcg@20"}
+
+
+def test_b_passes_give_more_user_updates(dataset: Dataset) -> None:
+    """b_passes > 1 trains the item table V further in the same number of epochs (nothing else changes)."""
+    split = cold_start_split(dataset, seed=0)
+    cfg = {**TINY, "epochs": 1, "lr_gen": 0.0, "lambda_v": 0.0}
+    one = train(dataset, split, TrainConfig(seed=0, **cfg))  # type: ignore[arg-type]
+    three = train(dataset, split, TrainConfig(seed=0, b_passes=3, **cfg))  # type: ignore[arg-type]
+    torch.manual_seed(0)  # train() seeds torch the same way before building the model
+    init = M2Rec(one.model.config).user.V
+    moved_one = (one.model.user.V - init).norm()
+    moved_three = (three.model.user.V - init).norm()
+    assert moved_three > moved_one > 0

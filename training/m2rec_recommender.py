@@ -30,6 +30,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec-surrogate": {"surrogate_weight": 1.0},
     "m2rec-slow-gen": {"lr_gen": 1e-3, "feature_dropout": 0.3},
     "m2rec-slow-gen-surrogate": {"lr_gen": 1e-3, "feature_dropout": 0.3, "surrogate_weight": 1.0},
+    # issue 3 round: V trained with 4 b-step passes an epoch, the generator regressed onto it (recon-heavy)
+    "m2rec-dense-b": {"lr_gen": 1e-3, "feature_dropout": 0.3, "b_passes": 4, "recon_weight": 30.0, "epochs": 20},
 }
 
 

@@ -56,6 +56,7 @@ class TrainConfig:
     # b-step (Multi-VAE)
     batch_users: int = 128
     lr_user: float = 3e-3
+    b_passes: int = 1  # b-step passes over the users per epoch (small datasets: few updates per pass)
     input_dropout: float = 0.5
     beta_cap: float = 0.2
     anneal_epochs: float = 10.0  # β reaches its cap after this many epochs
@@ -302,7 +303,7 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainRe
     model = M2Rec(cfg.model_config(data.warm.size, len(data.vocabulary), data.content_dim))
     opt_user = torch.optim.Adam(model.user.parameters(), lr=cfg.lr_user)
     opt_gen = torch.optim.AdamW(model.generator.parameters(), lr=cfg.lr_gen, weight_decay=cfg.wd_gen)
-    steps_per_epoch = -(-data.train_users.size // cfg.batch_users)
+    steps_per_epoch = cfg.b_passes * -(-data.train_users.size // cfg.batch_users)
     step, best_val, best_epoch = 0, -1.0, -1
     best_state: dict[str, torch.Tensor] = {}
     best_metrics: dict[str, float] = {}
@@ -310,7 +311,8 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainRe
     bar = tqdm(range(cfg.epochs), desc=f"train {dataset.name}", disable=not cfg.progress)
     for epoch in bar:
         t0 = time.perf_counter()
-        b_parts, step = b_step(model, data, opt_user, cfg, rng, step, steps_per_epoch)
+        for _ in range(cfg.b_passes):
+            b_parts, step = b_step(model, data, opt_user, cfg, rng, step, steps_per_epoch)
         for _ in range(cfg.t_passes):
             t_parts = t_step(model, data, opt_gen, cfg, rng)
         row: dict[str, float] = {"epoch": epoch, **b_parts, **t_parts}
