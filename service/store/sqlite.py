@@ -30,35 +30,8 @@ from service.store.records import (
     latest_per_user,
     vector_to_bytes,
 )
+from service.store.sqlite_schema import SCHEMA
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
-    item_id TEXT PRIMARY KEY,
-    attributes TEXT NOT NULL,
-    content BLOB,
-    embedding BLOB NOT NULL,
-    model_version TEXT NOT NULL,
-    created_at REAL NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS history (
-    user_id TEXT NOT NULL,
-    item_id TEXT NOT NULL,
-    ts REAL NOT NULL,
-    PRIMARY KEY (user_id, item_id)
-);
-CREATE INDEX IF NOT EXISTS history_by_time ON history (user_id, ts, item_id);
--- each user's history as one JSON array, oldest first: the request path reads one row per user
--- instead of one per item (~5x less read time); rewritten in the transaction that changes history
-CREATE TABLE IF NOT EXISTS history_lists (user_id TEXT PRIMARY KEY, items TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    item_id TEXT,
-    user_ids TEXT,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-"""
 _ITEM_COLUMNS = "item_id, attributes, content, embedding, model_version, created_at"
 _IN_CHUNK = 500  # ids per `IN (...)`, well under SQLite's bound-parameter limit
 
@@ -92,7 +65,7 @@ class SqliteStore:
             self._conn = self._connect()
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
+            self._conn.executescript(SCHEMA)
             self._fill_history_lists()
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"sqlite {path}: {exc}") from exc

@@ -1,0 +1,95 @@
+"""SQLite-only behaviour of the embedded store: durability settings, reads that never wait for a
+writer, failures at open, and the per-user history rows (the shared contract is tests/test_store.py)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from service.store import Interaction, SqliteStore, StoreUnavailable
+from tests.test_store import make_item
+
+
+def test_sqlite_commits_through_a_fully_synced_wal(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.close()
+    conn = sqlite3.connect(tmp_path / "s.sqlite3")
+    # journal_mode is persistent in the file; synchronous is per connection, so read it via the store
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
+    reopened = SqliteStore(tmp_path / "s.sqlite3")
+    assert reopened._conn.execute("PRAGMA synchronous").fetchone() == (2,)  # 2 = FULL
+    reopened.close()
+
+
+def test_unopenable_sqlite_file_raises_store_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable):
+        SqliteStore(tmp_path / "no-such-dir" / "s.sqlite3")
+
+
+def test_closed_sqlite_store_raises_store_unavailable(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.ping()
+
+
+def test_sqlite_reads_do_not_wait_for_a_write_in_progress(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.put_items([make_item("before")])
+    store.add_interactions([Interaction("u", "before", 1.0)])
+    in_write, release = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        with store._write() as cur:  # holds the writer's lock, as a commit waiting on its fsync does
+            cur.execute("DELETE FROM history")
+            cur.execute("DELETE FROM history_lists")
+            in_write.set()
+            release.wait(10)
+
+    writer = threading.Thread(target=slow_write)
+    writer.start()
+    try:
+        assert in_write.wait(10)
+        done = threading.Event()
+        seen: list[list[str]] = []
+
+        def read() -> None:
+            seen.append(store.get_history("u"))
+            done.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert done.wait(5), "a read waited for the writer"
+        assert seen == [["before"]]  # the last committed state, not the write in progress
+    finally:
+        release.set()
+        writer.join()
+    assert store.get_history("u") == []  # and the write is visible once committed
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.get_history("u")
+
+
+def test_in_memory_sqlite_reads_see_their_own_database() -> None:
+    store = SqliteStore(":memory:")
+    store.put_items([make_item("a")])
+    assert store.get_item("a") == make_item("a") and store.count_items() == 1
+    store.close()
+
+
+def test_a_store_written_before_history_lists_gets_them_at_open(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.add_interactions([Interaction("u", "b", 2.0), Interaction("u", "a", 1.0), Interaction("v", "c", 1.0)])
+    with store._write() as cur:  # as an older version left it: history rows only
+        cur.execute("DELETE FROM history_lists")
+        cur.execute("DELETE FROM meta WHERE key = 'sqlite:history_lists'")
+    store.close()
+
+    reopened = SqliteStore(tmp_path / "s.sqlite3")
+
+    assert reopened.get_histories(["u", "v", "w"]) == {"u": ["a", "b"], "v": ["c"], "w": []}
+    reopened.close()
