@@ -211,7 +211,7 @@ class VectorIndex:
         with self._lock:
             segments: list[Any] = [self._pinned, self._base, *self._frozen, self._delta.view()]
             dead = len(self._killed)
-        banned = [self._internal_ids(e) for e in excluded]  # may miss a racing upsert: _collect re-checks
+        banned = [self._internal_ids(e) for e in excluded]  # may miss a racing upsert: collect re-checks
         nprobe = self.nprobe
         results: list[list[Hit]] = [[] for _ in q]
         todo = list(range(len(q)))
