@@ -37,6 +37,7 @@ from benchmarks.catalogue import (
     synthetic_batch,
     write_histories,
 )
+from benchmarks.in_process import K, recommend_alone, recommend_batched, search_alone, user_queries
 from benchmarks.load import Connection, LoadResult, request_once, run_load
 from benchmarks.processes import CLIENT_CORE, Server, all_cores, pin
 from benchmarks.report import write_report
@@ -46,7 +47,6 @@ from service.recommender import Recommender
 from service.store import SqliteStore
 from training.dataset import Dataset, load_dataset
 
-K = 20
 CONCURRENCY = 16
 INGEST_START = 5_000_000  # ids of items posted over HTTP: syn:5000000 and up, never in the catalogue
 NPROBES = (4, 8, 16, 32, 64, 128)
@@ -77,8 +77,7 @@ def item_json(batch: SyntheticBatch, b: int) -> dict[str, Any]:
 
 
 def queries(bench: Bench, users: dict[str, list[str]]) -> np.ndarray:
-    r = bench.recommender
-    return np.concatenate([r.user_query(r.history_rows(h)) for h in users.values()])  # (U, D+1)
+    return user_queries(bench.recommender, users)  # (U, D+1)
 
 
 def exact_top(bench: Bench, users: dict[str, list[str]], q: np.ndarray) -> list[list[str]]:
@@ -125,36 +124,6 @@ def calibrate(bench: Bench, kind: str) -> tuple[VectorIndex, int, list[dict[str,
             break
     index.nprobe = chosen
     return index, chosen, sweep
-
-
-def in_process_compute(bench: Bench, index: VectorIndex, n: int) -> dict[str, float]:
-    """recommender.recommend() without HTTP, one thread, one request at a time."""
-    bench.recommender.index = index
-    users = list(bench.bench_users)
-    times = []
-    for j in range(n):
-        t0 = time.perf_counter()
-        bench.recommender.recommend(users[j % len(users)], K)
-        times.append(time.perf_counter() - t0)
-    a = np.asarray(times[10:]) * 1e3
-    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
-            "mean_ms": round(float(a.mean()), 3)}
-
-
-def in_process_batched(bench: Bench, index: VectorIndex, batch: int, rounds: int) -> dict[str, float]:
-    """recommender.recommend_many() for `batch` users at a time, as the request batcher calls it:
-    milliseconds per user (the batch's time / batch)."""
-    bench.recommender.index = index
-    users = list(bench.bench_users)
-    per_user = []
-    for j in range(rounds):
-        chosen = [(users[(j * batch + b) % len(users)], K) for b in range(batch)]
-        t0 = time.perf_counter()
-        bench.recommender.recommend_many(chosen)
-        per_user.append((time.perf_counter() - t0) / batch)
-    a = np.asarray(per_user[2:]) * 1e3
-    return {"batch": batch, "p50_ms_per_user": round(float(np.percentile(a, 50)), 3),
-            "mean_ms_per_user": round(float(a.mean()), 3)}
 
 
 def served_recall(bench: Bench, port: int) -> tuple[float, dict[str, float]]:
@@ -305,9 +274,11 @@ def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
                               "nprobe_sweep": sweep, "calibration_s": round(time.perf_counter() - t0, 1)}
     torch.set_num_threads(1)
     with threadpool_limits(1, user_api="blas"):  # as the server runs (service/app.py)
-        result["compute"] = in_process_compute(bench, index, 300 if args.quick else 1000)
-        result["compute_batched"] = in_process_batched(bench, index, 10, 30 if args.quick else 100)
-        result["compute_search_only"] = search_only(bench, index)
+        r.index = index
+        users = list(bench.bench_users)
+        result["compute"] = recommend_alone(r, users, 300 if args.quick else 1000)
+        result["compute_batched"] = recommend_batched(r, users, 10, 30 if args.quick else 100)
+        result["compute_search_only"] = search_alone(r, index, bench.bench_users)
     bench.recommender.index = VectorIndex(r.dim)  # free the in-process copy before the server starts
     del index
     env = {"M2REC_ARTIFACT_PATH": str(args.artifact), "M2REC_STORE_URL": str(work / "store.sqlite3"),
@@ -338,19 +309,6 @@ def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
     result["loadavg_after"] = os.getloadavg()
     print(json.dumps(result, indent=1), flush=True)
     return result
-
-
-def search_only(bench: Bench, index: VectorIndex) -> dict[str, float]:
-    """index.search alone for the benchmark users' real queries (history excluded), one at a time."""
-    q = queries(bench, bench.bench_users)
-    seen = [set(h) for h in bench.bench_users.values()]
-    times = []
-    for j in range(len(q)):
-        t0 = time.perf_counter()
-        index.search(q[j : j + 1], K, exclude=[seen[j]])
-        times.append(time.perf_counter() - t0)
-    a = np.asarray(times) * 1e3
-    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -314,10 +314,11 @@ class Recommender:
         """`history_rows` of many users in one gather: their rows stacked (sum L_b, D+1) in user
         order, and how many rows each user kept."""
         flat = list(chain.from_iterable(histories))
+        lengths = [len(h) for h in histories]
         positions = list(map(self._warm_pos.get, flat, repeat(-1)))  # C-level: no Python step per item
         at = np.asarray(positions, dtype=np.int64)
         if -1 not in positions:  # the common case: one gather, no per-row Python
-            return self.warm_rows[at] if positions else self._no_rows(), [len(h) for h in histories]
+            return self.warm_rows[at] if positions else self._no_rows(), lengths
         places = np.flatnonzero(at < 0).tolist()  # the registered items' places
         registered = list(dict.fromkeys(flat[a] for a in places))
         found = self._rows.get_many(registered)
@@ -335,12 +336,11 @@ class Recommender:
                 keep[a] = False
             else:
                 rows[a] = row
-        lengths = np.asarray([len(h) for h in histories], dtype=np.int64)
         if keep.all():
-            return rows, lengths.tolist()
+            return rows, lengths
         kept_before = np.concatenate([[0], np.cumsum(keep)])  # rows kept before each place
         ends = np.cumsum(lengths)
-        kept = kept_before[ends] - kept_before[ends - lengths]
+        kept = kept_before[ends] - kept_before[ends - np.asarray(lengths)]
         return rows[keep], kept.tolist()
 
     def _no_rows(self) -> Rows:
@@ -349,7 +349,7 @@ class Recommender:
     def user_query(self, rows: Rows) -> Rows:
         """Index query [h; 1] (1, D+1) of a user folded in from history rows (L, D+1); equals
         `M2Rec.query(model.fold_in(rows))` (service.fold_in runs it in NumPy)."""
-        return self._fold_in.queries(rows, [len(rows)])
+        return self._fold_in.query(rows)
 
     def recommend(self, user_id: str, k: int) -> Recommendations:
         return self.recommend_many([(user_id, k)])[0]

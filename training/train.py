@@ -316,8 +316,7 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainRe
         for _ in range(cfg.t_passes):
             t_parts = t_step(model, data, opt_gen, cfg, rng)
         row: dict[str, float] = {"epoch": epoch, **b_parts, **t_parts}
-        last = epoch == cfg.epochs - 1
-        if (epoch + 1) % cfg.eval_every == 0 or last:
+        if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
             val = validate(model, data, dataset, split)
             row["val_recall@20"] = val.get("recall@20", 0.0)
             row["val_ndcg@20"] = val.get("ndcg@20", 0.0)
