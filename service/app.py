@@ -201,9 +201,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0", lifespan=lifespan,
     )
     app.state.runtime = Runtime(settings=settings, metrics=metrics)
-    # routes are matched in order: the hot read first
+    # Routes are matched in order: the hot read first. Their APIRoutes go straight into the app's
+    # route list: `include_router` (FastAPI >= 0.160) wraps each router in a lazily resolved layer
+    # that cost ~12 µs per request, a twelfth of a whole bare request (py-spy, 2026-12-01); the
+    # OpenAPI document is byte-identical either way.
     for router in (recommend.router, items.router, interactions.router, health.router, admin.router):
-        app.include_router(router)
+        app.router.routes.extend(router.routes)
     handler = _error_handler(metrics)
     app.add_exception_handler(RequestValidationError, _invalid_request(metrics))
     for exc_type in _ERRORS:

@@ -47,8 +47,11 @@ def _layers(mlp: nn.Sequential, keep_out: int | None = None) -> list[_Layer]:
 
 
 def _run(layers: list[_Layer], x: Array) -> Array:
+    """x (B, 1, in) -> (B, 1, out). A stacked matmul runs one BLAS product per user, (1, in) x
+    (in, out), so each user's result is bit-identical to their own call, whatever B; one
+    (B, in) x (in, out) product would round each row differently with B."""
     for layer in layers:
-        x = x @ layer.weight + layer.bias
+        x = np.matmul(x, layer.weight) + layer.bias
         if layer.tanh_after:
             x = np.tanh(x)
     return x
@@ -75,9 +78,8 @@ class FoldIn:
         """[h; 1] (B, D+1) of B users whose history rows are stacked in `rows` (sum L_b, D+1), user b
         owning the next lengths[b] of them.
 
-        The first layer's sums for every user in one `reduceat`; the MLPs one user at a time on
-        purpose: a BLAS product over B users rounds each user's h differently with B, so a user's
-        scores would depend on which requests shared the batch.
+        The first layer's sums for every user in one `reduceat`; the MLPs as one product per user
+        (`_run`), on purpose: a user's scores never depend on which requests shared the batch.
         """
         sums = np.zeros((len(lengths), self.dim), np.float32)  # (B, D)
         starts = np.cumsum([0, *lengths[:-1]])
@@ -86,6 +88,5 @@ class FoldIn:
             sums[filled] = np.add.reduceat(rows[:, : self.dim], starts[filled], axis=0)
         first = sums / np.sqrt(np.maximum(lengths, 1)).astype(np.float32)[:, None] + self.enc_bias  # (B, D)
         out = np.ones((len(lengths), self.dim + 1), np.float32)  # (B, D+1): the last column stays 1
-        for b in range(len(lengths)):
-            out[b, : self.dim] = _run(self.decoder, _run(self.encoder, np.tanh(first[b : b + 1])))[0]
+        out[:, : self.dim] = _run(self.decoder, _run(self.encoder, np.tanh(first)[:, None, :]))[:, 0]
         return out

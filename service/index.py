@@ -31,15 +31,15 @@ import logging
 import math
 import threading
 from collections.abc import Iterable, Sequence, Set
+from itertools import chain
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 
 from service.index_base import Base, build_base, is_dead, merged_base
-from service.index_search import Hit, banned_mask, collect, segment_found
+from service.index_search import Hit, banned_mask, base_found, collect, exact_found, head_hits
 from service.index_snapshot import SNAPSHOT_FORMAT, read_snapshot, write_snapshot
 from service.index_storage import (
     Banned,
@@ -59,6 +59,7 @@ __all__ = ["SNAPSHOT_FORMAT", "Hit", "IndexConfig", "VectorIndex", "recall_at_k"
 _GIL_SLICE = 16_384  # ids per Python-level pass, so other threads get the GIL between passes
 log = logging.getLogger(__name__)
 Batch = tuple[Sequence[str], npt.ArrayLike, Sequence[bool]]  # ids, rows (N, D+1), cold flags
+HEAD_SLACK = 8  # candidates converted past the k-th: room for ties at the k-th score
 
 
 class VectorIndex:
@@ -116,7 +117,7 @@ class VectorIndex:
             index._pinned = pinned.view()
             index._base = build_base(parts, dim, index.config)
             index._killed = set(killed[is_dead(killed, np.sort(index._pinned.arrays()[0]))].tolist())
-            index._iid_of.freeze()
+            index._iid_of.freeze(hot=index._pinned_ids())
         return index
 
     # -- writes -------------------------------------------------------------------------------
@@ -209,16 +210,18 @@ class VectorIndex:
         if len(excluded) != len(q):
             raise ValueError("one exclusion set per query")
         with self._lock:
-            segments: list[Any] = [self._pinned, self._base, *self._frozen, self._delta.view()]
+            base = self._base
+            exact = [self._pinned, *self._frozen, self._delta.view()]
             dead = len(self._killed)
-        banned = [self._internal_ids(e) for e in excluded]  # may miss a racing upsert: collect re-checks
+        banned = self._banned(excluded)  # may miss a racing upsert: collect re-checks
         nprobe = self.nprobe
         results: list[list[Hit]] = [[] for _ in q]
         todo = list(range(len(q)))
         fetch = k + min(dead, 4 * k)
         while todo:
-            ban = Banned([banned[b] for b in todo])
-            found = [f for seg in segments for f in segment_found(seg, q[todo], fetch, ban, nprobe)]
+            ban = banned if len(todo) == len(q) else banned.subset(todo)
+            found = base_found(base, q[todo], fetch, ban, nprobe)
+            found += exact_found([*exact, *base.exact_views()], q[todo], fetch, ban)
             if not found:
                 break
             all_scores = np.concatenate([f.scores for f in found], axis=1)  # (B', S): every segment's candidates
@@ -227,9 +230,14 @@ class VectorIndex:
             all_scores[banned_mask(all_iids, ban)] = -np.inf  # what FAISS shards returned of them
             order = np.argsort(-all_scores, axis=1, kind="stable")  # (B', S) best first
             all_scores, all_iids = take_rows(all_scores, order), take_rows(all_iids, order)
+            head = min(all_scores.shape[1], k + HEAD_SLACK)  # one conversion for the batch
+            head_scores, head_iids = all_scores[:, :head].tolist(), all_iids[:, :head].tolist()
             unfinished = []
             for row, b in enumerate(todo):
-                hits = collect(self._item_of, all_scores[row], all_iids[row], k, excluded[b])
+                hits = head_hits(self._item_of, head_scores[row], head_iids[row], k, excluded[b],
+                                 head < all_scores.shape[1])
+                if hits is None:
+                    hits = collect(self._item_of, all_scores[row], all_iids[row], k, excluded[b])
                 results[b] = hits
                 if bound[row] > -math.inf and (len(hits) < k or hits[-1].score < bound[row]):
                     unfinished.append(b)
@@ -237,8 +245,18 @@ class VectorIndex:
             fetch *= 4
         return results
 
-    def _internal_ids(self, item_ids: Set[str]) -> Ids:
-        return np.sort(np.asarray(self._iid_of.get_many(item_ids), dtype=np.int64))
+    def _pinned_ids(self) -> list[str]:
+        """Item ids of the live pinned rows."""
+        iids = self._pinned.arrays()[0].tolist()
+        return [i for i in self._item_of.items_at(iids)[0] if i is not None]
+
+    def _banned(self, excluded: list[Set[str]]) -> Banned:
+        """Every query's excluded items that the index holds, as internal ids, in one lookup."""
+        flat = list(chain.from_iterable(excluded))
+        iids = self._iid_of.lookup(flat)  # (n,), -1 where absent
+        owner = np.repeat(np.arange(len(excluded)), [len(e) for e in excluded])
+        present = iids >= 0
+        return Banned(owner[present], iids[present], len(excluded))
 
     def _queries(self, queries: npt.ArrayLike) -> Vectors:
         q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -370,7 +388,7 @@ class VectorIndex:
                 index._cold += is_cold
             stored = np.concatenate([snapshot.base.iids(), snapshot.delta[0], snapshot.pinned.arrays()[0]])
             index._killed = set(np.setdiff1d(stored, np.asarray(snapshot.iids, dtype=np.int64)).tolist())
-            index._iid_of.freeze()
+            index._iid_of.freeze(hot=index._pinned_ids())
         return index, snapshot.event_id
 
 

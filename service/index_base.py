@@ -22,6 +22,7 @@ get exactly their size (growth by doubling would waste up to half the memory).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,6 +66,22 @@ class Shard:
     def size(self) -> int:
         return len(self.iids)
 
+    @functools.cached_property
+    def exact_view(self) -> DeltaView:
+        """An exact shard's rows and ids in FAISS's own memory (no copy), as one chunk: searches
+        score them with the other exact segments (`index_search.exact_found`). FAISS's own flat
+        search takes one dot product at a time below 20 queries, ~4x slower per row. Valid while
+        the shard lives: shards are never mutated once published."""
+        index: Any = self.index
+        n, d = self.size, index.d
+        rows, ids = np.empty((0, d), np.float32), np.empty(0, np.int64)
+        if n:
+            flat: Any = faiss.downcast_index(index.index)  # IndexFlatIP
+            rows = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
+            ids = faiss.rev_swig_ptr(index.id_map.data(), n)
+        ascending = bool((np.diff(ids) > 0).all())
+        return DeltaView(((rows, ids),), n, max(n, 1), d, ascending)
+
 
 @dataclass(frozen=True)
 class Base:
@@ -80,6 +97,12 @@ class Base:
     @property
     def is_ivf(self) -> bool:
         return self.coarse is not None
+
+    def exact_views(self) -> list[DeltaView]:
+        """The rows searched exactly: every shard of an exact base, else the IVF overflow."""
+        if self.coarse is None:
+            return [shard.exact_view for shard in self.shards if shard.size]
+        return [self.overflow] if self.overflow is not None and self.overflow.size else []
 
     def iids(self) -> Ids:
         parts = [s.iids for s in self.shards] + ([self.overflow.arrays()[0]] if self.overflow else [])

@@ -17,7 +17,19 @@ import numpy as np
 import numpy.typing as npt
 
 from service.index_base import Base, Coarse, Shard
-from service.index_storage import Banned, DeltaView, Found, Ids, ItemTable, Scores, Vectors, top_k
+from service.index_storage import (
+    Banned,
+    DeltaView,
+    Found,
+    Ids,
+    ItemTable,
+    Scores,
+    Vectors,
+    best_rows,
+    inner_products,
+    mask_banned,
+    top_k,
+)
 
 
 class Hit(NamedTuple):
@@ -50,27 +62,59 @@ def search_shards(base: Base, queries: Vectors, k: int, nprobe: int) -> list[tup
 
 
 def base_found(base: Base, queries: Vectors, k: int, banned: Banned, nprobe: int) -> list[Found]:
-    """Each shard's and the overflow's best k per query (B, D+1) without its banned ids (sorted, per
-    query). FAISS cannot skip ids, so a shard is asked for k more per banned id it holds, and the
-    caller drops them; the overflow drops them itself."""
-    found: list[Found] = []
+    """Each IVF shard's best k per query (B, D+1) without its banned ids. FAISS cannot skip ids,
+    so a shard is asked for k more per banned id it holds, and the caller drops them. The base's
+    exact rows (an exact base's shards, an IVF base's overflow) are scored with the other exact
+    segments: `exact_found` over `Base.exact_views`."""
     shards = [s for s in base.shards if s.size]
+    if base.coarse is None or not shards:
+        return []
     fetch = [k + _held(shard.iids, banned) for shard in shards]
-    if base.coarse is None:
-        for shard, kk in zip(shards, fetch, strict=True):
-            kk = min(kk, shard.size)
-            scores, iids = shard.index.search(queries, kk)  # (B, kk) best first
-            bound = scores[:, -1] if kk < shard.size else np.full(len(queries), -np.inf, np.float32)
-            found.append(Found(scores, iids, bound))
-    elif shards:
-        for kk, (scores, iids) in zip(fetch, _search_ivf(base.coarse, shards, queries, fetch, nprobe), strict=True):
-            full = (iids[:, -1] >= 0) & (scores.shape[1] == kk)  # kk rows found: more may lie below
-            found.append(Found(scores, iids, np.where(full, scores[:, -1], -np.inf).astype(np.float32)))
-    if base.overflow is not None and base.overflow.size:
-        top = base.overflow.top(queries, k, banned)
-        if top is not None:
-            found.append(top)
+    found: list[Found] = []
+    for kk, (scores, iids) in zip(fetch, _search_ivf(base.coarse, shards, queries, fetch, nprobe), strict=True):
+        full = (iids[:, -1] >= 0) & (scores.shape[1] == kk)  # kk rows found: more may lie below
+        found.append(Found(scores, iids, np.where(full, scores[:, -1], -np.inf).astype(np.float32)))
     return found
+
+
+def exact_found(views: Sequence[DeltaView], queries: Vectors, k: int, banned: Banned) -> list[Found]:
+    """The best k per query (B, D+1) of every exact row (pinned, exact shards or overflow, frozen
+    and live delta), banned ids left out. Rows are scored in groups of up to EXACT_GROUP, each one
+    score matrix and one selection: a small catalogue is one group, where each segment on its own
+    paid its own masking and selection; a large one never holds a (B, N) matrix."""
+    parts = [(vectors[at : at + EXACT_GROUP], iids[at : at + EXACT_GROUP], view.ascending)
+             for view in views for vectors, iids in view.parts() for at in range(0, len(iids), EXACT_GROUP)]
+    found: list[Found] = []
+    while parts:
+        group = [parts.pop(0)]
+        while parts and sum(len(p[1]) for p in group) + len(parts[0][1]) <= EXACT_GROUP:
+            group.append(parts.pop(0))
+        found.append(_exact_group(group, queries, k, banned))
+    return found
+
+
+EXACT_GROUP = 65_536  # rows per score matrix: (16, 65,536) float32 is 4 MB
+SCAN_ROWS = 2048  # rows scored for every query in turn: 0.5 MB at D=64, within the L2 cache
+
+
+def _exact_group(parts: list[tuple[Vectors, Ids, bool]], queries: Vectors, k: int, banned: Banned) -> Found:
+    n = sum(len(iids) for _, iids, _ in parts)
+    scores = np.empty((len(queries), n), np.float32)  # (B, n)
+    at = 0
+    for vectors, _, _ in parts:
+        # rows outer, queries inner: each block of rows is read from memory once and stays in the
+        # cache for every query (~40% faster for 12 queries over 9k rows than query by query)
+        for start in range(0, len(vectors), SCAN_ROWS):
+            rows = vectors[start : start + SCAN_ROWS]
+            for b in range(len(queries)):
+                inner_products(scores[b, at + start : at + start + len(rows)], queries[b], rows)
+        at += len(vectors)
+    at = 0
+    for _, iids, ascending in parts:
+        mask_banned(scores[:, at : at + len(iids)], iids, banned, ascending)
+        at += len(iids)
+    iids = np.concatenate([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
+    return best_rows(scores, iids, k)
 
 
 def _held(sorted_iids: Ids, banned: Banned) -> int:
@@ -122,23 +166,42 @@ def _ivf_params(nprobe: int) -> Any:
     return params
 
 
-def segment_found(segment: Any, queries: Vectors, k: int, banned: Banned, nprobe: int) -> list[Found]:
-    if isinstance(segment, DeltaView):
-        top = segment.top(queries, k, banned)
-        return [] if top is None else [top]
-    return base_found(segment, queries, k, banned, nprobe)
-
-
 def banned_mask(iids: Ids, banned: Banned) -> npt.NDArray[np.bool_]:
     """(B, S): whether candidate iids[b, s] is among query b's banned ids, for all queries in one
     binary search: keys (b, iid) as b·2^40 + iid (ids stay below 2^40), sorted by query then id."""
     if not banned.any:
         return np.zeros(iids.shape, dtype=bool)
-    keys = (banned.owner << 40) + banned.ids
+    keys = banned.keys
     wanted = (np.arange(len(iids), dtype=np.int64)[:, None] << 40) + iids  # (B, S)
     at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
     found: npt.NDArray[np.bool_] = (keys[at] == wanted) & (iids >= 0)
     return found
+
+
+def head_hits(item_of: ItemTable, scores: list[float], iids: list[int], k: int, excluded: Set[str],
+              more: bool) -> list[Hit] | None:
+    """The best k of one query's first candidates (sorted best first; `more`: further candidates
+    follow these) when the first k are all live and allowed, the common case, in a few C-level
+    calls; None otherwise (`collect` decides). Candidates tied with the k-th score are taken too,
+    and ranked by id."""
+    valid = len(scores) - scores.count(-math.inf)  # -inf (dropped or padding) only at the tail
+    if valid < k:
+        return None
+    end = k
+    while end < valid and scores[end] == scores[k - 1]:
+        end += 1
+    if end == len(scores) and more:  # the ties may go on past these candidates
+        return None
+    ids, cold = item_of.items_at(iids[:end])
+    if None in ids or not excluded.isdisjoint(ids):  # a tombstone, or an upsert racing the exclusion
+        return None
+    hits = list(map(_new_hit, zip(ids, scores[:end], cold, strict=True)))
+    if len(set(scores[:end])) < end:  # ties (rare): order them by id
+        hits.sort(key=lambda h: (-h.score, h.item_id))
+    return hits[:k]
+
+
+_new_hit = functools.partial(tuple.__new__, Hit)  # Hit from a tuple without a Python-level call
 
 
 def collect(item_of: ItemTable, scores: Scores, iids: Ids, k: int, excluded: Set[str]) -> list[Hit]:
