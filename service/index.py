@@ -212,6 +212,8 @@ class VectorIndex:
         with self._lock:
             base = self._base
             exact = [self._pinned, *self._frozen, self._delta.view()]
+            pinned_ids = self._pinned.arrays()[0]
+            pinned_ids = pinned_ids if self._pinned.ascending else np.sort(pinned_ids)
             dead = len(self._killed)
         banned = self._banned(excluded)  # may miss a racing upsert: collect re-checks
         nprobe = self.nprobe
@@ -220,7 +222,8 @@ class VectorIndex:
         fetch = k + min(dead, 4 * k)
         while todo:
             ban = banned if len(todo) == len(q) else banned.subset(todo)
-            found = base_found(base, q[todo], fetch, ban, nprobe)
+            # the shards never hold a pinned row: their over-fetch counts only the other banned ids
+            found = base_found(base, q[todo], fetch, ban.outside(pinned_ids), nprobe)
             found += exact_found([*exact, *base.exact_views()], q[todo], fetch, ban)
             if not found:
                 break

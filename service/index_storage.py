@@ -57,6 +57,14 @@ class Banned:
         """Each query's banned ids, sorted."""
         return np.split(self.ids, np.searchsorted(self.owner, np.arange(1, self.queries)))
 
+    def outside(self, sorted_ids: Ids) -> Banned:
+        """The banned ids not among `sorted_ids` (ascending): what other segments may hold."""
+        if not self.any or not len(sorted_ids):
+            return self
+        at = np.minimum(np.searchsorted(sorted_ids, self.ids), len(sorted_ids) - 1)
+        keep = sorted_ids[at] != self.ids
+        return Banned(self.owner[keep], self.ids[keep], self.queries)
+
     def subset(self, queries: list[int]) -> Banned:
         """The banned ids of `queries` (ascending), renumbered 0.. in that order."""
         position = np.full(self.queries, -1, np.int64)

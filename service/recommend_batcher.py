@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import Histogram
@@ -28,8 +28,7 @@ from service.recommender_types import Recommendations
 _EXTRA_PASSES = 1
 
 
-@dataclass(frozen=True)
-class _Pending:
+class _Pending(NamedTuple):  # a NamedTuple: a third of a frozen dataclass's construction cost
     recommender: Recommender  # the one serving when the request arrived (a reload may swap it)
     user_id: str
     k: int

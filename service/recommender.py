@@ -329,15 +329,14 @@ class Recommender:
             self._rows.fill(fetched, generation)
             found.update(fetched)
         rows = self.warm_rows[np.maximum(at, 0)]  # (sum L, D+1) gathered copy
-        keep = np.ones(len(flat), dtype=bool)
-        for a in places:
-            row = found.get(flat[a])
-            if row is None:  # deleted, or not embeddable by this model: left out of the fold-in
-                keep[a] = False
-            else:
-                rows[a] = row
-        if keep.all():
+        got = [found.get(flat[a]) for a in places]  # None: deleted, or not embeddable by this model
+        usable = [a for a, row in zip(places, got, strict=True) if row is not None]
+        if usable:  # one scatter, not a NumPy call per row
+            rows[usable] = np.stack([row for row in got if row is not None])
+        if len(usable) == len(places):
             return rows, lengths
+        keep = np.ones(len(flat), dtype=bool)  # the rest are left out of the fold-in
+        keep[[a for a, row in zip(places, got, strict=True) if row is None]] = False
         kept_before = np.concatenate([[0], np.cumsum(keep)])  # rows kept before each place
         ends = np.cumsum(lengths)
         kept = kept_before[ends] - kept_before[ends - np.asarray(lengths)]
