@@ -36,6 +36,7 @@ def table(results: list[dict[str, Any]]) -> str:
         ("/recommend p99 ms, 16 clients", lambda r: _target(
             r["recommend"]["p99_ms"], 25.0 if r["indexed"] > 500_000 else 15.0)),
         ("/recommend throughput req/s", lambda r: f"{r['recommend']['throughput_rps']}"),
+        ("requests per batch (mean, under load)", lambda r: f"{r.get('batch_mean', '-')}"),
         ("HTTP floor throughput req/s", lambda r: f"{r['floor']['throughput_rps']}"),
         ("HTTP floor p50 / p99 ms", lambda r: f"{r['floor']['p50_ms']} / {r['floor']['p99_ms']}"),
         ("throughput / floor", lambda r: _target(r["throughput_vs_floor"], 0.5, below=False)),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import httpx
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
@@ -143,6 +144,16 @@ def served_recall(bench: Bench, port: int) -> tuple[float, dict[str, float]]:
 def recommend_load(port: int, users: list[str], seconds: float) -> LoadResult:
     return run_load(port, lambda j: ("GET", f"/recommend?user={users[j % len(users)]}&k={K}", None),
                     concurrency=CONCURRENCY, seconds=seconds, warmup=100)
+
+
+def batch_counts(port: int) -> tuple[float, float]:
+    """(requests, batches) answered by /recommend so far, from the server's own metric."""
+    values = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("m2rec_recommend_batch_size_sum", "m2rec_recommend_batch_size_count"):
+            values[name] = float(value)
+    return values.get("m2rec_recommend_batch_size_sum", 0.0), values.get("m2rec_recommend_batch_size_count", 0.0)
 
 
 def ingest(bench: Bench, port: int, quick: bool) -> dict[str, Any]:
@@ -289,7 +300,10 @@ def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
         pin(os.getpid(), {CLIENT_CORE})
         bench.posted_at_start = len(bench.posted)
         result["served_recall"], result["unloaded"] = served_recall(bench, args.port)
+        before = batch_counts(args.port)
         result["recommend"] = recommend_load(bench.args.port, list(bench.bench_users), args.seconds).summary()
+        after = batch_counts(args.port)
+        result["batch_mean"] = round((after[0] - before[0]) / max(after[1] - before[1], 1), 2)
         result["rss_mb"], result["rss_peak_mb"] = server.rss_mb()
         result["ingest"] = ingest(bench, args.port, args.quick)
         result["first_recommendation"] = time_to_first_recommendation(bench, args.port, 20 if args.quick else 100)
