@@ -10,6 +10,7 @@ deterministic fold-in never reads the log-variance.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 import numpy.typing as npt
@@ -82,7 +83,7 @@ class FoldIn:
         (`_run`), on purpose: a user's scores never depend on which requests shared the batch.
         """
         sums = np.zeros((len(lengths), self.dim), np.float32)  # (B, D)
-        starts = np.cumsum([0, *lengths[:-1]])
+        starts = np.fromiter(accumulate(lengths[:-1], initial=0), np.int64, len(lengths))
         filled = np.asarray(lengths) > 0
         if len(rows):
             sums[filled] = np.add.reduceat(rows[:, : self.dim], starts[filled], axis=0)

@@ -229,9 +229,9 @@ class VectorIndex:
                 break
             all_scores = np.concatenate([f.scores for f in found], axis=1)  # (B', S): every segment's candidates
             all_iids = np.concatenate([f.iids for f in found], axis=1)
-            bound = np.max([f.bound for f in found], axis=0).tolist()  # (B',)
+            bound = np.maximum.reduce(np.array([f.bound for f in found]), axis=0).tolist()  # (B',)
             all_scores[banned_mask(all_iids, ban)] = -np.inf  # what FAISS shards returned of them
-            order = np.argsort(-all_scores, axis=1, kind="stable")  # (B', S) best first
+            order = (-all_scores).argsort(axis=1, kind="stable")  # (B', S) best first
             all_scores, all_iids = take_rows(all_scores, order), take_rows(all_iids, order)
             head = min(all_scores.shape[1], k + HEAD_SLACK)  # one conversion for the batch
             head_scores, head_iids = all_scores[:, :head].tolist(), all_iids[:, :head].tolist()
@@ -257,7 +257,7 @@ class VectorIndex:
         """Every query's excluded items that the index holds, as internal ids, in one lookup."""
         flat = list(chain.from_iterable(excluded))
         iids = self._iid_of.lookup(flat)  # (n,), -1 where absent
-        owner = np.repeat(np.arange(len(excluded)), [len(e) for e in excluded])
+        owner = np.arange(len(excluded)).repeat([len(e) for e in excluded])
         present = iids >= 0
         return Banned(owner[present], iids[present], len(excluded))
 

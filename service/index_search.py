@@ -121,7 +121,7 @@ def _held(sorted_iids: Ids, banned: Banned) -> int:
     """The most banned ids that the shard's sorted ids hold for one query."""
     if not len(sorted_iids) or not banned.any:
         return 0
-    at = np.minimum(np.searchsorted(sorted_iids, banned.ids), len(sorted_iids) - 1)
+    at = np.minimum(sorted_iids.searchsorted(banned.ids), len(sorted_iids) - 1)
     return int(np.bincount(banned.owner[sorted_iids[at] == banned.ids], minlength=1).max())
 
 
@@ -173,7 +173,7 @@ def banned_mask(iids: Ids, banned: Banned) -> npt.NDArray[np.bool_]:
         return np.zeros(iids.shape, dtype=bool)
     keys = banned.keys
     wanted = (np.arange(len(iids), dtype=np.int64)[:, None] << 40) + iids  # (B, S)
-    at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    at = np.minimum(keys.searchsorted(wanted), len(keys) - 1)
     found: npt.NDArray[np.bool_] = (keys[at] == wanted) & (iids >= 0)
     return found
 

@@ -45,7 +45,8 @@ class Banned:
     locate them for the whole batch with one binary search."""
 
     def __init__(self, owner: Ids, ids: Ids, queries: int) -> None:
-        keys = np.sort((owner << 40) | ids)  # ids stay below 2^40
+        keys = (owner << 40) | ids  # ids stay below 2^40
+        keys.sort()
         self.keys: Ids = keys  # query·2^40 + id, ascending
         self.owner: Ids = keys >> 40  # (n,) the query of each banned id
         self.ids: Ids = keys & ((1 << 40) - 1)  # (n,)
@@ -61,7 +62,7 @@ class Banned:
         """The banned ids not among `sorted_ids` (ascending): what other segments may hold."""
         if not self.any or not len(sorted_ids):
             return self
-        at = np.minimum(np.searchsorted(sorted_ids, self.ids), len(sorted_ids) - 1)
+        at = np.minimum(sorted_ids.searchsorted(self.ids), len(sorted_ids) - 1)
         keep = sorted_ids[at] != self.ids
         return Banned(self.owner[keep], self.ids[keep], self.queries)
 
@@ -81,13 +82,13 @@ def mask_banned(scores: Scores, iids: Ids, banned: Banned, ascending: bool) -> N
     if not n or not banned.any:
         return
     if ascending:
-        at = np.minimum(np.searchsorted(iids, banned.ids), n - 1)
+        at = np.minimum(iids.searchsorted(banned.ids), n - 1)
         hit = iids[at] == banned.ids
         scores[banned.owner[hit], at[hit]] = -np.inf
         return
     for b, ban in enumerate(banned.per_query):
         if len(ban):
-            at = np.minimum(np.searchsorted(ban, iids), len(ban) - 1)
+            at = np.minimum(ban.searchsorted(iids), len(ban) - 1)
             scores[b, ban[at] == iids] = -np.inf
 
 
@@ -114,7 +115,7 @@ def best_rows(scores: Scores, iids: Ids, k: int) -> Found:
     n = scores.shape[1]
     if n <= k:
         return Found(scores, np.broadcast_to(iids, scores.shape), np.full(len(scores), -np.inf, np.float32))
-    top = np.argpartition(scores, n - k, axis=1)[:, n - k :]  # (B, k): each row's k largest
+    top = scores.argpartition(n - k, axis=1)[:, n - k :]  # (B, k): each row's k largest
     best = take_rows(scores, top)
     return Found(best, iids[top], best.min(axis=1))
 
@@ -325,7 +326,7 @@ class IdMap:
     def lookup(self, item_ids: list[str]) -> Ids:
         """The internal id of each item id, -1 where absent: one C-level `map` in the common case."""
         out = np.asarray(list(map(self._hot.get, item_ids, repeat(-1))), np.int64)
-        misses = np.flatnonzero(out < 0).tolist()  # not hot: the frozen dict, then the shards
+        misses = (out < 0).nonzero()[0].tolist()  # not hot: the frozen dict, then the shards
         if misses:
             names = [item_ids[at] for at in misses]
             found = list(map(self._frozen.get, names, repeat(-1)))

@@ -319,7 +319,7 @@ class Recommender:
         at = np.asarray(positions, dtype=np.int64)
         if -1 not in positions:  # the common case: one gather, no per-row Python
             return self.warm_rows[at] if positions else self._no_rows(), lengths
-        places = np.flatnonzero(at < 0).tolist()  # the registered items' places
+        places = (at < 0).nonzero()[0].tolist()  # the registered items' places
         registered = list(dict.fromkeys(flat[a] for a in places))
         found = self._rows.get_many(registered)
         missing = [i for i in registered if i not in found]
