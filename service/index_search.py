@@ -77,17 +77,19 @@ def base_found(base: Base, queries: Vectors, k: int, banned: Banned, nprobe: int
     return found
 
 
-def exact_found(views: Sequence[DeltaView], queries: Vectors, k: int, banned: Banned) -> list[Found]:
+def exact_found(views: Sequence[DeltaView], queries: Vectors, k: int, banned: Banned,
+                group_rows: int | None = None) -> list[Found]:
     """The best k per query (B, D+1) of every exact row (pinned, exact shards or overflow, frozen
     and live delta), banned ids left out. Rows are scored in groups of up to EXACT_GROUP, each one
     score matrix and one selection: a small catalogue is one group, where each segment on its own
     paid its own masking and selection; a large one never holds a (B, N) matrix."""
-    parts = [(vectors[at : at + EXACT_GROUP], iids[at : at + EXACT_GROUP], view.ascending)
-             for view in views for vectors, iids in view.parts() for at in range(0, len(iids), EXACT_GROUP)]
+    size = group_rows or EXACT_GROUP
+    parts = [(vectors[at : at + size], iids[at : at + size], view.ascending)
+             for view in views for vectors, iids in view.parts() for at in range(0, len(iids), size)]
     found: list[Found] = []
     while parts:
         group = [parts.pop(0)]
-        while parts and sum(len(p[1]) for p in group) + len(parts[0][1]) <= EXACT_GROUP:
+        while parts and sum(len(p[1]) for p in group) + len(parts[0][1]) <= size:
             group.append(parts.pop(0))
         found.append(_exact_group(group, queries, k, banned))
     return found

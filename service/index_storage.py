@@ -111,13 +111,21 @@ def inner_products(out: Scores, query: Vectors, rows: Vectors) -> None:
 
 
 def best_rows(scores: Scores, iids: Ids, k: int) -> Found:
-    """The k best of exact scores (B, n) over rows with ids (n,), per query, unsorted."""
+    """The k best of exact scores (B, n) over rows with ids (n,), per query, unsorted; every row
+    tied with a query's k-th score comes too (the caller ranks ties by item id, so which of them
+    make the cut must not be left to the partition), and then a few more for the other queries."""
     n = scores.shape[1]
     if n <= k:
         return Found(scores, np.broadcast_to(iids, scores.shape), np.full(len(scores), -np.inf, np.float32))
     top = scores.argpartition(n - k, axis=1)[:, n - k :]  # (B, k): each row's k largest
     best = take_rows(scores, top)
-    return Found(best, iids[top], best.min(axis=1))
+    low = best.min(axis=1)  # (B,) each query's k-th score
+    width = int((scores >= low[:, None]).sum(axis=1).max())  # k, unless ties straddle the cut
+    if width > k:
+        top = scores.argpartition(n - width, axis=1)[:, n - width :]
+        best = take_rows(scores, top)
+        low = best.min(axis=1)
+    return Found(best, iids[top], low)
 
 
 @dataclass(frozen=True)
