@@ -1,6 +1,7 @@
 """The immutable base of `service.index.VectorIndex`: shards searched together, never mutated.
 
-Exact kind: each shard is an `IndexIDMap2(IndexFlatIP)` over rows x = [v; b].
+Exact kind: each shard is an `IndexIDMap2(IndexFlatIP)` over rows x = [v; b], which holds the rows;
+searches read them in place (`Shard.exact_view`) and score them with the other exact segments.
 
 IVF kind: max inner product reduced to nearest neighbour in L2. A row x becomes
 x' = [x; sqrt(M² - |x|²)] (M the largest row norm when the lists were trained) and a query q
