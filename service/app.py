@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,8 +19,6 @@ from fastapi import FastAPI, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import Counter, Histogram
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from threadpoolctl import threadpool_limits
 
 from service.artifact import Artifact, ArtifactError, load_artifact
@@ -29,6 +26,7 @@ from service.config import Settings
 from service.deps import OutOfBoundsError, RequestTooLargeError, Runtime, SwapGate
 from service.index import IndexConfig
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
+from service.middleware import Measure
 from service.recommend_batcher import RecommendBatcher
 from service.recommender import Recommender
 from service.recommender_types import InvalidItemError, TrainedItemConflictError, UnknownItemsError
@@ -37,7 +35,6 @@ from service.routes import admin, health, interactions, items, recommend
 from service.store import SqliteStore, Store, StoreUnavailable
 
 log = logging.getLogger("m2rec.service")
-_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 # domain error -> (status, ingest-error reason or None); the one place errors become HTTP
 _ERRORS: dict[type[Exception], tuple[int, str | None]] = {
@@ -212,10 +209,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for exc_type in _ERRORS:
         app.add_exception_handler(exc_type, handler)
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # inside Measure: its 413s are counted
-    # A plain ASGI middleware: @app.middleware("http") wraps every response in streaming machinery
-    # that cost more than the whole recommendation (benchmarks/results/serve.md).
-    app.add_middleware(Measure, metrics=metrics)
+    app.add_middleware(Measure, metrics=metrics, body_limit=settings.max_body_bytes)
 
     app.openapi = _openapi_with_domain_422s(app)  # type: ignore[method-assign]  # FastAPI's documented hook
 
@@ -245,97 +239,3 @@ def _openapi_with_domain_422s(app: FastAPI) -> Callable[[], dict[str, Any]]:
         return schema
 
     return openapi
-
-
-class Measure:
-    """Request count and latency per route template, method and status."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-        # (template, method, status) -> its series: `labels()` per request costs more than observing
-        self._series: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status_code = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status_code
-            if message["type"] == "http.response.start":
-                status_code = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self._observe(scope, status_code, time.perf_counter() - start)
-
-    def _observe(self, scope: Scope, status_code: int, seconds: float) -> None:
-        route = scope.get("route")
-        template = getattr(route, "path", "unmatched")  # the template, never the raw path with ids
-        method = scope["method"] if scope["method"] in _METHODS else "other"
-        key = (template, method, str(status_code))
-        series = self._series.get(key)
-        if series is None:  # bounded: route templates x methods x status codes
-            labels = {"route": template, "method": method, "status": key[2]}
-            series = self._series[key] = (self.metrics.requests.labels(**labels),
-                                          self.metrics.latency.labels(**labels))
-        series[0].inc()
-        series[1].observe(seconds)
-
-
-class BodyLimit:
-    """413 for bodies over the limit, declared (Content-Length) or streamed (chunked, read up to the
-    limit and then replayed), before any route parses them."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = chunked = None
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                length = value
-            elif name == b"transfer-encoding":
-                chunked = value
-        if length is not None:
-            if length.isdigit() and int(length) > self.limit:
-                await self._reject(scope, receive, send, int(length))
-            else:
-                await self.app(scope, receive, send)
-            return
-        if chunked is None and scope.get("http_version") != "2":  # HTTP/1.x: then there is no body
-            await self.app(scope, receive, send)
-            return
-        messages: list[Message] = []
-        size = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                await self._reject(scope, receive, send, size)
-                return
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                break
-        replay = iter(messages)
-
-        async def replayed() -> Message:
-            return next(replay, None) or await receive()
-
-        await self.app(scope, replayed, send)
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
-        response = JSONResponse(
-            {"detail": f"request body of at least {size} bytes exceeds {self.limit}; send smaller batches"},
-            status_code=status.HTTP_413_CONTENT_TOO_LARGE)
-        await response(scope, receive, send)
-
