@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.linear_path import LinearPath
+
 if TYPE_CHECKING:
     from service.model import ModelConfig
 
@@ -174,6 +176,9 @@ class M2VAEGenerator(nn.Module):
         self.decoder = nn.Sequential(nn.Linear(Z + 2 * H, H), nn.Tanh(), nn.Linear(H, D + 1))
         # user-neutral gate input: population mean of training users' h, set by the trainer
         self.register_buffer("neutral_user", torch.zeros(D))
+        # optional ridge path (fitted in closed form by the trainer); the decoder then adds a residual
+        self.linear = LinearPath(cfg) if cfg.linear_path else None
+        self.residual_scale = cfg.linear_residual if cfg.linear_path else 1.0
 
     def _features(self, x: ItemInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pooled, attn = self.attributes(x.attributes)  # (B, H), (B, A)
@@ -246,10 +251,19 @@ class M2VAEGenerator(nn.Module):
         rows: torch.Tensor = self.decoder(torch.cat([z, a, c], dim=1))  # (B, D+1)
         return rows
 
+    def _rows(self, linear: torch.Tensor | None, z: torch.Tensor, a: torch.Tensor, c: torch.Tensor
+              ) -> torch.Tensor:
+        """The decoder's row, added as a residual to the linear path's row when there is one."""
+        if linear is None:
+            return self.decode(z, a, c)
+        return linear + self.residual_scale * self.decode(z, a, c)
+
     def forward_train(
-        self, x: ItemInputs, target: torch.Tensor, user: torch.Tensor | None, id_drop: torch.Tensor
+        self, x: ItemInputs, target: torch.Tensor, user: torch.Tensor | None, id_drop: torch.Tensor,
+        linear: torch.Tensor | None = None,
     ) -> GeneratorOutput:
-        """target (B, D+1) = [V_j; b_j] detached; id_drop (B,) bool rows that use the serving path."""
+        """target (B, D+1) = [V_j; b_j] detached; id_drop (B,) bool rows that use the serving path;
+        linear (B, D+1) replaces the linear path's rows (the trainer's held-out ridge rows)."""
         out, a, c = self._encode(x, user)
         ident = self.enc_id(target)
         # Posterior q(z|e,a,c), paper eq. 17 read as a residual: the ID view corrects the feature
@@ -257,15 +271,18 @@ class M2VAEGenerator(nn.Module):
         # view for every bit it adds beyond what attributes and content already say.
         out.posterior = Gaussian(out.prior.mu + ident.mu, ident.logvar)
         z = torch.where(id_drop[:, None], out.prior.mu, out.posterior.sample())  # (B, Z)
-        out.rows = self.decode(z, a, c)
-        out.serving_rows = torch.where(id_drop[:, None], out.rows, self.decode(out.prior.mu, a, c))
+        if linear is None and self.linear is not None:
+            linear = self.linear(x)  # (B, D+1), no gradient
+        out.rows = self._rows(linear, z, a, c)
+        out.serving_rows = torch.where(id_drop[:, None], out.rows, self._rows(linear, out.prior.mu, a, c))
         return out
 
     def embed(self, x: ItemInputs, user: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Serving path: rows (B, D+1) = F([mu_f; a; c]); user None = the neutral gate."""
         out, a, c = self._encode(x, user)
-        return self.decode(out.prior.mu, a, c), out.gates
+        linear = self.linear(x) if self.linear is not None else None
+        return self._rows(linear, out.prior.mu, a, c), out.gates
 
 
 class ContentVAE(nn.Module):
@@ -300,7 +317,8 @@ class ContentVAE(nn.Module):
         return torch.cat([z, self.bias_head(z)], dim=1)  # (B, D+1)
 
     def forward_train(
-        self, x: ItemInputs, target: torch.Tensor, user: torch.Tensor | None, id_drop: torch.Tensor
+        self, x: ItemInputs, target: torch.Tensor, user: torch.Tensor | None, id_drop: torch.Tensor,
+        linear: torch.Tensor | None = None,
     ) -> GeneratorOutput:
         q = self._posterior(x)
         z = q.sample()

@@ -38,10 +38,17 @@ class ModelConfig:
     moe: bool = True  # M2VAE: user-aware two-level MoE (False = plain average of the views)
     gate_temperature: float = 1.0
     logvar_clamp: float = 8.0
+    # M2VAE: ridge path from features to the row (service/linear_path.py); the decoder adds a residual
+    # scaled by linear_residual (0 = the ridge row alone). False keeps artifacts without it loadable.
+    linear_path: bool = False
+    linear_residual: float = 1.0
+    linear_attribute_weight: float = 1.0  # length of the attribute block beside the unit content block
 
     def __post_init__(self) -> None:
         if self.generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {self.generator!r}")
+        if self.linear_path and self.generator != "m2vae":
+            raise ValueError("linear_path is a component of the m2vae generator")
         if min(self.n_warm, self.n_attributes + 1, self.item_dim, self.user_latent) <= 0:
             raise ValueError("sizes must be positive")
 

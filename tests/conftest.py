@@ -111,18 +111,25 @@ class TrainedArtifact:
 
 @pytest.fixture(scope="session")
 def trained_artifact(tmp_path_factory: pytest.TempPathFactory) -> TrainedArtifact:
+    from training.train import TrainConfig
+
+    cfg = TrainConfig(seed=0, epochs=1, eval_every=1, item_dim=16, user_latent=8, gen_hidden=16,
+                      gen_latent=8, batch_users=128, batch_items=256, progress=False)
+    return train_and_export(tmp_path_factory.mktemp("artifacts"), cfg)
+
+
+def train_and_export(root: Path, cfg: Any) -> TrainedArtifact:
+    """Train on real ml-100k (split seed 0) with `cfg` (a training.train.TrainConfig) and export
+    the artifact under `root` as the trainer does."""
     from service.artifact_export import save_artifact
     from tests.shared_data import shared_data
     from training.convert_ml100k import build_ml100k
     from training.split import cold_start_split
-    from training.train import TrainConfig, train
+    from training.train import train
 
     dataset = build_ml100k(shared_data() / "ml-100k")
     split = cold_start_split(dataset, seed=0)
-    cfg = TrainConfig(seed=0, epochs=1, eval_every=1, item_dim=16, user_latent=8, gen_hidden=16,
-                      gen_latent=8, batch_users=128, batch_items=256, progress=False)
     result = train(dataset, split, cfg)
-    root = tmp_path_factory.mktemp("artifacts")
     save_artifact(
         root,
         tensors=result.model.state_dict(),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from service.generator import M2VAEGenerator
 from service.model import M2Rec, item_inputs
 from training.dataset import Dataset
 from training.m2rec_recommender import M2RecRecommender
@@ -49,9 +50,10 @@ def test_same_seed_gives_identical_parameters(dataset: Dataset) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_checkpoint_reloads_to_identical_outputs(dataset: Dataset, tmp_path: Path) -> None:
+@pytest.mark.parametrize("linear_path", [False, True])
+def test_checkpoint_reloads_to_identical_outputs(dataset: Dataset, tmp_path: Path, linear_path: bool) -> None:
     split = cold_start_split(dataset, seed=0)
-    result = train(dataset, split, TrainConfig(seed=0, **TINY))  # type: ignore[arg-type]
+    result = train(dataset, split, TrainConfig(seed=0, linear_path=linear_path, **TINY))  # type: ignore[arg-type]
     model, meta = load_checkpoint(save_checkpoint(result, dataset, tmp_path / "ck"))
     assert meta["warm_item_ids"] == [dataset.item_ids[j] for j in result.data.warm]
     attrs, unknown = result.data.vocabulary.encode([["g:1", "t:2", "new:x"]])
@@ -63,9 +65,18 @@ def test_checkpoint_reloads_to_identical_outputs(dataset: Dataset, tmp_path: Pat
         mask = torch.ones(1, 3, dtype=torch.bool)
         assert torch.equal(model.fold_in(rows, mask), result.model.fold_in(rows, mask))
         assert torch.equal(model.generator.neutral_user, result.model.generator.neutral_user)
+        only_content = item_inputs(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 5), content_dim=5)
+        only_attributes = item_inputs(attrs, None, content_dim=5)
+        for inputs in (only_content, only_attributes):
+            assert torch.equal(model.embed_items(inputs)[0], result.model.embed_items(inputs)[0])
+            assert torch.isfinite(model.embed_items(inputs)[0]).all()
+    if linear_path:  # the fitted map is part of the checkpoint and not left at zero
+        assert isinstance(model.generator, M2VAEGenerator) and model.generator.linear is not None
+        assert model.generator.linear.intercept.abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant", ["m2rec", "mdsym-content-vae", "m2rec-no-common", "m2rec-slow-gen-surrogate"])
+@pytest.mark.parametrize("variant", ["m2rec", "mdsym-content-vae", "m2rec-no-common", "m2rec-slow-gen-surrogate",
+                                     "m2rec-linear-held-out", "m2rec-linear-only", "m2rec-dense-b"])
 def test_adapter_scores_every_candidate_finitely(dataset: Dataset, variant: str) -> None:
     split = cold_start_split(dataset, seed=1)
     rec = M2RecRecommender.variant(variant, **TINY)

@@ -17,6 +17,8 @@ from training.dataset import Dataset
 from training.split import ColdStartSplit
 from training.train import ItemTable, TrainConfig, TrainResult, train
 
+DENSE_B: dict[str, Any] = {"lr_gen": 1e-3, "feature_dropout": 0.3, "b_passes": 4, "recon_weight": 30.0, "epochs": 20}
+
 # name -> TrainConfig overrides; "m2rec" is the full model
 VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec": {},
@@ -27,11 +29,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec-no-rank": {"rank_weight": 0.0},
     "mdsym-content-vae": {"generator": "content-vae"},
     # from the tuning round (benchmarks/results/model-tuning.md): slower, regularised generator; surrogate loss
-    "m2rec-surrogate": {"surrogate_weight": 1.0},
-    "m2rec-slow-gen": {"lr_gen": 1e-3, "feature_dropout": 0.3},
-    "m2rec-slow-gen-surrogate": {"lr_gen": 1e-3, "feature_dropout": 0.3, "surrogate_weight": 1.0},
+    # (these earlier rounds' variants are pinned to what they ran: no linear path)
+    "m2rec-surrogate": {"surrogate_weight": 1.0, "linear_path": False},
+    "m2rec-slow-gen": {"lr_gen": 1e-3, "feature_dropout": 0.3, "linear_path": False},
+    "m2rec-slow-gen-surrogate": {"lr_gen": 1e-3, "feature_dropout": 0.3, "surrogate_weight": 1.0, "linear_path": False},
     # issue 3 round: V trained with 4 b-step passes an epoch, the generator regressed onto it (recon-heavy)
-    "m2rec-dense-b": {"lr_gen": 1e-3, "feature_dropout": 0.3, "b_passes": 4, "recon_weight": 30.0, "epochs": 20},
+    "m2rec-dense-b": {**DENSE_B, "linear_path": False},
+    # round 4: a closed-form ridge path inside the generator (+ the decoder as a residual, or the ridge row alone)
+    "m2rec-linear": {**DENSE_B, "linear_path": True},
+    "m2rec-linear-held-out": {**DENSE_B, "linear_path": True, "linear_held_out": True},
+    "m2rec-linear-only": {**DENSE_B, "linear_path": True, "linear_residual": 0.0},
+    "m2rec-linear-only-d128": {**DENSE_B, "linear_path": True, "linear_residual": 0.0, "item_dim": 128},
 }
 
 

@@ -26,11 +26,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from service.generator import Gaussian
+from service.generator import Gaussian, M2VAEGenerator
 from service.model import M2Rec, ModelConfig
 from training import losses
 from training.dataset import Dataset, fingerprint, load_dataset
 from training.export import export_artifact
+from training.input_dropout import feature_dropout, modality_dropout
+from training.linear_fit import LinearFit
 from training.protocol import all_items, cold_only, evaluate
 from training.split import ColdStartSplit, cold_start_split
 from training.train_data import TrainingData, prepare
@@ -53,6 +55,11 @@ class TrainConfig:
     common_view: bool = True
     moe: bool = True
     gate_temperature: float = 1.0
+    linear_path: bool = True  # M2VAE: ridge path + decoder residual (service/linear_path.py)
+    linear_residual: float = 1.0  # scale of the decoder's residual on the linear path (0 = ridge row alone)
+    linear_attribute_weight: float = 1.0
+    linear_ridge: float = 2.0  # ridge strength of the closed-form fit (chosen on validation, model-tuning.md)
+    linear_held_out: bool = False  # t-step: the decoder's residual is taken on leave-one-out ridge rows
     # b-step (Multi-VAE)
     batch_users: int = 128
     lr_user: float = 3e-3
@@ -90,6 +97,7 @@ class TrainConfig:
     def model_config(self, n_warm: int, n_attributes: int, content_dim: int) -> ModelConfig:
         names = {f.name for f in fields(ModelConfig)}
         shared = {k: v for k, v in asdict(self).items() if k in names}
+        shared["linear_path"] = self.linear_path and self.generator == "m2vae"
         return ModelConfig(n_warm=n_warm, n_attributes=n_attributes, content_dim=content_dim, **shared)
 
 
@@ -191,33 +199,13 @@ def b_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
     return sums, step
 
 
-def _modality_dropout(x: Any, p: float, rng: np.random.Generator) -> None:
-    """Drop attributes or content (never both) of items that have both, p each."""
-    if p <= 0:
-        return
-    both = (x.has_attributes & x.has_content).numpy()
-    r = rng.random(both.size)
-    drop_a = torch.from_numpy(both & (r < p))
-    drop_c = torch.from_numpy(both & (r >= p) & (r < 2 * p))
-    x.has_attributes = x.has_attributes & ~drop_a
-    x.has_content = x.has_content & ~drop_c
-
-
-def _feature_dropout(x: Any, p: float, rng: np.random.Generator) -> None:
-    """Drop each attribute token and each content entry with probability p (a new item's inputs are
-    never exactly a warm item's: without this the generator memorises the warm items)."""
-    if p <= 0:
-        return
-    drop = torch.from_numpy(rng.random(tuple(x.attributes.shape)) < p)
-    x.attributes = x.attributes.masked_fill(drop, 0)
-    x.has_attributes = x.has_attributes & x.attributes.gt(0).any(dim=1)
-    keep = torch.from_numpy(rng.random(tuple(x.content.shape)) >= p).to(x.content.dtype)
-    x.content = x.content * keep
-
-
 def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: TrainConfig,
-           rng: np.random.Generator) -> dict[str, float]:
+           rng: np.random.Generator, linear: LinearFit | None = None) -> dict[str, float]:
     targets = model.item_rows().detach()  # (J, D+1): [V_j; b_j] fixed for the step
+    if linear is not None:  # the ridge path follows V in closed form; the decoder learns the residual
+        linear.refit(targets)
+        if cfg.linear_residual == 0:  # the row is the ridge row alone: nothing of the generator is served
+            return {}
     h_all = user_vectors(model, data)  # (U, D) detached user vectors for gating and BPR
     model.set_neutral_user(h_all[torch.from_numpy(data.train_users)].mean(dim=0))
     rows = rng.permutation(data.warm.size)
@@ -225,8 +213,8 @@ def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
     for start in range(0, rows.size, cfg.batch_items):
         r = rows[start : start + cfg.batch_items]
         x = data.inputs(data.warm[r])
-        _modality_dropout(x, cfg.modality_dropout, rng)
-        _feature_dropout(x, cfg.feature_dropout, rng)
+        modality_dropout(x, cfg.modality_dropout, rng)
+        feature_dropout(x, cfg.feature_dropout, rng)
         target = targets[torch.from_numpy(r)]  # (B, D+1)
         pos_users = data.sample_users_of(r, rng)
         neg_users = rng.choice(data.train_users, size=r.size)
@@ -235,7 +223,11 @@ def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
         # Serving gates with the neutral user: train that gate too, not only the positive user's.
         neutral = torch.from_numpy(rng.random(r.size) < cfg.neutral_gate)[:, None]
         gate_user = torch.where(neutral, model.generator.neutral_user.expand_as(h_pos), h_pos)
-        out = model.generator.forward_train(x, target, gate_user, id_drop)
+        held_out = None
+        if linear is not None and cfg.linear_held_out:
+            assert isinstance(model.generator, M2VAEGenerator) and model.generator.linear is not None
+            held_out = linear.held_out(r, model.generator.linear.patterns(x))
+        out = model.generator.forward_train(x, target, gate_user, id_drop, held_out)
         if cfg.generator == "content-vae":
             parts = losses.content_vae_elbo(out, x.content if data.content is not None else None,
                                             x.attributes, target, cfg.lambda_v, cfg.gen_kl)
@@ -303,6 +295,9 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainRe
     model = M2Rec(cfg.model_config(data.warm.size, len(data.vocabulary), data.content_dim))
     opt_user = torch.optim.Adam(model.user.parameters(), lr=cfg.lr_user)
     opt_gen = torch.optim.AdamW(model.generator.parameters(), lr=cfg.lr_gen, weight_decay=cfg.wd_gen)
+    gen = model.generator
+    linear = LinearFit(data, gen.linear, cfg.linear_ridge, cfg.linear_held_out) \
+        if isinstance(gen, M2VAEGenerator) and gen.linear is not None else None
     steps_per_epoch = cfg.b_passes * -(-data.train_users.size // cfg.batch_users)
     step, best_val, best_epoch = 0, -1.0, -1
     best_state: dict[str, torch.Tensor] = {}
@@ -314,7 +309,7 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainRe
         for _ in range(cfg.b_passes):
             b_parts, step = b_step(model, data, opt_user, cfg, rng, step, steps_per_epoch)
         for _ in range(cfg.t_passes):
-            t_parts = t_step(model, data, opt_gen, cfg, rng)
+            t_parts = t_step(model, data, opt_gen, cfg, rng, linear)
         row: dict[str, float] = {"epoch": epoch, **b_parts, **t_parts}
         if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
             val = validate(model, data, dataset, split)
