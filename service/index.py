@@ -25,8 +25,6 @@ OpenMP threads are the caller's choice: with many concurrent request threads, ca
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import math
 import threading
@@ -34,7 +32,6 @@ from collections.abc import Iterable, Sequence, Set
 from itertools import chain
 from pathlib import Path
 
-import faiss
 import numpy as np
 import numpy.typing as npt
 
@@ -51,10 +48,11 @@ from service.index_storage import (
     Item,
     ItemTable,
     Vectors,
+    release_freed_memory,
     take_rows,
 )
 
-__all__ = ["SNAPSHOT_FORMAT", "Hit", "IndexConfig", "VectorIndex", "recall_at_k"]
+__all__ = ["SNAPSHOT_FORMAT", "Hit", "IndexConfig", "VectorIndex"]
 
 _GIL_SLICE = 16_384  # ids per Python-level pass, so other threads get the GIL between passes
 log = logging.getLogger(__name__)
@@ -331,7 +329,7 @@ class VectorIndex:
                 self._frozen = self._frozen[len(frozen) :]
                 self._killed -= dropped
             del base, frozen, parts, new, new_base
-        _release_freed_memory()
+        release_freed_memory()
 
     def _start_background_merge(self) -> None:
         with self._lock:
@@ -393,28 +391,3 @@ class VectorIndex:
             index._killed = set(np.setdiff1d(stored, np.asarray(snapshot.iids, dtype=np.int64)).tolist())
             index._iid_of.freeze(hot=index._pinned_ids())
         return index, snapshot.event_id
-
-
-def recall_at_k(index: VectorIndex, queries: npt.ArrayLike, k: int) -> float:
-    """Mean share of the exact top-k (brute force over the live rows) that `index.search` returns."""
-    q = index._queries(queries)  # (B, D+1)
-    ids, vectors, _ = index.live_vectors()
-    if not ids:
-        return 1.0
-    exact = faiss.IndexFlatIP(index.dim)
-    exact.add(vectors)
-    _, rows = exact.search(q, min(k, len(ids)))  # (B, k)
-    found = index.search(q, k)
-    pairs = zip(rows, found, strict=True)
-    overlap = [len({ids[r] for r in truth} & {hit.item_id for hit in got}) for truth, got in pairs]
-    return float(np.mean(overlap)) / min(k, len(ids))
-
-
-def _release_freed_memory() -> None:
-    """Hand the replaced segments' memory back to the OS: glibc keeps freed small blocks (a shard's
-    inverted lists are thousands of them) in its heap, and RSS would keep the old base's size.
-    ctypes drops the GIL for the call."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-

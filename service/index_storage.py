@@ -15,6 +15,8 @@ Rows are [v; b] and queries [h; 1], so every score here is h·v + b.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import repeat
@@ -366,3 +368,13 @@ class IdMap:
 
     def __len__(self) -> int:
         return self._size
+
+
+def release_freed_memory() -> None:
+    """Hand the replaced segments' memory back to the OS: glibc keeps freed small blocks (a shard's
+    inverted lists are thousands of them) in its heap, and RSS would keep the old base's size.
+    ctypes drops the GIL for the call."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+

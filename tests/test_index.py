@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from service.index import Hit, IndexConfig, VectorIndex, recall_at_k
+from service.index import Hit, IndexConfig, VectorIndex
 
 D = 16  # latent size; index rows are D+1 wide
 Array = npt.NDArray[np.float32]
@@ -49,6 +49,15 @@ def assert_matches(found: list[list[Hit]], expected: list[list[tuple[str, float]
     assert [[h.item_id for h in hits] for hits in found] == [[i for i, _ in e] for e in expected]
     for hits, e in zip(found, expected, strict=True):
         np.testing.assert_allclose([h.score for h in hits], [s for _, s in e], rtol=1e-4, atol=1e-4)
+
+
+def recall_at_k(index: VectorIndex, queries: Array, k: int) -> float:
+    """Mean share of the exact top-k (brute force over the live rows) that `index.search` returns."""
+    ids, vectors, _ = index.live_vectors()
+    truth = np.argsort(-(queries.astype(np.float64) @ vectors.T.astype(np.float64)), axis=1)[:, :k]
+    found = index.search(queries, k)
+    overlap = [len({ids[r] for r in t} & {hit.item_id for hit in got}) for t, got in zip(truth, found, strict=True)]
+    return float(np.mean(overlap)) / min(k, len(ids))
 
 
 def exact_index(ids: list[str], vectors: Array, cold: Sequence[bool] | None = None) -> VectorIndex:
