@@ -40,6 +40,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec-linear-held-out": {**DENSE_B, "linear_path": True, "linear_held_out": True},
     "m2rec-linear-only": {**DENSE_B, "linear_path": True, "linear_residual": 0.0},
     "m2rec-linear-only-d128": {**DENSE_B, "linear_path": True, "linear_residual": 0.0, "item_dim": 128},
+    # the ablations of m2rec-linear, the best full model (m2rec-dense-b is the one without the ridge path)
+    "m2rec-linear-no-common": {**DENSE_B, "linear_path": True, "common_view": False},
+    "m2rec-linear-no-disentangle": {**DENSE_B, "linear_path": True, "disentangle": False},
+    "m2rec-linear-no-cooccurrence": {**DENSE_B, "linear_path": True, "cooccurrence": False},
+    "m2rec-linear-no-moe": {**DENSE_B, "linear_path": True, "moe": False},
+    "m2rec-linear-no-rank": {**DENSE_B, "linear_path": True, "rank_weight": 0.0},
 }
 
 
