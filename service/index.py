@@ -114,7 +114,7 @@ class VectorIndex:
                      for live in [~is_dead(iids, killed)]]
             index._pinned = pinned.view()
             index._base = build_base(parts, dim, index.config)
-            index._killed = set(killed[is_dead(killed, np.sort(index._pinned.arrays()[0]))].tolist())
+            index._killed = set(killed[is_dead(killed, index._pinned.sorted_iids)].tolist())
             index._iid_of.freeze(hot=index._pinned_ids())
         return index
 
@@ -210,8 +210,7 @@ class VectorIndex:
         with self._lock:
             base = self._base
             exact = [self._pinned, *self._frozen, self._delta.view()]
-            pinned_ids = self._pinned.arrays()[0]
-            pinned_ids = pinned_ids if self._pinned.ascending else np.sort(pinned_ids)
+            pinned_ids = self._pinned.sorted_iids
             dead = len(self._killed)
         banned = self._banned(excluded)  # may miss a racing upsert: collect re-checks
         nprobe = self.nprobe

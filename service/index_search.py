@@ -86,13 +86,15 @@ def exact_found(views: Sequence[DeltaView], queries: Vectors, k: int, banned: Ba
     size = group_rows or EXACT_GROUP
     parts = [(vectors[at : at + size], iids[at : at + size], view.ascending)
              for view in views for vectors, iids in view.parts() for at in range(0, len(iids), size)]
-    found: list[Found] = []
-    while parts:
-        group = [parts.pop(0)]
-        while parts and sum(len(p[1]) for p in group) + len(parts[0][1]) <= size:
-            group.append(parts.pop(0))
-        found.append(_exact_group(group, queries, k, banned))
-    return found
+    groups: list[list[tuple[Vectors, Ids, bool]]] = []
+    filled = size
+    for part in parts:
+        if filled + len(part[1]) > size:  # the part opens a new group
+            groups.append([])
+            filled = 0
+        groups[-1].append(part)
+        filled += len(part[1])
+    return [_exact_group(group, queries, k, banned) for group in groups]
 
 
 EXACT_GROUP = 65_536  # rows per score matrix: (16, 65,536) float32 is 4 MB

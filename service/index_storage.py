@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import repeat
@@ -167,6 +168,13 @@ class DeltaView:
             if rows > 0:
                 parts.append((vectors[:rows], iids[:rows]))
         return parts
+
+    @functools.cached_property
+    def sorted_iids(self) -> Ids:
+        """Every id of the view, ascending (computed once per view: a search reads the pinned
+        segment's on every call)."""
+        iids = self.arrays()[0]
+        return iids if self.ascending else np.sort(iids)
 
     def arrays(self) -> tuple[Ids, Vectors]:
         parts = self.parts()
@@ -324,14 +332,11 @@ class IdMap:
         frozen = self._frozen
         self._hot.update((item_id, frozen.pop(item_id)) for item_id in hot if item_id in frozen)
 
-    def _find(self, item_id: str) -> int | None:
+    def get(self, item_id: str) -> int | None:
         iid = self._hot.get(item_id)
         if iid is None:
             iid = self._frozen.get(item_id)
         return iid if iid is not None else self._shards[hash(item_id) % _ID_SHARDS].get(item_id)
-
-    def get(self, item_id: str) -> int | None:
-        return self._find(item_id)
 
     def lookup(self, item_ids: list[str]) -> Ids:
         """The internal id of each item id, -1 where absent: one C-level `map` in the common case."""
@@ -364,7 +369,7 @@ class IdMap:
         return iid
 
     def __contains__(self, item_id: str) -> bool:
-        return self._find(item_id) is not None
+        return self.get(item_id) is not None
 
     def __len__(self) -> int:
         return self._size

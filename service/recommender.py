@@ -336,7 +336,7 @@ class Recommender:
         if len(usable) == len(places):
             return rows, lengths
         keep = np.ones(len(flat), dtype=bool)  # the rest are left out of the fold-in
-        keep[[a for a, row in zip(places, got, strict=True) if row is None]] = False
+        keep[places] = [row is not None for row in got]
         kept_before = np.concatenate([[0], np.cumsum(keep)])  # rows kept before each place
         ends = np.cumsum(lengths)
         kept = kept_before[ends] - kept_before[ends - np.asarray(lengths)]
