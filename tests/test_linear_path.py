@@ -169,3 +169,31 @@ def test_held_out_rows_are_the_leave_one_out_ridge_predictions() -> None:
             keep = np.arange(X.shape[0]) != j  # refit without row j
             W = np.linalg.solve(X[keep].T @ X[keep] + np.diag(penalty), X[keep].T @ Y[keep])
             assert np.allclose(got[k], X[j] @ W, atol=1e-4)
+
+
+def test_held_out_shift_turns_served_rows_into_leave_one_out_rows() -> None:
+    """The b-step's generated-row likelihood scores warm items by their served linear row plus
+    `held_out_shift`: that sum is the row a refit without the item serves for it."""
+    dataset = tiny_dataset()
+    data = prepare(dataset, cold_start_split(dataset, seed=0))
+    cfg = ModelConfig(n_warm=data.warm.size, n_attributes=len(data.vocabulary), content_dim=data.content_dim,
+                      item_dim=D, linear_path=True, linear_attribute_weight=0.7)
+    gen = M2Rec(cfg).generator
+    assert isinstance(gen, M2VAEGenerator) and gen.linear is not None
+    fit = LinearFit(data, gen.linear, RIDGE, held_out=True)
+    x = data.inputs(data.warm)
+    patterns = gen.linear.patterns(x)
+    assert not fit.held_out_shift(patterns).any()  # nothing fitted yet: no shift
+    targets = torch.randn(data.warm.size, D + 1, generator=torch.Generator().manual_seed(3))
+    fit.refit(targets)
+    with torch.no_grad():
+        served = gen.linear(x) + fit.held_out_shift(patterns)  # (J, D+1)
+    for j in (0, 5):
+        keep = np.arange(data.warm.size) != j
+        alone = M2Rec(cfg).generator
+        assert isinstance(alone, M2VAEGenerator) and alone.linear is not None
+        without_j = TrainingData(**{**vars(data), "warm": data.warm[keep]})
+        LinearFit(without_j, alone.linear, RIDGE).refit(targets[torch.from_numpy(keep)])
+        with torch.no_grad():
+            expected = alone.linear(data.inputs(data.warm[[j]]))[0]
+        assert torch.allclose(served[j], expected, atol=1e-5)

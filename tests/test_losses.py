@@ -77,6 +77,26 @@ def test_user_losses_reach_the_item_table_and_encoder() -> None:
     assert model.user.b.grad is not None and float(model.user.b.grad.abs().sum()) > 0  # pull moves b
 
 
+def test_generated_row_likelihood_trains_the_user_side_not_the_generated_rows() -> None:
+    model, _, _ = model_and_batch()
+    items, offsets, lengths = torch.tensor([1, 4, 9, 2, 2]), torch.tensor([0, 3]), torch.tensor([3, 2])
+    mu, _ = model.user.encode_sparse(items, offsets, lengths, None)
+    generated = torch.randn(30, D + 1, requires_grad=True)  # stands in for Ê, the generator's rows
+    rows = torch.repeat_interleave(torch.arange(2), lengths)
+    value = losses.generated_row_nll(model.user.decode(mu), generated, rows, items)
+    model.zero_grad()
+    backprop(value)
+    assert torch.isfinite(value) and float(value) > 0
+    assert grad_norm(model.user.decoder) > 0 and grad_norm(model.user.encoder) > 0
+    assert model.user.V.grad is not None and float(model.user.V.grad.abs().sum()) > 0  # the tied first layer
+    assert generated.grad is None  # Ê is a fixed target here: the t-step trains the generator
+    # it is the served score's likelihood: the user's items scored by [h; 1]·[ê; b̂]
+    h = model.user.decode(mu).detach()
+    logp = torch.log_softmax(h @ generated.detach()[:, :-1].T + generated.detach()[:, -1], dim=1)
+    expected = -(logp[0, [1, 4, 9]].sum() + logp[1, [2, 2]].sum()) / 2
+    assert torch.allclose(losses.generated_row_nll(h, generated, torch.tensor([0, 0, 0, 1, 1]), items), expected)
+
+
 def test_content_vae_losses_are_finite_and_differentiable() -> None:
     model, x, target = model_and_batch(generator="content-vae")
     out = model.generator.forward_train(x, target, None, torch.zeros(B, dtype=torch.bool))

@@ -139,3 +139,17 @@ class LinearFit:
             h = np.where(self.members[p][rows[sel]], lev[rows[sel]], 0.0)[:, None]
             out[sel] = Y[sel] - (Y[sel] - self.fitted[p][rows[sel]]) / (1.0 - h)
         return torch.from_numpy(out).float()
+
+    def held_out_shift(self, patterns: torch.Tensor) -> torch.Tensor:
+        """(J, D+1): each warm row's leave-one-out linear row minus its in-sample one, under its
+        pattern (J,); zeros before the first refit. Added to a generated row, it gives the row the
+        generator would produce for the item had it not been trained on it."""
+        if self.targets is None or not self.leverage:
+            return torch.zeros(len(patterns), self.path.intercept.shape[1])
+        rows = np.arange(self.targets.shape[0])
+        fitted = np.broadcast_to(self.targets.mean(axis=0), self.targets.shape).copy()  # NOTHING: the mean
+        pattern = patterns.numpy()
+        for p in self.leverage:
+            sel = pattern == p
+            fitted[sel] = self.fitted[p][sel]
+        return self.held_out(rows, patterns) - torch.from_numpy(fitted).float()

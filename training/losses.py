@@ -22,6 +22,19 @@ def multinomial_nll(logits: torch.Tensor, rows: torch.Tensor, items: torch.Tenso
     return -logp[rows, items].sum() / logits.shape[0]
 
 
+def generated_row_nll(h: torch.Tensor, generated: torch.Tensor, rows: torch.Tensor,
+                      items: torch.Tensor) -> torch.Tensor:
+    """The Multi-VAE likelihood of the users' items scored the way a cold item is served: by their
+    generated rows [ê; b̂] (J, D+1), held fixed (no gradient reaches the generator from here).
+
+    h (B, D) user vectors; (rows, items) (N,) as in `multinomial_nll`. It trains the user side
+    for the scores it gives to items it knows only from their content.
+    """
+    fixed = generated.detach()
+    logits = h @ fixed[:, :-1].T + fixed[:, -1]  # (B, J)
+    return multinomial_nll(logits, rows, items)
+
+
 def kl_standard_normal(g: Gaussian, mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(N(mu, σ²) || N(0, I)), summed over dimensions, mean over the (masked) rows."""
     per_row = 0.5 * (g.mu.pow(2) + g.logvar.exp() - 1.0 - g.logvar).sum(dim=1)  # (B,)

@@ -40,6 +40,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec-linear-held-out": {**DENSE_B, "linear_path": True, "linear_held_out": True},
     "m2rec-linear-only": {**DENSE_B, "linear_path": True, "linear_residual": 0.0},
     "m2rec-linear-only-d128": {**DENSE_B, "linear_path": True, "linear_residual": 0.0, "item_dim": 128},
+    # session 5: the full model with a wider table and user latent (D = Ku = 128)
+    "m2rec-linear-d128": {**DENSE_B, "linear_path": True, "item_dim": 128, "user_latent": 128},
+    # + the b-step likelihood of the users' items scored by their generated rows (training/losses.py)
+    "m2rec-linear-gen-nll": {**DENSE_B, "linear_path": True, "generated_likelihood": 1.0},
+    "m2rec-linear-d128-gen-nll": {**DENSE_B, "linear_path": True, "item_dim": 128, "user_latent": 128,
+                                  "generated_likelihood": 1.0},
     # the ablations of m2rec-linear, the best full model (m2rec-dense-b is the one without the ridge path)
     "m2rec-linear-no-common": {**DENSE_B, "linear_path": True, "common_view": False},
     "m2rec-linear-no-disentangle": {**DENSE_B, "linear_path": True, "disentangle": False},

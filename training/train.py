@@ -68,6 +68,8 @@ class TrainConfig:
     beta_cap: float = 0.2
     anneal_epochs: float = 10.0  # β reaches its cap after this many epochs
     lambda_v: float = 10.0
+    # b-step: the user's items also scored by their generated rows Ê (the cold-start scoring), weight (0 = off)
+    generated_likelihood: float = 0.0
     # t-step (generator)
     batch_items: int = 256
     lr_gen: float = 3e-3
@@ -168,8 +170,12 @@ def all_item_rows(model: M2Rec, data: TrainingData) -> torch.Tensor:
 
 
 def b_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: TrainConfig,
-           rng: np.random.Generator, step: int, steps_per_epoch: int) -> tuple[dict[str, float], int]:
+           rng: np.random.Generator, step: int, steps_per_epoch: int,
+           held_out_shift: torch.Tensor | None = None) -> tuple[dict[str, float], int]:
     target = generated_rows(model, data, data.warm)  # Ê (J, D+1), fixed for the step
+    # the rows the user side is scored by: a trained item's row as if it were new (leave-one-out
+    # linear part), else the user side would learn from in-sample fits no cold item gets
+    as_new = target + held_out_shift if held_out_shift is not None else target
     users = rng.permutation(data.train_users)
     sums: dict[str, float] = {}
     for start in range(0, users.size, cfg.batch_users):
@@ -181,7 +187,8 @@ def b_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
             keep = keep / (1.0 - cfg.input_dropout)
         mu, logvar = model.user.encode_sparse(items, offsets, lengths, keep)
         u = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        logits = model.user.logits(model.user.decode(u))  # (B, J)
+        h = model.user.decode(u)  # (B, D)
+        logits = model.user.logits(h)  # (B, J)
         rows_in_batch = torch.repeat_interleave(torch.arange(batch.size), lengths)
         beta = min(cfg.beta_cap, cfg.beta_cap * step / max(1.0, cfg.anneal_epochs * steps_per_epoch))
         parts = {
@@ -189,6 +196,8 @@ def b_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
             "kl_u": beta * losses.kl_standard_normal(Gaussian(mu, logvar)),
             "pull": losses.pull_to_generated(model.item_rows(), target, cfg.lambda_v),
         }
+        if cfg.generated_likelihood > 0:  # the same items scored as cold items are: by Ê
+            parts["nll_gen"] = cfg.generated_likelihood * losses.generated_row_nll(h, as_new, rows_in_batch, items)
         loss = sum(parts.values())
         opt.zero_grad()
         loss.backward()  # type: ignore[union-attr]
@@ -296,8 +305,11 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainRe
     opt_user = torch.optim.Adam(model.user.parameters(), lr=cfg.lr_user)
     opt_gen = torch.optim.AdamW(model.generator.parameters(), lr=cfg.lr_gen, weight_decay=cfg.wd_gen)
     gen = model.generator
-    linear = LinearFit(data, gen.linear, cfg.linear_ridge, cfg.linear_held_out) \
+    held_out = cfg.linear_held_out or cfg.generated_likelihood > 0
+    linear = LinearFit(data, gen.linear, cfg.linear_ridge, held_out) \
         if isinstance(gen, M2VAEGenerator) and gen.linear is not None else None
+    patterns = linear.path.patterns(data.inputs(data.warm)) \
+        if linear is not None and cfg.generated_likelihood > 0 else None  # (J,) warm items' modality patterns
     steps_per_epoch = cfg.b_passes * -(-data.train_users.size // cfg.batch_users)
     step, best_val, best_epoch = 0, -1.0, -1
     best_state: dict[str, torch.Tensor] = {}
@@ -306,8 +318,9 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainRe
     bar = tqdm(range(cfg.epochs), desc=f"train {dataset.name}", disable=not cfg.progress)
     for epoch in bar:
         t0 = time.perf_counter()
+        shift = linear.held_out_shift(patterns) if linear is not None and patterns is not None else None
         for _ in range(cfg.b_passes):
-            b_parts, step = b_step(model, data, opt_user, cfg, rng, step, steps_per_epoch)
+            b_parts, step = b_step(model, data, opt_user, cfg, rng, step, steps_per_epoch, shift)
         for _ in range(cfg.t_passes):
             t_parts = t_step(model, data, opt_gen, cfg, rng, linear)
         row: dict[str, float] = {"epoch": epoch, **b_parts, **t_parts}
