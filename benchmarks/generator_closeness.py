@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from training.dataset import load_dataset
+from training.item_rows import generated_rows
 from training.split import cold_start_split
-from training.train import TrainConfig, generated_rows, train
+from training.train import TrainConfig, train
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,9 +25,10 @@ import torch
 
 from training.baselines import content_blocks
 from training.dataset import Dataset, load_dataset
+from training.item_rows import ItemTable, generated_rows, user_vectors
 from training.protocol import all_items, cold_only, evaluate
 from training.split import ColdStartSplit, cold_start_split
-from training.train import ItemTable, TrainConfig, TrainResult, generated_rows, train, user_vectors
+from training.train import TrainConfig, TrainResult, train
 
 
 def ridge_on_v(result: TrainResult, dataset: Dataset, split: ColdStartSplit) -> dict[str, float]:

@@ -31,9 +31,9 @@ from service.artifact import load_artifact
 from service.recommender import load_model
 from tests.conftest import StoreSpec, TrainedArtifact
 from tests.live_server import LiveServer
+from training.item_rows import ItemTable
 from training.metrics import rank_top_k_batch, user_metrics
 from training.protocol import Task, all_items, evaluate
-from training.train import ItemTable
 from training.train_data import prepare
 
 K = 20

@@ -184,7 +184,7 @@ def test_service_ranking_matches_the_offline_evaluation_table(
 ) -> None:
     """Offline/online parity: registering every non-trained item and posting a user's training
     history gives the ranking training.train.ItemTable scores offline (all-items protocol)."""
-    from training.train import ItemTable
+    from training.item_rows import ItemTable
     from training.train_data import prepare
 
     ds, split = trained_artifact.dataset, trained_artifact.split

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from training.dataset import Dataset
+from training.item_rows import ItemTable
 from training.split import ColdStartSplit
-from training.train import ItemTable, TrainConfig, TrainResult, train
+from training.train import TrainConfig, TrainResult, train
 
 DENSE_B: dict[str, Any] = {"lr_gen": 1e-3, "feature_dropout": 0.3, "b_passes": 4, "recon_weight": 30.0, "epochs": 20}
 

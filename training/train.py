@@ -32,6 +32,7 @@ from training import losses
 from training.dataset import Dataset, fingerprint, load_dataset
 from training.export import export_artifact
 from training.input_dropout import feature_dropout, modality_dropout
+from training.item_rows import ItemTable, generated_rows, user_vectors
 from training.linear_fit import LinearFit
 from training.protocol import all_items, cold_only, evaluate
 from training.split import ColdStartSplit, cold_start_split
@@ -111,62 +112,6 @@ class TrainResult:
     best_epoch: int
     best_val: dict[str, float]
     history: list[dict[str, float]]
-
-
-class ItemTable:
-    """Scores every dataset item for users folded in from their training histories.
-
-    Warm items use their trained rows [V; b]; every other item its generated row (neutral gate).
-    """
-
-    name = "m2rec"
-
-    def __init__(self, model: M2Rec, data: TrainingData) -> None:
-        self.users = user_vectors(model, data).numpy()  # (U, D)
-        self.items = all_item_rows(model, data).numpy()  # (I, D+1)
-
-    def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:  # protocol; built already
-        pass
-
-    def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        rows = self.items[candidates]  # (C, D+1)
-        h = self.users[users]  # (B, D)
-        return np.asarray(h @ rows[:, :-1].T + rows[:, -1], dtype=np.float64)  # [h; 1]·[v; b]
-
-
-@torch.no_grad()
-def user_vectors(model: M2Rec, data: TrainingData, batch: int = 2048) -> torch.Tensor:
-    """h (U, D) of every user, deterministic fold-in (decoder of the posterior mean)."""
-    out = []
-    for start in range(0, data.history.shape[0], batch):
-        users = np.arange(start, min(start + batch, data.history.shape[0]))
-        items, offsets, lengths = data.flat_histories(users)
-        mu, _ = model.user.encode_sparse(items, offsets, lengths, None)
-        out.append(model.user.decode(mu))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def generated_rows(model: M2Rec, data: TrainingData, items: np.ndarray, batch: int = 4096) -> torch.Tensor:
-    """Serving-path rows (len(items), D+1) of dataset items from attributes and content only."""
-    model.eval()
-    # batches of similar attribute counts: padding to the widest item costs (B, A, H) memory
-    order = np.argsort(data.attribute_counts[items], kind="stable")
-    out = [model.embed_items(data.inputs(items[order[s : s + batch]]))[0] for s in range(0, items.size, batch)]
-    model.train()
-    if not out:
-        return torch.zeros(0, model.config.item_dim + 1)
-    rows = torch.empty(items.size, model.config.item_dim + 1)
-    rows[torch.from_numpy(order)] = torch.cat(out)
-    return rows
-
-
-@torch.no_grad()
-def all_item_rows(model: M2Rec, data: TrainingData) -> torch.Tensor:
-    n_items = data.attributes.shape[0]
-    rows = generated_rows(model, data, np.arange(n_items))
-    rows[torch.from_numpy(data.warm)] = model.item_rows()
-    return rows
 
 
 def b_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: TrainConfig,
