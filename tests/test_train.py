@@ -99,3 +99,23 @@ def test_b_passes_give_more_user_updates(dataset: Dataset) -> None:
     moved_one = (one.model.user.V - init).norm()
     moved_three = (three.model.user.V - init).norm()
     assert moved_three > moved_one > 0
+
+
+def test_train_cli_starts_from_a_variant_and_flags_override_it(dataset: Dataset, tmp_path: Path) -> None:
+    """`python -m training.train --variant NAME` trains that harness variant; explicit flags win."""
+    import json
+
+    from training.dataset import save_dataset
+    from training.train import main
+
+    data_dir = save_dataset(dataset, tmp_path / "tiny")
+    tiny = ["--epochs", "1", "--eval-every", "1", "--gen-hidden", "8", "--gen-latent", "4", "--batch-users", "16",
+            "--batch-items", "16", "--co-negatives", "4", "--progress", "false"]
+    main(["--dataset", str(data_dir), "--out", str(tmp_path / "a"), "--variant", "m2rec-linear-d128-gen-nll",
+          "--item-dim", "8", *tiny])
+    manifest = json.loads(next((tmp_path / "a").glob("2*/manifest.json")).read_text())
+    config = manifest["model_config"]
+    assert config["item_dim"] == 8  # the flag
+    assert config["user_latent"] == 128 and config["linear_path"] is True  # the variant
+    with pytest.raises(SystemExit):
+        main(["--dataset", str(data_dir), "--out", str(tmp_path / "b"), "--variant", "no-such-variant"])

@@ -20,7 +20,12 @@ from training.train import TrainConfig, TrainResult, train
 
 DENSE_B: dict[str, Any] = {"lr_gen": 1e-3, "feature_dropout": 0.3, "b_passes": 4, "recon_weight": 30.0, "epochs": 20}
 
-# name -> TrainConfig overrides; "m2rec" is the full model
+# session 5's full model: dense-b + ridge path, D = Ku = 128, and the b-step likelihood of the users'
+# items scored by their (leave-one-out) generated rows (benchmarks/results/model-tuning.md, round 5)
+GEN_NLL: dict[str, Any] = {**DENSE_B, "linear_path": True, "item_dim": 128, "user_latent": 128,
+                           "generated_likelihood": 1.0}
+
+# name -> TrainConfig overrides; "m2rec" is the full model of the TrainConfig defaults
 VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec": {},
     "m2rec-no-common": {"common_view": False},
@@ -45,8 +50,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec-linear-d128": {**DENSE_B, "linear_path": True, "item_dim": 128, "user_latent": 128},
     # + the b-step likelihood of the users' items scored by their generated rows (training/losses.py)
     "m2rec-linear-gen-nll": {**DENSE_B, "linear_path": True, "generated_likelihood": 1.0},
-    "m2rec-linear-d128-gen-nll": {**DENSE_B, "linear_path": True, "item_dim": 128, "user_latent": 128,
-                                  "generated_likelihood": 1.0},
+    "m2rec-linear-d128-gen-nll": GEN_NLL,
+    # its ablations (m2rec-linear-d128 is the one without the generated-row likelihood)
+    "m2rec-gen-nll-no-common": {**GEN_NLL, "common_view": False},
+    "m2rec-gen-nll-no-disentangle": {**GEN_NLL, "disentangle": False},
+    "m2rec-gen-nll-no-cooccurrence": {**GEN_NLL, "cooccurrence": False},
+    "m2rec-gen-nll-no-moe": {**GEN_NLL, "moe": False},
+    "m2rec-gen-nll-no-rank": {**GEN_NLL, "rank_weight": 0.0},
+    "m2rec-gen-nll-no-linear": {**GEN_NLL, "linear_path": False},
     # the ablations of m2rec-linear, the best full model (m2rec-dense-b is the one without the ridge path)
     "m2rec-linear-no-common": {**DENSE_B, "linear_path": True, "common_view": False},
     "m2rec-linear-no-disentangle": {**DENSE_B, "linear_path": True, "disentangle": False},

@@ -17,7 +17,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -317,7 +317,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path,
                         help="artifact root: the model is exported as a new version and `current` points at it")
-    defaults = TrainConfig()
+    parser.add_argument("--variant", default=None,
+                        help="start from a harness variant's settings (training/m2rec_recommender.py), e.g. "
+                             "m2rec-linear-d128-gen-nll, the full model; flags given as well override them")
+    from training.m2rec_recommender import VARIANTS  # here: that module imports this one
+
+    chosen = parser.parse_known_args(argv)[0].variant
+    if chosen is not None and chosen not in VARIANTS:
+        parser.error(f"unknown --variant {chosen!r}; known: {', '.join(sorted(VARIANTS))}")
+    defaults = replace(TrainConfig(), **VARIANTS[chosen]) if chosen is not None else TrainConfig()
     for f in fields(TrainConfig):
         value = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
