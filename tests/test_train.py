@@ -77,7 +77,7 @@ def test_checkpoint_reloads_to_identical_outputs(dataset: Dataset, tmp_path: Pat
 
 @pytest.mark.parametrize("variant", ["m2rec", "mdsym-content-vae", "m2rec-no-common", "m2rec-slow-gen-surrogate",
                                      "m2rec-linear-held-out", "m2rec-linear-only", "m2rec-dense-b",
-                                     "m2rec-linear-d128-gen-nll"])
+                                     "m2rec-linear-d128-gen-nll", "mdsym-content-vae-gen-nll"])
 def test_adapter_scores_every_candidate_finitely(dataset: Dataset, variant: str) -> None:
     split = cold_start_split(dataset, seed=1)
     rec = M2RecRecommender.variant(variant, **TINY)

@@ -58,6 +58,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec-gen-nll-no-moe": {**GEN_NLL, "moe": False},
     "m2rec-gen-nll-no-rank": {**GEN_NLL, "rank_weight": 0.0},
     "m2rec-gen-nll-no-linear": {**GEN_NLL, "linear_path": False},
+    # the MD-CVAE paper's model (plain content VAE as the generator) with the same training settings
+    "mdsym-content-vae-gen-nll": {**GEN_NLL, "generator": "content-vae"},
     # the ablations of m2rec-linear, the best full model (m2rec-dense-b is the one without the ridge path)
     "m2rec-linear-no-common": {**DENSE_B, "linear_path": True, "common_view": False},
     "m2rec-linear-no-disentangle": {**DENSE_B, "linear_path": True, "disentangle": False},
