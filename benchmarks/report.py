@@ -32,6 +32,8 @@ def table(results: list[dict[str, Any]]) -> str:
         ("index (nprobe)", lambda r: f"{r['index']}" + (f" ({r['nprobe']})" if r["index"] == "ivf" else "")),
         ("server start-up, s", lambda r: f"{r['startup_s']}"),
         ("recall@20 served vs exact", lambda r: _target(round(r["served_recall"], 4), 0.95, below=False)),
+        ("recall@20 of the IVF alone, registered items (at nprobe)", lambda r: " / ".join(
+            f"{v} ({n})" for n, v in r["ivf_recall"].items()) if r.get("ivf_recall") else "-"),
         ("/recommend p50 ms, 16 clients", lambda r: f"{r['recommend']['p50_ms']}"),
         ("/recommend p99 ms, 16 clients", lambda r: _target(
             r["recommend"]["p99_ms"], 25.0 if r["indexed"] > 500_000 else 15.0)),
