@@ -173,7 +173,9 @@ class M2VAEGenerator(nn.Module):
         self.w_c = nn.Parameter(torch.randn(Z) * Z**-0.5)
         self.v_com = nn.Parameter(torch.randn(Z) * Z**-0.5)
         self.view_gate = nn.Sequential(nn.Linear(Z, H), nn.Tanh(), nn.Linear(H, 1))
-        self.decoder = nn.Sequential(nn.Linear(Z + 2 * H, H), nn.Tanh(), nn.Linear(H, D + 1))
+        self.decoder_features = cfg.decoder_features
+        self.decoder = nn.Sequential(nn.Linear(Z + 2 * H if cfg.decoder_features else Z, H), nn.Tanh(),
+                                     nn.Linear(H, D + 1))
         # user-neutral gate input: population mean of training users' h, set by the trainer
         self.register_buffer("neutral_user", torch.zeros(D))
         # optional ridge path (fitted in closed form by the trainer); the decoder then adds a residual
@@ -248,7 +250,7 @@ class M2VAEGenerator(nn.Module):
         return out, a, c
 
     def decode(self, z: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        rows: torch.Tensor = self.decoder(torch.cat([z, a, c], dim=1))  # (B, D+1)
+        rows: torch.Tensor = self.decoder(torch.cat([z, a, c], dim=1) if self.decoder_features else z)  # (B, D+1)
         return rows
 
     def _rows(self, linear: torch.Tensor | None, z: torch.Tensor, a: torch.Tensor, c: torch.Tensor

@@ -43,6 +43,9 @@ class ModelConfig:
     linear_path: bool = False
     linear_residual: float = 1.0
     linear_attribute_weight: float = 1.0  # length of the attribute block beside the unit content block
+    # M2VAE's decoder reads [z; a; c] (paper); False: z alone, so a row depends on the item only through
+    # the fused latent (where PoE, MoE and the disentangling act). True keeps older artifacts loadable.
+    decoder_features: bool = True
 
     def __post_init__(self) -> None:
         if self.generator not in GENERATORS:

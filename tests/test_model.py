@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.generator import AttributePooling, ItemInputs
+from service.generator import AttributePooling, ItemInputs, M2VAEGenerator
 from service.model import AttributeVocabulary, M2Rec, ModelConfig, item_inputs
 
 D, F_DIM, A = 16, 6, 12
@@ -61,7 +61,8 @@ def test_item_without_any_modality_still_gets_a_finite_row() -> None:
     assert rows.shape == (1, D + 1) and torch.isfinite(rows).all()
 
 
-@pytest.mark.parametrize("overrides", [{"common_view": False}, {"moe": False}, {"generator": "content-vae"}])
+@pytest.mark.parametrize("overrides", [{"common_view": False}, {"moe": False}, {"generator": "content-vae"},
+                                       {"decoder_features": False}])
 def test_ablated_generators_embed_items(overrides: dict[str, object]) -> None:
     model = tiny_model(**overrides)
     rows, _ = model.embed_items(items([[1, 2], [3], []]))
@@ -148,3 +149,15 @@ def test_vocabulary_scores_are_kept_without_autograd_and_follow_parameter_change
     pooled, _ = pool(idx)  # with autograd: recomputed, so gradients reach the scoring layers
     pooled.sum().backward()
     assert pool.key.weight.grad is not None and pool.query.weight.grad is not None
+
+
+def test_decoder_from_z_alone_reads_the_item_only_through_its_latent() -> None:
+    gen = tiny_model(decoder_features=False).generator
+    assert isinstance(gen, M2VAEGenerator)
+    z = torch.randn(2, 8)
+    a, c = torch.randn(2, 24), torch.randn(2, 24)
+    assert torch.equal(gen.decode(z, a, c), gen.decode(z, torch.zeros_like(a), torch.zeros_like(c)))
+    assert not torch.equal(gen.decode(z, a, c), gen.decode(z + 1.0, a, c))
+    default = tiny_model().generator  # the paper's F([z; a; c]) reads the features as well
+    assert isinstance(default, M2VAEGenerator)
+    assert not torch.equal(default.decode(z, a, c), default.decode(z, torch.zeros_like(a), c))

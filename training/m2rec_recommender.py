@@ -58,6 +58,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec-gen-nll-no-moe": {**GEN_NLL, "moe": False},
     "m2rec-gen-nll-no-rank": {**GEN_NLL, "rank_weight": 0.0},
     "m2rec-gen-nll-no-linear": {**GEN_NLL, "linear_path": False},
+    # the decoder from z alone (F(z) instead of F([z; a; c])): a row reaches the item only through its latent
+    "m2rec-gen-nll-z-decoder": {**GEN_NLL, "decoder_features": False},
+    "m2rec-gen-nll-z-decoder-no-moe": {**GEN_NLL, "decoder_features": False, "moe": False},
+    "m2rec-gen-nll-z-decoder-no-common": {**GEN_NLL, "decoder_features": False, "common_view": False},
     # the MD-CVAE paper's model (plain content VAE as the generator) with the same training settings
     "mdsym-content-vae-gen-nll": {**GEN_NLL, "generator": "content-vae"},
     # the ablations of m2rec-linear, the best full model (m2rec-dense-b is the one without the ridge path)

@@ -60,6 +60,7 @@ class TrainConfig:
     linear_residual: float = 1.0  # scale of the decoder's residual on the linear path (0 = ridge row alone)
     linear_attribute_weight: float = 1.0
     linear_ridge: float = 2.0  # ridge strength of the closed-form fit (chosen on validation, model-tuning.md)
+    decoder_features: bool = True  # M2VAE decoder F([z; a; c]); False: F(z)
     linear_held_out: bool = False  # t-step: the decoder's residual is taken on leave-one-out ridge rows
     # b-step (Multi-VAE)
     batch_users: int = 128
