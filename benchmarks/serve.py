@@ -41,10 +41,10 @@ from benchmarks.catalogue import (
 from benchmarks.in_process import K, recommend_alone, recommend_batched, search_alone, user_queries
 from benchmarks.load import Connection, LoadResult, request_once, run_load
 from benchmarks.processes import CLIENT_CORE, Server, all_cores, pin
+from benchmarks.recall import base_recall
 from benchmarks.report import write_report
 from service.artifact import load_artifact
 from service.index import IndexConfig, VectorIndex
-from service.index_search import search_base
 from service.recommender import Recommender
 from service.store import SqliteStore
 from training.dataset import Dataset, load_dataset
@@ -126,24 +126,6 @@ def calibrate(bench: Bench, kind: str) -> tuple[VectorIndex, int, list[dict[str,
             break
     index.nprobe = chosen
     return index, chosen, sweep
-
-
-def ivf_recall(bench: Bench, index: VectorIndex, nprobe: int) -> float:
-    """Recall@K of the IVF base alone (registered items only; the exact pinned trained rows and
-    the histories left out) against an exact scan of the same rows, for the measured users. The
-    served recall mixes in trained items, which are always scored exactly; this is the IVF's own."""
-    base = index._base  # the approximate part alone, as tests/test_index_ivf.py reads it
-    parts = list(base.parts())
-    iids = np.concatenate([p[0] for p in parts])
-    rows = np.concatenate([p[1] for p in parts])  # (N_base, D+1)
-    q = queries(bench, bench.bench_users)
-    _, found = search_base(base, q, K, nprobe)
-    hits = []
-    for s in range(0, len(q), 64):
-        scores = q[s : s + 64] @ rows.T  # (B, N_base)
-        top = np.argpartition(-scores, K, axis=1)[:, :K]
-        hits += [len(set(iids[t].tolist()) & set(f.tolist())) / K for t, f in zip(top, found[s : s + 64], strict=True)]
-    return float(np.mean(hits))
 
 
 def served_recall(bench: Bench, port: int) -> tuple[float, dict[str, float]]:
@@ -303,7 +285,9 @@ def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"size": size, "indexed": len(bench.ids), "index": kind, "nprobe": nprobe,
                               "nprobe_sweep": sweep, "calibration_s": round(time.perf_counter() - t0, 1)}
     if kind == "ivf":
-        result["ivf_recall"] = {n: round(ivf_recall(bench, index, n), 4) for n in sorted({1, nprobe})}
+        # the IVF alone (registered items; the pinned trained rows are always exact), for the measured users
+        q = queries(bench, bench.bench_users)
+        result["ivf_recall"] = {n: round(base_recall(index._base, q, K, n), 4) for n in sorted({1, nprobe})}
     torch.set_num_threads(1)
     with threadpool_limits(1, user_api="blas"):  # as the server runs (service/app.py)
         r.index = index

@@ -149,14 +149,19 @@ def test_exported_artifact_serves_identical_rows_for_every_modality_pattern(tmp_
             assert torch.equal(served.embed_items(x)[0], result.model.embed_items(x)[0])
 
 
-def test_held_out_rows_are_the_leave_one_out_ridge_predictions() -> None:
+def held_out_fit() -> tuple[TrainingData, ModelConfig, M2VAEGenerator, LinearFit]:
+    """A linear path on the tiny data with leverages (held-out rows), not yet fitted."""
     dataset = tiny_dataset()
     data = prepare(dataset, cold_start_split(dataset, seed=0))
     cfg = ModelConfig(n_warm=data.warm.size, n_attributes=len(data.vocabulary), content_dim=data.content_dim,
                       item_dim=D, linear_path=True, linear_attribute_weight=0.7)
     gen = M2Rec(cfg).generator
     assert isinstance(gen, M2VAEGenerator) and gen.linear is not None
-    fit = LinearFit(data, gen.linear, RIDGE, held_out=True)
+    return data, cfg, gen, LinearFit(data, gen.linear, RIDGE, held_out=True)
+
+
+def test_held_out_rows_are_the_leave_one_out_ridge_predictions() -> None:
+    data, _, _, fit = held_out_fit()
     targets = torch.randn(data.warm.size, D + 1, generator=torch.Generator().manual_seed(2))
     fit.refit(targets)
     rows = np.array([0, 3, 7])
@@ -174,13 +179,8 @@ def test_held_out_rows_are_the_leave_one_out_ridge_predictions() -> None:
 def test_held_out_shift_turns_served_rows_into_leave_one_out_rows() -> None:
     """The b-step's generated-row likelihood scores warm items by their served linear row plus
     `held_out_shift`: that sum is the row a refit without the item serves for it."""
-    dataset = tiny_dataset()
-    data = prepare(dataset, cold_start_split(dataset, seed=0))
-    cfg = ModelConfig(n_warm=data.warm.size, n_attributes=len(data.vocabulary), content_dim=data.content_dim,
-                      item_dim=D, linear_path=True, linear_attribute_weight=0.7)
-    gen = M2Rec(cfg).generator
-    assert isinstance(gen, M2VAEGenerator) and gen.linear is not None
-    fit = LinearFit(data, gen.linear, RIDGE, held_out=True)
+    data, cfg, gen, fit = held_out_fit()
+    assert gen.linear is not None
     x = data.inputs(data.warm)
     patterns = gen.linear.patterns(x)
     assert not fit.held_out_shift(patterns).any()  # nothing fitted yet: no shift
