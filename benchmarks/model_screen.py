@@ -1,6 +1,7 @@
 """One quick training run with TrainConfig overrides: the screens of results/model-tuning.md.
 
     python -m benchmarks.model_screen --dataset data/ml-100k --seed 0 lr_gen=1e-3 feature_dropout=0.3 epochs=12
+    python -m benchmarks.model_screen --dataset data/ml-100k --variant m2rec-linear-d128-gen-nll gate_norm=true
 
 Prints one JSON line: best epoch, validation and test Recall@20 / NDCG@20 (cold-only), all-items
 Recall@20 and cold share, and how close the generator's rows for warm items come to their trained
@@ -26,6 +27,7 @@ import torch
 from training.baselines import content_blocks
 from training.dataset import Dataset, load_dataset
 from training.item_rows import ItemTable, generated_rows, user_vectors
+from training.m2rec_recommender import VARIANTS
 from training.protocol import all_items, cold_only, evaluate
 from training.split import ColdStartSplit, cold_start_split
 from training.train import TrainConfig, TrainResult, train
@@ -84,6 +86,23 @@ def score_parts(result: TrainResult, split: ColdStartSplit) -> dict[str, float]:
     return out
 
 
+def gate_spread(result: TrainResult, split: ColdStartSplit, n_users: int = 256) -> dict[str, float]:
+    """The modality-level gate (share of the attribute view) over the test-cold items: its spread
+    across items under the neutral user (what the index stores) and across training users for one
+    item at a time (the personalised gate): a gate stuck at 0.5 everywhere does nothing."""
+    model, data = result.model, result.data
+    items = split.cold_items
+    with torch.no_grad():
+        x = data.inputs(items)
+        neutral = model.embed_items(x)[1]["attributes"]  # (n,)
+        users = user_vectors(model, data)[:n_users]  # (U, D)
+        few = data.inputs(items[:64])
+        per_user = torch.stack([model.embed_items(few, user.expand(len(few.attributes), -1))[1]["attributes"]
+                                for user in users[:, None]])  # (U, 64)
+    return {"neutral_mean": round(neutral.mean().item(), 4), "neutral_std_items": round(neutral.std().item(), 4),
+            "user_std_per_item": round(per_user.std(dim=0).mean().item(), 4)}
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     defaults = TrainConfig()
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -101,9 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", default=None, help="start from a harness variant (training/m2rec_recommender.py)")
     parser.add_argument("overrides", nargs="*", help="TrainConfig field=value")
     args = parser.parse_args(argv)
-    overrides = parse_overrides(args.overrides)
+    if args.variant is not None and args.variant not in VARIANTS:
+        raise SystemExit(f"unknown --variant {args.variant!r}; known: {', '.join(sorted(VARIANTS))}")
+    overrides = {**(VARIANTS[args.variant] if args.variant else {}), **parse_overrides(args.overrides)}
     dataset = load_dataset(args.dataset)
     split = cold_start_split(dataset, args.seed)
     cfg = dataclasses.replace(TrainConfig(seed=args.seed, progress=False), **overrides)
@@ -125,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         "ridge_on_v": ridge_on_v(result, dataset, split),
         "surrogate_fold_in": surrogate_fold_in(result, split),
         "score_parts": score_parts(result, split),
+        "modality_gate": gate_spread(result, split),
         "val_curve": [round(h["val_recall@20"], 3) for h in result.history if "val_recall@20" in h],
     }))
 

@@ -11,6 +11,8 @@ model would mistake for data.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -61,6 +63,12 @@ class GeneratorOutput:
     # content-VAE only: reconstruction of its input
     content_recon: torch.Tensor | None = None  # (B, F)
     attribute_logits: torch.Tensor | None = None  # (B, A)
+
+
+def _rms_normalised(x: torch.Tensor) -> torch.Tensor:
+    """x (B, Z) scaled to unit root-mean-square entries per row: a product of such rows has O(1)
+    entries whatever the latents' scale."""
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-6)
 
 
 def normalise_content(content: torch.Tensor) -> torch.Tensor:
@@ -156,6 +164,7 @@ class M2VAEGenerator(nn.Module):
         H, Z, D = cfg.gen_hidden, cfg.gen_latent, cfg.item_dim
         c = cfg.logvar_clamp
         self.common_view, self.moe, self.tau = cfg.common_view, cfg.moe, cfg.gate_temperature
+        self.gate_norm = cfg.gate_norm
         self.has_content_input = cfg.content_dim > 0
         self.attributes = AttributePooling(cfg.n_attributes, H)
         self.content_proj = nn.Sequential(nn.Linear(max(cfg.content_dim, 1), H), nn.Tanh())
@@ -203,9 +212,10 @@ class M2VAEGenerator(nn.Module):
             logits = []
             for n, gate, w in (("a", self.self_gate_a, self.w_a), ("c", self.self_gate_c, self.w_c)):
                 u_v = up * torch.sigmoid(gate(up))  # (B, Z)
-                inter = u_v * views[n].mu
-                if common is not None:
-                    inter = inter * common.mu
+                factors = [u_v, views[n].mu] + ([common.mu] if common is not None else [])
+                if self.gate_norm:
+                    factors = [_rms_normalised(f) for f in factors]
+                inter = functools.reduce(torch.mul, factors)  # (B, Z)
                 logits.append(inter @ w)  # (B,)
             scores = torch.stack(logits, dim=1) / self.tau  # (B, 2)
         else:

@@ -37,6 +37,10 @@ class ModelConfig:
     common_view: bool = True  # M2VAE: PoE common view
     moe: bool = True  # M2VAE: user-aware two-level MoE (False = plain average of the views)
     gate_temperature: float = 1.0
+    # modality gate logits w·(u_v ⊙ z_v ⊙ z_com) on RMS-normalised factors: the raw triple product of
+    # latents with entries ~0.05-0.8 stays near 0.01 and the gate sits at 0.5 (model-tuning.md round 6).
+    # False keeps older artifacts loadable.
+    gate_norm: bool = False
     logvar_clamp: float = 8.0
     # M2VAE: ridge path from features to the row (service/linear_path.py); the decoder adds a residual
     # scaled by linear_residual (0 = the ridge row alone). False keeps artifacts without it loadable.

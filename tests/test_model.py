@@ -62,11 +62,28 @@ def test_item_without_any_modality_still_gets_a_finite_row() -> None:
 
 
 @pytest.mark.parametrize("overrides", [{"common_view": False}, {"moe": False}, {"generator": "content-vae"},
-                                       {"decoder_features": False}])
+                                       {"decoder_features": False}, {"gate_norm": True}])
 def test_ablated_generators_embed_items(overrides: dict[str, object]) -> None:
     model = tiny_model(**overrides)
     rows, _ = model.embed_items(items([[1, 2], [3], []]))
     assert rows.shape == (3, D + 1) and torch.isfinite(rows).all()
+
+
+def test_normalised_gate_moves_with_the_user_whatever_the_latents_scale() -> None:
+    """The raw triple product of small latents leaves the modality gate at ~0.5 for everyone; on
+    RMS-normalised factors the same weights give users gates that differ by a visible margin."""
+    x = items([[1, 2], [3, 4]])
+    users = torch.randn(32, D)
+    spread = {}
+    for norm in (False, True):
+        model = tiny_model(gate_norm=norm)
+        with torch.no_grad():
+            for view in (model.generator.enc_a, model.generator.enc_c):  # latents ~0.01, as trained ones shrink
+                view.net.weight.mul_(0.01)
+                view.net.bias.mul_(0.01)
+            gates = torch.stack([model.embed_items(x, u.expand(2, -1))[1]["attributes"] for u in users])
+        spread[norm] = gates.std(dim=0).mean().item()
+    assert spread[False] < 1e-3 < 0.02 < spread[True]
 
 
 def test_neutral_gate_is_the_population_mean_user() -> None:

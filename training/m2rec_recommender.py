@@ -25,6 +25,8 @@ DENSE_B: dict[str, Any] = {"lr_gen": 1e-3, "feature_dropout": 0.3, "b_passes": 4
 GEN_NLL: dict[str, Any] = {**DENSE_B, "linear_path": True, "item_dim": 128, "user_latent": 128,
                            "generated_likelihood": 1.0}
 
+GATED: dict[str, Any] = {**GEN_NLL, "gate_norm": True}
+
 # name -> TrainConfig overrides; "m2rec" is the full model of the TrainConfig defaults
 VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec": {},
@@ -62,6 +64,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec-gen-nll-z-decoder": {**GEN_NLL, "decoder_features": False},
     "m2rec-gen-nll-z-decoder-no-moe": {**GEN_NLL, "decoder_features": False, "moe": False},
     "m2rec-gen-nll-z-decoder-no-common": {**GEN_NLL, "decoder_features": False, "common_view": False},
+    # session 6: the modality gate on RMS-normalised factors (its logits no longer vanish), and its ablations
+    "m2rec-gated": GATED,
+    "m2rec-gated-no-common": {**GATED, "common_view": False},
+    "m2rec-gated-no-disentangle": {**GATED, "disentangle": False},
+    "m2rec-gated-no-cooccurrence": {**GATED, "cooccurrence": False},
+    "m2rec-gated-no-rank": {**GATED, "rank_weight": 0.0},
+    "m2rec-gated-z-decoder": {**GATED, "decoder_features": False},
     # the MD-CVAE paper's model (plain content VAE as the generator) with the same training settings
     "mdsym-content-vae-gen-nll": {**GEN_NLL, "generator": "content-vae"},
     # the ablations of m2rec-linear, the best full model (m2rec-dense-b is the one without the ridge path)

@@ -56,6 +56,7 @@ class TrainConfig:
     common_view: bool = True
     moe: bool = True
     gate_temperature: float = 1.0
+    gate_norm: bool = False  # modality gate on RMS-normalised factors (ModelConfig.gate_norm)
     linear_path: bool = True  # M2VAE: ridge path + decoder residual (service/linear_path.py)
     linear_residual: float = 1.0  # scale of the decoder's residual on the linear path (0 = ridge row alone)
     linear_attribute_weight: float = 1.0
