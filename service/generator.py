@@ -12,7 +12,6 @@ model would mistake for data.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 

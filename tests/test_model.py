@@ -78,9 +78,11 @@ def test_normalised_gate_moves_with_the_user_whatever_the_latents_scale() -> Non
     for norm in (False, True):
         model = tiny_model(gate_norm=norm)
         with torch.no_grad():
-            for view in (model.generator.enc_a, model.generator.enc_c):  # latents ~0.01, as trained ones shrink
-                view.net.weight.mul_(0.01)
-                view.net.bias.mul_(0.01)
+            generator = model.generator
+            assert isinstance(generator, M2VAEGenerator)
+            for view in (generator.enc_a, generator.enc_c):  # latents ~0.01, as trained ones shrink
+                for weight in view.parameters():
+                    weight.mul_(0.01)
             gates = torch.stack([model.embed_items(x, u.expand(2, -1))[1]["attributes"] for u in users])
         spread[norm] = gates.std(dim=0).mean().item()
     assert spread[False] < 1e-3 < 0.02 < spread[True]
