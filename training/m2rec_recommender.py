@@ -72,10 +72,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec-gated-no-rank": {**GATED, "rank_weight": 0.0},
     "m2rec-gated-z-decoder": {**GATED, "decoder_features": False},
     # without the ridge path the M2VAE generator makes the whole row (the paper's setting): its ablations there
-    "m2rec-gated-no-linear": {**GATED, "linear_path": False},
-    **{f"m2rec-gated-no-linear-no-{name}": {**GATED, "linear_path": False, **switch} for name, switch in (
-        ("common", {"common_view": False}), ("disentangle", {"disentangle": False}),
-        ("cooccurrence", {"cooccurrence": False}), ("moe", {"moe": False}), ("rank", {"rank_weight": 0.0}))},
+    # (and with the decoder from z alone, where every component acts on all the generator makes)
+    **{f"m2rec-gated-no-linear{decoder}{ablation}": {**GATED, "linear_path": False, **z, **switch}
+       for decoder, z in (("", {}), ("-z-decoder", {"decoder_features": False}))
+       for ablation, switch in (("", {}), ("-no-common", {"common_view": False}),
+                                ("-no-disentangle", {"disentangle": False}), ("-no-cooccurrence", {"cooccurrence": False}),
+                                ("-no-moe", {"moe": False}), ("-no-rank", {"rank_weight": 0.0}))},
     # the MD-CVAE paper's model (plain content VAE as the generator) with the same training settings
     "mdsym-content-vae-gen-nll": {**GEN_NLL, "generator": "content-vae"},
     # the ablations of m2rec-linear, the best full model (m2rec-dense-b is the one without the ridge path)
