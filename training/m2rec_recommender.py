@@ -76,8 +76,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     **{f"m2rec-gated-no-linear{decoder}{ablation}": {**GATED, "linear_path": False, **z, **switch}
        for decoder, z in (("", {}), ("-z-decoder", {"decoder_features": False}))
        for ablation, switch in (("", {}), ("-no-common", {"common_view": False}),
-                                ("-no-disentangle", {"disentangle": False}), ("-no-cooccurrence", {"cooccurrence": False}),
-                                ("-no-moe", {"moe": False}), ("-no-rank", {"rank_weight": 0.0}))},
+                                ("-no-disentangle", {"disentangle": False}),
+                                ("-no-cooccurrence", {"cooccurrence": False}), ("-no-moe", {"moe": False}),
+                                ("-no-rank", {"rank_weight": 0.0}))},
     # the MD-CVAE paper's model (plain content VAE as the generator) with the same training settings
     "mdsym-content-vae-gen-nll": {**GEN_NLL, "generator": "content-vae"},
     # the ablations of m2rec-linear, the best full model (m2rec-dense-b is the one without the ridge path)
