@@ -137,6 +137,19 @@ class PersonalisedTable(ItemTable):
         return scores
 
 
+def diagnostics(result: TrainResult, dataset: Dataset, split: ColdStartSplit) -> dict[str, Any]:
+    return {
+        "ridge_on_v": ridge_on_v(result, dataset, split),
+        "surrogate_fold_in": surrogate_fold_in(result, split),
+        "score_parts": score_parts(result, split),
+        # the neutral re-rank must reproduce the cold-only figures (same rows): a check of the re-ranker
+        **{f"rerank_top50_{kind}": {
+            key: round(value, 4) for key, value in evaluate(PersonalisedTable(result, personal=kind == "personal"),
+                                                            cold_only(split)).items()
+            if key in ("recall@20", "ndcg@20")} for kind in ("neutral", "personal")},
+    }
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     defaults = TrainConfig()
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -155,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", default=None, help="start from a harness variant (training/m2rec_recommender.py)")
+    parser.add_argument("--quick", action="store_true", help="only the metrics and the gate's spread")
     parser.add_argument("overrides", nargs="*", help="TrainConfig field=value")
     args = parser.parse_args(argv)
     if args.variant is not None and args.variant not in VARIANTS:
@@ -178,15 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         "cold_share@20": round(every.get("cold_share@20", 0.0), 3),
         "cosine_generated_trained": round(torch.cosine_similarity(generated, trained, dim=1).mean().item(), 3),
         "norm_ratio": round((generated.norm(dim=1).mean() / trained.norm(dim=1).mean()).item(), 3),
-        "ridge_on_v": ridge_on_v(result, dataset, split),
-        "surrogate_fold_in": surrogate_fold_in(result, split),
-        "score_parts": score_parts(result, split),
         "modality_gate": gate_spread(result, split),
-        # the neutral re-rank must reproduce the cold-only figures (same rows): a check of the re-ranker
-        **{f"rerank_top50_{kind}": {
-            key: round(value, 4) for key, value in evaluate(PersonalisedTable(result, personal=kind == "personal"),
-                                                            cold_only(split)).items()
-            if key in ("recall@20", "ndcg@20")} for kind in ("neutral", "personal")},
+        **({} if args.quick else diagnostics(result, dataset, split)),
         "val_curve": [round(h["val_recall@20"], 3) for h in result.history if "val_recall@20" in h],
     }))
 
