@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from tests.shared_data import shared_data
@@ -80,3 +81,17 @@ def test_harness_writes_tables_and_content_beats_random_on_real_data(tmp_path: P
     assert knn["cold_only"]["recall@20"] > 5 * rnd["cold_only"]["recall@20"]
     assert 0.0 <= knn["all_items"]["cold_share@20"] <= 1.0
     assert report["splits"][0]["cold_items"] == cold_start_split(data, 0).cold_items.size
+
+    # a run split by seed joins into one table; a model and seed found twice must agree
+    harness.main(["--dataset", str(tmp_path / "citeulike-t"), "--models", "content-knn", "--seed-list", "1",
+                  "--name", "t1", "--out", str(tmp_path / "results")])
+    parts = [str(tmp_path / "results" / f"citeulike-t-{n}.json") for n in ("t", "t1", "t")]
+    harness.main(["--merge", *parts, "--name", "joined", "--out", str(tmp_path / "results")])
+    joined = json.loads((tmp_path / "results" / "citeulike-t-joined.json").read_text())
+    assert joined["seeds"] == [0, 1] and [s["seed"] for s in joined["splits"]] == [0, 1]
+    assert [r["seed"] for r in joined["runs"]["content-knn"]] == [0, 1]
+    assert [r["seed"] for r in joined["runs"]["random"]] == [0]
+    assert "| random (1 seeds) |" in (tmp_path / "results" / "citeulike-t-joined.md").read_text()
+    report["runs"]["content-knn"][0]["cold_only"]["recall@20"] += 0.01
+    with pytest.raises(SystemExit, match="disagree"):
+        harness.merge([json.loads(Path(parts[0]).read_text()), report])

@@ -6,6 +6,13 @@ For each seed: a cold-start split (training/split.py); each model fits on the wa
 choosing its hyper-parameters on the validation items; then it is scored on the test-cold items
 (cold-only protocol) and on warm + cold items together (all-items protocol, with the share of
 cold items in the top-20). Writes benchmarks/results/<dataset>-<name>.{md,json,png}.
+
+Long runs can be split by seed and joined into one table:
+
+    python -m training.evaluate --dataset data/citeulike-t --models m2rec-gated --seed-list 1,2 --name part2
+    python -m training.evaluate --merge part1.json part2.json --name gated
+
+(a model and seed found in two reports must have identical metrics: runs are deterministic).
 """
 
 from __future__ import annotations
@@ -111,7 +118,8 @@ def markdown(report: dict[str, Any]) -> str:
             s = summarise(runs, protocol)
             fit = np.mean([r["fit_seconds"] for r in runs])
             cells = [f"{s[m][0]:.4f} ± {s[m][1]:.4f}" for m in metrics]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {fit:.1f} |")
+            seeds = "" if len(runs) == len(report["seeds"]) else f" ({len(runs)} seeds)"
+            lines.append(f"| {name}{seeds} | " + " | ".join(cells) + f" | {fit:.1f} |")
     lines += ["", "## Chosen hyper-parameters (per seed)", ""]
     for name, runs in report["runs"].items():
         for r in runs:
@@ -141,19 +149,65 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several of the same dataset: each model's runs and the splits, by seed."""
+    first = reports[0]
+    for other in reports[1:]:
+        if (other["dataset"], other["data_fingerprint"]) != (first["dataset"], first["data_fingerprint"]):
+            raise SystemExit(f"cannot merge {other['dataset']} ({other['data_fingerprint'][:16]}) into "
+                             f"{first['dataset']} ({first['data_fingerprint'][:16]}): different data")
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for report in reports:
+        for name, model_runs in report["runs"].items():
+            for r in model_runs:
+                seen = runs.setdefault(name, {}).get(r["seed"])
+                if seen is not None and (seen["cold_only"], seen["all_items"]) != (r["cold_only"], r["all_items"]):
+                    raise SystemExit(f"{name}, seed {r['seed']}: two reports disagree (not the same code?)")
+                runs[name].setdefault(r["seed"], r)
+    splits = {s["seed"]: s for report in reports for s in report["splits"]}
+    return {
+        **{k: first[k] for k in ("dataset", "data_fingerprint", "machine", "statistics")},
+        "command": " + ".join(f"`{r['command']}`" for r in reports).strip("`"),
+        "commit": ", ".join(dict.fromkeys(r["commit"] for r in reports)),
+        "seeds": sorted(splits),
+        "splits": [splits[seed] for seed in sorted(splits)],
+        "runs": {name: [by_seed[seed] for seed in sorted(by_seed)] for name, by_seed in runs.items()},
+        "wall_seconds": sum(r["wall_seconds"] for r in reports),
+    }
+
+
+def write(report: dict[str, Any], out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{report['dataset']}-{name}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    plot(report, stem.with_suffix(".png"))
+    print(markdown(report))
+    print(f"wrote {stem}.md, .json and .png")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, type=Path, help="dataset folder (training/dataset.py format)")
+    parser.add_argument("--dataset", type=Path, help="dataset folder (training/dataset.py format)")
     parser.add_argument("--models", default="random,content-knn,ridge-mf")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    parser.add_argument("--seed-list", default=None, help="these seeds instead, e.g. 1,2")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="REPORT.json",
+                        help="join these reports into one (no training)")
     parser.add_argument("--name", default="baselines", help="results file suffix")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.merge:
+        write(merge([json.loads(path.read_text()) for path in args.merge]), args.out, args.name)
+        return
+    if args.dataset is None:
+        parser.error("--dataset is required (or --merge)")
+    seeds = ([int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds)))
 
     start = time.perf_counter()
     dataset = load_dataset(args.dataset)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    result = run(dataset, models, list(range(args.seeds)))
+    result = run(dataset, models, seeds)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO_ROOT).stdout.strip() or "unknown"
     report = {
@@ -163,17 +217,11 @@ def main(argv: list[str] | None = None) -> None:
         "data_fingerprint": fingerprint(args.dataset),
         "machine": f"{platform.machine()}, {platform.python_version()}",
         "statistics": dataset.statistics(),
-        "seeds": list(range(args.seeds)),
+        "seeds": seeds,
         **result,
         "wall_seconds": time.perf_counter() - start,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{dataset.name}-{args.name}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    plot(report, stem.with_suffix(".png"))
-    print(markdown(report))
-    print(f"wrote {stem}.md, .json and .png")
+    write(report, args.out, args.name)
 
 
 if __name__ == "__main__":
