@@ -61,6 +61,23 @@ def test_generator_losses_are_finite_and_reach_their_modules() -> None:
     assert grad_norm(gen.self_gate_a) > 0  # the user-aware gate is trained by the ranking loss
 
 
+def test_gate_balance_is_zero_for_an_even_batch_and_trains_the_gate() -> None:
+    model, x, target = model_and_batch(gate_norm=True)
+    gen = model.generator
+    assert isinstance(gen, M2VAEGenerator)
+    even = torch.tensor([0.2, 0.8, 0.5, 0.5])
+    x4 = ItemInputs(x.attributes[:4], x.content[:4], torch.ones(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
+    assert abs(float(losses.gate_balance(even, x4))) < 1e-7
+    assert float(losses.gate_balance(torch.full((4,), 0.9), x4)) > 0.3
+    x4.has_content[:] = False  # no item with both views: nothing to balance
+    assert float(losses.gate_balance(torch.full((4,), 0.9), x4)) == 0.0
+    out = gen.forward_train(x, target, torch.randn(B, D), torch.ones(B, dtype=torch.bool))
+    value = losses.gate_balance(out.gates["attributes"], x)
+    assert value.dim() == 0 and torch.isfinite(value)
+    backprop(value)
+    assert grad_norm(gen.self_gate_a) > 0 and gen.w_a.grad is not None and float(gen.w_a.grad.abs().sum()) > 0
+
+
 def test_user_losses_reach_the_item_table_and_encoder() -> None:
     model, _, _ = model_and_batch()
     items, offsets, lengths = torch.tensor([1, 4, 9, 2, 2]), torch.tensor([0, 3]), torch.tensor([3, 2])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from service.generator import Gaussian, GeneratorOutput
+from service.generator import Gaussian, GeneratorOutput, ItemInputs
 
 
 def multinomial_nll(logits: torch.Tensor, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -130,6 +130,18 @@ def cooccurrence_loss(rows: torch.Tensor, positives: torch.Tensor, negatives: to
     neg_lse = torch.logsumexp(neg, dim=1, keepdim=True)  # (B, 1)
     denom = torch.logaddexp(pos, neg_lse)  # (B, P): log(exp(pos) + Σ exp(neg))
     return (denom - pos).mean()
+
+
+def gate_balance(attribute_gate: torch.Tensor, x: ItemInputs) -> torch.Tensor:
+    """KL(Bernoulli(m) || Bernoulli(1/2)) of the batch's mean attribute share m of the modality gate,
+    over the items that have both modalities: each item may lean on either view, the batch may not
+    drop one (sparse-MoE load balancing). Without it the learned gate collapses onto one view for
+    every item (benchmarks/results/model-tuning.md, round 6). Zero when no item has both."""
+    both = x.has_attributes & x.has_content  # (B,)
+    if not bool(both.any()):
+        return attribute_gate.sum() * 0.0
+    m = attribute_gate[both].mean().clamp(1e-6, 1 - 1e-6)
+    return m * torch.log(2 * m) + (1 - m) * torch.log(2 * (1 - m))
 
 
 def bpr_loss(rows: torch.Tensor, h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:

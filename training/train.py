@@ -88,6 +88,7 @@ class TrainConfig:
     rank_users: int = 256
     surrogate_weight: float = 0.0  # rank each generated row among every trained warm row (0 = off)
     neutral_gate: float = 0.0  # share of t-step items gated by the neutral user instead of the positive one
+    gate_balance: float = 0.0  # weight of the modality gate's balance over a batch (0 = off; losses.gate_balance)
     disentangle: bool = True
     alpha_disentangle: float = 0.1
     tau_disentangle: float = 0.2
@@ -193,6 +194,8 @@ def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
             if cfg.bpr:
                 h_neg = h_all[torch.from_numpy(neg_users)]
                 parts["bpr"] = cfg.bpr_weight * losses.bpr_loss(out.serving_rows, h_pos, h_neg)
+            if cfg.gate_balance > 0 and cfg.moe:
+                parts["balance"] = cfg.gate_balance * losses.gate_balance(out.gates["attributes"], x)
             if cfg.disentangle and cfg.common_view:
                 parts["dis"] = cfg.alpha_disentangle * losses.disentangle_loss(out, cfg.tau_disentangle)
             if cfg.cooccurrence:
