@@ -88,8 +88,8 @@ def score_parts(result: TrainResult, split: ColdStartSplit) -> dict[str, float]:
 
 def gate_spread(result: TrainResult, split: ColdStartSplit, n_users: int = 256) -> dict[str, float]:
     """The modality-level gate (share of the attribute view) over the test-cold items: its spread
-    across items under the neutral user (what the index stores) and across training users for one
-    item at a time (the personalised gate): a gate stuck at 0.5 everywhere does nothing."""
+    across items under the neutral user (what the index stores) and across the first `n_users` users
+    for each of 64 items (the personalised gate): a gate stuck at 0.5 everywhere does nothing."""
     model, data = result.model, result.data
     items = split.cold_items
     with torch.no_grad():

@@ -167,7 +167,7 @@ def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
     splits = {s["seed"]: s for report in reports for s in report["splits"]}
     return {
         **{k: first[k] for k in ("dataset", "data_fingerprint", "machine", "statistics")},
-        "command": " + ".join(f"`{r['command']}`" for r in reports).strip("`"),
+        "command": " + ".join(r["command"] for r in reports),
         "commit": ", ".join(dict.fromkeys(r["commit"] for r in reports)),
         "seeds": sorted(splits),
         "splits": [splits[seed] for seed in sorted(splits)],

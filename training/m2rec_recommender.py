@@ -27,6 +27,11 @@ GEN_NLL: dict[str, Any] = {**DENSE_B, "linear_path": True, "item_dim": 128, "use
 
 GATED: dict[str, Any] = {**GEN_NLL, "gate_norm": True}
 
+# M2VAE's components, each switched off: (variant name suffix, TrainConfig overrides)
+ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("-no-common", {"common_view": False}), ("-no-disentangle", {"disentangle": False}),
+    ("-no-cooccurrence", {"cooccurrence": False}), ("-no-moe", {"moe": False}), ("-no-rank", {"rank_weight": 0.0}))
+
 # name -> TrainConfig overrides; "m2rec" is the full model of the TrainConfig defaults
 VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec": {},
@@ -65,20 +70,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "m2rec-gen-nll-z-decoder-no-moe": {**GEN_NLL, "decoder_features": False, "moe": False},
     "m2rec-gen-nll-z-decoder-no-common": {**GEN_NLL, "decoder_features": False, "common_view": False},
     # session 6: the modality gate on RMS-normalised factors (its logits no longer vanish), and its ablations
+    # (its no-MoE ablation is m2rec-gen-nll-no-moe: gate_norm acts only inside the MoE)
     "m2rec-gated": GATED,
-    "m2rec-gated-no-common": {**GATED, "common_view": False},
-    "m2rec-gated-no-disentangle": {**GATED, "disentangle": False},
-    "m2rec-gated-no-cooccurrence": {**GATED, "cooccurrence": False},
-    "m2rec-gated-no-rank": {**GATED, "rank_weight": 0.0},
+    **{f"m2rec-gated{suffix}": {**GATED, **switch} for suffix, switch in ABLATIONS if suffix != "-no-moe"},
     "m2rec-gated-z-decoder": {**GATED, "decoder_features": False},
     # without the ridge path the M2VAE generator makes the whole row (the paper's setting): its ablations there
     # (and with the decoder from z alone, where every component acts on all the generator makes)
     **{f"m2rec-gated-no-linear{decoder}{ablation}": {**GATED, "linear_path": False, **z, **switch}
        for decoder, z in (("", {}), ("-z-decoder", {"decoder_features": False}))
-       for ablation, switch in (("", {}), ("-no-common", {"common_view": False}),
-                                ("-no-disentangle", {"disentangle": False}),
-                                ("-no-cooccurrence", {"cooccurrence": False}), ("-no-moe", {"moe": False}),
-                                ("-no-rank", {"rank_weight": 0.0}))},
+       for ablation, switch in (("", {}), *ABLATIONS)},
     # the MD-CVAE paper's model (plain content VAE as the generator) with the same training settings
     "mdsym-content-vae-gen-nll": {**GEN_NLL, "generator": "content-vae"},
     # the ablations of m2rec-linear, the best full model (m2rec-dense-b is the one without the ridge path)
