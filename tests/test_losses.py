@@ -219,3 +219,11 @@ def test_surrogate_ranking_loss_ranks_generated_rows_among_trained_ones() -> Non
     shuffled = aligned[[1, 2, 0]]
     assert surrogate_ranking_loss(aligned, batch, table, h, truth) < surrogate_ranking_loss(
         shuffled, batch, table, h, truth)
+    # the same value and gradient as the whole swapped table scored in one autograd graph
+    plain_rows = aligned.clone().requires_grad_(True)
+    surrogate = table.index_copy(0, batch, plain_rows)  # (J, D+1)
+    logp = torch.log_softmax(h @ surrogate[:, :-1].T + surrogate[:, -1], dim=1)[:, batch]  # (U, B)
+    plain = (-(logp * truth).sum(dim=1) / truth.sum(dim=1)).mean()
+    plain.backward()  # type: ignore[no-untyped-call]
+    assert torch.allclose(loss, plain) and rows.grad is not None and plain_rows.grad is not None
+    assert torch.allclose(rows.grad, plain_rows.grad)
