@@ -84,7 +84,8 @@ def main() -> None:
         for n in args.nprobe or [nprobe]:
             index.nprobe = n
             us, batches = per_user_us(r, measured, args.seconds)
-            print(f"nprobe {n}: {us:.1f} us per user, median of {batches} batches of {BATCH}", flush=True)
+            label = f"nprobe {n}" if kind == "ivf" else "exact"
+            print(f"{label}: {us:.1f} us per user, median of {batches} batches of {BATCH}", flush=True)
         if args.spin:
             print(f"answering batches for {args.spin} s more; pid {os.getpid()}", flush=True)
             per_user_us(r, measured, args.spin)
