@@ -70,8 +70,11 @@ def main() -> None:
         rows = fill_store(r, store, dataset, 0, n_syn, args.seed)
         write_histories(store, users)
         np.save(args.work / "rows.npy", rows)
-    else:  # the same catalogue as the run that wrote it (same seed and size)
+    else:  # the catalogue of the run that wrote it
         rows = np.load(args.work / "rows.npy")
+        if len(rows) != n_syn:
+            parser.error(f"{args.work} holds a catalogue of {len(rows) + len(r.warm_ids):,} rows, not "
+                         f"{args.size:,}: pass another --work")
     bench.ids += [f"syn:{j}" for j in range(n_syn)]
     bench.rows = np.concatenate([bench.rows, rows])
     kind = "ivf" if args.size >= 50_000 else "exact"
