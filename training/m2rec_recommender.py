@@ -77,6 +77,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # session 7: + MDsym's surrogate ranking loss (weight 1, its value since round 2): generated rows ranked
     # among the trained rows of every other warm item, so new items reach an all-items top-k
     "m2rec-gated-surrogate": {**GATED, "surrogate_weight": 1.0},
+    **{f"m2rec-gated-surrogate{suffix}": {**GATED, "surrogate_weight": 1.0, **switch} for suffix, switch in ABLATIONS},
     # without the ridge path the M2VAE generator makes the whole row (the paper's setting): its ablations there
     # (and with the decoder from z alone, where every component acts on all the generator makes)
     **{f"m2rec-gated-no-linear{decoder}{ablation}": {**GATED, "linear_path": False, **z, **switch}
