@@ -66,10 +66,11 @@ def served_rows(path: Path, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
         store = SqliteStore(Path(work) / "unused.sqlite3")  # a Recommender needs one; never written
         try:
             recommender = Recommender(load_artifact(path), store)
-            features = dataset.features
-            items = [NewItem(item_id, dataset.item_attributes[j],
-                             None if features is None else features[j].tolist())
-                     for item_id in recommender.warm_ids for j in [dataset.item_index(item_id)]]
+            items = []
+            for item_id in recommender.warm_ids:
+                j = dataset.item_index(item_id)
+                content = None if dataset.features is None else dataset.features[j].tolist()
+                items.append(NewItem(item_id, dataset.item_attributes[j], content))
             return recommender.embed(items), recommender.warm_rows
         finally:
             store.close()

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from benchmarks.catalogue import benchmark_users, fill_store, write_histories
-from benchmarks.serve import Bench, calibrate
+from benchmarks.catalogue import fill_store, write_histories
+from benchmarks.serve import calibrate, new_bench
 from service.artifact import load_artifact
 from service.recommender import Recommender
 from service.store import SqliteStore
@@ -62,10 +62,7 @@ def main() -> None:
     store = SqliteStore(args.work / "store.sqlite3")
     r = Recommender(load_artifact(args.artifact), store)
     n_syn = args.size - len(r.warm_ids)
-    users = benchmark_users(dataset, r, 600, 10_000 - len(r.warm_ids), 3, args.seed)  # as serve.py's smallest size
-    names = list(users)
-    bench = Bench(args, dataset, r, store, {u: users[u] for u in names[:300]},
-                  {u: users[u] for u in names[300:]}, r.warm_rows.copy(), list(r.warm_ids))
+    bench, users = new_bench(args, dataset, r, store, 10_000)  # users as serve.py's default smallest size
     if fresh:
         rows = fill_store(r, store, dataset, 0, n_syn, args.seed)
         write_histories(store, users)

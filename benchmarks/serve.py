@@ -74,6 +74,17 @@ class Bench:
         return batch
 
 
+def new_bench(args: argparse.Namespace, dataset: Dataset, recommender: Recommender, store: SqliteStore,
+              smallest: int) -> tuple[Bench, dict[str, list[str]]]:
+    """A bench over the trained rows alone, and its 600 users' histories (real ones plus 3 of the
+    first `smallest` catalogue items each): the first 300 are measured, the other 300 calibrate nprobe."""
+    users = benchmark_users(dataset, recommender, 600, smallest - len(recommender.warm_ids), 3, args.seed)
+    names = list(users)
+    bench = Bench(args, dataset, recommender, store, {u: users[u] for u in names[:300]},
+                  {u: users[u] for u in names[300:]}, recommender.warm_rows.copy(), list(recommender.warm_ids))
+    return bench, users
+
+
 def item_json(batch: SyntheticBatch, b: int) -> dict[str, Any]:
     return {"id": batch.ids[b], "attributes": batch.attributes[b], "content": batch.content[b].tolist()}
 
@@ -350,10 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = load_dataset(args.dataset)
     store = SqliteStore(args.work / "store.sqlite3")
     recommender = Recommender(load_artifact(args.artifact), store)
-    users = benchmark_users(dataset, recommender, 600, min(args.sizes) - len(recommender.warm_ids), 3, args.seed)
-    names = list(users)
-    bench = Bench(args, dataset, recommender, store, {u: users[u] for u in names[:300]},
-                  {u: users[u] for u in names[300:]}, recommender.warm_rows.copy(), list(recommender.warm_ids))
+    bench, users = new_bench(args, dataset, recommender, store, min(args.sizes))
     results = []
     for size in args.sizes:
         if size == args.sizes[0]:
