@@ -24,7 +24,11 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 COPY pyproject.toml README.md ./
 COPY service ./service
-RUN pip install . && rm -rf /app/build
+# The index's scoring kernel (service/_scoring.c) is compiled here; the compiler leaves in the same
+# layer, and the source tree goes (it would shadow the installed package, which holds the module).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install . \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* /app/build /app/service
 
 # Non-root: the process needs to write only its SQLite store (when no Redis URL is given) and the
 # optional index snapshots, both under /data.

@@ -41,7 +41,10 @@ def table(results: list[dict[str, Any]]) -> str:
         ("requests per batch (mean, under load)", lambda r: f"{r.get('batch_mean', '-')}"),
         ("HTTP floor throughput req/s", lambda r: f"{r['floor']['throughput_rps']}"),
         ("HTTP floor p50 / p99 ms", lambda r: f"{r['floor']['p50_ms']} / {r['floor']['p99_ms']}"),
-        ("throughput / floor", lambda r: _target(r["throughput_vs_floor"], 0.5, below=False)),
+        ("throughput / floor (median of the paired windows)", lambda r: _target(r["throughput_vs_floor"], 0.5,
+                                                                               below=False)),
+        ("throughput / floor, each pair", lambda r: " ".join(f"{v:g}" for v in r.get("throughput_vs_floor_pairs", []))
+         or "-"),
         ("/recommend p50 / p99 ms, 1 client", lambda r: f"{r['unloaded']['p50_ms']} / {r['unloaded']['p99_ms']}"),
         ("in-process recommend() p50 / p99 ms", lambda r: f"{r['compute']['p50_ms']} / {r['compute']['p99_ms']}"),
         ("in-process recommend_many(10 users) p50 ms per user",
@@ -101,8 +104,10 @@ def write_report(meta: dict[str, Any], results: list[dict[str, Any]], stem: Path
         f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
         f"Model: {meta['model_version']} (D={meta['model']['item_dim']}), run {meta['started']}, "
         f"{meta['minutes']} min  ",
-        f"Load: closed loop, {meta['concurrency']} keep-alive connections, {meta['seconds_per_window']} s "
-        f"windows, k={meta['k']}; server pinned to core 0, client to core 1.", "",
+        f"Load: closed loop, {meta['concurrency']} keep-alive connections, k={meta['k']}; "
+        + (f"{meta['pairs']} windows of {meta['seconds_per_window']} s on the service, each followed by one on the "
+           f"HTTP floor (both up, pinned to core 0; client on core 1)." if "pairs" in meta else
+           f"{meta['seconds_per_window']} s windows; server pinned to core 0, client to core 1."), "",
         table(results), "",
     ])
     md = stem.with_suffix(".md")

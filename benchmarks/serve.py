@@ -52,6 +52,7 @@ from training.dataset import Dataset, load_dataset
 CONCURRENCY = 16
 INGEST_START = 5_000_000  # ids of items posted over HTTP: syn:5000000 and up, never in the catalogue
 NPROBES = (4, 8, 16, 32, 64, 128)
+PAIRS = 5  # alternated load windows of the service and the floor (paired_load)
 
 
 @dataclass
@@ -156,6 +157,30 @@ def served_recall(bench: Bench, port: int) -> tuple[float, dict[str, float]]:
 def recommend_load(port: int, users: list[str], seconds: float) -> LoadResult:
     return run_load(port, lambda j: ("GET", f"/recommend?user={users[j % len(users)]}&k={K}", None),
                     concurrency=CONCURRENCY, seconds=seconds, warmup=100)
+
+
+def floor_load(port: int, seconds: float) -> LoadResult:
+    return run_load(port, lambda j: ("GET", f"/recommend?user=u{j % 500}&k={K}", None),
+                    concurrency=CONCURRENCY, seconds=seconds, warmup=100)
+
+
+def paired_load(
+    port: int, floor_port: int, users: list[str], seconds: float
+) -> tuple[LoadResult, LoadResult, list[float]]:
+    """Windows of the service and of the HTTP floor, alternated PAIRS times (both servers stay up,
+    pinned to the same core, one idle while the other is loaded): the machine's speed drifts by
+    tens of percent over a minute here, so each ratio compares two neighbouring windows. Returns
+    the pooled service and floor results and each pair's throughput ratio."""
+    ours, floor, ratios = LoadResult(), LoadResult(), []
+    for _ in range(PAIRS):
+        a, b = recommend_load(port, users, seconds), floor_load(floor_port, seconds)
+        ratios.append(a.throughput / b.throughput)
+        for pooled, window in ((ours, a), (floor, b)):
+            pooled.latencies += window.latencies
+            pooled.errors += window.errors
+            pooled.seconds += window.seconds
+            pooled.client_cpu += window.client_cpu
+    return ours, floor, ratios
 
 
 def batch_counts(port: int) -> tuple[float, float]:
@@ -310,14 +335,19 @@ def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
     del index
     env = {"M2REC_ARTIFACT_PATH": str(args.artifact), "M2REC_STORE_URL": str(work / "store.sqlite3"),
            "M2REC_INDEX_KIND": kind, "M2REC_INDEX_NPROBE": str(max(nprobe, 1))}
+    floor = Server("benchmarks.floor_app:create_floor_app", args.port + 1, {}, work / f"floor-{size}.log")
     server = Server("service.app:create_app", args.port, env, work / f"server-{size}.log")
     try:
+        floor.wait_ready(60)
         result["startup_s"] = round(server.wait_ready(1800), 1)
         pin(os.getpid(), {CLIENT_CORE})
         bench.posted_at_start = len(bench.posted)
         result["served_recall"], result["unloaded"] = served_recall(bench, args.port)
         before = batch_counts(args.port)
-        result["recommend"] = recommend_load(bench.args.port, list(bench.bench_users), args.seconds).summary()
+        ours, floor_result, ratios = paired_load(args.port, args.port + 1, list(bench.bench_users), args.seconds)
+        result["recommend"], result["floor"] = ours.summary(), floor_result.summary()
+        result["throughput_vs_floor_pairs"] = [round(r, 3) for r in ratios]
+        result["throughput_vs_floor"] = round(float(np.median(ratios)), 3)
         after = batch_counts(args.port)
         result["batch_mean"] = round((after[0] - before[0]) / max(after[1] - before[1], 1), 2)
         result["rss_mb"], result["rss_peak_mb"] = server.rss_mb()
@@ -328,14 +358,7 @@ def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
         result["rss_end_mb"], result["rss_end_peak_mb"] = server.rss_mb()
     finally:
         server.stop()
-    floor = Server("benchmarks.floor_app:create_floor_app", args.port + 1, {}, work / f"floor-{size}.log")
-    try:
-        floor.wait_ready(60)
-        result["floor"] = run_load(args.port + 1, lambda j: ("GET", f"/recommend?user=u{j % 500}&k={K}", None),
-                                   concurrency=CONCURRENCY, seconds=args.seconds, warmup=100).summary()
-    finally:
         floor.stop()
-    result["throughput_vs_floor"] = round(result["recommend"]["throughput_rps"] / result["floor"]["throughput_rps"], 3)
     result["loadavg_after"] = os.getloadavg()
     print(json.dumps(result, indent=1), flush=True)
     return result
@@ -348,13 +371,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/m2rec-bench/serve"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of each closed-loop load window")
+    parser.add_argument("--seconds", type=float, default=4.0,
+                        help=f"length of each closed-loop /recommend window ({PAIRS} of them, each followed by one "
+                             f"of the floor)")
     parser.add_argument("--port", type=int, default=18711)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="10k items, short windows: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.seconds = [10_000], 3.0
+        args.sizes, args.seconds = [10_000], 1.0
     started = time.time()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
@@ -380,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         "model_version": recommender.version, "model": recommender.model.config.to_dict(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "minutes": round((time.time() - started) / 60, 1), "k": K, "concurrency": CONCURRENCY,
-        "seconds_per_window": args.seconds, "quick": args.quick,
+        "seconds_per_window": args.seconds, "pairs": PAIRS, "quick": args.quick,
     }
     write_report(meta, results, (args.work / "serve-quick") if args.quick else (args.out / "serve"))
 

@@ -209,7 +209,8 @@ class VectorIndex:
             raise ValueError("one exclusion set per query")
         with self._lock:
             base = self._base
-            exact = [self._pinned, *self._frozen, self._delta.view()]
+            exact = [self._pinned, *self._frozen]
+            delta = self._delta.view()
             pinned_ids = self._pinned.sorted_iids
             dead = len(self._killed)
         banned = self._banned(excluded)  # may miss a racing upsert: collect re-checks
@@ -221,7 +222,7 @@ class VectorIndex:
             ban = banned if len(todo) == len(q) else banned.subset(todo)
             # the shards never hold a pinned row: their over-fetch counts only the other banned ids
             found = base_found(base, q[todo], fetch, ban.outside(pinned_ids), nprobe)
-            found += exact_found([*exact, *base.exact_views()], q[todo], fetch, ban)
+            found += exact_found([*exact, *base.exact_views()], q[todo], fetch, ban, once=delta)
             if not found:
                 break
             all_scores = np.concatenate([f.scores for f in found], axis=1)  # (B', S): every segment's candidates

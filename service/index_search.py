@@ -16,8 +16,10 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from service._scoring import inner_products, inner_products_panels
 from service.index_base import Base, Coarse, Shard
 from service.index_storage import (
+    PANEL,
     Banned,
     DeltaView,
     Found,
@@ -26,8 +28,8 @@ from service.index_storage import (
     Scores,
     Vectors,
     best_rows,
-    inner_products,
     mask_banned,
+    take_rows,
     top_k,
 )
 
@@ -77,47 +79,65 @@ def base_found(base: Base, queries: Vectors, k: int, banned: Banned, nprobe: int
     return found
 
 
+class _Part(NamedTuple):
+    """Rows of one exact segment scored in one group: in the kernel's panels when the segment
+    has them, else as rows; ids ascending or not."""
+
+    rows: Vectors  # (n, D+1)
+    panels: Vectors | None  # (ceil(n/16), D+1, 16) or None
+    iids: Ids  # (n,)
+    ascending: bool
+
+
 def exact_found(views: Sequence[DeltaView], queries: Vectors, k: int, banned: Banned,
-                group_rows: int | None = None) -> list[Found]:
+                group_rows: int | None = None, *, once: DeltaView | None = None) -> list[Found]:
     """The best k per query (B, D+1) of every exact row (pinned, exact shards or overflow, frozen
     and live delta), banned ids left out. Rows are scored in groups of up to EXACT_GROUP, each one
     score matrix and one selection: a small catalogue is one group, where each segment on its own
-    paid its own masking and selection; a large one never holds a (B, N) matrix."""
+    paid its own masking and selection; a large one never holds a (B, N) matrix.
+
+    `views` are scored from their cached panels (`DeltaView.panels`); `once`, a view of this search
+    alone (the live delta), from its rows."""
     size = group_rows or EXACT_GROUP
-    parts = [(vectors[at : at + size], iids[at : at + size], view.ascending)
-             for view in views for vectors, iids in view.parts() for at in range(0, len(iids), size)]
-    groups: list[list[tuple[Vectors, Ids, bool]]] = []
+    parts = []
+    for view in views if once is None else [*views, once]:
+        panels: Sequence[Vectors | None] = view.panels if view is not once else [None] * len(view.chunks)
+        for (vectors, iids), panel in zip(view.parts(), panels, strict=False):
+            for at in range(0, len(iids), size):
+                rows = vectors[at : at + size]
+                # a slice that starts a panel is scored from the panels it spans (the last may reach past it)
+                sliced = panel[at // PANEL : at // PANEL - (-len(rows) // PANEL)] \
+                    if panel is not None and at % PANEL == 0 else None
+                parts.append(_Part(rows, sliced, iids[at : at + size], view.ascending))
+    groups: list[list[_Part]] = []
     filled = size
     for part in parts:
-        if filled + len(part[1]) > size:  # the part opens a new group
+        if filled + len(part.iids) > size:  # the part opens a new group
             groups.append([])
             filled = 0
         groups[-1].append(part)
-        filled += len(part[1])
+        filled += len(part.iids)
     return [_exact_group(group, queries, k, banned) for group in groups]
 
 
 EXACT_GROUP = 65_536  # rows per score matrix: (16, 65,536) float32 is 4 MB
-SCAN_ROWS = 2048  # rows scored for every query in turn: 0.5 MB at D=64, within the L2 cache
 
 
-def _exact_group(parts: list[tuple[Vectors, Ids, bool]], queries: Vectors, k: int, banned: Banned) -> Found:
-    n = sum(len(iids) for _, iids, _ in parts)
+def _exact_group(parts: list[_Part], queries: Vectors, k: int, banned: Banned) -> Found:
+    n = sum(len(part.iids) for part in parts)
     scores = np.empty((len(queries), n), np.float32)  # (B, n)
     at = 0
-    for vectors, _, _ in parts:
-        # rows outer, queries inner: each block of rows is read from memory once and stays in the
-        # cache for every query (~40% faster for 12 queries over 9k rows than query by query)
-        for start in range(0, len(vectors), SCAN_ROWS):
-            rows = vectors[start : start + SCAN_ROWS]
-            for b in range(len(queries)):
-                inner_products(scores[b, at + start : at + start + len(rows)], queries[b], rows)
-        at += len(vectors)
+    for part in parts:  # every query in one pass over the rows
+        if part.panels is not None:
+            inner_products_panels(queries, part.panels, len(part.iids), scores[:, at : at + len(part.iids)])
+        else:
+            inner_products(queries, part.rows, scores[:, at : at + len(part.iids)])
+        at += len(part.iids)
     at = 0
-    for _, iids, ascending in parts:
-        mask_banned(scores[:, at : at + len(iids)], iids, banned, ascending)
-        at += len(iids)
-    iids = np.concatenate([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
+    for part in parts:
+        mask_banned(scores[:, at : at + len(part.iids)], part.iids, banned, part.ascending)
+        at += len(part.iids)
+    iids = np.concatenate([part.iids for part in parts]) if len(parts) > 1 else parts[0].iids
     return best_rows(scores, iids, k)
 
 
@@ -133,14 +153,13 @@ def _search_ivf(
     coarse: Coarse, shards: Sequence[Shard], queries: Vectors, k: int | Sequence[int], nprobe: int
 ) -> list[tuple[Scores, Ids]]:
     """Each shard's top-k (B, k_s) best first, k per shard or one for all; empty shards skipped."""
-    n = len(queries)
-    lifted = np.zeros((n, queries.shape[1] + 1), np.float32)  # (B, D+2): q' = [q; 0]
-    lifted[:, :-1] = queries
-    nprobe = min(nprobe, coarse.nlist)
-    coarse_dist = np.empty((n, nprobe), np.float32)
-    lists = np.empty((n, nprobe), np.int64)  # (B, nprobe): assigned once for all shards
-    coarse.quantizer.search_c(n, faiss.swig_ptr(lifted), nprobe, faiss.swig_ptr(coarse_dist), faiss.swig_ptr(lists))
-    params = _ivf_params(nprobe)
+    n, dim = queries.shape
+    scored = np.zeros((n, dim + 2), np.float32)  # (B, D+3): [q'; 1] with q' = [q; 0]
+    scored[:, :dim] = queries
+    scored[:, -1] = 1.0
+    lifted = scored[:, :-1].copy()  # (B, D+2): contiguous, as FAISS reads it
+    lists, coarse_dist = _nearest_lists(coarse, scored, min(nprobe, coarse.nlist))  # once for all shards
+    params = _ivf_params(lists.shape[1])
     # |q' - x'|² = |q|² + M² - 2 q·x, so q·x = (|q|² + M² - distance) / 2
     q64 = queries.astype(np.float64)
     offset = np.square(q64).sum(axis=1, keepdims=True) + coarse.max_sq_norm  # (B, 1)
@@ -160,6 +179,23 @@ def _search_ivf(
             scores[iids < 0] = -np.inf
         out.append((scores, iids))
     return out
+
+
+def _nearest_lists(coarse: Coarse, scored: Vectors, nprobe: int) -> tuple[Ids, Scores]:
+    """Each query's `nprobe` nearest lists (B, nprobe), nearest first, and their squared L2
+    distances, from one exact scoring of every centroid (Coarse.scoring_rows)."""
+    n, nlist = len(scored), coarse.nlist
+    scores = np.empty((n, nlist), np.float32)  # (B, nlist): (|q'|² - |q' - c|²) / 2
+    inner_products_panels(scored, coarse.scoring_panels, nlist, scores)
+    top = scores.argpartition(nlist - nprobe, axis=1)[:, nlist - nprobe :] if nprobe < nlist else \
+        np.broadcast_to(np.arange(nlist), (n, nlist))
+    top = np.sort(top, axis=1)  # ties at equal scores: lowest list first, whatever the partition did
+    best = take_rows(scores, top)
+    order = (-best).argsort(axis=1, kind="stable")  # (B, nprobe) nearest first
+    lists = np.ascontiguousarray(take_rows(top, order), dtype=np.int64)
+    q_sq = np.square(scored[:, :-1].astype(np.float64)).sum(axis=1, keepdims=True)  # (B, 1)
+    dist = np.ascontiguousarray(q_sq - 2.0 * take_rows(best, order), dtype=np.float32)
+    return lists, dist
 
 
 @functools.lru_cache(maxsize=64)

@@ -101,16 +101,16 @@ def take_rows(values: npt.NDArray[Any], columns: Ids) -> npt.NDArray[Any]:
     return picked
 
 
-def inner_products(out: Scores, query: Vectors, rows: Vectors) -> None:
-    """out (n,) = rows (n, D+1) · query (D+1,), one SIMD dot product per row.
+PANEL = 16  # rows per panel of service/_scoring.c
 
-    Not a BLAS product: BLAS rounds a row's score differently with the number of queries and
-    the row's place in the block, so a user's scores (and near-ties) would depend on which other
-    requests shared the batch and on how many items were added since. A dot product per pair
-    depends only on the pair, and costs the same as BLAS's matrix-vector product here.
-    """
-    faiss.fvec_inner_products_ny(  # type: ignore[attr-defined]  # SWIG function the stubs omit
-        faiss.swig_ptr(out), faiss.swig_ptr(query), faiss.swig_ptr(rows), rows.shape[1], len(rows))
+
+def to_panels(rows: Vectors) -> Vectors:
+    """Rows (n, d) as (ceil(n/16), d, 16) panels, panels[p, j, i] = rows[16p + i, j], zeros past
+    the last row: `service._scoring.inner_products_panels` then scores them without transposing."""
+    n, d = rows.shape
+    padded = np.zeros((-(-n // PANEL) * PANEL, d), np.float32)
+    padded[:n] = rows
+    return np.ascontiguousarray(padded.reshape(-1, PANEL, d).transpose(0, 2, 1))
 
 
 def best_rows(scores: Scores, iids: Ids, k: int) -> Found:
@@ -168,6 +168,13 @@ class DeltaView:
             if rows > 0:
                 parts.append((vectors[:rows], iids[:rows]))
         return parts
+
+    @functools.cached_property
+    def panels(self) -> list[Vectors]:
+        """Each part's rows in the scoring kernel's layout (`to_panels`), made on first use: for the
+        views a search reads again and again (pinned, exact shards, overflow, frozen deltas), never
+        for the live delta's view of one search. Rows below `size` never change, so they stay valid."""
+        return [to_panels(vectors) for vectors, _ in self.parts()]
 
     @functools.cached_property
     def sorted_iids(self) -> Ids:

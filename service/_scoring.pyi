@@ -1,0 +1,13 @@
+"""Type stub of the C extension service/_scoring.c."""
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+def inner_products(
+    queries: npt.NDArray[np.float32], rows: npt.NDArray[np.float32], out: npt.NDArray[Any]
+) -> None: ...
+def inner_products_panels(
+    queries: npt.NDArray[np.float32], panels: npt.NDArray[np.float32], n: int, out: npt.NDArray[Any]
+) -> None: ...
