@@ -52,8 +52,12 @@ static void score_rows(const float *q, Py_ssize_t nq, const float *x, Py_ssize_t
     for (Py_ssize_t r0 = 0; r0 < n; r0 += PANEL) {
         Py_ssize_t nr = n - r0 < PANEL ? n - r0 : PANEL;
         for (Py_ssize_t i = 0; i < PANEL; i++) {
-            const float *row = x + (r0 + i) * x_stride;
-            for (Py_ssize_t j = 0; j < d; j++) panel[j * PANEL + i] = i < nr ? row[j] : 0.0f;
+            if (i < nr) {
+                const float *row = x + (r0 + i) * x_stride;
+                for (Py_ssize_t j = 0; j < d; j++) panel[j * PANEL + i] = row[j];
+            } else {
+                for (Py_ssize_t j = 0; j < d; j++) panel[j * PANEL + i] = 0.0f;
+            }
         }
         score_panel(q, nq, panel, nr, d, out + r0, out_stride);
     }
@@ -179,10 +183,176 @@ done:
     return result;
 }
 
+
+
+/* ---- the best k of each row of a score matrix ------------------------------------------------ */
+
+#include <math.h>
+#include <stdint.h>
+
+typedef struct {
+    float score;
+    int64_t col;
+} Cand;
+
+/* a before b in a min-heap of the best: lower score, or the same score and a later column */
+static int worse(Cand a, Cand b) { return a.score < b.score || (a.score == b.score && a.col > b.col); }
+
+static void sift_down(Cand *h, Py_ssize_t n, Py_ssize_t i) {
+    for (;;) {
+        Py_ssize_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && worse(h[l], h[m])) m = l;
+        if (r < n && worse(h[r], h[m])) m = r;
+        if (m == i) return;
+        Cand t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
+    }
+}
+
+static void sift_up(Cand *h, Py_ssize_t i) {
+    while (i > 0) {
+        Py_ssize_t p = (i - 1) / 2;
+        if (!worse(h[i], h[p])) return;
+        Cand t = h[i];
+        h[i] = h[p];
+        h[p] = t;
+        i = p;
+    }
+}
+
+static int by_rank(const void *a, const void *b) {
+    const Cand *x = a, *y = b;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    return (x->col > y->col) - (x->col < y->col);
+}
+
+/* One row's best k and every value tied with the k-th, best first, into sel (room for cap);
+ * returns how many, or -1 when more than cap. -inf and NaN are never selected. */
+static Py_ssize_t select_row(const float *row, Py_ssize_t n, Py_ssize_t k, Cand *sel, Py_ssize_t cap) {
+    Py_ssize_t size = 0, ties = 0; /* heap sel[0:size); ties (== the heap's root) at sel[k:k+ties) */
+    for (Py_ssize_t c = 0; c < n; c++) {
+        if (size == k && (c & (PANEL - 1)) == 0 && c + PANEL <= n) {
+            /* once the heap is full, most blocks of 16 hold nothing that reaches it: one vector test */
+            float low = sel[0].score;
+            int any = 0;
+            for (Py_ssize_t i = 0; i < PANEL; i++) any |= row[c + i] >= low;
+            if (!any) {
+                c += PANEL - 1;
+                continue;
+            }
+        }
+        float s = row[c];
+        if (size == k) {
+            if (!(s >= sel[0].score)) continue; /* the common case; also NaN */
+            Cand in = {s, c};
+            if (s == sel[0].score) {
+                if (k + ties == cap) return -1;
+                sel[k + ties++] = in;
+                continue;
+            }
+            Cand out = sel[0];
+            sel[0] = in;
+            sift_down(sel, k, 0);
+            if (sel[0].score == out.score) {
+                if (k + ties == cap) return -1;
+                sel[k + ties++] = out;
+            } else {
+                ties = 0; /* the k-th score rose above the old ties */
+            }
+        } else if (s > -INFINITY) {
+            sel[size] = (Cand){s, c};
+            sift_up(sel, size++);
+        }
+    }
+    Py_ssize_t count = size + ties; /* ties only exist once the heap is full: sel[0:count) is contiguous */
+    qsort(sel, count, sizeof(Cand), by_rank);
+    return count;
+}
+
+PyDoc_STRVAR(select_best_doc,
+"select_best(scores, iids, k, out_scores, out_iids, out_count, out_bound)\n\n"
+"For each row of scores (B, n) float32 over rows with ids iids (n,) int64: its k largest scores and\n"
+"every score tied with the k-th, best first (ties by column), into out_scores (B, C) float32 and\n"
+"out_iids (B, C) int64 padded with -inf / -1; out_count (B,) int64 how many (-1 when more than C\n"
+"tie: the caller selects that row another way); out_bound (B,) float32 the k-th score when lower\n"
+"scores were left out, else -inf. -inf and NaN scores are never selected. Runs without the GIL.");
+
+static int vector_of(PyObject *obj, Py_buffer *view, int writable, const char *fmt, Py_ssize_t n, const char *name) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    int is_int = strcmp(fmt, "i8") == 0;
+    if (view->ndim != 1 || view->shape[0] != n || view->itemsize != (is_int ? 8 : 4) ||
+        (is_int ? strchr("lq", view->format[0]) == NULL : strcmp(view->format, "f") != 0)) {
+        PyErr_Format(PyExc_ValueError, "%s must be a (%zd,) %s array", name, n, is_int ? "int64" : "float32");
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *select_best(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "select_best takes 7 arguments");
+        return NULL;
+    }
+    Py_ssize_t k = PyLong_AsSsize_t(args[2]);
+    if (k == -1 && PyErr_Occurred()) return NULL;
+    Py_buffer sc = {0}, ids = {0}, o_s = {0}, o_i = {0}, o_c = {0}, o_b = {0};
+    PyObject *result = NULL;
+    Cand *sel = NULL;
+    if (get_matrix(args[0], &sc, 0, "scores") < 0) goto done;
+    Py_ssize_t nq = sc.shape[0], n = sc.shape[1];
+    if (vector_of(args[1], &ids, 0, "i8", n, "iids") < 0) goto done;
+    if (get_matrix(args[3], &o_s, 1, "out_scores") < 0) goto done;
+    Py_ssize_t cap = o_s.shape[1];
+    if (PyObject_GetBuffer(args[4], &o_i, PyBUF_STRIDES | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) goto done;
+    if (vector_of(args[5], &o_c, 1, "i8", nq, "out_count") < 0) goto done;
+    if (vector_of(args[6], &o_b, 1, "f4", nq, "out_bound") < 0) goto done;
+    if (k < 1 || cap < k || o_s.shape[0] != nq || o_i.ndim != 2 || o_i.shape[0] != nq || o_i.shape[1] != cap ||
+        o_i.itemsize != 8 || strchr("lq", o_i.format[0]) == NULL || o_i.strides[1] != 8) {
+        PyErr_SetString(PyExc_ValueError, "select_best: need 1 <= k <= C, out_scores float32 (B, C) and out_iids "
+                        "int64 (B, C)");
+        goto done;
+    }
+    sel = malloc((size_t)cap * sizeof(Cand));
+    if (sel == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const int64_t *id = ids.buf;
+    int64_t *count = o_c.buf;
+    float *bound = o_b.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t b = 0; b < nq; b++) {
+        const float *row = (const float *)((const char *)sc.buf + b * sc.strides[0]);
+        float *row_s = (float *)((char *)o_s.buf + b * o_s.strides[0]);
+        int64_t *row_i = (int64_t *)((char *)o_i.buf + b * o_i.strides[0]);
+        Py_ssize_t got = select_row(row, n, k, sel, cap);
+        count[b] = got;
+        bound[b] = got >= k && got < n ? sel[k - 1].score : -INFINITY;
+        for (Py_ssize_t c = 0; c < cap; c++) {
+            row_s[c] = c < got ? sel[c].score : -INFINITY;
+            row_i[c] = c < got ? id[sel[c].col] : -1;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    free(sel);
+    Py_buffer *views[] = {&sc, &ids, &o_s, &o_i, &o_c, &o_b};
+    for (size_t v = 0; v < sizeof views / sizeof views[0]; v++)
+        if (views[v]->obj != NULL) PyBuffer_Release(views[v]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"inner_products", (PyCFunction)(void (*)(void))inner_products, METH_FASTCALL, inner_products_doc},
     {"inner_products_panels", (PyCFunction)(void (*)(void))inner_products_panels, METH_FASTCALL,
      inner_products_panels_doc},
+    {"select_best", (PyCFunction)(void (*)(void))select_best, METH_FASTCALL, select_best_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,3 +11,12 @@ def inner_products(
 def inner_products_panels(
     queries: npt.NDArray[np.float32], panels: npt.NDArray[np.float32], n: int, out: npt.NDArray[Any]
 ) -> None: ...
+def select_best(
+    scores: npt.NDArray[np.float32],
+    iids: npt.NDArray[np.int64],
+    k: int,
+    out_scores: npt.NDArray[np.float32],
+    out_iids: npt.NDArray[np.int64],
+    out_count: npt.NDArray[np.int64],
+    out_bound: npt.NDArray[np.float32],
+) -> None: ...

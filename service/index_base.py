@@ -70,6 +70,10 @@ class Coarse:
         return rows
 
     @functools.cached_property
+    def list_numbers(self) -> Ids:
+        return np.arange(self.nlist, dtype=np.int64)
+
+    @functools.cached_property
     def scoring_panels(self) -> Vectors:
         """`scoring_rows` in the scoring kernel's panel layout (index_storage.to_panels)."""
         return to_panels(self.scoring_rows)

@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from service._scoring import inner_products, inner_products_panels
+from service._scoring import inner_products, inner_products_panels, select_best
 from service.index_base import Base, Coarse, Shard
 from service.index_storage import (
     PANEL,
@@ -29,7 +29,6 @@ from service.index_storage import (
     Vectors,
     best_rows,
     mask_banned,
-    take_rows,
     top_k,
 )
 
@@ -138,7 +137,23 @@ def _exact_group(parts: list[_Part], queries: Vectors, k: int, banned: Banned) -
         mask_banned(scores[:, at : at + len(part.iids)], part.iids, banned, part.ascending)
         at += len(part.iids)
     iids = np.concatenate([part.iids for part in parts]) if len(parts) > 1 else parts[0].iids
-    return best_rows(scores, iids, k)
+    return _best(scores, iids, k)
+
+
+TIE_ROOM = 64  # candidates beyond k that `select_best` keeps for scores tied with the k-th
+
+
+def _best(scores: Scores, iids: Ids, k: int) -> Found:
+    """`best_rows` by the C selection (one pass, ~4x faster than NumPy's partition at 10k rows); the
+    few queries with more ties at the k-th score than TIE_ROOM fall back to `best_rows`."""
+    n = len(scores)
+    out_scores, out_iids = np.empty((n, k + TIE_ROOM), np.float32), np.empty((n, k + TIE_ROOM), np.int64)
+    count, bound = np.empty(n, np.int64), np.empty(n, np.float32)
+    select_best(scores, iids, k, out_scores, out_iids, count, bound)
+    if (count < 0).any():
+        return best_rows(scores, iids, k)
+    width = max(int(count.max()), 1)
+    return Found(out_scores[:, :width], out_iids[:, :width], bound)
 
 
 def _held(sorted_iids: Ids, banned: Banned) -> int:
@@ -187,15 +202,16 @@ def _nearest_lists(coarse: Coarse, scored: Vectors, nprobe: int) -> tuple[Ids, S
     n, nlist = len(scored), coarse.nlist
     scores = np.empty((n, nlist), np.float32)  # (B, nlist): (|q'|² - |q' - c|²) / 2
     inner_products_panels(scored, coarse.scoring_panels, nlist, scores)
-    top = scores.argpartition(nlist - nprobe, axis=1)[:, nlist - nprobe :] if nprobe < nlist else \
-        np.broadcast_to(np.arange(nlist), (n, nlist))
-    top = np.sort(top, axis=1)  # ties at equal scores: lowest list first, whatever the partition did
-    best = take_rows(scores, top)
-    order = (-best).argsort(axis=1, kind="stable")  # (B, nprobe) nearest first
-    lists = np.ascontiguousarray(take_rows(top, order), dtype=np.int64)
+    best, lists = np.empty((n, nprobe + TIE_ROOM), np.float32), np.empty((n, nprobe + TIE_ROOM), np.int64)
+    count = np.empty(n, np.int64)
+    # best first, ties by list number; a NaN query gets none, padded with list -1, which FAISS skips
+    select_best(scores, coarse.list_numbers, nprobe, best, lists, count, np.empty(n, np.float32))
+    for b in (count < 0).nonzero()[0].tolist():  # more lists tied at the nprobe-th than the room (degenerate)
+        lists[b, :nprobe] = (-scores[b]).argsort(kind="stable")[:nprobe]
+        best[b, :nprobe] = scores[b, lists[b, :nprobe]]
     q_sq = np.square(scored[:, :-1].astype(np.float64)).sum(axis=1, keepdims=True)  # (B, 1)
-    dist = np.ascontiguousarray(q_sq - 2.0 * take_rows(best, order), dtype=np.float32)
-    return lists, dist
+    dist = np.ascontiguousarray(q_sq - 2.0 * best[:, :nprobe], dtype=np.float32)
+    return np.ascontiguousarray(lists[:, :nprobe]), dist
 
 
 @functools.lru_cache(maxsize=64)

@@ -7,7 +7,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from service._scoring import inner_products, inner_products_panels
+from service._scoring import inner_products, inner_products_panels, select_best
 from service.index_base import Coarse
 from service.index_search import _nearest_lists
 from service.index_storage import to_panels
@@ -116,3 +116,42 @@ def test_panels_reject_a_wrong_layout_or_count() -> None:
         inner_products_panels(queries, panels, 33, out)  # two panels hold at most 32 rows
     with pytest.raises(ValueError, match="shapes do not match"):
         inner_products_panels(np.zeros((2, 9), np.float32), panels, 20, out)
+
+
+def _select(scores: npt.NDArray[np.float32], iids: npt.NDArray[np.int64], k: int, room: int = 64) -> tuple[
+        npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    n = len(scores)
+    out_s, out_i = np.empty((n, k + room), np.float32), np.empty((n, k + room), np.int64)
+    count, bound = np.empty(n, np.int64), np.empty(n, np.float32)
+    select_best(scores, iids, k, out_s, out_i, count, bound)
+    return out_s, out_i, count, bound
+
+
+@pytest.mark.parametrize("k", [1, 3, 20, 300])
+def test_select_best_takes_the_k_best_and_every_tie_with_the_kth(k: int) -> None:
+    rng = np.random.default_rng(k)
+    scores = rng.integers(-20, 20, size=(9, 257)).astype(np.float32)  # small integers: ties everywhere
+    scores[2, ::3] = -np.inf  # dropped rows are never selected
+    scores[4, 5] = np.nan
+    iids = rng.permutation(10_000)[:257].astype(np.int64)
+    out_s, out_i, count, bound = _select(scores, iids, k)
+    for b in range(9):
+        valid = [(float(s), int(i)) for s, i in zip(scores[b], iids, strict=True) if np.isfinite(s)]
+        ranked = [c for _, c in sorted((-s, col) for col, (s, _) in enumerate(valid))]
+        cut = valid[ranked[k - 1]][0] if len(valid) >= k else -np.inf
+        want = [valid[c] for c in ranked if valid[c][0] >= cut]  # best first, ties by column
+        if len(want) > k + 64:
+            assert count[b] == -1
+            continue
+        assert list(zip(out_s[b, : count[b]].tolist(), out_i[b, : count[b]].tolist(), strict=True)) == want
+        assert (out_i[b, count[b] :] == -1).all() and (out_s[b, count[b] :] == -np.inf).all()
+        assert bound[b] == (cut if len(valid) >= k and len(want) < 257 else -np.inf)
+
+
+def test_select_best_reports_too_many_ties() -> None:
+    scores = np.zeros((2, 100), np.float32)
+    scores[1, :10] = 1.0  # row 1: 10 ones, then 90 zeros tied at the 20th
+    _, out_i, count, _ = _select(scores, np.arange(100, dtype=np.int64), 20, room=5)
+    assert count.tolist() == [-1, -1]  # 100 and 100 candidates tie into room for 25
+    _, out_i, count, _ = _select(scores, np.arange(100, dtype=np.int64), 5, room=5)
+    assert count[1] == 10 and out_i[1, :10].tolist() == list(range(10))  # the ones, tied at the 5th
