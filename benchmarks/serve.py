@@ -8,7 +8,9 @@ Make the artifact first: `.venv/bin/python -m benchmarks.make_artifact --out /tm
 Placement: the server is pinned to core 0 from its first instruction and this process (the load
 generator, benchmarks/load.py) to core 1 while a server runs, so client and server never share a
 core. Catalogues grow in one SQLite file (10k -> 100k -> 1M); each size gets a fresh server that
-builds its index from the store at start-up. See benchmarks/results/serve.md for the figures.
+builds its index from the store at start-up. The HTTP floor (benchmarks/floor_app.py) runs beside it
+on the same core, and /recommend load alternates between the two (`paired_load`): throughput / floor
+is the median of the pairs' ratios. See benchmarks/results/serve.md for the figures.
 """
 
 from __future__ import annotations

@@ -106,3 +106,28 @@ def test_item_table_reads_many_ids_at_once_and_keeps_removed_slots_empty() -> No
     assert table.pop(5) == ("y", True) and table.get(5) is None
     with pytest.raises(KeyError):
         table.pop(5)
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_segments_are_laid_out_for_the_kernel_when_built_and_merged_not_in_a_search(kind: str) -> None:
+    rng = np.random.default_rng(5)
+    n = 3000
+    vectors = rng.normal(size=(n, D + 1)).astype(np.float32)
+    ids = [f"i{j}" for j in range(n)]
+    config = IndexConfig(kind=kind, ivf_min_rows=1000, nlist=16, nprobe=16, auto_merge=False)  # type: ignore[arg-type]
+    index = VectorIndex.build(D + 1, ids, vectors, [j >= 100 for j in range(n)], config, pin_warm=True)
+
+    def laid_out() -> bool:
+        base = index._base
+        views = [index._pinned, *base.exact_views()]
+        return all("panels" in v.__dict__ for v in views) and (
+            base.coarse is None or "scoring_panels" in base.coarse.__dict__)
+
+    assert laid_out()
+    index.add([f"new{j}" for j in range(50)], rng.normal(size=(50, D + 1)).astype(np.float32), [True] * 50)
+    index.merge()
+    assert laid_out()
+    live_ids, live_rows, _ = index.live_vectors()
+    q = _queries(3, 9)
+    want = [live_ids[j] for j in np.argsort(-(live_rows @ q[0]), kind="stable")[:5]]
+    assert [h.item_id for h in index.search(q, 5)[0]] == want  # nprobe 16 of 16 lists: exact either way
