@@ -41,7 +41,8 @@ from benchmarks.catalogue import (
     write_histories,
 )
 from benchmarks.in_process import K, recommend_alone, recommend_batched, search_alone, user_queries
-from benchmarks.load import Connection, LoadResult, request_once, run_load
+from benchmarks.load import Connection, request_once, run_load
+from benchmarks.paired import CONCURRENCY, PAIRS, paired_load
 from benchmarks.processes import CLIENT_CORE, Server, all_cores, pin
 from benchmarks.recall import base_recall
 from benchmarks.report import write_report
@@ -51,10 +52,8 @@ from service.recommender import Recommender
 from service.store import SqliteStore
 from training.dataset import Dataset, load_dataset
 
-CONCURRENCY = 16
 INGEST_START = 5_000_000  # ids of items posted over HTTP: syn:5000000 and up, never in the catalogue
 NPROBES = (4, 8, 16, 32, 64, 128)
-PAIRS = 5  # alternated load windows of the service and the floor (paired_load)
 
 
 @dataclass
@@ -154,35 +153,6 @@ def served_recall(bench: Bench, port: int) -> tuple[float, dict[str, float]]:
         got = {item["id"] for item in json.loads(body)["items"]}
         recalls.append(len(set(t) & got) / K)
     return float(np.mean(recalls)), res.summary()
-
-
-def recommend_load(port: int, users: list[str], seconds: float) -> LoadResult:
-    return run_load(port, lambda j: ("GET", f"/recommend?user={users[j % len(users)]}&k={K}", None),
-                    concurrency=CONCURRENCY, seconds=seconds, warmup=100)
-
-
-def floor_load(port: int, seconds: float) -> LoadResult:
-    return run_load(port, lambda j: ("GET", f"/recommend?user=u{j % 500}&k={K}", None),
-                    concurrency=CONCURRENCY, seconds=seconds, warmup=100)
-
-
-def paired_load(
-    port: int, floor_port: int, users: list[str], seconds: float
-) -> tuple[LoadResult, LoadResult, list[float]]:
-    """Windows of the service and of the HTTP floor, alternated PAIRS times (both servers stay up,
-    pinned to the same core, one idle while the other is loaded): the machine's speed drifts by
-    tens of percent over a minute here, so each ratio compares two neighbouring windows. Returns
-    the pooled service and floor results and each pair's throughput ratio."""
-    ours, floor, ratios = LoadResult(), LoadResult(), []
-    for _ in range(PAIRS):
-        a, b = recommend_load(port, users, seconds), floor_load(floor_port, seconds)
-        ratios.append(a.throughput / b.throughput)
-        for pooled, window in ((ours, a), (floor, b)):
-            pooled.latencies += window.latencies
-            pooled.errors += window.errors
-            pooled.seconds += window.seconds
-            pooled.client_cpu += window.client_cpu
-    return ours, floor, ratios
 
 
 def batch_counts(port: int) -> tuple[float, float]:
@@ -359,8 +329,10 @@ def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
             result["insert_stall"] = insert_stall(bench, args.port, IndexConfig().merge_delta_rows, 15.0)
         result["rss_end_mb"], result["rss_end_peak_mb"] = server.rss_mb()
     finally:
-        server.stop()
-        floor.stop()
+        try:
+            server.stop()
+        finally:
+            floor.stop()
     result["loadavg_after"] = os.getloadavg()
     print(json.dumps(result, indent=1), flush=True)
     return result

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.index_base import Base, build_base, is_dead, merged_base
-from service.index_search import Hit, banned_mask, base_found, collect, exact_found, head_hits
+from service.index_search import Hit, banned_mask, base_found, collect, exact_found, head_hits, prepare_segments
 from service.index_snapshot import SNAPSHOT_FORMAT, read_snapshot, write_snapshot
 from service.index_storage import (
     Banned,
@@ -114,7 +114,7 @@ class VectorIndex:
                      for live in [~is_dead(iids, killed)]]
             index._pinned = pinned.view()
             index._base = build_base(parts, dim, index.config)
-            _prepare(index._base, index._pinned)
+            prepare_segments(index._base, index._pinned)
             index._killed = set(killed[is_dead(killed, index._pinned.sorted_iids)].tolist())
             index._iid_of.freeze(hot=index._pinned_ids())
         return index
@@ -325,7 +325,7 @@ class VectorIndex:
             if new_base.overflow is not None:
                 kept |= is_dead(killed, np.sort(new_base.overflow.arrays()[0]))
             dropped = set(killed[~kept].tolist())
-            _prepare(new_base, pinned)  # here, in the merge's thread, not in the first search after the swap
+            prepare_segments(new_base, pinned)  # here, in the merge's thread, not in the first search after the swap
             with self._lock:
                 self._base, self._pinned = new_base, pinned
                 self._frozen = self._frozen[len(frozen) :]
@@ -383,7 +383,7 @@ class VectorIndex:
         index = cls(snapshot.dim, config)
         with index._lock:
             index._pinned, index._base = snapshot.pinned, snapshot.base
-            _prepare(index._base, index._pinned)
+            prepare_segments(index._base, index._pinned)
             index._next_iid = snapshot.next_iid
             index._delta.append(*snapshot.delta)
             for iid, item_id, is_cold in zip(snapshot.iids, snapshot.item_ids, snapshot.cold, strict=True):
@@ -394,12 +394,3 @@ class VectorIndex:
             index._killed = set(np.setdiff1d(stored, np.asarray(snapshot.iids, dtype=np.int64)).tolist())
             index._iid_of.freeze(hot=index._pinned_ids())
         return index, snapshot.event_id
-
-
-def _prepare(base: Base, pinned: DeltaView) -> None:
-    """Lay out the rows a search scores exactly, and the IVF centroids, in the scoring kernel's panels
-    now (they are cached on their segments) rather than inside the first search that reads them."""
-    for view in (pinned, *base.exact_views()):
-        _ = view.panels
-    if base.coarse is not None:
-        _ = base.coarse.scoring_panels

@@ -156,6 +156,16 @@ def _best(scores: Scores, iids: Ids, k: int) -> Found:
     return Found(out_scores[:, :width], out_iids[:, :width], bound)
 
 
+def prepare_segments(base: Base, pinned: DeltaView) -> None:
+    """Lay out the rows a search scores exactly, and the IVF centroids, in the scoring kernel's panels
+    now (they are cached on their segments) rather than inside the first search that reads them:
+    called when an index is built, merged or loaded."""
+    for view in (pinned, *base.exact_views()):
+        _ = view.panels
+    if base.coarse is not None:
+        _ = base.coarse.scoring_panels
+
+
 def _held(sorted_iids: Ids, banned: Banned) -> int:
     """The most banned ids that the shard's sorted ids hold for one query."""
     if not len(sorted_iids) or not banned.any:
