@@ -59,24 +59,20 @@ class Coarse:
         return int(self.quantizer.ntotal)
 
     @functools.cached_property
-    def scoring_rows(self) -> Vectors:
-        """The centroids c as rows [c; -|c|²/2] (nlist, D+3): a lifted query q' as [q'; 1] scores
-        q'·c - |c|²/2 = (|q'|² - |q' - c|²) / 2 against them, so the largest scores are the nearest
-        lists. Scored by `service._scoring` (what FAISS's flat search does one pair at a time)."""
-        centroids = self.quantizer.reconstruct_n(0, self.nlist)  # (nlist, D+2)
-        rows = np.empty((len(centroids), centroids.shape[1] + 1), np.float32)
-        rows[:, :-1] = centroids
-        rows[:, -1] = -0.5 * np.square(centroids.astype(np.float64)).sum(axis=1)
-        return rows
-
-    @functools.cached_property
     def list_numbers(self) -> Ids:
         return np.arange(self.nlist, dtype=np.int64)
 
     @functools.cached_property
     def scoring_panels(self) -> Vectors:
-        """`scoring_rows` in the scoring kernel's panel layout (index_storage.to_panels)."""
-        return to_panels(self.scoring_rows)
+        """The centroids c as rows [c; -|c|²/2] (nlist, D+3), in the scoring kernel's panel layout
+        (index_storage.to_panels): a lifted query q' as [q'; 1] scores q'·c - |c|²/2 =
+        (|q'|² - |q' - c|²) / 2 against them, so the largest scores are the nearest lists. Scored by
+        `service._scoring` (what FAISS's flat search does one pair at a time)."""
+        centroids = self.quantizer.reconstruct_n(0, self.nlist)  # (nlist, D+2)
+        rows = np.empty((len(centroids), centroids.shape[1] + 1), np.float32)
+        rows[:, :-1] = centroids
+        rows[:, -1] = -0.5 * np.square(centroids.astype(np.float64)).sum(axis=1)
+        return to_panels(rows)
 
 
 @dataclass(frozen=True)

@@ -183,11 +183,11 @@ def _search_ivf(
     scored[:, :dim] = queries
     scored[:, -1] = 1.0
     lifted = scored[:, :-1].copy()  # (B, D+2): contiguous, as FAISS reads it
-    lists, coarse_dist = _nearest_lists(coarse, scored, min(nprobe, coarse.nlist))  # once for all shards
+    q_sq = np.square(queries.astype(np.float64)).sum(axis=1, keepdims=True)  # (B, 1): |q|² = |q'|²
+    lists, coarse_dist = _nearest_lists(coarse, scored, q_sq, min(nprobe, coarse.nlist))  # once for all shards
     params = _ivf_params(lists.shape[1])
     # |q' - x'|² = |q|² + M² - 2 q·x, so q·x = (|q|² + M² - distance) / 2
-    q64 = queries.astype(np.float64)
-    offset = np.square(q64).sum(axis=1, keepdims=True) + coarse.max_sq_norm  # (B, 1)
+    offset = q_sq + coarse.max_sq_norm  # (B, 1)
     out = []
     for s, shard in enumerate(shards):
         kk = min(k if isinstance(k, int) else k[s], shard.size)
@@ -206,9 +206,10 @@ def _search_ivf(
     return out
 
 
-def _nearest_lists(coarse: Coarse, scored: Vectors, nprobe: int) -> tuple[Ids, Scores]:
+def _nearest_lists(coarse: Coarse, scored: Vectors, q_sq: npt.NDArray[np.float64], nprobe: int) -> tuple[Ids, Scores]:
     """Each query's `nprobe` nearest lists (B, nprobe), nearest first, and their squared L2
-    distances, from one exact scoring of every centroid (Coarse.scoring_rows)."""
+    distances, from one exact scoring of every centroid (Coarse.scoring_panels); `scored` holds the
+    queries as [q'; 1] (B, D+3), `q_sq` their |q'|² (B, 1)."""
     n, nlist = len(scored), coarse.nlist
     scores = np.empty((n, nlist), np.float32)  # (B, nlist): (|q'|² - |q' - c|²) / 2
     inner_products_panels(scored, coarse.scoring_panels, nlist, scores)
@@ -219,7 +220,6 @@ def _nearest_lists(coarse: Coarse, scored: Vectors, nprobe: int) -> tuple[Ids, S
     for b in (count < 0).nonzero()[0].tolist():  # more lists tied at the nprobe-th than the room (degenerate)
         lists[b, :nprobe] = (-scores[b]).argsort(kind="stable")[:nprobe]
         best[b, :nprobe] = scores[b, lists[b, :nprobe]]
-    q_sq = np.square(scored[:, :-1].astype(np.float64)).sum(axis=1, keepdims=True)  # (B, 1)
     dist = np.ascontiguousarray(q_sq - 2.0 * best[:, :nprobe], dtype=np.float32)
     return np.ascontiguousarray(lists[:, :nprobe]), dist
 
