@@ -8,21 +8,12 @@
  * in registers (a row panel transposed into a small buffer), the way a BLAS kernel is, without
  * BLAS's summation order that changes with the batch.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_scoring.h"
+
 #include <stdlib.h>
 #include <string.h>
 
-#define PANEL 16 /* rows scored together: one 16-lane vector */
 #define GROUP 4  /* queries scored together: 4 accumulators */
-
-typedef float v16 __attribute__((vector_size(PANEL * sizeof(float))));
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CLONES
-#endif
 
 /* Scores of queries q (whole groups of GROUP, padded) against one panel: rows transposed as
  * panel[j * PANEL + i] = row i's j-th value, nr <= PANEL rows valid (the rest zeros). */
@@ -63,7 +54,7 @@ static void score_rows(const float *q, Py_ssize_t nq, const float *x, Py_ssize_t
     }
 }
 
-static int get_matrix(PyObject *obj, Py_buffer *view, int writable, const char *name) {
+int get_matrix(PyObject *obj, Py_buffer *view, int writable, const char *name) {
     int flags = PyBUF_STRIDES | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0) return -1;
     if (view->ndim != 2 || view->itemsize != 4 || strcmp(view->format, "f") != 0 ||
@@ -187,88 +178,59 @@ done:
 
 /* ---- the best k of each row of a score matrix ------------------------------------------------ */
 
-#include <math.h>
-#include <stdint.h>
-
-typedef struct {
-    float score;
-    int64_t col;
-} Cand;
-
-/* a before b in a min-heap of the best: lower score, or the same score and a later column */
-static int worse(Cand a, Cand b) { return a.score < b.score || (a.score == b.score && a.col > b.col); }
-
-static void sift_down(Cand *h, Py_ssize_t n, Py_ssize_t i) {
-    for (;;) {
-        Py_ssize_t l = 2 * i + 1, r = l + 1, m = i;
-        if (l < n && worse(h[l], h[m])) m = l;
-        if (r < n && worse(h[r], h[m])) m = r;
-        if (m == i) return;
-        Cand t = h[i];
-        h[i] = h[m];
-        h[m] = t;
-        i = m;
-    }
-}
-
-static void sift_up(Cand *h, Py_ssize_t i) {
-    while (i > 0) {
-        Py_ssize_t p = (i - 1) / 2;
-        if (!worse(h[i], h[p])) return;
-        Cand t = h[i];
-        h[i] = h[p];
-        h[p] = t;
-        i = p;
-    }
-}
-
-static int by_rank(const void *a, const void *b) {
-    const Cand *x = a, *y = b;
-    if (x->score != y->score) return x->score > y->score ? -1 : 1;
-    return (x->col > y->col) - (x->col < y->col);
-}
-
-/* One row's best k and every value tied with the k-th, best first, into sel (room for cap);
- * returns how many, or -1 when more than cap. -inf and NaN are never selected. */
-static Py_ssize_t select_row(const float *row, Py_ssize_t n, Py_ssize_t k, Cand *sel, Py_ssize_t cap) {
-    Py_ssize_t size = 0, ties = 0; /* heap sel[0:size); ties (== the heap's root) at sel[k:k+ties) */
-    for (Py_ssize_t c = 0; c < n; c++) {
-        if (size == k && (c & (PANEL - 1)) == 0 && c + PANEL <= n) {
-            /* once the heap is full, most blocks of 16 hold nothing that reaches it: one vector test */
-            float low = sel[0].score;
-            int any = 0;
-            for (Py_ssize_t i = 0; i < PANEL; i++) any |= row[c + i] >= low;
-            if (!any) {
-                c += PANEL - 1;
-                continue;
+static float nth_largest_value(float *a, Py_ssize_t n, Py_ssize_t want) {
+    Py_ssize_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        Py_ssize_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                float t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
             }
         }
-        float s = row[c];
-        if (size == k) {
-            if (!(s >= sel[0].score)) continue; /* the common case; also NaN */
-            Cand in = {s, c};
-            if (s == sel[0].score) {
-                if (k + ties == cap) return -1;
-                sel[k + ties++] = in;
-                continue;
-            }
-            Cand out = sel[0];
-            sel[0] = in;
-            sift_down(sel, k, 0);
-            if (sel[0].score == out.score) {
-                if (k + ties == cap) return -1;
-                sel[k + ties++] = out;
-            } else {
-                ties = 0; /* the k-th score rose above the old ties */
-            }
-        } else if (s > -INFINITY) {
-            sel[size] = (Cand){s, c};
-            sift_up(sel, size++);
-        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
     }
-    Py_ssize_t count = size + ties; /* ties only exist once the heap is full: sel[0:count) is contiguous */
-    qsort(sel, count, sizeof(Cand), by_rank);
-    return count;
+    return a[want];
+}
+
+/* One row's best k and every value tied with the k-th, best first (ties by column), in b->buf;
+ * returns how many, or -1 when out of memory. -inf and NaN are never selected.
+ *
+ * Two passes. The first takes each block of 16's largest value: the k-th largest of those is a
+ * lower bound of the row's k-th largest (k distinct values reach it), so the second pass visits only
+ * blocks whose largest reaches the bound (and the k-th best so far, as it rises). Without it the
+ * bound starts at -inf, and a row whose best values come late (the exact group puts the long
+ * overflow rows after the pinned ones) pushed most of its values through the selection.
+ * `maxes` and `spare` have room for one value per block. */
+CLONES static Py_ssize_t select_row(const float *row, Py_ssize_t n, Best *b, float *maxes, float *spare) {
+    best_reset(b);
+    Py_ssize_t blocks = (n + PANEL - 1) / PANEL, finite = 0;
+    for (Py_ssize_t j = 0; j < blocks; j++) {
+        const float *block = row + j * PANEL;
+        Py_ssize_t m = n - j * PANEL < PANEL ? n - j * PANEL : PANEL;
+        float top = -INFINITY;
+        for (Py_ssize_t i = 0; i < m; i++) top = block[i] > top ? block[i] : top; /* NaN never wins */
+        maxes[j] = top;
+        if (top > -INFINITY) spare[finite++] = top;
+    }
+    if (finite >= b->k) {
+        b->low = nth_largest_value(spare, finite, b->k - 1);
+        b->full = 1;
+    }
+    for (Py_ssize_t j = 0; j < blocks; j++) {
+        if (!best_wants(b, maxes[j])) continue;
+        const float *block = row + j * PANEL;
+        Py_ssize_t m = n - j * PANEL < PANEL ? n - j * PANEL : PANEL;
+        for (Py_ssize_t i = 0; i < m; i++)
+            if (best_wants(b, block[i]) && best_push(b, block[i], j * PANEL + i) < 0) return -1;
+    }
+    return best_finish(b);
 }
 
 PyDoc_STRVAR(select_best_doc,
@@ -279,7 +241,7 @@ PyDoc_STRVAR(select_best_doc,
 "tie: the caller selects that row another way); out_bound (B,) float32 the k-th score when lower\n"
 "scores were left out, else -inf. -inf and NaN scores are never selected. Runs without the GIL.");
 
-static int vector_of(PyObject *obj, Py_buffer *view, int writable, const char *fmt, Py_ssize_t n, const char *name) {
+int vector_of(PyObject *obj, Py_buffer *view, int writable, const char *fmt, Py_ssize_t n, const char *name) {
     if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
         return -1;
     int is_int = strcmp(fmt, "i8") == 0;
@@ -317,28 +279,43 @@ static PyObject *select_best(PyObject *self, PyObject *const *args, Py_ssize_t n
                         "int64 (B, C)");
         goto done;
     }
-    sel = malloc((size_t)cap * sizeof(Cand));
-    if (sel == NULL) {
+    Best best;
+    float *maxes = malloc((size_t)(2 * ((n + PANEL - 1) / PANEL) + 1) * sizeof(float));
+    if (maxes == NULL || best_init(&best, k) < 0) {
+        free(maxes);
         PyErr_NoMemory();
         goto done;
     }
+    sel = best.buf;
     const int64_t *id = ids.buf;
     int64_t *count = o_c.buf;
     float *bound = o_b.buf;
+    int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t b = 0; b < nq; b++) {
+    for (Py_ssize_t b = 0; b < nq && !failed; b++) {
         const float *row = (const float *)((const char *)sc.buf + b * sc.strides[0]);
         float *row_s = (float *)((char *)o_s.buf + b * o_s.strides[0]);
         int64_t *row_i = (int64_t *)((char *)o_i.buf + b * o_i.strides[0]);
-        Py_ssize_t got = select_row(row, n, k, sel, cap);
-        count[b] = got;
+        Py_ssize_t got = select_row(row, n, &best, maxes, maxes + (n + PANEL - 1) / PANEL);
+        sel = best.buf; /* ties may have grown it */
+        if (got < 0) {
+            failed = 1;
+            break;
+        }
         bound[b] = got >= k && got < n ? sel[k - 1].score : -INFINITY;
+        if (got > cap) got = -1; /* the caller selects this row another way */
+        count[b] = got;
         for (Py_ssize_t c = 0; c < cap; c++) {
             row_s[c] = c < got ? sel[c].score : -INFINITY;
-            row_i[c] = c < got ? id[sel[c].col] : -1;
+            row_i[c] = c < got ? id[sel[c].id] : -1;
         }
     }
     Py_END_ALLOW_THREADS
+    free(maxes);
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
     result = Py_NewRef(Py_None);
 done:
     free(sel);
@@ -353,6 +330,7 @@ static PyMethodDef methods[] = {
     {"inner_products_panels", (PyCFunction)(void (*)(void))inner_products_panels, METH_FASTCALL,
      inner_products_panels_doc},
     {"select_best", (PyCFunction)(void (*)(void))select_best, METH_FASTCALL, select_best_doc},
+    {"ivf_search", (PyCFunction)(void (*)(void))ivf_search, METH_FASTCALL, ivf_search_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,5 +1,6 @@
 """Type stub of the C extension service/_scoring.c."""
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,19 @@ def inner_products_panels(
 def select_best(
     scores: npt.NDArray[np.float32],
     iids: npt.NDArray[np.int64],
+    k: int,
+    out_scores: npt.NDArray[np.float32],
+    out_iids: npt.NDArray[np.int64],
+    out_count: npt.NDArray[np.int64],
+    out_bound: npt.NDArray[np.float32],
+) -> None: ...
+Ids = npt.NDArray[np.int64]
+
+def ivf_search(
+    queries: npt.NDArray[np.float32],
+    lists: npt.NDArray[np.int64],
+    shards: Sequence[tuple[npt.NDArray[np.float32], Ids, Ids, Ids]],
+    banned_keys: npt.NDArray[np.int64],
     k: int,
     out_scores: npt.NDArray[np.float32],
     out_iids: npt.NDArray[np.int64],

@@ -2,15 +2,16 @@
 
 Rows are x_j = [v_j; b_j] and queries q = [h; 1], so q·x = h·v_j + b_j: the bias rides along.
 
-Writes never wait on FAISS. The index is four kinds of segment: an immutable *base* of FAISS
-shards (`service.index_base`; IVF through the MIPS->L2 reduction), zero or more *frozen* deltas
+Writes never wait on a rebuild. The index is four kinds of segment: an immutable *base* of shards
+(`service.index_base`: exact FAISS shards, or IVF lists chosen through the MIPS->L2 reduction and
+scanned by service/_ivf_scan.c), zero or more *frozen* deltas
 being merged into the next base, the live *delta* that takes every add (`service.index_storage`),
 and the exact *pinned* rows. An add appends to the delta's chunks (no reallocation) and is
 searchable as soon as it returns. Removes and upserts leave tombstones: internal ids are never
 reused, and a row is live only while `_item_of` holds its id, so stale rows are filtered at search
 time until a merge, run in a background thread, builds a new base without them and swaps it in
-under the lock. Searches hold the lock only to take the segments; FAISS and NumPy then run without
-the GIL, so many threads search at once. How a batch of queries is answered from the segments
+under the lock. Searches hold the lock only to take the segments; the scoring kernels and NumPy then
+run without the GIL, so many threads search at once. How a batch of queries is answered from the segments
 (exclusions, over-fetching, the best k live items) is `service.index_search`.
 
 `build(..., pin_warm=True)` keeps the trained (warm) rows out of the base in a small exact
@@ -36,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.index_base import Base, build_base, is_dead, merged_base
-from service.index_search import Hit, banned_mask, base_found, collect, exact_found, head_hits, prepare_segments
+from service.index_search import Hit, base_found, collect, exact_found, head_hits, prepare_segments
 from service.index_snapshot import SNAPSHOT_FORMAT, read_snapshot, write_snapshot
 from service.index_storage import (
     Banned,
@@ -197,8 +198,8 @@ class VectorIndex:
     ) -> list[list[Hit]]:
         """Top-k live items per query (B, D+1), best first, ties by item id; `exclude[b]` never returned.
 
-        Exact segments score every row and drop the excluded ones before choosing; FAISS shards are
-        over-fetched by the excluded rows they hold. Every segment is over-fetched by the tombstones
+        Exact segments score every row and drop the excluded ones before choosing; the IVF scan
+        skips them as it goes. Every segment is over-fetched by the tombstones
         and re-asked for more (x4) until each query's k-th kept score is at least every
         non-exhausted segment's last score. Python then walks only the ~k best candidates.
         """
@@ -212,7 +213,6 @@ class VectorIndex:
             base = self._base
             exact = [self._pinned, *self._frozen]
             delta = self._delta.view()
-            pinned_ids = self._pinned.sorted_iids
             dead = len(self._killed)
         banned = self._banned(excluded)  # may miss a racing upsert: collect re-checks
         nprobe = self.nprobe
@@ -221,15 +221,13 @@ class VectorIndex:
         fetch = k + min(dead, 4 * k)
         while todo:
             ban = banned if len(todo) == len(q) else banned.subset(todo)
-            # the shards never hold a pinned row: their over-fetch counts only the other banned ids
-            found = base_found(base, q[todo], fetch, ban.outside(pinned_ids), nprobe)
+            found = base_found(base, q[todo], fetch, ban, nprobe)
             found += exact_found([*exact, *base.exact_views()], q[todo], fetch, ban, once=delta)
             if not found:
                 break
             all_scores = np.concatenate([f.scores for f in found], axis=1)  # (B', S): every segment's candidates
             all_iids = np.concatenate([f.iids for f in found], axis=1)
             bound = np.maximum.reduce(np.array([f.bound for f in found]), axis=0).tolist()  # (B',)
-            all_scores[banned_mask(all_iids, ban)] = -np.inf  # what FAISS shards returned of them
             order = (-all_scores).argsort(axis=1, kind="stable")  # (B', S) best first
             all_scores, all_iids = take_rows(all_scores, order), take_rows(all_iids, order)
             head = min(all_scores.shape[1], k + HEAD_SLACK)  # one conversion for the batch

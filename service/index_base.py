@@ -7,9 +7,11 @@ IVF kind: max inner product reduced to nearest neighbour in L2. A row x becomes
 x' = [x; sqrt(M² - |x|²)] (M the largest row norm when the lists were trained) and a query q
 becomes q' = [q; 0], so |q' - x'|² = |q|² + M² - 2·q·x: the L2 order is the inner-product order,
 and L2 k-means lists are ones an inner-product query can probe. Inner-product IVF on the raw rows
-put long rows in the wrong lists (recall@20 0.70 at 1M, benchmarks/results/serve.md). Every IVF
-shard is an `IndexIVFFlat` (L2) over lifted rows sharing one trained coarse quantizer, so a query
-is assigned to lists once and each shard scans only those lists (`search_preassigned`).
+put long rows in the wrong lists (recall@20 0.70 at 1M, benchmarks/results/serve.md). The lift
+only chooses lists: every IVF shard holds its rows un-lifted, list by list, in the scan kernel's
+panels (`service.ivf_lists.ListPanels`), and all shards share one trained coarse quantizer (a FAISS
+`IndexFlatL2` over lifted centroids), so a query is assigned to lists once and one kernel call
+scans those lists in every shard with exact inner-product scores.
 A row longer than M (arrived after training) cannot be lifted: it stays in the base's small exact
 `overflow` segment until a full rebuild recomputes M.
 
@@ -17,8 +19,7 @@ Why shards: a merge adds the delta as a new shard and combines small shards like
 (a shard combines with the next older one while that one is no larger), so a merge copies at most
 `shard_rows` rows, never the whole catalogue, and memory never holds two copies of a 1M-row base
 except during a full rebuild (IVF retrained when the catalogue has doubled or too many rows
-overflowed M). Each shard's lists are written with one `add_entries` per list, so FAISS vectors
-get exactly their size (growth by doubling would waste up to half the memory).
+overflowed M). A shard's arrays are allocated at their final size when it is built.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from service.index_storage import (
     Vectors,
     to_panels,
 )
+from service.ivf_lists import ListPanels
 
 _BLOCK = 16_384  # rows per lift/assign step: bounds temporaries
 Part = tuple[Ids, Vectors]  # internal ids (n,) and rows (n, D+1)
@@ -77,7 +79,7 @@ class Coarse:
 
 @dataclass(frozen=True)
 class Shard:
-    index: Any  # IndexIVFFlat (L2, lifted rows) or IndexIDMap2(IndexFlatIP)
+    index: Any  # ListPanels (IVF) or IndexIDMap2(IndexFlatIP) (exact)
     iids: Ids  # sorted: counts a shard's tombstones without touching FAISS
 
     @property
@@ -130,7 +132,7 @@ class Base:
         """Every row (D+1, un-lifted) with its id, shard by shard."""
         for shard in self.shards:
             iids, rows, _ = shard_contents(shard, self.coarse)
-            yield iids, rows[:, : self.dim] if self.coarse is not None else rows
+            yield iids, rows
         if self.overflow is not None and self.overflow.size:
             yield self.overflow.arrays()
 
@@ -209,26 +211,12 @@ def ivf_shard(coarse: Coarse, iids: Ids, rows: Vectors) -> Shard:
     for s in range(0, len(iids), _BLOCK):
         assign[s : s + _BLOCK] = coarse.quantizer.search(lift(rows[s : s + _BLOCK], coarse.max_sq_norm), 1)[1][:, 0]
     order = np.argsort(assign, kind="stable")
-    codes = np.empty((len(iids), rows.shape[1] + 1), np.float32)  # (n, D+2) lifted, grouped by list
-    for s in range(0, len(iids), _BLOCK):
-        codes[s : s + _BLOCK] = lift(rows[order[s : s + _BLOCK]], coarse.max_sq_norm)
-    return _fill_ivf(coarse, iids[order], codes, assign[order])
+    return _fill_ivf(coarse, iids[order], rows[order], assign[order])
 
 
-def _fill_ivf(coarse: Coarse, iids: Ids, codes: Vectors, lists: Ids) -> Shard:
-    """`iids`, `codes` (n, D+2) and `lists` already grouped by list number."""
-    index = faiss.IndexIVFFlat(coarse.quantizer, codes.shape[1], coarse.nlist, faiss.METRIC_L2)
-    invlists: Any = index.invlists
-    iids = np.ascontiguousarray(iids, dtype=np.int64)
-    raw = np.ascontiguousarray(codes, dtype=np.float32).view(np.uint8)  # (n, code_size)
-    counts = np.bincount(lists, minlength=coarse.nlist)
-    ends = np.cumsum(counts)
-    for list_no in np.flatnonzero(counts).tolist():
-        end = int(ends[list_no])
-        start = end - int(counts[list_no])
-        invlists.add_entries(list_no, end - start, faiss.swig_ptr(iids[start:end]), faiss.swig_ptr(raw[start:end]))
-    index.ntotal = len(iids)
-    return Shard(index, np.sort(iids))
+def _fill_ivf(coarse: Coarse, iids: Ids, rows: Vectors, lists: Ids) -> Shard:
+    """`iids`, `rows` (n, D+1) and `lists` already grouped by list number."""
+    return Shard(ListPanels.build(iids, rows, lists, coarse.nlist), np.sort(iids))
 
 
 def _exact_shard(iids: Ids, rows: Vectors) -> Shard:
@@ -239,28 +227,14 @@ def _exact_shard(iids: Ids, rows: Vectors) -> Shard:
 
 
 def shard_contents(shard: Shard, coarse: Coarse | None) -> tuple[Ids, Vectors, Ids | None]:
-    """(ids, rows, list numbers): IVF rows come back lifted (n, D+2), grouped by list."""
-    n = shard.size
+    """(ids, rows (n, D+1), list numbers): IVF rows come grouped by list."""
     if coarse is None:
         index: Any = shard.index
         ids: Ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        rows: Vectors = index.index.reconstruct_n(0, n) if n else np.empty((0, index.d), np.float32)
+        rows: Vectors = index.index.reconstruct_n(0, shard.size) if shard.size else np.empty((0, index.d), np.float32)
         return ids, rows, None
-    invlists: Any = faiss.extract_index_ivf(shard.index).invlists
-    code_size = invlists.code_size
-    ids = np.empty(n, np.int64)
-    codes = np.empty((n, code_size // 4), np.float32)
-    raw = codes.view(np.uint8)
-    lists = np.empty(n, np.int64)
-    at = 0
-    for list_no in range(coarse.nlist):
-        size = invlists.list_size(list_no)
-        if size:  # published shards are never written again: their lists can be read without a lock
-            faiss.memcpy(faiss.swig_ptr(ids[at : at + size]), invlists.get_ids(list_no), size * 8)
-            faiss.memcpy(faiss.swig_ptr(raw[at : at + size]), invlists.get_codes(list_no), size * code_size)
-            lists[at : at + size] = list_no
-            at += size
-    return ids, codes, lists
+    lists: ListPanels = shard.index  # published shards are never written again: read without a lock
+    return lists.contents()
 
 
 # -- merging -----------------------------------------------------------------------------------
@@ -309,7 +283,7 @@ def merged_base(base: Base, new: Part, killed: Ids, config: IndexConfig) -> Base
         for shard in base.shards:
             iids, rows, _ = shard_contents(shard, coarse)
             keep = ~is_dead(iids, killed)
-            parts.append((iids[keep], rows[keep][:, : base.dim]))  # un-lifted
+            parts.append((iids[keep], rows[keep]))
             del iids, rows
         parts += [(overflow_iids, overflow_rows), (new_iids, new_rows)]
         return build_base(parts, base.dim, config)

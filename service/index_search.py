@@ -10,14 +10,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence, Set
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import faiss
 import numpy as np
-import numpy.typing as npt
 
-from service._scoring import inner_products, inner_products_panels, select_best
-from service.index_base import Base, Coarse, Shard
+from service._scoring import inner_products, inner_products_panels, ivf_search, select_best
+from service.index_base import Base, Coarse
 from service.index_storage import (
     PANEL,
     Banned,
@@ -48,34 +46,42 @@ def search_base(base: Base, queries: Vectors, k: int, nprobe: int) -> tuple[Scor
 
 
 def search_shards(base: Base, queries: Vectors, k: int, nprobe: int) -> list[tuple[Scores, Ids]]:
-    """Each non-empty shard's (and the overflow's) top-k, (B, <=k) best first, unmerged: the caller
-    merges them with its other segments in one sort."""
+    """The shards' top-k (one for all IVF shards, one per exact shard) and the overflow's, (B, <=k)
+    best first, unmerged: the caller merges them with its other segments in one sort."""
     found: list[tuple[Scores, Ids]] = []
     if base.coarse is None:
         for shard in base.shards:
             if shard.size:
                 found.append(shard.index.search(queries, min(k, shard.size)))
-    elif base.shards:
-        found += _search_ivf(base.coarse, base.shards, queries, k, nprobe)
+    else:
+        found += [(f.scores, f.iids) for f in base_found(base, queries, k, Banned.none(len(queries)), nprobe)]
     if base.overflow is not None and base.overflow.size:
         found.append(base.overflow.search(queries, k))
     return found
 
 
 def base_found(base: Base, queries: Vectors, k: int, banned: Banned, nprobe: int) -> list[Found]:
-    """Each IVF shard's best k per query (B, D+1) without its banned ids. FAISS cannot skip ids,
-    so a shard is asked for k more per banned id it holds, and the caller drops them. The base's
-    exact rows (an exact base's shards, an IVF base's overflow) are scored with the other exact
-    segments: `exact_found` over `Base.exact_views`."""
-    shards = [s for s in base.shards if s.size]
-    if base.coarse is None or not shards:
+    """The IVF shards' best k per query (B, D+1) without its banned ids, in one `ivf_search` over
+    every shard; nothing for an exact base. The base's exact rows (an exact base's shards, an IVF
+    base's overflow) are scored with the other exact segments: `exact_found` over
+    `Base.exact_views`."""
+    if base.coarse is None:
         return []
-    fetch = [k + _held(shard.iids, banned) for shard in shards]
-    found: list[Found] = []
-    for kk, (scores, iids) in zip(fetch, _search_ivf(base.coarse, shards, queries, fetch, nprobe), strict=True):
-        full = (iids[:, -1] >= 0) & (scores.shape[1] == kk)  # kk rows found: more may lie below
-        found.append(Found(scores, iids, np.where(full, scores[:, -1], -np.inf).astype(np.float32)))
-    return found
+    shards = [s.index.kernel_args for s in base.shards if s.size]
+    if not shards:
+        return []
+    lists = _nearest_lists(base.coarse, queries, min(nprobe, base.coarse.nlist))  # once for all shards
+    n, room = len(queries), k + TIE_ROOM
+    while True:
+        scores, iids = np.empty((n, room), np.float32), np.empty((n, room), np.int64)
+        count, bound = np.empty(n, np.int64), np.empty(n, np.float32)
+        ivf_search(queries, lists, shards, banned.keys, k, scores, iids, count, bound)
+        width = int(count.max(initial=0))
+        if width <= room:
+            break
+        room = width  # more rows tied with a k-th score than TIE_ROOM (degenerate): again, with room for all
+    width = max(width, 1)
+    return [Found(scores[:, :width], iids[:, :width], bound)]
 
 
 class _Part(NamedTuple):
@@ -166,82 +172,23 @@ def prepare_segments(base: Base, pinned: DeltaView) -> None:
         _ = base.coarse.scoring_panels
 
 
-def _held(sorted_iids: Ids, banned: Banned) -> int:
-    """The most banned ids that the shard's sorted ids hold for one query."""
-    if not len(sorted_iids) or not banned.any:
-        return 0
-    at = np.minimum(sorted_iids.searchsorted(banned.ids), len(sorted_iids) - 1)
-    return int(np.bincount(banned.owner[sorted_iids[at] == banned.ids], minlength=1).max())
-
-
-def _search_ivf(
-    coarse: Coarse, shards: Sequence[Shard], queries: Vectors, k: int | Sequence[int], nprobe: int
-) -> list[tuple[Scores, Ids]]:
-    """Each shard's top-k (B, k_s) best first, k per shard or one for all; empty shards skipped."""
+def _nearest_lists(coarse: Coarse, queries: Vectors, nprobe: int) -> Ids:
+    """Each query's `nprobe` nearest lists (B, nprobe), nearest first, from one exact scoring of
+    every centroid (Coarse.scoring_panels) against the lifted queries [q'; 1] = [q; 0; 1]."""
     n, dim = queries.shape
-    scored = np.zeros((n, dim + 2), np.float32)  # (B, D+3): [q'; 1] with q' = [q; 0]
+    scored = np.zeros((n, dim + 2), np.float32)  # (B, D+3)
     scored[:, :dim] = queries
     scored[:, -1] = 1.0
-    lifted = scored[:, :-1].copy()  # (B, D+2): contiguous, as FAISS reads it
-    q_sq = np.square(queries.astype(np.float64)).sum(axis=1, keepdims=True)  # (B, 1): |q|² = |q'|²
-    lists, coarse_dist = _nearest_lists(coarse, scored, q_sq, min(nprobe, coarse.nlist))  # once for all shards
-    params = _ivf_params(lists.shape[1])
-    # |q' - x'|² = |q|² + M² - 2 q·x, so q·x = (|q|² + M² - distance) / 2
-    offset = q_sq + coarse.max_sq_norm  # (B, 1)
-    out = []
-    for s, shard in enumerate(shards):
-        kk = min(k if isinstance(k, int) else k[s], shard.size)
-        if kk == 0:
-            continue
-        dist = np.empty((n, kk), np.float32)
-        iids = np.empty((n, kk), np.int64)
-        shard.index.search_preassigned_c(
-            n, faiss.swig_ptr(lifted), kk, faiss.swig_ptr(lists), faiss.swig_ptr(coarse_dist),
-            faiss.swig_ptr(dist), faiss.swig_ptr(iids), False, params,
-        )
-        scores = ((offset - dist) * 0.5).astype(np.float32)
-        if (iids[:, -1] < 0).any():  # fewer than kk rows in the probed lists: FAISS pads the tail
-            scores[iids < 0] = -np.inf
-        out.append((scores, iids))
-    return out
-
-
-def _nearest_lists(coarse: Coarse, scored: Vectors, q_sq: npt.NDArray[np.float64], nprobe: int) -> tuple[Ids, Scores]:
-    """Each query's `nprobe` nearest lists (B, nprobe), nearest first, and their squared L2
-    distances, from one exact scoring of every centroid (Coarse.scoring_panels); `scored` holds the
-    queries as [q'; 1] (B, D+3), `q_sq` their |q'|² (B, 1)."""
-    n, nlist = len(scored), coarse.nlist
+    nlist = coarse.nlist
     scores = np.empty((n, nlist), np.float32)  # (B, nlist): (|q'|² - |q' - c|²) / 2
     inner_products_panels(scored, coarse.scoring_panels, nlist, scores)
     best, lists = np.empty((n, nprobe + TIE_ROOM), np.float32), np.empty((n, nprobe + TIE_ROOM), np.int64)
     count = np.empty(n, np.int64)
-    # best first, ties by list number; a NaN query gets none, padded with list -1, which FAISS skips
+    # best first, ties by list number; a NaN query gets none, padded with list -1, which the scan skips
     select_best(scores, coarse.list_numbers, nprobe, best, lists, count, np.empty(n, np.float32))
     for b in (count < 0).nonzero()[0].tolist():  # more lists tied at the nprobe-th than the room (degenerate)
         lists[b, :nprobe] = (-scores[b]).argsort(kind="stable")[:nprobe]
-        best[b, :nprobe] = scores[b, lists[b, :nprobe]]
-    dist = np.ascontiguousarray(q_sq - 2.0 * best[:, :nprobe], dtype=np.float32)
-    return np.ascontiguousarray(lists[:, :nprobe]), dist
-
-
-@functools.lru_cache(maxsize=64)
-def _ivf_params(nprobe: int) -> Any:
-    """Read-only search parameters, shared by concurrent searches (building one costs ~5 µs)."""
-    params = faiss.SearchParametersIVF()
-    params.nprobe = nprobe
-    return params
-
-
-def banned_mask(iids: Ids, banned: Banned) -> npt.NDArray[np.bool_]:
-    """(B, S): whether candidate iids[b, s] is among query b's banned ids, for all queries in one
-    binary search: keys (b, iid) as b·2^40 + iid (ids stay below 2^40), sorted by query then id."""
-    if not banned.any:
-        return np.zeros(iids.shape, dtype=bool)
-    keys = banned.keys
-    wanted = (np.arange(len(iids), dtype=np.int64)[:, None] << 40) + iids  # (B, S)
-    at = np.minimum(keys.searchsorted(wanted), len(keys) - 1)
-    found: npt.NDArray[np.bool_] = (keys[at] == wanted) & (iids >= 0)
-    return found
+    return np.ascontiguousarray(lists[:, :nprobe])
 
 
 def head_hits(item_of: ItemTable, scores: list[float], iids: list[int], k: int, excluded: Set[str],

@@ -2,7 +2,8 @@
 
     meta.json            format, dim, event id, next internal id, kind, M², trained rows, shard count
     coarse.faiss         IVF only: the shared coarse quantizer
-    shard-{i}.faiss      each base shard; shard-{i}-iids.npy its sorted internal ids
+    shard-{i}.faiss      each exact base shard (FAISS); shard-{i}-iids.npy its sorted internal ids
+    shard-{i}-{panels,starts,rows,slot_iids}.npy   each IVF shard's lists (service.ivf_lists)
     overflow_*.npy       IVF only: exact rows longer than M
     pinned_*.npy, delta_*.npy   the exact segments (delta rows: live ones only)
     items.json           internal id -> item id and cold flag, for live rows
@@ -28,8 +29,9 @@ import numpy.typing as npt
 from service.durable import fsync_path, write_durably
 from service.index_base import Base, Coarse, Shard
 from service.index_storage import DeltaSegment, DeltaView, Ids, Item, Vectors
+from service.ivf_lists import ListPanels
 
-SNAPSHOT_FORMAT = "m2rec-index/2"
+SNAPSHOT_FORMAT = "m2rec-index/3"  # 3: IVF shards as ListPanels arrays, not FAISS IVF files
 Lookup = Callable[[Ids], tuple[npt.NDArray[np.bool_], list[Item]]]  # internal ids -> live mask, items
 
 
@@ -65,8 +67,11 @@ def write_snapshot(
         faiss.write_index(base.coarse.quantizer, str(target / "coarse.faiss"))
         files.append("coarse.faiss")
     for i, shard in enumerate(base.shards):
-        faiss.write_index(shard.index, str(target / f"shard-{i}.faiss"))
-        files.append(f"shard-{i}.faiss")
+        if isinstance(shard.index, ListPanels):
+            files += [path.name for path in shard.index.save(target / f"shard-{i}")]
+        else:
+            faiss.write_index(shard.index, str(target / f"shard-{i}.faiss"))
+            files.append(f"shard-{i}.faiss")
         save_array(f"shard-{i}-iids.npy", shard.iids)
     overflow = base.overflow.arrays() if base.overflow is not None else None
     if overflow is not None:
@@ -116,10 +121,12 @@ def read_snapshot(path: Path) -> Snapshot:
     if meta["kind"] == "ivf":
         coarse = Coarse(faiss.read_index(str(root / "coarse.faiss")), float(meta["max_sq_norm"]),
                         int(meta["trained_rows"]))
-    shards = tuple(
-        Shard(faiss.read_index(str(root / f"shard-{i}.faiss")), np.load(root / f"shard-{i}-iids.npy"))
-        for i in range(int(meta["shards"]))
-    )
+    def shard(i: int) -> Shard:
+        stored = ListPanels.load(root / f"shard-{i}") if coarse is not None else \
+            faiss.read_index(str(root / f"shard-{i}.faiss"))
+        return Shard(stored, np.load(root / f"shard-{i}-iids.npy"))
+
+    shards = tuple(shard(i) for i in range(int(meta["shards"])))
     overflow = None
     if coarse is not None:
         overflow_iids = np.load(root / "overflow_iids.npy")

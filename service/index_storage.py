@@ -56,18 +56,14 @@ class Banned:
         self.queries = queries
         self.any = bool(len(keys))
 
+    @classmethod
+    def none(cls, queries: int) -> Banned:
+        return cls(np.empty(0, np.int64), np.empty(0, np.int64), queries)
+
     @property
     def per_query(self) -> list[Ids]:
         """Each query's banned ids, sorted."""
         return np.split(self.ids, np.searchsorted(self.owner, np.arange(1, self.queries)))
-
-    def outside(self, sorted_ids: Ids) -> Banned:
-        """The banned ids not among `sorted_ids` (ascending): what other segments may hold."""
-        if not self.any or not len(sorted_ids):
-            return self
-        at = np.minimum(sorted_ids.searchsorted(self.ids), len(sorted_ids) - 1)
-        keep = sorted_ids[at] != self.ids
-        return Banned(self.owner[keep], self.ids[keep], self.queries)
 
     def subset(self, queries: list[int]) -> Banned:
         """The banned ids of `queries` (ascending), renumbered 0.. in that order."""

@@ -80,7 +80,6 @@ def test_banned_keeps_each_querys_ids_sorted_and_subsets_renumber_them() -> None
     assert [b.tolist() for b in banned.per_query] == [[3, 5], [], [1, 9]]
     sub = banned.subset([2])
     assert sub.queries == 1 and [b.tolist() for b in sub.per_query] == [[1, 9]]
-    assert [b.tolist() for b in banned.outside(np.array([1, 5], np.int64)).per_query] == [[3], [], [9]]
 
 
 def test_id_map_lookup_finds_hot_frozen_and_later_ids_and_moves_an_upserted_hot_id() -> None:

@@ -77,17 +77,14 @@ def test_rejects_wrong_types_and_shapes() -> None:
 
 def test_nearest_lists_are_the_flat_quantizers() -> None:
     rng = np.random.default_rng(3)
-    centroids = rng.standard_normal((200, 10)).astype(np.float32)
+    centroids = rng.standard_normal((200, 10)).astype(np.float32)  # lifted: one more than the queries
     quantizer = faiss.IndexFlatL2(10)
     quantizer.add(centroids)
     coarse = Coarse(quantizer, 1.0, 200)
-    queries = rng.standard_normal((15, 10)).astype(np.float32)
-    scored = np.concatenate([queries, np.ones((15, 1), np.float32)], axis=1)
-    q_sq = np.square(queries.astype(np.float64)).sum(axis=1, keepdims=True)
-    lists, dist = _nearest_lists(coarse, scored, q_sq, 7)
-    want_dist, want_lists = quantizer.search(queries, 7)
-    assert np.array_equal(lists, want_lists)
-    np.testing.assert_allclose(dist, want_dist, rtol=1e-4, atol=1e-4)
+    queries = rng.standard_normal((15, 9)).astype(np.float32)
+    lists = _nearest_lists(coarse, queries, 7)
+    _, want = quantizer.search(np.concatenate([queries, np.zeros((15, 1), np.float32)], axis=1), 7)  # q' = [q; 0]
+    assert np.array_equal(lists, want)
 
 
 @pytest.mark.parametrize("n", [1, 16, 17, 250])
@@ -156,3 +153,18 @@ def test_select_best_reports_too_many_ties() -> None:
     assert count.tolist() == [-1, -1]  # 100 and 100 candidates tie into room for 25
     _, out_i, count, _ = _select(scores, np.arange(100, dtype=np.int64), 5, room=5)
     assert count[1] == 10 and out_i[1, :10].tolist() == list(range(10))  # the ones, tied at the 5th
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending", "shuffled"])
+def test_select_best_finds_the_best_wherever_they_lie_in_the_row(order: str) -> None:
+    rng = np.random.default_rng(11)
+    scores = rng.standard_normal((4, 2041)).astype(np.float32)  # 2041: a partial last block
+    if order != "shuffled":
+        scores.sort(axis=1)
+        if order == "descending":
+            scores = np.ascontiguousarray(scores[:, ::-1])
+    iids = np.arange(2041, dtype=np.int64)
+    out_s, out_i, count, _ = _select(scores, iids, 20)
+    want = np.argsort(-scores, axis=1, kind="stable")[:, :20]
+    assert (count == 20).all() and np.array_equal(out_i[:, :20], want)
+    assert np.array_equal(out_s[:, :20], np.take_along_axis(scores, want, axis=1))
