@@ -245,3 +245,24 @@ def test_ivf_recall_at_20_is_at_least_0_95_on_a_real_models_generated_rows(
     recall = np.mean([len({ids[j] for j in e} & {h.item_id for h in s}) / 20
                       for e, s in zip(exact, served, strict=True)])
     assert recall >= 0.95
+
+
+def test_ivf_scores_equal_the_exact_index_bit_for_bit_when_every_list_is_probed() -> None:
+    rows = spread_rows(3000, seed=12)
+    ids = [f"i{j}" for j in range(3000)]
+    q = spread_rows(12, seed=13) * 8
+    exact = VectorIndex.build(D + 1, ids, rows, [True] * 3000, IndexConfig(kind="exact", auto_merge=False))
+    ivf = VectorIndex.build(D + 1, ids, rows, [True] * 3000, all_lists(lift_quantile=0.99))
+    assert ivf.is_approximate and ivf._base.overflow is not None and ivf._base.overflow.size > 0
+    exclude = [{ids[j] for j in range(b, 3000, 97)} for b in range(12)]
+    assert ivf.search(q, 30, exclude) == exact.search(q, 30, exclude)  # same ids, same float32 scores
+
+
+def test_a_snapshot_in_an_older_format_is_refused_by_name(tmp_path: Path) -> None:
+    rows = spread_rows(800, seed=14)
+    index = VectorIndex.build(D + 1, [f"i{j}" for j in range(800)], rows, [True] * 800, all_lists())
+    index.save(tmp_path / "snapshot", event_id=None)
+    meta_path = (tmp_path / "snapshot").resolve() / "meta.json"
+    meta_path.write_text(meta_path.read_text().replace("m2rec-index/3", "m2rec-index/2"))
+    with pytest.raises(ValueError, match="unknown snapshot format 'm2rec-index/2'"):
+        VectorIndex.load(tmp_path / "snapshot", all_lists())
