@@ -19,9 +19,13 @@
 
 #define BLOCK 4 /* panels scored together */
 
-/* Scores of one query q (d) against `count` <= BLOCK consecutive panels, into out (16 per panel). */
-CLONES static void score_block(const float *q, const float *panels, Py_ssize_t count, Py_ssize_t d, float *out) {
+/* Scores of one query q (d) against `count` <= BLOCK consecutive panels, into out (16 per panel);
+ * returns a bit mask of the panels with a score at or above `low` (padding lanes included: a false
+ * alarm costs only a look at that panel's rows). */
+CLONES static unsigned score_block(const float *q, const float *panels, Py_ssize_t count, Py_ssize_t d, float low,
+                                   float *out) {
     const Py_ssize_t step = d * PANEL;
+    v16 acc[BLOCK];
     if (count == BLOCK) {
         const float *p0 = panels, *p1 = p0 + step, *p2 = p1 + step, *p3 = p2 + step;
         v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
@@ -36,22 +40,28 @@ CLONES static void score_block(const float *q, const float *panels, Py_ssize_t c
             a2 += x2 * q[j];
             a3 += x3 * q[j];
         }
-        memcpy(out, &a0, sizeof a0);
-        memcpy(out + PANEL, &a1, sizeof a1);
-        memcpy(out + 2 * PANEL, &a2, sizeof a2);
-        memcpy(out + 3 * PANEL, &a3, sizeof a3);
-        return;
-    }
-    for (Py_ssize_t p = 0; p < count; p++) {
-        const float *panel = panels + p * step;
-        v16 a = {0};
-        for (Py_ssize_t j = 0; j < d; j++) {
-            v16 x;
-            memcpy(&x, panel + j * PANEL, sizeof x);
-            a += x * q[j];
+        acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+    } else {
+        for (Py_ssize_t p = 0; p < count; p++) {
+            const float *panel = panels + p * step;
+            v16 a = {0};
+            for (Py_ssize_t j = 0; j < d; j++) {
+                v16 x;
+                memcpy(&x, panel + j * PANEL, sizeof x);
+                a += x * q[j];
+            }
+            acc[p] = a;
         }
-        memcpy(out + p * PANEL, &a, sizeof a);
     }
+    unsigned mask = 0;
+    for (Py_ssize_t p = 0; p < count; p++) {
+        memcpy(out + p * PANEL, &acc[p], sizeof acc[p]);
+        v16i hit = acc[p] >= low; /* NaN never reaches */
+        int any = 0;
+        for (int i = 0; i < PANEL; i++) any |= hit[i];
+        mask |= (unsigned)(any != 0) << p;
+    }
+    return mask;
 }
 
 /* one query's banned keys (query << 40 | id), ascending */
@@ -74,12 +84,6 @@ static int is_banned(const Ban *ban, int64_t iid) {
 
 /* Offer rows scores[0:n) with ids iids[0:n) (n <= 16); 0, or -1 when out of memory. */
 static int offer(Best *b, const Ban *ban, const float *scores, const int64_t *iids, Py_ssize_t n) {
-    if (b->full) {
-        float low = b->low;
-        int any = 0;
-        for (Py_ssize_t i = 0; i < n; i++) any |= scores[i] >= low;
-        if (!any) return 0;
-    }
     for (Py_ssize_t i = 0; i < n; i++)
         if (best_wants(b, scores[i]) && !(ban->n && is_banned(ban, iids[i])) && best_push(b, scores[i], iids[i]) < 0)
             return -1;
@@ -121,23 +125,28 @@ static int shard_view(PyObject *shard, Py_ssize_t d, ShardView *v) {
     if (vector_of(starts, &v->starts, 0, "i8", nlist + 1, "starts") < 0) return -1;
     if (vector_of(PyTuple_GET_ITEM(shard, 2), &v->rows, 0, "i8", nlist, "rows") < 0) return -1;
     if (vector_of(PyTuple_GET_ITEM(shard, 3), &v->iids, 0, "i8", p->shape[0] * PANEL, "slot_iids") < 0) return -1;
-    const int64_t *st = v->starts.buf, *rows = v->rows.buf;
-    for (Py_ssize_t l = 0; l < nlist; l++)
-        if (st[l] < 0 || st[l + 1] < st[l] || st[l + 1] > p->shape[0] || rows[l] < 0 ||
-            rows[l] > (st[l + 1] - st[l]) * PANEL) {
-            PyErr_Format(PyExc_ValueError, "a shard's list %zd does not fit its panels", l);
-            return -1;
-        }
     return 0;
 }
 
-/* One query's probed lists in every shard into b (best first, ties by id); returns the candidates
- * in b, or -1 (out of memory). *scanned: rows scored. */
+/* whether list l of shard v lies inside its panels (checked for the probed lists only: a whole
+ * shard's check is nlist steps per call) */
+static int list_fits(const ShardView *v, int64_t l) {
+    const int64_t *st = v->starts.buf, *rows = v->rows.buf;
+    return st[l] >= 0 && st[l + 1] >= st[l] && st[l + 1] <= v->panels.shape[0] && rows[l] >= 0 &&
+           rows[l] <= (st[l + 1] - st[l]) * PANEL;
+}
+
+/* One query's probed lists in every shard into b (best first, ties by id), rows below `floor` left
+ * out; returns the candidates in b, or -1 (out of memory). *scanned: rows scored. */
 static Py_ssize_t search_one(const float *q, Py_ssize_t d, const int64_t *lists, Py_ssize_t nprobe,
-                             const ShardView *shards, Py_ssize_t n_shards, const Ban *ban, Best *b,
+                             const ShardView *shards, Py_ssize_t n_shards, const Ban *ban, float floor, Best *b,
                              Py_ssize_t *scanned) {
     float scores[BLOCK * PANEL];
     best_reset(b);
+    if (floor > -INFINITY) { /* nothing below the floor is wanted, however few rows reach it */
+        b->low = floor;
+        b->full = 1;
+    }
     *scanned = 0;
     for (Py_ssize_t p = 0; p < nprobe; p++) {
         int64_t l = lists[p];
@@ -151,10 +160,12 @@ static Py_ssize_t search_one(const float *q, Py_ssize_t d, const int64_t *lists,
             *scanned += left;
             for (int64_t at = first; at < end && left > 0; at += BLOCK) {
                 Py_ssize_t count = end - at < BLOCK ? end - at : BLOCK;
-                score_block(q, panels + at * d * PANEL, count, d, scores);
+                unsigned reach = score_block(q, panels + at * d * PANEL, count, d, b->full ? b->low : -INFINITY,
+                                             scores);
                 for (Py_ssize_t i = 0; i < count && left > 0; i++) {
                     Py_ssize_t n = left < PANEL ? left : PANEL;
-                    if (offer(b, ban, scores + i * PANEL, ids + (at + i) * PANEL, n) < 0) return -1;
+                    if ((reach >> i & 1) && offer(b, ban, scores + i * PANEL, ids + (at + i) * PANEL, n) < 0)
+                        return -1;
                     left -= n;
                 }
             }
@@ -164,19 +175,20 @@ static Py_ssize_t search_one(const float *q, Py_ssize_t d, const int64_t *lists,
 }
 
 const char ivf_search_doc[] =
-"ivf_search(queries, lists, shards, banned_keys, k, out_scores, out_iids, out_count, out_bound)\n\n"
+"ivf_search(queries, lists, shards, banned_keys, k, floors, out_scores, out_iids, out_count, out_bound)\n\n"
 "For each query (B, d) float32: the k best rows of its lists (B, nprobe) int64 (-1: none) in every\n"
 "shard, a tuple (panels (P, d, 16) float32, starts (nlist+1,) int64 panel offsets, rows (nlist,) int64\n"
 "rows per list, slot_iids (16P,) int64), leaving out the ids among its banned_keys (sorted int64,\n"
-"query << 40 | id), with every row tied with the k-th score, best first (ties by id), into out_scores\n"
-"(B, C) float32 and out_iids (B, C) int64 padded with -inf / -1; out_count (B,) int64 how many there\n"
-"are (more than C: call again with more room); out_bound (B,) float32 the k-th score when rows below\n"
-"it were left out, else -inf. Scores equal inner_products'. Runs without the GIL.";
+"query << 40 | id) and the rows scoring below its floor (floors (B,) float32; -inf: none), with\n"
+"every row tied with the k-th score, best first (ties by id), into out_scores (B, C) float32 and\n"
+"out_iids (B, C) int64 padded with -inf / -1; out_count (B,) int64 how many there are (more than C:\n"
+"call again with more room); out_bound (B,) float32, when rows were left out, the k-th score (the\n"
+"floor if fewer reached it), else -inf. Scores equal inner_products'. Runs without the GIL.";
 
 PyObject *ivf_search(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "ivf_search takes 9 arguments");
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "ivf_search takes 10 arguments");
         return NULL;
     }
     Py_ssize_t k = PyLong_AsSsize_t(args[4]);
@@ -185,7 +197,7 @@ PyObject *ivf_search(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (shard_seq == NULL) return NULL;
     Py_ssize_t n_shards = PySequence_Fast_GET_SIZE(shard_seq);
     ShardView *shards = calloc((size_t)(n_shards ? n_shards : 1), sizeof(ShardView));
-    Py_buffer q = {0}, lists = {0}, ban = {0}, o_s = {0}, o_i = {0}, o_c = {0}, o_b = {0};
+    Py_buffer q = {0}, lists = {0}, ban = {0}, fl = {0}, o_s = {0}, o_i = {0}, o_c = {0}, o_b = {0};
     PyObject *result = NULL;
     Cand *sel = NULL;
     if (shards == NULL) {
@@ -202,13 +214,21 @@ PyObject *ivf_search(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t nprobe = lists.shape[1];
     for (Py_ssize_t s = 0; s < n_shards; s++)
         if (shard_view(PySequence_Fast_GET_ITEM(shard_seq, s), d, &shards[s]) < 0) goto done;
+    const int64_t *probes = lists.buf;
+    for (Py_ssize_t i = 0; i < nq * nprobe; i++)
+        for (Py_ssize_t s = 0; s < n_shards; s++)
+            if (probes[i] >= 0 && probes[i] < shards[s].nlist && !list_fits(&shards[s], probes[i])) {
+                PyErr_Format(PyExc_ValueError, "shard %zd's list %lld does not fit its panels", s, (long long)probes[i]);
+                goto done;
+            }
     Py_ssize_t n_keys = PyObject_Length(args[3]);
     if (n_keys < 0 || vector_of(args[3], &ban, 0, "i8", n_keys, "banned_keys") < 0) goto done;
-    if (get_matrix(args[5], &o_s, 1, "out_scores") < 0) goto done;
+    if (vector_of(args[5], &fl, 0, "f4", nq, "floors") < 0) goto done;
+    if (get_matrix(args[6], &o_s, 1, "out_scores") < 0) goto done;
     Py_ssize_t cap = o_s.shape[1];
-    if (PyObject_GetBuffer(args[6], &o_i, PyBUF_STRIDES | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) goto done;
-    if (vector_of(args[7], &o_c, 1, "i8", nq, "out_count") < 0) goto done;
-    if (vector_of(args[8], &o_b, 1, "f4", nq, "out_bound") < 0) goto done;
+    if (PyObject_GetBuffer(args[7], &o_i, PyBUF_STRIDES | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) goto done;
+    if (vector_of(args[8], &o_c, 1, "i8", nq, "out_count") < 0) goto done;
+    if (vector_of(args[9], &o_b, 1, "f4", nq, "out_bound") < 0) goto done;
     if (k < 1 || cap < k || o_s.shape[0] != nq || o_i.ndim != 2 || o_i.shape[0] != nq || o_i.shape[1] != cap ||
         o_i.itemsize != 8 || strchr("lq", o_i.format[0]) == NULL || o_i.strides[1] != 8) {
         PyErr_SetString(PyExc_ValueError, "ivf_search: need 1 <= k <= C, out_scores float32 (B, C) and out_iids "
@@ -233,8 +253,9 @@ PyObject *ivf_search(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         Ban query_ban = {keys + first_ban, end_ban - first_ban, base};
         const float *query = (const float *)((const char *)q.buf + b * q.strides[0]);
         Py_ssize_t scanned;
+        float floor = ((const float *)fl.buf)[b];
         Py_ssize_t got = search_one(query, d, (const int64_t *)lists.buf + b * nprobe, nprobe, shards, n_shards,
-                                    &query_ban, &best, &scanned);
+                                    &query_ban, floor, &best, &scanned);
         sel = best.buf; /* ties may have grown it */
         if (got < 0) {
             failed = 1;
@@ -243,7 +264,8 @@ PyObject *ivf_search(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         float *row_s = (float *)((char *)o_s.buf + b * o_s.strides[0]);
         int64_t *row_i = (int64_t *)((char *)o_i.buf + b * o_i.strides[0]);
         ((int64_t *)o_c.buf)[b] = got;
-        ((float *)o_b.buf)[b] = got >= k && scanned > got ? sel[k - 1].score : -INFINITY;
+        /* the k-th score, or the floor when fewer reached it, if rows were left out */
+        ((float *)o_b.buf)[b] = scanned == got ? -INFINITY : got >= k ? sel[k - 1].score : floor;
         for (Py_ssize_t c = 0; c < cap; c++) {
             row_s[c] = c < got ? sel[c].score : -INFINITY;
             row_i[c] = c < got ? sel[c].id : -1;
@@ -261,7 +283,7 @@ done:
     if (shards != NULL) release_shards(shards, n_shards);
     free(shards);
     Py_DECREF(shard_seq);
-    Py_buffer *views[] = {&q, &lists, &ban, &o_s, &o_i, &o_c, &o_b};
+    Py_buffer *views[] = {&q, &lists, &ban, &fl, &o_s, &o_i, &o_c, &o_b};
     for (size_t i = 0; i < sizeof views / sizeof views[0]; i++)
         if (views[i]->obj != NULL) PyBuffer_Release(views[i]);
     return result;

@@ -8,6 +8,7 @@
 #define PANEL 16 /* rows scored together: one 16-lane vector */
 
 typedef float v16 __attribute__((vector_size(PANEL * sizeof(float))));
+typedef int v16i __attribute__((vector_size(PANEL * sizeof(int)))); /* a v16 comparison: -1 or 0 per lane */
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))

@@ -29,6 +29,7 @@ def ivf_search(
     shards: Sequence[tuple[npt.NDArray[np.float32], Ids, Ids, Ids]],
     banned_keys: npt.NDArray[np.int64],
     k: int,
+    floors: npt.NDArray[np.float32],
     out_scores: npt.NDArray[np.float32],
     out_iids: npt.NDArray[np.int64],
     out_count: npt.NDArray[np.int64],

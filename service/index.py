@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.index_base import Base, build_base, is_dead, merged_base
-from service.index_search import Hit, base_found, collect, exact_found, head_hits, prepare_segments
+from service.index_search import Hit, base_found, collect, exact_found, floors_of, head_hits, prepare_segments
 from service.index_snapshot import SNAPSHOT_FORMAT, read_snapshot, write_snapshot
 from service.index_storage import (
     Banned,
@@ -221,8 +221,11 @@ class VectorIndex:
         fetch = k + min(dead, 4 * k)
         while todo:
             ban = banned if len(todo) == len(q) else banned.subset(todo)
-            found = base_found(base, q[todo], fetch, ban, nprobe)
-            found += exact_found([*exact, *base.exact_views()], q[todo], fetch, ban, once=delta)
+            found = exact_found([*exact, *base.exact_views()], q[todo], fetch, ban, once=delta)
+            if found:  # the exact rows first: their k-th scores spare the IVF scan most of its selection
+                found += base_found(base, q[todo], fetch, ban, nprobe, floors_of(found))
+            else:
+                found = base_found(base, q[todo], fetch, ban, nprobe)
             if not found:
                 break
             all_scores = np.concatenate([f.scores for f in found], axis=1)  # (B', S): every segment's candidates

@@ -60,11 +60,16 @@ def search_shards(base: Base, queries: Vectors, k: int, nprobe: int) -> list[tup
     return found
 
 
-def base_found(base: Base, queries: Vectors, k: int, banned: Banned, nprobe: int) -> list[Found]:
+def base_found(base: Base, queries: Vectors, k: int, banned: Banned, nprobe: int,
+               floors: Scores | None = None) -> list[Found]:
     """The IVF shards' best k per query (B, D+1) without its banned ids, in one `ivf_search` over
     every shard; nothing for an exact base. The base's exact rows (an exact base's shards, an IVF
     base's overflow) are scored with the other exact segments: `exact_found` over
-    `Base.exact_views`."""
+    `Base.exact_views`.
+
+    `floors` (B,): a score each query's answer already has k candidates at or above (`floors_of`
+    the exact segments' results); rows below it cannot make the cut and are passed over, most of
+    the selection's work when the exact segments hold the best rows."""
     if base.coarse is None:
         return []
     shards = [s.index.kernel_args for s in base.shards if s.size]
@@ -72,16 +77,24 @@ def base_found(base: Base, queries: Vectors, k: int, banned: Banned, nprobe: int
         return []
     lists = _nearest_lists(base.coarse, queries, min(nprobe, base.coarse.nlist))  # once for all shards
     n, room = len(queries), k + TIE_ROOM
+    floors = np.full(n, -np.inf, np.float32) if floors is None else floors
     while True:
         scores, iids = np.empty((n, room), np.float32), np.empty((n, room), np.int64)
         count, bound = np.empty(n, np.int64), np.empty(n, np.float32)
-        ivf_search(queries, lists, shards, banned.keys, k, scores, iids, count, bound)
+        ivf_search(queries, lists, shards, banned.keys, k, floors, scores, iids, count, bound)
         width = int(count.max(initial=0))
         if width <= room:
             break
         room = width  # more rows tied with a k-th score than TIE_ROOM (degenerate): again, with room for all
     width = max(width, 1)
     return [Found(scores[:, :width], iids[:, :width], bound)]
+
+
+def floors_of(found: Sequence[Found]) -> Scores:
+    """(B,) per query, the highest of the segments' bounds: each is a k-th score with k candidates
+    at or above it, so no row below it can be among the best k (ties at it can)."""
+    floors: Scores = np.max([f.bound for f in found], axis=0).astype(np.float32)
+    return floors
 
 
 class _Part(NamedTuple):

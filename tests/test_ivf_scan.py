@@ -15,6 +15,7 @@ from service.ivf_lists import ListPanels
 
 Ids = npt.NDArray[np.int64]
 Rows = npt.NDArray[np.float32]
+Floats = npt.NDArray[np.float32]
 
 
 def make_shard(
@@ -47,12 +48,13 @@ def reference(queries: Rows, probes: Ids, shards: list[tuple[Ids, Rows, Ids]], b
     return out
 
 
-def run(queries: Rows, probes: Ids, shards: list[ListPanels], banned: Banned, k: int,
-        room: int) -> tuple[list[list[tuple[float, int]]], Ids, npt.NDArray[np.float32]]:
+def run(queries: Rows, probes: Ids, shards: list[ListPanels], banned: Banned, k: int, room: int,
+        floors: Floats | None = None) -> tuple[list[list[tuple[float, int]]], Ids, Floats]:
     n = len(queries)
     scores, iids = np.empty((n, room), np.float32), np.empty((n, room), np.int64)
     count, bound = np.empty(n, np.int64), np.empty(n, np.float32)
-    ivf_search(queries, probes, [s.kernel_args for s in shards], banned.keys, k, scores, iids, count, bound)
+    floors = np.full(n, -np.inf, np.float32) if floors is None else floors
+    ivf_search(queries, probes, [s.kernel_args for s in shards], banned.keys, k, floors, scores, iids, count, bound)
     got = [list(zip(scores[b, : min(c, room)].tolist(), iids[b, : min(c, room)].tolist(), strict=True))
            for b, c in enumerate(count.tolist())]
     return got, count, bound
@@ -77,6 +79,26 @@ def test_each_query_gets_the_best_k_of_its_lists_in_every_shard_without_its_bann
     for q in range(9):  # the k-th score as a bound exactly when rows were left out
         left_out = len(want[q]) >= k and scanned[q] > len(want[q])
         assert bound[q] == (want[q][k - 1][0] if left_out else -np.inf)
+
+
+def test_rows_below_a_floor_are_left_out_and_the_floor_bounds_what_was_left() -> None:
+    rng = np.random.default_rng(9)
+    d, nlist, k = 33, 6, 10
+    built = [make_shard(rng, nlist, 400, d, 0), make_shard(rng, nlist, 300, d, 1000)]
+    queries = rng.standard_normal((6, d)).astype(np.float32)
+    probes = np.stack([rng.choice(nlist - 1, 2, replace=False) for _ in range(6)]).astype(np.int64)
+    banned = Banned(np.repeat(np.arange(6), 5), rng.choice(np.concatenate([b[1] for b in built]), 30), 6)
+    unfloored = reference(queries, probes, [b[1:] for b in built], banned, k)
+    # floors: below everything, at the 4th best (fewer than k reach it), at the k-th, above everything
+    floors = np.array([-50.0, unfloored[1][3][0], unfloored[2][k - 1][0], 1e9, -np.inf, unfloored[5][0][0]], np.float32)
+    got, count, bound = run(queries, probes, [b[0] for b in built], banned, k, k + 64, floors)
+    for q in range(6):
+        want = [c for c in unfloored[q] if c[0] >= floors[q]]
+        assert got[q] == want and count[q] == len(want)
+        if len(want) >= k:
+            assert bound[q] == want[k - 1][0]
+        else:  # fewer than k reached the floor: the floor bounds every row left out
+            assert bound[q] == floors[q]
 
 
 def test_every_row_tied_with_the_kth_comes_back_and_too_many_for_the_room_are_counted() -> None:
@@ -112,10 +134,11 @@ def test_rejects_lists_that_do_not_fit_their_panels_and_wrong_shapes() -> None:
     rng = np.random.default_rng(7)
     shard, *_ = make_shard(rng, 4, 50, 7, 0)
     queries = rng.standard_normal((1, 7)).astype(np.float32)
-    out = np.empty((1, 10), np.float32), np.empty((1, 10), np.int64), np.empty(1, np.int64), np.empty(1, np.float32)
+    out = (np.zeros(1, np.float32), np.empty((1, 10), np.float32), np.empty((1, 10), np.int64), np.empty(1, np.int64),
+           np.empty(1, np.float32))
     bad_rows = shard.rows.copy()
     bad_rows[0] += 100
-    with pytest.raises(ValueError, match="list 0 does not fit"):
+    with pytest.raises(ValueError, match="shard 0's list 0 does not fit"):
         ivf_search(queries, np.zeros((1, 1), np.int64), [(shard.panels, shard.starts, bad_rows, shard.slot_iids)],
                    np.empty(0, np.int64), 5, *out)
     with pytest.raises(ValueError, match="panels"):
