@@ -222,10 +222,8 @@ class VectorIndex:
         while todo:
             ban = banned if len(todo) == len(q) else banned.subset(todo)
             found = exact_found([*exact, *base.exact_views()], q[todo], fetch, ban, once=delta)
-            if found:  # the exact rows first: their k-th scores spare the IVF scan most of its selection
-                found += base_found(base, q[todo], fetch, ban, nprobe, floors_of(found))
-            else:
-                found = base_found(base, q[todo], fetch, ban, nprobe)
+            # the exact rows first: their k-th scores spare the IVF scan most of its selection
+            found += base_found(base, q[todo], fetch, ban, nprobe, floors_of(found))
             if not found:
                 break
             all_scores = np.concatenate([f.scores for f in found], axis=1)  # (B', S): every segment's candidates

@@ -90,9 +90,12 @@ def base_found(base: Base, queries: Vectors, k: int, banned: Banned, nprobe: int
     return [Found(scores[:, :width], iids[:, :width], bound)]
 
 
-def floors_of(found: Sequence[Found]) -> Scores:
-    """(B,) per query, the highest of the segments' bounds: each is a k-th score with k candidates
-    at or above it, so no row below it can be among the best k (ties at it can)."""
+def floors_of(found: Sequence[Found]) -> Scores | None:
+    """(B,) per query, the highest of the segments' bounds (None without segments): each is a k-th
+    score with k candidates at or above it, so no row below it can be among the best k (ties at it
+    can)."""
+    if not found:
+        return None
     floors: Scores = np.max([f.bound for f in found], axis=0).astype(np.float32)
     return floors
 
