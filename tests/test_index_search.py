@@ -130,3 +130,20 @@ def test_segments_are_laid_out_for_the_kernel_when_built_and_merged_not_in_a_sea
     q = _queries(3, 9)
     want = [live_ids[j] for j in np.argsort(-(live_rows @ q[0]), kind="stable")[:5]]
     assert [h.item_id for h in index.search(q, 5)[0]] == want  # nprobe 16 of 16 lists: exact either way
+
+
+def test_more_ties_at_the_cut_than_the_scans_room_in_an_ivf_base() -> None:
+    """200 identical best rows in the IVF base, more than TIE_ROOM past k: the scan is asked again
+    with room for them all, and the answer is the tie's first k item ids."""
+    rng = np.random.default_rng(4)
+    n, k = 400, 10
+    vectors = rng.normal(size=(n, D + 1)).astype(np.float32)
+    q = _queries(1, 2)
+    tied = rng.choice(n, 200, replace=False)
+    vectors[tied] = vectors[np.argmax(vectors @ q[0])] * 2  # every tied row beats every other
+    ids = [f"i{j:04d}" for j in rng.permutation(n).tolist()]
+    config = IndexConfig(kind="ivf", ivf_min_rows=100, nlist=4, nprobe=4, lift_quantile=1.0, auto_merge=False)
+    index = VectorIndex.build(D + 1, ids, vectors, [True] * n, config)
+    assert index.is_approximate and not index._base.exact_views()  # every row in the IVF lists
+    found = index.search(q, k)[0]
+    assert [h.item_id for h in found] == sorted(ids[j] for j in tied)[:k]
