@@ -19,6 +19,7 @@ import numpy.typing as npt
 from service.index_storage import PANEL, Ids, Vectors
 
 _FILES = ("panels", "starts", "rows", "slot_iids")
+_CHUNK = 4096  # panels laid out per step of a build (65,536 rows)
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,9 @@ class ListPanels:
     slot_iids: Ids  # (16P,) the internal id in each panel slot, -1 for padding
 
     @classmethod
-    def build(cls, iids: Ids, rows: Vectors, lists: Ids, nlist: int) -> ListPanels:
-        """From ids (n,), rows (n, D+1) and list numbers (n,), grouped by list (lists ascending)."""
+    def build(cls, iids: Ids, rows: Vectors, lists: Ids, nlist: int, chunk: int = _CHUNK) -> ListPanels:
+        """From ids (n,), rows (n, D+1) and list numbers (n,), grouped by list (lists ascending);
+        `chunk` panels are laid out per step, so the build never holds the rows twice more."""
         n, dim = rows.shape
         counts = np.bincount(lists, minlength=nlist)  # (nlist,)
         starts = np.zeros(nlist + 1, np.int64)
@@ -39,9 +41,13 @@ class ListPanels:
         slots = starts[lists] * PANEL + np.arange(n) - first_row[lists]  # (n,) each row's slot
         slot_iids = np.full(int(starts[-1]) * PANEL, -1, np.int64)
         slot_iids[slots] = iids
-        padded = np.zeros((len(slot_iids), dim), np.float32)  # (16P, D+1)
-        padded[slots] = rows
-        panels = np.ascontiguousarray(padded.reshape(-1, PANEL, dim).transpose(0, 2, 1))  # (P, D+1, 16)
+        panels = np.empty((int(starts[-1]), dim, PANEL), np.float32)  # (P, D+1, 16)
+        for p0 in range(0, len(panels), chunk):
+            p1 = min(p0 + chunk, len(panels))
+            r0, r1 = np.searchsorted(slots, [p0 * PANEL, p1 * PANEL])  # slots ascend with the rows
+            padded = np.zeros(((p1 - p0) * PANEL, dim), np.float32)
+            padded[slots[r0:r1] - p0 * PANEL] = rows[r0:r1]
+            panels[p0:p1] = padded.reshape(-1, PANEL, dim).transpose(0, 2, 1)
         return cls(panels, starts, counts.astype(np.int64), slot_iids)
 
     @property

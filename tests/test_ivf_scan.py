@@ -153,6 +153,9 @@ def test_list_panels_give_back_their_rows_by_list_and_survive_a_save(tmp_path: P
     shard, iids, rows, lists = make_shard(rng, 5, 90, 11, 100)
     got_iids, got_rows, got_lists = shard.contents()
     assert np.array_equal(got_iids, iids) and np.array_equal(got_rows, rows) and np.array_equal(got_lists, lists)
+    in_steps = ListPanels.build(iids, rows, lists, 5, chunk=2)  # laid out 2 panels at a time
+    for name in ("panels", "starts", "rows", "slot_iids"):
+        assert np.array_equal(getattr(in_steps, name), getattr(shard, name))
     assert shard.rows.tolist() == np.bincount(lists, minlength=5).tolist()
     shard.save(tmp_path / "shard-0")
     loaded = ListPanels.load(tmp_path / "shard-0")
