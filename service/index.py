@@ -118,6 +118,7 @@ class VectorIndex:
             prepare_segments(index._base, index._pinned)
             index._killed = set(killed[is_dead(killed, index._pinned.sorted_iids)].tolist())
             index._iid_of.freeze(hot=index._pinned_ids())
+        release_freed_memory()  # the delta's chunks and the build's temporaries
         return index
 
     # -- writes -------------------------------------------------------------------------------

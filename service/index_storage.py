@@ -379,8 +379,9 @@ class IdMap:
 
 
 def release_freed_memory() -> None:
-    """Hand the replaced segments' memory back to the OS: glibc keeps freed small blocks (a shard's
-    inverted lists are thousands of them) in its heap, and RSS would keep the old base's size.
+    """Hand freed memory back to the OS after a build or merge: glibc keeps freed blocks in its heap
+    (a replaced shard's arrays, a build's temporaries: freeing a large block raises glibc's mmap
+    threshold, so later ones of that size come from the heap), and RSS would keep their size.
     ctypes drops the GIL for the call."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
