@@ -197,7 +197,8 @@ PyObject *ivf_search(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (shard_seq == NULL) return NULL;
     Py_ssize_t n_shards = PySequence_Fast_GET_SIZE(shard_seq);
     ShardView *shards = calloc((size_t)(n_shards ? n_shards : 1), sizeof(ShardView));
-    Py_buffer q = {0}, lists = {0}, ban = {0}, fl = {0}, o_s = {0}, o_i = {0}, o_c = {0}, o_b = {0};
+    Py_buffer q = {0}, lists = {0}, ban = {0}, fl = {0};
+    BestOut out = {0};
     PyObject *result = NULL;
     Cand *sel = NULL;
     if (shards == NULL) {
@@ -224,17 +225,7 @@ PyObject *ivf_search(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t n_keys = PyObject_Length(args[3]);
     if (n_keys < 0 || vector_of(args[3], &ban, 0, "i8", n_keys, "banned_keys") < 0) goto done;
     if (vector_of(args[5], &fl, 0, "f4", nq, "floors") < 0) goto done;
-    if (get_matrix(args[6], &o_s, 1, "out_scores") < 0) goto done;
-    Py_ssize_t cap = o_s.shape[1];
-    if (PyObject_GetBuffer(args[7], &o_i, PyBUF_STRIDES | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) goto done;
-    if (vector_of(args[8], &o_c, 1, "i8", nq, "out_count") < 0) goto done;
-    if (vector_of(args[9], &o_b, 1, "f4", nq, "out_bound") < 0) goto done;
-    if (k < 1 || cap < k || o_s.shape[0] != nq || o_i.ndim != 2 || o_i.shape[0] != nq || o_i.shape[1] != cap ||
-        o_i.itemsize != 8 || strchr("lq", o_i.format[0]) == NULL || o_i.strides[1] != 8) {
-        PyErr_SetString(PyExc_ValueError, "ivf_search: need 1 <= k <= C, out_scores float32 (B, C) and out_iids "
-                        "int64 (B, C)");
-        goto done;
-    }
+    if (best_out_get(args + 6, nq, k, &out, "ivf_search") < 0) goto done;
     Best best;
     if (best_init(&best, k) < 0) {
         PyErr_NoMemory();
@@ -261,15 +252,9 @@ PyObject *ivf_search(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             failed = 1;
             break;
         }
-        float *row_s = (float *)((char *)o_s.buf + b * o_s.strides[0]);
-        int64_t *row_i = (int64_t *)((char *)o_i.buf + b * o_i.strides[0]);
-        ((int64_t *)o_c.buf)[b] = got;
         /* the k-th score, or the floor when fewer reached it, if rows were left out */
-        ((float *)o_b.buf)[b] = scanned == got ? -INFINITY : got >= k ? sel[k - 1].score : floor;
-        for (Py_ssize_t c = 0; c < cap; c++) {
-            row_s[c] = c < got ? sel[c].score : -INFINITY;
-            row_i[c] = c < got ? sel[c].id : -1;
-        }
+        float bound = scanned == got ? -INFINITY : got >= k ? sel[k - 1].score : floor;
+        best_out_row(&out, b, sel, got, NULL, got, bound);
         first_ban = end_ban;
     }
     Py_END_ALLOW_THREADS
@@ -283,7 +268,8 @@ done:
     if (shards != NULL) release_shards(shards, n_shards);
     free(shards);
     Py_DECREF(shard_seq);
-    Py_buffer *views[] = {&q, &lists, &ban, &fl, &o_s, &o_i, &o_c, &o_b};
+    best_out_release(&out);
+    Py_buffer *views[] = {&q, &lists, &ban, &fl};
     for (size_t i = 0; i < sizeof views / sizeof views[0]; i++)
         if (views[i]->obj != NULL) PyBuffer_Release(views[i]);
     return result;

@@ -178,27 +178,6 @@ done:
 
 /* ---- the best k of each row of a score matrix ------------------------------------------------ */
 
-static float nth_largest_value(float *a, Py_ssize_t n, Py_ssize_t want) {
-    Py_ssize_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        float pivot = a[lo + (hi - lo) / 2];
-        Py_ssize_t i = lo, j = hi;
-        while (i <= j) {
-            while (a[i] > pivot) i++;
-            while (a[j] < pivot) j--;
-            if (i <= j) {
-                float t = a[i];
-                a[i++] = a[j];
-                a[j--] = t;
-            }
-        }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else break;
-    }
-    return a[want];
-}
-
 /* One row's best k and every value tied with the k-th, best first (ties by column), in b->buf;
  * returns how many, or -1 when out of memory. -inf and NaN are never selected.
  *
@@ -208,7 +187,7 @@ static float nth_largest_value(float *a, Py_ssize_t n, Py_ssize_t want) {
  * bound starts at -inf, and a row whose best values come late (the exact group puts the long
  * overflow rows after the pinned ones) pushed most of its values through the selection.
  * `maxes` and `spare` have room for one value per block. */
-CLONES static Py_ssize_t select_row(const float *row, Py_ssize_t n, Best *b, float *maxes, float *spare) {
+CLONES static Py_ssize_t select_row(const float *row, Py_ssize_t n, Best *b, float *maxes, Cand *spare) {
     best_reset(b);
     Py_ssize_t blocks = (n + PANEL - 1) / PANEL, finite = 0;
     for (Py_ssize_t j = 0; j < blocks; j++) {
@@ -217,10 +196,10 @@ CLONES static Py_ssize_t select_row(const float *row, Py_ssize_t n, Best *b, flo
         float top = -INFINITY;
         for (Py_ssize_t i = 0; i < m; i++) top = block[i] > top ? block[i] : top; /* NaN never wins */
         maxes[j] = top;
-        if (top > -INFINITY) spare[finite++] = top;
+        if (top > -INFINITY) spare[finite++].score = top;
     }
     if (finite >= b->k) {
-        b->low = nth_largest_value(spare, finite, b->k - 1);
+        b->low = nth_largest(spare, finite, b->k - 1);
         b->full = 1;
     }
     for (Py_ssize_t j = 0; j < blocks; j++) {
@@ -231,6 +210,39 @@ CLONES static Py_ssize_t select_row(const float *row, Py_ssize_t n, Best *b, flo
             if (best_wants(b, block[i]) && best_push(b, block[i], j * PANEL + i) < 0) return -1;
     }
     return best_finish(b);
+}
+
+int best_out_get(PyObject *const *args, Py_ssize_t nq, Py_ssize_t k, BestOut *out, const char *fn) {
+    if (get_matrix(args[0], &out->scores, 1, "out_scores") < 0) return -1;
+    out->cap = out->scores.shape[1];
+    if (PyObject_GetBuffer(args[1], &out->iids, PyBUF_STRIDES | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) return -1;
+    if (vector_of(args[2], &out->count, 1, "i8", nq, "out_count") < 0) return -1;
+    if (vector_of(args[3], &out->bound, 1, "f4", nq, "out_bound") < 0) return -1;
+    const Py_buffer *i = &out->iids;
+    if (k < 1 || out->cap < k || out->scores.shape[0] != nq || i->ndim != 2 || i->shape[0] != nq ||
+        i->shape[1] != out->cap || i->itemsize != 8 || strchr("lq", i->format[0]) == NULL || i->strides[1] != 8) {
+        PyErr_Format(PyExc_ValueError, "%s: need 1 <= k <= C, out_scores float32 (B, C) and out_iids int64 (B, C)", fn);
+        return -1;
+    }
+    return 0;
+}
+
+void best_out_release(BestOut *out) {
+    Py_buffer *views[] = {&out->scores, &out->iids, &out->count, &out->bound};
+    for (size_t v = 0; v < sizeof views / sizeof views[0]; v++)
+        if (views[v]->obj != NULL) PyBuffer_Release(views[v]);
+}
+
+void best_out_row(const BestOut *out, Py_ssize_t b, const Cand *sel, Py_ssize_t got, const int64_t *ids,
+                  int64_t count, float bound) {
+    float *row_s = (float *)((char *)out->scores.buf + b * out->scores.strides[0]);
+    int64_t *row_i = (int64_t *)((char *)out->iids.buf + b * out->iids.strides[0]);
+    for (Py_ssize_t c = 0; c < out->cap; c++) {
+        row_s[c] = c < got ? sel[c].score : -INFINITY;
+        row_i[c] = c < got ? (ids != NULL ? ids[sel[c].id] : sel[c].id) : -1;
+    }
+    ((int64_t *)out->count.buf)[b] = count;
+    ((float *)out->bound.buf)[b] = bound;
 }
 
 PyDoc_STRVAR(select_best_doc,
@@ -262,56 +274,43 @@ static PyObject *select_best(PyObject *self, PyObject *const *args, Py_ssize_t n
     }
     Py_ssize_t k = PyLong_AsSsize_t(args[2]);
     if (k == -1 && PyErr_Occurred()) return NULL;
-    Py_buffer sc = {0}, ids = {0}, o_s = {0}, o_i = {0}, o_c = {0}, o_b = {0};
+    Py_buffer sc = {0}, ids = {0};
+    BestOut out = {0};
     PyObject *result = NULL;
     Cand *sel = NULL;
     if (get_matrix(args[0], &sc, 0, "scores") < 0) goto done;
     Py_ssize_t nq = sc.shape[0], n = sc.shape[1];
     if (vector_of(args[1], &ids, 0, "i8", n, "iids") < 0) goto done;
-    if (get_matrix(args[3], &o_s, 1, "out_scores") < 0) goto done;
-    Py_ssize_t cap = o_s.shape[1];
-    if (PyObject_GetBuffer(args[4], &o_i, PyBUF_STRIDES | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) goto done;
-    if (vector_of(args[5], &o_c, 1, "i8", nq, "out_count") < 0) goto done;
-    if (vector_of(args[6], &o_b, 1, "f4", nq, "out_bound") < 0) goto done;
-    if (k < 1 || cap < k || o_s.shape[0] != nq || o_i.ndim != 2 || o_i.shape[0] != nq || o_i.shape[1] != cap ||
-        o_i.itemsize != 8 || strchr("lq", o_i.format[0]) == NULL || o_i.strides[1] != 8) {
-        PyErr_SetString(PyExc_ValueError, "select_best: need 1 <= k <= C, out_scores float32 (B, C) and out_iids "
-                        "int64 (B, C)");
-        goto done;
-    }
+    if (best_out_get(args + 3, nq, k, &out, "select_best") < 0) goto done;
     Best best;
-    float *maxes = malloc((size_t)(2 * ((n + PANEL - 1) / PANEL) + 1) * sizeof(float));
-    if (maxes == NULL || best_init(&best, k) < 0) {
+    Py_ssize_t blocks = (n + PANEL - 1) / PANEL;
+    float *maxes = malloc((size_t)(blocks + 1) * sizeof(float));
+    Cand *spare = malloc((size_t)(blocks + 1) * sizeof(Cand));
+    if (maxes == NULL || spare == NULL || best_init(&best, k) < 0) {
         free(maxes);
+        free(spare);
         PyErr_NoMemory();
         goto done;
     }
     sel = best.buf;
     const int64_t *id = ids.buf;
-    int64_t *count = o_c.buf;
-    float *bound = o_b.buf;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t b = 0; b < nq && !failed; b++) {
+    for (Py_ssize_t b = 0; b < nq; b++) {
         const float *row = (const float *)((const char *)sc.buf + b * sc.strides[0]);
-        float *row_s = (float *)((char *)o_s.buf + b * o_s.strides[0]);
-        int64_t *row_i = (int64_t *)((char *)o_i.buf + b * o_i.strides[0]);
-        Py_ssize_t got = select_row(row, n, &best, maxes, maxes + (n + PANEL - 1) / PANEL);
+        Py_ssize_t got = select_row(row, n, &best, maxes, spare);
         sel = best.buf; /* ties may have grown it */
         if (got < 0) {
             failed = 1;
             break;
         }
-        bound[b] = got >= k && got < n ? sel[k - 1].score : -INFINITY;
-        if (got > cap) got = -1; /* the caller selects this row another way */
-        count[b] = got;
-        for (Py_ssize_t c = 0; c < cap; c++) {
-            row_s[c] = c < got ? sel[c].score : -INFINITY;
-            row_i[c] = c < got ? id[sel[c].id] : -1;
-        }
+        float bound = got >= k && got < n ? sel[k - 1].score : -INFINITY;
+        if (got > out.cap) got = -1; /* the caller selects this row another way */
+        best_out_row(&out, b, sel, got, id, got, bound);
     }
     Py_END_ALLOW_THREADS
     free(maxes);
+    free(spare);
     if (failed) {
         PyErr_NoMemory();
         goto done;
@@ -319,7 +318,8 @@ static PyObject *select_best(PyObject *self, PyObject *const *args, Py_ssize_t n
     result = Py_NewRef(Py_None);
 done:
     free(sel);
-    Py_buffer *views[] = {&sc, &ids, &o_s, &o_i, &o_c, &o_b};
+    best_out_release(&out);
+    Py_buffer *views[] = {&sc, &ids};
     for (size_t v = 0; v < sizeof views / sizeof views[0]; v++)
         if (views[v]->obj != NULL) PyBuffer_Release(views[v]);
     return result;

@@ -127,6 +127,20 @@ static inline Py_ssize_t best_finish(Best *b) {
     return b->n;
 }
 
+/* The outputs of a best-k call: out_scores (B, C) float32, out_iids (B, C) int64, out_count (B,)
+ * int64 and out_bound (B,) float32, taken from args[0..3]. */
+typedef struct {
+    Py_buffer scores, iids, count, bound;
+    Py_ssize_t cap; /* C */
+} BestOut;
+
+/* 0, or -1 with an exception (a ValueError naming `fn` when the shapes do not fit k) */
+int best_out_get(PyObject *const *args, Py_ssize_t nq, Py_ssize_t k, BestOut *out, const char *fn);
+void best_out_release(BestOut *out);
+/* Row b: sel[0:got) (ids mapped through `ids` unless NULL) padded with -inf / -1; count and bound. */
+void best_out_row(const BestOut *out, Py_ssize_t b, const Cand *sel, Py_ssize_t got, const int64_t *ids,
+                  int64_t count, float bound);
+
 extern const char ivf_search_doc[];
 PyObject *ivf_search(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
