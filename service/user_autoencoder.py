@@ -47,7 +47,7 @@ class UserAutoEncoder(nn.Module):
         """[V, b] for every warm item: the vectors the index stores."""
         return torch.cat([self.V, self.b[:, None]], dim=1)  # (J, D+1)
 
-    def _latent(self, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent(self, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.encoder(torch.tanh(first + self.enc_bias))  # (B, 2Ku)
         mu, logvar = out.chunk(2, dim=1)  # (B, Ku), (B, Ku)
         return mu, logvar.clamp(-self.logvar_clamp, self.logvar_clamp)
@@ -61,7 +61,7 @@ class UserAutoEncoder(nn.Module):
         m = mask.to(rows.dtype)  # (B, L)
         n = m.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, 1)
         first = (rows * m[:, :, None]).sum(dim=1) / n.sqrt()  # (B, D) = V^T r / ||r||
-        return self._latent(first)
+        return self.latent(first)
 
     def encode_sparse(
         self, items: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor | None
@@ -76,7 +76,7 @@ class UserAutoEncoder(nn.Module):
         if keep is not None:
             weights = weights * keep
         first = F.embedding_bag(items, self.V, offsets, mode="sum", per_sample_weights=weights)  # (B, D)
-        return self._latent(first)
+        return self.latent(first)
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
         h: torch.Tensor = self.decoder(u)  # (B, Ku) -> (B, D)

@@ -1,21 +1,32 @@
-"""Honest baselines for the harness: random, content k-NN and ridge-mf.
+"""The peers in the harness: random, popularity, content k-NN, ALS, ALS + ridge, the calibrated blend.
 
-Each chooses its own hyper-parameters on the validation items only (training/protocol.py).
+Each chooses its own hyper-parameters on the validation tasks of the split only (training/protocol.py),
+never on test, and folds users in from whatever history it is given at scoring time (ALS solves a
+user's factors against the fixed item factors, as a service would).
+
+    ALS              implicit's AlternatingLeastSquares on the fit interactions; new items are never
+                     recommended (-inf). Tuned on the warm-only validation task.
+    ALS + ridge      new items get factors from a ridge map of their content and attributes onto
+                     the warm items' ALS factors (CB2CF / DropoutNet's floor); raw scores.
+    calibrated blend ALS + ridge with the new items' scores calibrated on validation by the same
+                     search as m2rec's (training/mixing.py), the strongest simple peer of the
+                     hybrid protocol.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from training.dataset import Dataset
-from training.protocol import Task, cold_only, evaluate
+from training.mixing import Mixer, choose_mixer
+from training.protocol import cold_only, evaluate, hybrid, tops, warm_only
 from training.split import ColdStartSplit
 
 
@@ -69,12 +80,28 @@ class RandomRecommender:
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
         self.rng = np.random.default_rng(self.seed)
 
-    def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         return self.rng.random((users.size, candidates.size))
 
 
+class Popularity:
+    """Warm items by their number of fit interactions; new items have none and are never shown."""
+
+    name = "popularity"
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+
+    def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
+        counts = np.asarray(split.train.getnnz(axis=0), dtype=np.float64)
+        self.counts = np.where(np.isin(np.arange(dataset.n_items), split.warm_items), counts, -np.inf)
+
+    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        return np.broadcast_to(self.counts[candidates], (users.size, candidates.size)).copy()
+
+
 class ContentKNN:
-    """User profile = mean of the normalised content of their history; cosine to candidates."""
+    """User profile = mean of the normalised content of their history; cosine to every candidate."""
 
     name = "content-knn"
 
@@ -82,9 +109,8 @@ class ContentKNN:
         self.params: dict[str, Any] = {}
 
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
-        self.train = split.train
         weights = [0.0, 0.5, 1.0, 2.0, 4.0] if dataset.features is not None else [1.0]
-        task = cold_only(split, validation=True)
+        task = hybrid(split, validation=True)
         best = -1.0
         for w in weights:
             self.content = content_blocks(dataset, w)
@@ -93,10 +119,10 @@ class ContentKNN:
                 best, self.params = value, {"attribute_weight": w, "val_recall@20": value}
         self.content = content_blocks(dataset, self.params["attribute_weight"])
 
-    def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        history = self.train[users]  # (B, I) binary
-        counts = np.maximum(np.asarray(history.sum(axis=1)).ravel(), 1.0)
-        mean = sp.diags(1.0 / counts) @ history
+    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        rows = history[users]  # (B, I) binary
+        counts = np.maximum(np.asarray(rows.sum(axis=1)).ravel(), 1.0)
+        mean = sp.diags(1.0 / counts) @ rows
         p_dense = np.asarray(mean @ self.content.dense)  # (B, F) mean content, dense block
         p_sparse = np.asarray((mean @ self.content.sparse).todense())  # (B, A) sparse block
         norm = np.sqrt((p_dense**2).sum(axis=1) + (p_sparse**2).sum(axis=1))[:, None]
@@ -105,92 +131,153 @@ class ContentKNN:
         return np.asarray(cosine / np.maximum(norm, 1e-12))
 
 
-def implicit_als(train: sp.csr_matrix, factors: int, reg: float, alpha: float, iterations: int,
-                 seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hu, Koren & Volinsky (2008) implicit ALS: confidence 1 + alpha on observed pairs.
+def fit_als(train: sp.csr_matrix, factors: int, regularization: float, alpha: float, iterations: int,
+            seed: int) -> Any:
+    """implicit's AlternatingLeastSquares (Hu, Koren & Volinsky 2008) fitted on binary interactions."""
+    from implicit.cpu.als import AlternatingLeastSquares
 
-    Solves exactly for each user/item: x_u = (YᵀY + alpha·Y_uᵀY_u + reg·I)⁻¹ (1 + alpha)·Y_uᵀ1.
-    """
-    rng = np.random.default_rng(seed)
-    n_users, n_items = train.shape
-    X = rng.normal(0, 0.01, (n_users, factors))
-    Y = rng.normal(0, 0.01, (n_items, factors))
-    R, Rt = train.tocsr(), train.T.tocsr()
-    eye = reg * np.eye(factors)
+    model = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha,
+                                    iterations=iterations, random_state=seed)
+    with threadpool_limits(1, "blas"):  # implicit parallelises itself; nested BLAS threads only contend
+        model.fit(sp.csr_matrix(train, dtype=np.float32), show_progress=False)
+    return model
 
-    def solve(target: np.ndarray, other: np.ndarray, m: sp.csr_matrix) -> None:
-        gram = other.T @ other + eye
-        for u in range(m.shape[0]):
-            idx = m.indices[m.indptr[u] : m.indptr[u + 1]]
-            if idx.size == 0:
-                target[u] = 0.0
-                continue
-            Yu = other[idx]  # (n_u, d)
-            target[u] = np.linalg.solve(gram + alpha * Yu.T @ Yu, (1.0 + alpha) * Yu.sum(axis=0))
 
-    for _ in range(iterations):
-        solve(X, Y, R)
-        solve(Y, X, Rt)
-    return X, Y
+class _ALSScorer:
+    """Scores [users' factors]·[item rows]; users are solved by implicit against the fitted ALS item
+    factors from the history they are given (`recalculate_user`: the exact ALS user step)."""
+
+    als_model: Any
+    item_rows: np.ndarray  # (I, d) the rows candidates are scored by
+    rankable: np.ndarray  # (I,) bool: items the model can rank at all
+
+    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        with threadpool_limits(1, "blas"):
+            X = self.als_model.recalculate_user(users, sp.csr_matrix(history[users], dtype=np.float32))
+        s = np.asarray(X, dtype=np.float64) @ self.item_rows[candidates].T  # (B, C)
+        s[:, ~self.rankable[candidates]] = -np.inf
+        return s
 
 
 @dataclass
-class RidgeMF:
-    """Implicit ALS on the warm interactions plus a ridge map from item content to item factors.
+class ALS(_ALSScorer):
+    """implicit's ALS on warm items only, tuned on the warm-only validation task by coordinate ascent
+    over log-spaced grids (a setting at the edge of a fixed grid would leave ALS under-tuned)."""
 
-    Warm items keep their ALS factors; every other item gets content @ W (DropoutNet/CB2CF floor).
+    seed: int = 0
+    name: str = "als"
+    params: dict[str, Any] = field(default_factory=dict)
+    grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
+        "factors": (32, 64, 128, 256, 512),
+        "regularization": (0.01, 0.1, 1.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0),
+        "alpha": (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0),
+    })
+    start: dict[str, float] = field(default_factory=lambda: {"factors": 128, "regularization": 10.0, "alpha": 10.0})
+    iterations: int = 15
+    trace: list[tuple[dict[str, Any], float]] = field(default_factory=list)
+
+    def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
+        task = warm_only(split, validation=True)
+        self.rankable = np.isin(np.arange(dataset.n_items), split.warm_items)
+        values: dict[tuple[float, ...], float] = {}
+
+        def value(point: dict[str, float]) -> float:
+            key = tuple(point[k] for k in self.grids)
+            if key not in values:
+                self._set(split, int(point["factors"]), point["regularization"], point["alpha"])
+                values[key] = evaluate(self, task)["recall@20"]
+                self.trace.append((dict(point), values[key]))
+            return values[key]
+
+        self.trace = []
+        point, best = dict(self.start), value(self.start)
+        with tqdm(desc="als search", leave=False) as bar:
+            improved = True
+            while improved:
+                improved = False
+                for name, grid in self.grids.items():
+                    at = grid.index(point[name])
+                    for step in (-1, 1):
+                        while 0 <= at + step < len(grid):
+                            trial = {**point, name: grid[at + step]}
+                            v = value(trial)
+                            bar.update()
+                            if v <= best:
+                                break
+                            point, best, at, improved = trial, v, at + step, True
+        self.params = {**point, "factors": int(point["factors"]), "iterations": self.iterations,
+                       "val_warm_recall@20": best}
+        self._set(split, int(point["factors"]), point["regularization"], point["alpha"])
+
+    def _set(self, split: ColdStartSplit, factors: int, reg: float, alpha: float) -> None:
+        self.als_model = fit_als(split.train, factors, reg, alpha, self.iterations, self.seed)
+        self.item_rows = np.asarray(self.als_model.item_factors, dtype=np.float64)
+
+    def best_configs(self, n: int) -> list[dict[str, Any]]:
+        ranked = sorted(self.trace, key=lambda pv: -pv[1])[:n]
+        return [{**p, "factors": int(p["factors"])} for p, _ in ranked]
+
+
+@dataclass
+class ALSRidge(_ALSScorer):
+    """ALS item factors for warm items, a ridge map from content to factors for every other item.
+
+    `calibrate`: choose a mixing policy for the new items' scores on the hybrid validation task (the
+    calibrated blend); otherwise raw scores. The ALS settings are the best few of the ALS grid
+    (warm-only validation); the ridge settings are chosen on the cold-only validation task; with
+    `calibrate` the ALS setting is the one whose calibrated blend is best on hybrid validation.
     """
 
     seed: int = 0
-    name: str = "ridge-mf"
+    calibrate: bool = False
+    name: str = "als-ridge"
     params: dict[str, Any] = field(default_factory=dict)
-    als_grid: tuple[dict[str, float], ...] = (
-        {"factors": 64, "reg": 10.0, "alpha": 10.0},
-        {"factors": 64, "reg": 10.0, "alpha": 40.0},
-    )
-    ridge_grid: tuple[float, ...] = (1.0, 10.0, 100.0)
-    attribute_weights: tuple[float, ...] = (0.5, 1.0)
-    iterations: int = 10
+    ridge_grid: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
+    attribute_weights: tuple[float, ...] = (0.5, 1.0, 2.0)
+    als_candidates: int = 3
+    als: ALS | None = None
+    mixer: Mixer | None = None
 
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
-        task: Task = cold_only(split, validation=True)
+        if self.als is None:
+            self.als = ALS(seed=self.seed)
+            self.als.fit(dataset, split)
+        self.rankable = np.ones(dataset.n_items, dtype=bool)
         weights = self.attribute_weights if dataset.features is not None else (1.0,)
         ones = sp.csr_matrix(np.ones((dataset.n_items, 1)))  # intercept column
-        contents: dict[float, sp.csr_matrix] = {
-            w: sp.csr_matrix(sp.hstack([content_blocks(dataset, w).as_csr(), ones])) for w in weights}
-        best = -1.0
-        grid = list(itertools.product(self.als_grid, weights, self.ridge_grid))
-        factors_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for als, w, gamma in tqdm(grid, desc="ridge-mf grid", leave=False):
-            key = id(als)
-            if key not in factors_cache:
-                factors_cache[key] = implicit_als(split.train, int(als["factors"]), als["reg"],
-                                                  als["alpha"], self.iterations, self.seed)
-            users, items = factors_cache[key]
-            self._set(users, items, contents[w], split.warm_items, gamma)
-            value = evaluate(self, task)["recall@20"]
-            if value > best:
-                best = value
-                self.params = {**als, "attribute_weight": w, "ridge": gamma, "val_recall@20": value}
-        chosen = next(a for a in self.als_grid if all(self.params[k] == v for k, v in a.items()))
-        users, items = factors_cache[id(chosen)]
-        self._set(users, items, contents[self.params["attribute_weight"]], split.warm_items,
-                  self.params["ridge"])
-
-    def _set(self, users: np.ndarray, items: np.ndarray, content: sp.csr_matrix, warm: np.ndarray,
-             gamma: float) -> None:
-        Xw = content[warm]
-        gram = (Xw.T @ Xw).toarray() + gamma * np.eye(content.shape[1])
-        W = np.linalg.solve(gram, np.asarray(Xw.T @ items[warm]))  # (F+A+1, d)
-        self.item_factors = np.asarray(content @ W)  # (I, d) content-generated rows
-        self.item_factors[warm] = items[warm]
-        self.user_factors = users
-
-    def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        return np.asarray(self.user_factors[users] @ self.item_factors[candidates].T)  # (B, C)
+        contents = {w: sp.csr_matrix(sp.hstack([content_blocks(dataset, w).as_csr(), ones])) for w in weights}
+        configs = self.als.best_configs(self.als_candidates if self.calibrate else 1)
+        cold_task, hybrid_task = cold_only(split, validation=True), hybrid(split, validation=True)
+        best: tuple[float, dict[str, Any], Any, np.ndarray, Mixer | None] | None = None
+        for als in tqdm(configs, desc=f"{self.name} grid", leave=False):
+            self.als_model = fit_als(split.train, als["factors"], als["regularization"], als["alpha"],
+                                     self.als.iterations, self.seed)
+            factors = np.asarray(self.als_model.item_factors, dtype=np.float64)
+            chosen: tuple[float, dict[str, Any], np.ndarray] | None = None
+            for w, gamma in itertools.product(weights, self.ridge_grid):
+                self.item_rows = _ridge_rows(factors, contents[w], split.warm_items, gamma)
+                value = evaluate(self, cold_task)["recall@20"]
+                if chosen is None or value > chosen[0]:
+                    chosen = (value, {**als, "attribute_weight": w, "ridge": gamma,
+                                      "val_cold_recall@20": value}, self.item_rows)
+            assert chosen is not None
+            self.item_rows, self.mixer = chosen[2], None
+            params = chosen[1]
+            if self.calibrate:
+                self.mixer, _ = choose_mixer(tops(self, hybrid_task))
+                params = {**params, "mixer": self.mixer.describe()}
+            value = evaluate(self, hybrid_task)["recall@20"]
+            if best is None or value > best[0]:
+                best = (value, {**params, "val_hybrid_recall@20": value}, self.als_model, chosen[2], self.mixer)
+        assert best is not None
+        _, self.params, self.als_model, self.item_rows, self.mixer = best
 
 
-def timed_fit(model: Any, dataset: Dataset, split: ColdStartSplit) -> float:
-    start = time.perf_counter()
-    model.fit(dataset, split)
-    return time.perf_counter() - start
+def _ridge_rows(factors: np.ndarray, content: sp.csr_matrix, warm: np.ndarray, gamma: float) -> np.ndarray:
+    """Warm items keep their factors; every other item gets content @ W, W the ridge map onto them."""
+    Xw = content[warm]
+    gram = (Xw.T @ Xw).toarray() + gamma * np.eye(content.shape[1])
+    W = np.linalg.solve(gram, np.asarray(Xw.T @ factors[warm]))  # (F+A+1, d)
+    rows = np.asarray(content @ W)  # (I, d)
+    rows[warm] = factors[warm]
+    return rows

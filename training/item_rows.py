@@ -4,6 +4,7 @@ items by their trained rows [V; b], every other item by its generated row (neutr
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from service.model import M2Rec
@@ -13,23 +14,33 @@ from training.train_data import TrainingData
 
 
 class ItemTable:
-    """Scores every dataset item for users folded in from their training histories.
-
-    Warm items use their trained rows [V; b]; every other item its generated row (neutral gate).
-    """
+    """Scores every dataset item for users folded in from the history they are given, as the service
+    does: warm items by their trained rows [V; b], every other item by its generated row (neutral
+    gate), and the history's items enter the fold-in by the same rows."""
 
     name = "m2rec"
 
     def __init__(self, model: M2Rec, data: TrainingData) -> None:
-        self.users = user_vectors(model, data).numpy()  # (U, D)
+        self.model = model
         self.items = all_item_rows(model, data).numpy()  # (I, D+1)
 
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:  # protocol; built already
         pass
 
-    def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    @torch.no_grad()
+    def user_vectors(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        """h (B, D) folded in from each user's history rows (the encoder's mean, decoded)."""
+        D = self.model.config.item_dim
+        H = sp.csr_matrix(history[users], dtype=np.float32)
+        H.data[:] = 1.0
+        n = np.maximum(np.asarray(H.sum(axis=1)).ravel(), 1.0)
+        first = torch.from_numpy(np.asarray(H @ self.items[:, :D]) / np.sqrt(n)[:, None])  # (B, D) Vᵀr/‖r‖
+        mu, _ = self.model.user.latent(first.float())
+        return self.model.user.decode(mu).numpy()
+
+    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         rows = self.items[candidates]  # (C, D+1)
-        h = self.users[users]  # (B, D)
+        h = self.user_vectors(users, history)  # (B, D)
         return np.asarray(h @ rows[:, :-1].T + rows[:, -1], dtype=np.float64)  # [h; 1]·[v; b]
 
 

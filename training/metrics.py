@@ -15,10 +15,13 @@ true). This is a choice; it is the one choice that cannot flatter a model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 KS = (10, 20, 50)
+COLD_SHARE_K = 20
 
 
 def rank_top_k(scores: np.ndarray, is_truth: np.ndarray, k: int) -> np.ndarray:
@@ -77,6 +80,39 @@ def user_metrics(top: np.ndarray, is_truth: np.ndarray, n_truth: int, ks: tuple[
         out[f"recall@{k}"] = float(h.sum() / n_ideal)
         out[f"ndcg@{k}"] = float((h * discounts[: h.size]).sum() / discounts[:n_ideal].sum())
         out[f"hr@{k}"] = float(h.any())
+    return out
+
+
+def list_metrics(hit: np.ndarray, is_cold: np.ndarray, filled: np.ndarray, n_truth: np.ndarray,
+                 ks: Sequence[int] = KS) -> dict[str, np.ndarray]:
+    """Per-user metrics of merged lists: overall, and restricted to the cold and the warm truth.
+
+    hit, is_cold (U, L) flags of each ranked slot; filled (U, L) slot holds a candidate; n_truth (U, 2).
+    A part's metric is NaN for a user with no truth in that part (left out of its mean).
+    """
+    L = hit.shape[1]
+    discounts = 1.0 / np.log2(np.arange(2, L + 2))  # (L,)
+    ideal = np.concatenate([[0.0], np.cumsum(discounts)])  # ideal[n] = IDCG of n hits
+    out: dict[str, np.ndarray] = {}
+    parts = {"": (hit, n_truth.sum(axis=1)),
+             "cold_": (hit & is_cold, n_truth[:, 1]),
+             "warm_": (hit & ~is_cold, n_truth[:, 0])}
+    for prefix, (h, n) in parts.items():
+        has = n > 0
+        for k in ks:
+            n_ideal = np.minimum(k, n)
+            hits = h[:, :k].sum(axis=1)
+            dcg = (h[:, :k] * discounts[:k]).sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[f"{prefix}recall@{k}"] = np.where(has, hits / n_ideal, np.nan)
+                out[f"{prefix}ndcg@{k}"] = np.where(has, dcg / ideal[np.minimum(n_ideal, L)], np.nan)
+            out[f"{prefix}hr@{k}"] = np.where(has, (hits > 0).astype(np.float64), np.nan)
+    k = COLD_SHARE_K
+    n_filled = filled[:, :k].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out[f"cold_share@{k}"] = np.where(n_filled > 0, (is_cold[:, :k] & filled[:, :k]).sum(axis=1) / n_filled,
+                                          np.nan)
+        out["truth_cold_share"] = n_truth[:, 1] / n_truth.sum(axis=1)
     return out
 
 

@@ -1,29 +1,37 @@
-"""The two evaluation protocols, shared by every model in the harness.
+"""The evaluation protocols, shared by every model in the harness (DESIGN.md, "Evaluation protocol").
 
-    cold-only   rank the cold items only (as both papers do)
-    all-items   rank warm and cold items together, the user's training items removed
-                (what the service does); also reports the share of cold items in the top-20
+    hybrid      rank warm and cold items together, the user's history removed; the truth is the
+                user's held-out warm interactions plus all their cold-item interactions. What a user
+                of the service gets. Reported overall and split into its cold and warm parts.
+    cold-only   rank the cold items only (both papers' protocol)
 
-A model is anything with `fit(dataset, split)` and `score(users, candidates)`. `fit` trains on
-`split.train` only and may choose its hyper-parameters on the validation items; `score` returns
-(B, C) scores of `candidates` for `users`, folded in from their training history.
+A model is anything with `fit(dataset, split)` and `score(users, candidates, history)`: `fit` trains
+on `split.train` only and chooses its hyper-parameters and calibration on the validation tasks;
+`score` returns (B, C) scores of `candidates` for `users` folded in from the rows of `history`
+(-inf: the model cannot rank that candidate). A model may carry a `mixer` (training/mixing.py), the
+policy that merges its warm and cold candidates, chosen on validation; the default merges by score.
+
+Evaluation keeps, per user, the best `K_MAX` candidates of each population (warm, cold) with their
+truth flags (`Tops`). Any mixing policy only reorders those two lists, so calibration and exposure
+are searched on them without scoring again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
 
 from training.dataset import Dataset
-from training.metrics import KS, mean_metrics, rank_top_k_batch, user_metrics
+from training.metrics import KS, list_metrics, rank_top_k_batch
+from training.mixing import Mixer, Tops, model_mixer
 from training.split import ColdStartSplit
 
 USER_BATCH = 512
-COLD_SHARE_K = 20
+K_MAX = max(KS)
 
 
 class Recommender(Protocol):
@@ -31,79 +39,107 @@ class Recommender(Protocol):
 
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None: ...
 
-    def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray: ...
+    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
 class Task:
-    """Who is ranked, over which candidates, against which truth."""
+    """Who is ranked, over which candidates, against which truth, folded in from which history."""
 
     users: np.ndarray
     candidates: np.ndarray  # item indices
+    cold: np.ndarray  # (C,) bool: candidate is a new (cold) item
     truth: sp.csr_matrix  # (U, I)
-    exclude: sp.csr_matrix | None = None  # (U, I) items that may not be recommended
-    cold: np.ndarray | None = None  # item indices counted for the cold share
+    history: sp.csr_matrix  # (U, I) what users are folded in from; never recommended back
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.cold.any() and not self.cold.all())
+
+
+def _task(candidates: np.ndarray, cold_items: np.ndarray, truth: sp.csr_matrix, history: sp.csr_matrix) -> Task:
+    truth = sp.csr_matrix(truth)
+    truth.eliminate_zeros()
+    users = np.flatnonzero(truth.getnnz(axis=1) > 0)
+    return Task(users, candidates, np.isin(candidates, cold_items), truth, sp.csr_matrix(history))
+
+
+def hybrid(split: ColdStartSplit, validation: bool = False) -> Task:
+    """Warm and cold ranked together; truth = warm holdout ∪ cold interactions."""
+    if validation:
+        return _task(np.union1d(split.warm_items, split.val_items), split.val_items,
+                     split.val_warm_truth + split.val_truth, split.train)
+    return _task(np.union1d(split.warm_items, split.cold_items), split.cold_items,
+                 split.test_warm_truth + split.test_truth, split.history)
 
 
 def cold_only(split: ColdStartSplit, validation: bool = False) -> Task:
     if validation:
-        return Task(split.val_users, split.val_items, split.val_truth)
-    return Task(split.test_users, split.cold_items, split.test_truth)
+        return _task(split.val_items, split.val_items, split.val_truth, split.train)
+    return _task(split.cold_items, split.cold_items, split.test_truth, split.history)
 
 
-def all_items(split: ColdStartSplit) -> Task:
-    candidates = np.union1d(split.warm_items, split.cold_items)
-    return Task(split.test_users, candidates, split.test_truth, exclude=split.train, cold=split.cold_items)
+def warm_only(split: ColdStartSplit, validation: bool = False) -> Task:
+    """Rank the warm items for the warm holdout (a diagnostic of the warm recommender alone)."""
+    truth = split.val_warm_truth if validation else split.test_warm_truth
+    return _task(split.warm_items, np.empty(0, np.int64), truth, split.train if validation else split.history)
+
+
+def tops(model: Recommender, task: Task, k: int = K_MAX) -> Tops:
+    cand = task.candidates
+    columns = (np.flatnonzero(~task.cold), np.flatnonzero(task.cold))
+    n_users = task.users.size
+    scores = np.full((n_users, 2, k), -np.inf)
+    truth = np.zeros((n_users, 2, k), dtype=bool)
+    n_truth = np.zeros((n_users, 2), dtype=np.int64)
+    for start in range(0, n_users, USER_BATCH):
+        users = task.users[start : start + USER_BATCH]
+        s = np.asarray(model.score(users, cand, task.history), dtype=np.float64)  # (B, C)
+        if s.shape != (users.size, cand.size):
+            raise ValueError(f"{model.name}.score returned {s.shape}, expected {(users.size, cand.size)}")
+        if np.isnan(s).any() or np.isposinf(s).any():
+            raise ValueError(f"{model.name}.score returned NaN or +inf scores")
+        t = task.truth[users][:, cand].toarray() > 0  # (B, C)
+        s[task.history[users][:, cand].toarray() > 0] = -np.inf
+        rows = slice(start, start + users.size)
+        for population, cols in enumerate(columns):
+            if cols.size == 0:
+                continue
+            ps, pt = s[:, cols], t[:, cols]
+            n_truth[rows, population] = pt.sum(axis=1)
+            kk = min(k, cols.size)
+            top = rank_top_k_batch(ps, pt, kk)  # (B, kk), -1 pads
+            valid = top >= 0
+            safe = np.maximum(top, 0)
+            scores[rows, population, :kk] = np.where(valid, np.take_along_axis(ps, safe, axis=1), -np.inf)
+            truth[rows, population, :kk] = valid & np.take_along_axis(pt, safe, axis=1)
+    return Tops(task.users, scores, truth, n_truth)
+
+
+def mean_metrics(per_user: dict[str, np.ndarray], mixed: bool) -> dict[str, float]:
+    """Means over the users who have truth in each part; parts and shares only for mixed tasks."""
+    keep = (lambda key: True) if mixed else (lambda key: not key.startswith(("cold_", "warm_", "truth_")))
+    return {key: float(np.nanmean(v)) for key, v in per_user.items()
+            if keep(key) and np.isfinite(v).any()}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]
+    per_user: dict[str, np.ndarray]
+    users: np.ndarray
+
+
+def evaluate_tops(t: Tops, mixer: Mixer, mixed: bool, ks: Sequence[int] = KS) -> Evaluation:
+    hit, is_cold, filled = mixer.merge(t)
+    per_user = list_metrics(hit, is_cold, filled, t.n_truth, ks)
+    return Evaluation(mean_metrics(per_user, mixed), per_user, t.users)
 
 
 def evaluate(model: Recommender, task: Task, ks: Sequence[int] = KS) -> dict[str, float]:
-    """Mean metrics over the task's users; `cold_share@20` too when the task marks cold items."""
-    k_max = max(max(ks), COLD_SHARE_K)
-    cand = task.candidates
-    is_cold = np.isin(cand, task.cold) if task.cold is not None else None
-    per_user: list[dict[str, float]] = []
-    for start in range(0, task.users.size, USER_BATCH):
-        users = task.users[start : start + USER_BATCH]
-        scores = np.asarray(model.score(users, cand), dtype=np.float64)  # (B, C)
-        if scores.shape != (users.size, cand.size):
-            raise ValueError(f"{model.name}.score returned {scores.shape}, expected {(users.size, cand.size)}")
-        if not np.isfinite(scores).all():
-            raise ValueError(f"{model.name}.score returned NaN or infinite scores")
-        truth = task.truth[users][:, cand].toarray() > 0  # (B, C)
-        if task.exclude is not None:
-            excluded = task.exclude[users][:, cand].toarray() > 0
-            scores[excluded] = -np.inf
-        tops = rank_top_k_batch(scores, truth, k_max)  # (B, k_max)
-        for b in range(users.size):
-            n_truth = int(truth[b].sum())
-            if n_truth == 0:
-                continue
-            top = tops[b][tops[b] >= 0]
-            m = user_metrics(top, truth[b], n_truth, tuple(ks))
-            if is_cold is not None:
-                m[f"cold_share@{COLD_SHARE_K}"] = float(is_cold[top[:COLD_SHARE_K]].mean())
-            per_user.append(m)
-    return mean_metrics(per_user)
+    """Mean metrics over the task's users, under the model's own mixing policy."""
+    return evaluate_full(model, task, ks).metrics
 
 
-def select_on_validation(
-    make: Callable[[dict[str, Any]], Recommender],
-    grid: Iterable[dict[str, Any]],
-    dataset: Dataset,
-    split: ColdStartSplit,
-    criterion: str = "recall@20",
-) -> tuple[Recommender, dict[str, Any], list[tuple[dict[str, Any], float]]]:
-    """Fit one model per grid point; keep the best by `criterion` on the validation items."""
-    task = cold_only(split, validation=True)
-    best: tuple[float, Recommender, dict[str, Any]] | None = None
-    trace: list[tuple[dict[str, Any], float]] = []
-    for params in grid:
-        model = make(params)
-        model.fit(dataset, split)
-        value = evaluate(model, task).get(criterion, 0.0)
-        trace.append((params, value))
-        if best is None or value > best[0]:
-            best = (value, model, params)
-    if best is None:
-        raise ValueError("empty hyper-parameter grid")
-    return best[1], best[2], trace
+def evaluate_full(model: Recommender, task: Task, ks: Sequence[int] = KS) -> Evaluation:
+    return evaluate_tops(tops(model, task), model_mixer(model), task.mixed, ks)

@@ -1,24 +1,43 @@
-"""Seeded item cold-start split.
+"""Seeded item cold-start split with warm holdouts: the hybrid protocol's data (DESIGN.md).
 
 Items with at least one interaction are divided three ways:
 
     test cold   `cold_fraction` of them (or exactly the ids in cold_items.txt)
-    validation  `val_fraction` of the rest: held out like cold items, used only for model selection
-    warm        everything else: the only interactions any model trains on
+    validation  `val_fraction` of the rest: held out like cold items (pseudo-cold), for model
+                selection and calibration only
+    warm        everything else
 
-Test and validation items are never seen in training (no interactions, and the generator is
-not fitted on them). Items nobody interacted with belong to no set and are never candidates.
-Test users are the users with at least one test-cold interaction; validation users likewise.
+Each user's interactions with warm items are divided three ways too (seeded, per user):
+
+    test warm holdout   `warm_holdout` of them (at least 1 for users with >= 5)
+    validation holdout  `val_warm_holdout` of the rest (at least 1 for users with >= 5 left)
+    fit                 everything else: the only interactions any model trains on
+
+Validation mirrors test (the same 20% rules applied inside the training data), so that what is chosen
+there transfers: a new item's chance of being relevant at a given score, a trained item's chance
+(which grows with the share of a history held out), and the share of new items in the truth are all
+about the same in both.
+
+Test and validation items are never seen in training (no interactions, and the generator is not
+fitted on them). Items nobody interacted with belong to no set and are never candidates.
+
+What a model may use when it is asked about a user: at validation, the `fit` history; at test, the
+user's whole training history (`fit` plus the validation holdout), as the service folds a user in
+from everything they did. The validation items play no part in the test tasks.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from training.dataset import Dataset
+from training.dataset import Dataset, DatasetError
+
+log = logging.getLogger(__name__)
+MIN_HOLDOUT_USER = 5  # users with at least this many warm interactions give at least one to a holdout
 
 
 @dataclass(frozen=True)
@@ -27,25 +46,41 @@ class ColdStartSplit:
     n_users: int
     n_items: int
     warm_items: np.ndarray  # (Iw,) sorted item indices the models train on
-    val_items: np.ndarray  # (Iv,) sorted
+    val_items: np.ndarray  # (Iv,) sorted pseudo-cold validation items
     cold_items: np.ndarray  # (Ic,) sorted test-cold items
-    train: sp.csr_matrix  # (U, I) binary; non-zero only in warm columns
+    train: sp.csr_matrix  # (U, I) binary: the fit interactions, non-zero only in warm columns
+    history: sp.csr_matrix  # (U, I) train + the validation warm holdout: a user's history at test
+    val_warm_truth: sp.csr_matrix  # (U, I) validation warm holdout
+    test_warm_truth: sp.csr_matrix  # (U, I) test warm holdout
     val_truth: sp.csr_matrix  # (U, I) interactions with validation items
     test_truth: sp.csr_matrix  # (U, I) interactions with test-cold items
-    val_users: np.ndarray  # users with >= 1 validation interaction
-    test_users: np.ndarray  # users with >= 1 test-cold interaction
+
+    @property
+    def val_users(self) -> np.ndarray:
+        """Users with at least one validation-item interaction (cold-only validation)."""
+        return _users_of(self.val_truth)
+
+    @property
+    def test_users(self) -> np.ndarray:
+        """Users with at least one test-cold interaction (cold-only test)."""
+        return _users_of(self.test_truth)
 
     def summary(self) -> dict[str, int]:
         return {
             "warm_items": int(self.warm_items.size),
             "val_items": int(self.val_items.size),
             "cold_items": int(self.cold_items.size),
-            "train_interactions": int(self.train.nnz),
-            "val_interactions": int(self.val_truth.nnz),
-            "test_interactions": int(self.test_truth.nnz),
-            "val_users": int(self.val_users.size),
-            "test_users": int(self.test_users.size),
+            "fit_interactions": int(self.train.nnz),
+            "val_warm_holdout": int(self.val_warm_truth.nnz),
+            "test_warm_holdout": int(self.test_warm_truth.nnz),
+            "val_item_interactions": int(self.val_truth.nnz),
+            "test_cold_interactions": int(self.test_truth.nnz),
+            "cold_only_test_users": int(self.test_users.size),
         }
+
+
+def _users_of(matrix: sp.csr_matrix) -> np.ndarray:
+    return np.flatnonzero(matrix.getnnz(axis=1) > 0)
 
 
 def _columns(matrix: sp.csr_matrix, keep: np.ndarray) -> sp.csr_matrix:
@@ -57,30 +92,65 @@ def _columns(matrix: sp.csr_matrix, keep: np.ndarray) -> sp.csr_matrix:
     return out
 
 
+def holdout_count(n: int, fraction: float) -> int:
+    """How many of a user's n interactions a holdout of `fraction` takes."""
+    if n < MIN_HOLDOUT_USER:
+        return int(np.floor(fraction * n))
+    return max(1, round(fraction * n))
+
+
+def hold_out(matrix: sp.csr_matrix, fraction: float, rng: np.random.Generator
+             ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(kept, held out): per user (row), a seeded `fraction` of their entries held out."""
+    matrix = sp.csr_matrix(matrix)
+    matrix.sort_indices()
+    held = np.zeros(matrix.nnz, dtype=bool)
+    for u in range(matrix.shape[0]):
+        start, end = matrix.indptr[u], matrix.indptr[u + 1]
+        n = holdout_count(end - start, fraction)
+        if n > 0:
+            held[start + rng.choice(end - start, size=n, replace=False)] = True
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    shape = matrix.shape
+
+    def part(mask: np.ndarray) -> sp.csr_matrix:
+        return sp.csr_matrix((matrix.data[mask], (rows[mask], matrix.indices[mask])), shape=shape)
+
+    return part(~held), part(held)
+
+
 def cold_start_split(
-    dataset: Dataset, seed: int, cold_fraction: float = 0.2, val_fraction: float = 0.1
+    dataset: Dataset, seed: int, cold_fraction: float = 0.2, val_fraction: float = 0.2,
+    warm_holdout: float = 0.2, val_warm_holdout: float = 0.2,
 ) -> ColdStartSplit:
-    if not 0.0 < cold_fraction < 1.0 or not 0.0 <= val_fraction < 1.0:
-        raise ValueError("cold_fraction must be in (0, 1) and val_fraction in [0, 1)")
+    for name, value in (("cold_fraction", cold_fraction), ("warm_holdout", warm_holdout)):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {value}")
+    for name, value in (("val_fraction", val_fraction), ("val_warm_holdout", val_warm_holdout)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
     rng = np.random.default_rng(seed)
     matrix = dataset.interaction_matrix()
     matrix.data[:] = 1.0
     active = np.flatnonzero(np.asarray(matrix.getnnz(axis=0)) > 0)
 
     if dataset.cold_items is not None:
-        cold = np.array(sorted({dataset.item_index(c) for c in dataset.cold_items}), dtype=np.int64)
-        cold = np.intersect1d(cold, active)
+        named = np.array(sorted({dataset.item_index(c) for c in dataset.cold_items}), dtype=np.int64)
+        cold = np.intersect1d(named, active)
+        if cold.size < named.size:
+            log.warning("%s: %d of the %d items in cold_items.txt have no interaction and are left out of the "
+                        "cold set", dataset.name, named.size - cold.size, named.size)
+        if cold.size == 0:
+            raise DatasetError(f"{dataset.name}: none of the {named.size} items in cold_items.txt has an "
+                               f"interaction, so the cold set would be empty; name items that users touched")
     else:
-        n_cold = round(cold_fraction * active.size)
-        cold = np.sort(rng.choice(active, size=n_cold, replace=False))
+        cold = np.sort(rng.choice(active, size=round(cold_fraction * active.size), replace=False))
     rest = np.setdiff1d(active, cold)
-    n_val = round(val_fraction * rest.size)
-    val = np.sort(rng.choice(rest, size=n_val, replace=False))
+    val = np.sort(rng.choice(rest, size=round(val_fraction * rest.size), replace=False))
     warm = np.setdiff1d(rest, val)
 
-    train = _columns(matrix, warm)
-    val_truth = _columns(matrix, val)
-    test_truth = _columns(matrix, cold)
+    history, test_warm = hold_out(_columns(matrix, warm), warm_holdout, rng)
+    train, val_warm = hold_out(history, val_warm_holdout, rng)
     return ColdStartSplit(
         seed=seed,
         n_users=dataset.n_users,
@@ -89,8 +159,9 @@ def cold_start_split(
         val_items=val,
         cold_items=cold,
         train=train,
-        val_truth=val_truth,
-        test_truth=test_truth,
-        val_users=np.flatnonzero(val_truth.getnnz(axis=1) > 0),
-        test_users=np.flatnonzero(test_truth.getnnz(axis=1) > 0),
+        history=history,
+        val_warm_truth=val_warm,
+        test_warm_truth=test_warm,
+        val_truth=_columns(matrix, val),
+        test_truth=_columns(matrix, cold),
     )
