@@ -25,7 +25,7 @@ from service.recommender_types import NewItem
 from service.store import SqliteStore
 from training.dataset import Dataset, load_dataset
 from training.item_rows import generated_rows
-from training.m2rec_recommender import VARIANTS
+from training.presets import VARIANTS
 from training.split import cold_start_split
 from training.train import TrainConfig, train
 

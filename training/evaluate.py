@@ -49,7 +49,8 @@ def model_factories() -> dict[str, ModelFactory]:
         "ridge-mf": lambda seed: RidgeMF(seed=seed),
     }
     try:  # the neural model and its ablations, when the model code is present
-        from training.m2rec_recommender import VARIANTS, M2RecRecommender
+        from training.m2rec_recommender import M2RecRecommender
+        from training.presets import VARIANTS
     except ImportError:
         return factories
     for name in VARIANTS:

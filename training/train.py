@@ -34,6 +34,7 @@ from training.export import export_artifact
 from training.input_dropout import feature_dropout, modality_dropout
 from training.item_rows import ItemTable, generated_rows, user_vectors
 from training.linear_fit import LinearFit
+from training.presets import VARIANTS
 from training.protocol import all_items, cold_only, evaluate
 from training.split import ColdStartSplit, cold_start_split
 from training.train_data import TrainingData, prepare
@@ -323,10 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path,
                         help="artifact root: the model is exported as a new version and `current` points at it")
     parser.add_argument("--variant", default=None,
-                        help="start from a harness variant's settings (training/m2rec_recommender.py), e.g. "
+                        help="start from a harness variant's settings (training/presets.py), e.g. "
                              "m2rec-linear-d128-gen-nll, the full model; flags given as well override them")
-    from training.m2rec_recommender import VARIANTS  # here: that module imports this one
-
     chosen = parser.parse_known_args(argv)[0].variant
     if chosen is not None and chosen not in VARIANTS:
         parser.error(f"unknown --variant {chosen!r}; known: {', '.join(sorted(VARIANTS))}")
