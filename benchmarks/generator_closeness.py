@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifact import load_artifact
+from service.model.artifact import load_artifact
 from service.recommender import Recommender
 from service.recommender_types import NewItem
 from service.store import SqliteStore

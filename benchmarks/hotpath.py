@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from benchmarks.catalogue import synthetic_batch
-from service.artifact import load_artifact
 from service.model import M2Rec
+from service.model.artifact import load_artifact
 from service.recommender import Recommender
 from service.recommender_types import NewItem
 from service.routes.recommend import _body

@@ -46,8 +46,8 @@ from benchmarks.paired import CONCURRENCY, PAIRS, paired_load
 from benchmarks.processes import CLIENT_CORE, Server, all_cores, pin
 from benchmarks.recall import base_recall
 from benchmarks.report import write_report
-from service.artifact import load_artifact
 from service.index import IndexConfig, VectorIndex
+from service.model.artifact import load_artifact
 from service.recommender import Recommender
 from service.store import SqliteStore
 from training.dataset import Dataset, load_dataset

@@ -24,10 +24,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from service.artifact import Artifact, ArtifactError, check_compatible
 from service.fold_in import FoldIn
 from service.index import Hit, IndexConfig, VectorIndex
 from service.model import AttributeVocabulary, M2Rec, ModelConfig, item_inputs
+from service.model.artifact import Artifact, ArtifactError, check_compatible
 from service.newest_items import NewestItems
 from service.recommender_types import (
     Followed,

@@ -27,7 +27,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from service.artifact import (
+from service.deps import Runtime
+from service.model.artifact import (
     CURRENT_POINTER,
     MANIFEST_FILE,
     VERSION_PATTERN,
@@ -36,7 +37,6 @@ from service.artifact import (
     load_artifact,
     resolve_current,
 )
-from service.deps import Runtime
 from service.recommender import Recommender
 from service.store import ItemRecord, Store
 

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from service.artifact import load_artifact
+from service.model.artifact import load_artifact
 from service.recommender import load_model
 from tests.conftest import StoreSpec, TrainedArtifact
 from tests.live_server import LiveServer

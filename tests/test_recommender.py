@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.artifact import load_artifact
 from service.model import M2Rec
+from service.model.artifact import load_artifact
 from service.recommender import Recommender
 from service.recommender_types import InvalidItemError, NewItem, TrainedItemConflictError
 from service.store import Interaction, ItemRecord, SqliteStore

@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from service.app import create_app
-from service.artifact import TENSORS_FILE, load_artifact
-from service.artifact_export import set_current
 from service.config import Settings
+from service.model.artifact import TENSORS_FILE, load_artifact
+from service.model.artifact_export import set_current
 from service.recommender import Recommender
 from service.recommender_types import NewItem
 from service.store import SqliteStore

@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from service.generator import Gaussian, M2VAEGenerator
 from service.model import M2Rec, ModelConfig
+from service.model.generator import Gaussian, M2VAEGenerator
 from training import losses
 from training.dataset import Dataset, fingerprint, load_dataset
 from training.export import export_artifact
@@ -58,7 +58,7 @@ class TrainConfig:
     moe: bool = True
     gate_temperature: float = 1.0
     gate_norm: bool = False  # modality gate on RMS-normalised factors (ModelConfig.gate_norm)
-    linear_path: bool = True  # M2VAE: ridge path + decoder residual (service/linear_path.py)
+    linear_path: bool = True  # M2VAE: ridge path + decoder residual (service/model/linear_path.py)
     linear_residual: float = 1.0  # scale of the decoder's residual on the linear path (0 = ridge row alone)
     linear_attribute_weight: float = 1.0
     linear_ridge: float = 2.0  # ridge strength of the closed-form fit (chosen on validation, model-tuning.md)

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, HTTPException, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.artifact import VERSION_PATTERN
 from service.deps import RuntimeDep, WriteAccess
+from service.model.artifact import VERSION_PATTERN
 from service.reload import RUNNING, Reloader, ReloadState, ReloadStatus
 from service.routes.json_body import JsonBodyRoute
 from service.schemas import ErrorOut

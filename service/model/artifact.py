@@ -11,7 +11,7 @@ The content hash is sha256 over the sha256 of model.safetensors, of item_ids.jso
 canonical JSON of the model config, so two exports of the same weights share a suffix and an
 edit of any of the three (including the config in the manifest) is caught at load.
 
-Writes (service/artifact_export.py) are crash-safe: a version is built in `<root>/.tmp-*`,
+Writes (service/model/artifact_export.py) are crash-safe: a version is built in `<root>/.tmp-*`,
 fsynced, then renamed into place, and only then is `current` swapped (a temporary symlink
 os.replace'd over it, atomic on POSIX). A reader therefore sees either the old or the new
 artifact, never a mix; anything starting with "." is unfinished and never listed. A reader

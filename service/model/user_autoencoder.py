@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from service.model import ModelConfig
+from service.model.config import ModelConfig
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:

@@ -1,6 +1,6 @@
-"""Writing the artifact format of service/artifact.py: a new version built aside and renamed into
+"""Writing the artifact format of service/model/artifact.py: a new version built aside and renamed into
 place, and the `current` pointer swapped atomically. The trainer exports with `save_artifact`;
-the service only reads (service/artifact.py)."""
+the service only reads (service/model/artifact.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import torch
 from pydantic import JsonValue, ValidationError
 from safetensors.torch import save_file
 
-from service.artifact import (
+from service.durable import fsync_path, write_durably
+from service.model.artifact import (
     CURRENT_POINTER,
     FORMAT,
     FORMAT_VERSION,
@@ -40,7 +41,6 @@ from service.artifact import (
     list_versions,
     load_artifact,
 )
-from service.durable import fsync_path, write_durably
 
 
 def save_artifact(

@@ -13,28 +13,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.linear_path import LinearPath
-
-if TYPE_CHECKING:
-    from service.model import ModelConfig
+from service.model.config import ModelConfig
+from service.model.inputs import ItemInputs
+from service.model.linear_path import LinearPath
 
 POE_EPS = 1e-6
-
-
-@dataclass
-class ItemInputs:
-    """A batch of items as the generator sees them; missing modalities are flagged, not zero-filled."""
-
-    attributes: torch.Tensor  # (B, A) long, vocabulary index + 1, 0 = padding
-    content: torch.Tensor  # (B, F) float; ignored where has_content is false
-    has_attributes: torch.Tensor  # (B,) bool
-    has_content: torch.Tensor  # (B,) bool
 
 
 @dataclass

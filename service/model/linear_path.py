@@ -14,15 +14,12 @@ prediction from what the item actually has. Patterns: 0 nothing (the mean row), 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from service.generator import ItemInputs
-    from service.model import ModelConfig
+from service.model.config import ModelConfig
+from service.model.inputs import ItemInputs
 
 NOTHING, ATTRIBUTES, CONTENT, BOTH = 0, 1, 2, 3
 
