@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.index import IndexConfig, VectorIndex
-from service.index_search import search_base
+from service.index.search import search_base
 
 K = 20
 Rows = npt.NDArray[np.float32]

@@ -39,7 +39,7 @@ class RecommendBatcher:
     """One per event loop (the app's lifespan makes it). `max_batch` bounds one call's work, so a
     burst is answered in several calls rather than one long pause of the loop. A user's scores
     never depend on which other requests share the batch, at any batch size: exact rows, IVF
-    centroids and IVF lists are scored by service._scoring (each sum in a fixed order), and the
+    centroids and IVF lists are scored by service.index._scoring (each sum in a fixed order), and the
     fold-in runs one product per user."""
 
     def __init__(self, batch_sizes: Histogram, count: Callable[[list[Recommendations]], None],

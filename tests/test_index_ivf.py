@@ -10,7 +10,7 @@ import numpy.typing as npt
 import pytest
 
 from service.index import Hit, IndexConfig, VectorIndex
-from service.index_search import search_base
+from service.index.search import search_base
 from service.model.artifact import load_artifact
 from service.recommender import Recommender
 from service.recommender_types import NewItem

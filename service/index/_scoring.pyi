@@ -1,4 +1,4 @@
-"""Type stub of the C extension service/_scoring.c."""
+"""Type stub of the C extension service/index/_scoring.c."""
 
 from collections.abc import Sequence
 from typing import Any

@@ -1,10 +1,10 @@
 /* The IVF base's search: each query scans the rows of its probed lists in every shard and keeps its
  * best k, skipping its banned ids, in one call for the batch and all shards.
  *
- * A shard holds its rows list by list in the kernel's panels (service/ivf_lists.py): list l's rows
+ * A shard holds its rows list by list in the kernel's panels (service/index/ivf_lists.py): list l's rows
  * fill panels starts[l] .. starts[l+1], 16 rows a panel, the last one padded. Rows are the index's
  * [v; b] as stored, not the lifted rows the lists were trained on, so a score is the exact h·v + b,
- * summed as service/_scoring.c sums it (index order, float32, no FMA): an item scores the same
+ * summed as service/index/_scoring.c sums it (index order, float32, no FMA): an item scores the same
  * in an IVF shard as in any exact segment, bit for bit, whatever the batch.
  *
  * Queries probe different lists, so the queries of a batch share no panels: each query is scored

@@ -9,7 +9,7 @@ becomes q' = [q; 0], so |q' - x'|² = |q|² + M² - 2·q·x: the L2 order is the
 and L2 k-means lists are ones an inner-product query can probe. Inner-product IVF on the raw rows
 put long rows in the wrong lists (recall@20 0.70 at 1M, benchmarks/results/serve.md). The lift
 only chooses lists: every IVF shard holds its rows un-lifted, list by list, in the scan kernel's
-panels (`service.ivf_lists.ListPanels`), and all shards share one trained coarse quantizer (a FAISS
+panels (`service.index.ivf_lists.ListPanels`), and all shards share one trained coarse quantizer (a FAISS
 `IndexFlatL2` over lifted centroids), so a query is assigned to lists once and one kernel call
 scans those lists in every shard with exact inner-product scores.
 A row longer than M (arrived after training) cannot be lifted: it stays in the base's small exact
@@ -34,7 +34,8 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from service.index_storage import (
+from service.index.ivf_lists import ListPanels
+from service.index.storage import (
     DeltaSegment,
     DeltaView,
     Ids,
@@ -42,7 +43,6 @@ from service.index_storage import (
     Vectors,
     to_panels,
 )
-from service.ivf_lists import ListPanels
 
 _BLOCK = 16_384  # rows per lift/assign step: bounds temporaries
 Part = tuple[Ids, Vectors]  # internal ids (n,) and rows (n, D+1)
@@ -69,7 +69,7 @@ class Coarse:
         """The centroids c as rows [c; -|c|²/2] (nlist, D+3), in the scoring kernel's panel layout
         (index_storage.to_panels): a lifted query q' as [q'; 1] scores q'·c - |c|²/2 =
         (|q'|² - |q' - c|²) / 2 against them, so the largest scores are the nearest lists. Scored by
-        `service._scoring` (what FAISS's flat search does one pair at a time)."""
+        `service.index._scoring` (what FAISS's flat search does one pair at a time)."""
         centroids = self.quantizer.reconstruct_n(0, self.nlist)  # (nlist, D+2)
         rows = np.empty((len(centroids), centroids.shape[1] + 1), np.float32)
         rows[:, :-1] = centroids

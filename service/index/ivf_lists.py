@@ -1,4 +1,4 @@
-"""One IVF shard's rows, list by list, in the layout the scan kernel reads (service/_ivf_scan.c).
+"""One IVF shard's rows, list by list, in the layout the scan kernel reads (service/index/_ivf_scan.c).
 
 List l's rows fill panels starts[l] .. starts[l+1] (16 rows a panel, `index_storage.to_panels`),
 the last panel padded with zero rows whose slot id is -1. The rows are the index's [v; b] as
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from service.index_storage import PANEL, Ids, Vectors
+from service.index.storage import PANEL, Ids, Vectors
 
 _FILES = ("panels", "starts", "rows", "slot_iids")
 _CHUNK = 4096  # panels laid out per step of a build (65,536 rows)

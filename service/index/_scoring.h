@@ -1,4 +1,4 @@
-/* What service/_scoring.c and service/_ivf_scan.c share: one extension module, two sources. */
+/* What service/index/_scoring.c and service/index/_ivf_scan.c share: one extension module, two sources. */
 #ifndef M2REC_SCORING_H
 #define M2REC_SCORING_H
 

@@ -1,7 +1,7 @@
 """How a batch of queries is answered by the index's segments: each segment's candidates
 (`Found`), the exclusions dropped, and the best k live items picked per query.
 
-`VectorIndex.search` (service/index.py) drives these; `search_base` is the approximate base alone,
+`VectorIndex.search` (vector_index.py) drives these; `search_base` is the approximate base alone,
 for recall measurements against exact search.
 """
 
@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from service._scoring import inner_products, inner_products_panels, ivf_search, select_best
-from service.index_base import Base, Coarse
-from service.index_storage import (
+from service.index._scoring import inner_products, inner_products_panels, ivf_search, select_best
+from service.index.base import Base, Coarse
+from service.index.storage import (
     PANEL,
     Banned,
     DeltaView,

@@ -3,16 +3,16 @@
 Rows are x_j = [v_j; b_j] and queries q = [h; 1], so q·x = h·v_j + b_j: the bias rides along.
 
 Writes never wait on a rebuild. The index is four kinds of segment: an immutable *base* of shards
-(`service.index_base`: exact FAISS shards, or IVF lists chosen through the MIPS->L2 reduction and
-scanned by service/_ivf_scan.c), zero or more *frozen* deltas
-being merged into the next base, the live *delta* that takes every add (`service.index_storage`),
+(`service.index.base`: exact FAISS shards, or IVF lists chosen through the MIPS->L2 reduction and
+scanned by service/index/_ivf_scan.c), zero or more *frozen* deltas
+being merged into the next base, the live *delta* that takes every add (`service.index.storage`),
 and the exact *pinned* rows. An add appends to the delta's chunks (no reallocation) and is
 searchable as soon as it returns. Removes and upserts leave tombstones: internal ids are never
 reused, and a row is live only while `_item_of` holds its id, so stale rows are filtered at search
 time until a merge, run in a background thread, builds a new base without them and swaps it in
 under the lock. Searches hold the lock only to take the segments; the scoring kernels and NumPy then
 run without the GIL, so many threads search at once. How a batch of queries is answered from the segments
-(exclusions, over-fetching, the best k live items) is `service.index_search`.
+(exclusions, over-fetching, the best k live items) is `service.index.search`.
 
 `build(..., pin_warm=True)` keeps the trained (warm) rows out of the base in a small exact
 *pinned* segment that every search scans. Trained rows [V; b] are few, carry most of a user's
@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from service.index_base import Base, build_base, is_dead, merged_base
-from service.index_search import Hit, base_found, collect, exact_found, floors_of, head_hits, prepare_segments
-from service.index_snapshot import SNAPSHOT_FORMAT, read_snapshot, write_snapshot
-from service.index_storage import (
+from service.index.base import Base, build_base, is_dead, merged_base
+from service.index.search import Hit, base_found, collect, exact_found, floors_of, head_hits, prepare_segments
+from service.index.snapshot import SNAPSHOT_FORMAT, read_snapshot, write_snapshot
+from service.index.storage import (
     Banned,
     DeltaSegment,
     DeltaView,

@@ -3,7 +3,7 @@
     meta.json            format, dim, event id, next internal id, kind, M², trained rows, shard count
     coarse.faiss         IVF only: the shared coarse quantizer
     shard-{i}.faiss      each exact base shard (FAISS); shard-{i}-iids.npy its sorted internal ids
-    shard-{i}-{panels,starts,rows,slot_iids}.npy   each IVF shard's lists (service.ivf_lists)
+    shard-{i}-{panels,starts,rows,slot_iids}.npy   each IVF shard's lists (service.index.ivf_lists)
     overflow_*.npy       IVF only: exact rows longer than M
     pinned_*.npy, delta_*.npy   the exact segments (delta rows: live ones only)
     items.json           internal id -> item id and cold flag, for live rows
@@ -27,9 +27,9 @@ import numpy as np
 import numpy.typing as npt
 
 from service.durable import fsync_path, write_durably
-from service.index_base import Base, Coarse, Shard
-from service.index_storage import DeltaSegment, DeltaView, Ids, Item, Vectors
-from service.ivf_lists import ListPanels
+from service.index.base import Base, Coarse, Shard
+from service.index.ivf_lists import ListPanels
+from service.index.storage import DeltaSegment, DeltaView, Ids, Item, Vectors
 
 SNAPSHOT_FORMAT = "m2rec-index/3"  # 3: IVF shards as ListPanels arrays, not FAISS IVF files
 Lookup = Callable[[Ids], tuple[npt.NDArray[np.bool_], list[Item]]]  # internal ids -> live mask, items

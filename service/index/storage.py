@@ -5,7 +5,7 @@ Python dict's rehash) stalls its writer for 0.1-1 s. So:
 
 - `DeltaSegment`: recent adds, exact, in fixed-size NumPy chunks. Rows below the published size
   are never written again, so readers scan them without a lock.
-- the base (`service.index_base`): FAISS shards keyed by internal int64 ids, never mutated once
+- the base (`service.index.base`): FAISS shards keyed by internal int64 ids, never mutated once
   published; merges build new shards off-line.
 - `ItemTable` (internal id -> item) in flat lists that grow by copying pointers only, and `IdMap`
   (item id -> internal id) over many small dicts, so neither rehashes the whole catalogue inside an add.
@@ -97,12 +97,12 @@ def take_rows(values: npt.NDArray[Any], columns: Ids) -> npt.NDArray[Any]:
     return picked
 
 
-PANEL = 16  # rows per panel of service/_scoring.c
+PANEL = 16  # rows per panel of service/index/_scoring.c
 
 
 def to_panels(rows: Vectors) -> Vectors:
     """Rows (n, d) as (ceil(n/16), d, 16) panels, panels[p, j, i] = rows[16p + i, j], zeros past
-    the last row: `service._scoring.inner_products_panels` then scores them without transposing."""
+    the last row: `service.index._scoring.inner_products_panels` then scores them without transposing."""
     n, d = rows.shape
     padded = np.zeros((-(-n // PANEL) * PANEL, d), np.float32)
     padded[:n] = rows
