@@ -18,8 +18,8 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
+from service.core.recommender import Recommender
 from service.model import item_inputs
-from service.recommender import Recommender
 from service.store import Interaction, ItemRecord, Store
 from training.dataset import Dataset
 

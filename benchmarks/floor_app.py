@@ -14,8 +14,8 @@ from typing import Annotated
 
 from fastapi import FastAPI, Query, Response
 
+from service.core.types import Recommendations
 from service.index import Hit
-from service.recommender_types import Recommendations
 from service.routes.recommend import _body
 from service.schemas import ID_PATTERN
 

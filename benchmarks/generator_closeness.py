@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from service.core.recommender import Recommender
+from service.core.types import NewItem
 from service.model.artifact import load_artifact
-from service.recommender import Recommender
-from service.recommender_types import NewItem
 from service.store import SqliteStore
 from training.dataset import Dataset, load_dataset
 from training.item_rows import generated_rows

@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.hotpath --artifact /tmp/m2rec-bench/artifacts
 
 /recommend:
-- fold-in: the model's torch fold-in (the previous `Recommender.user_query`) vs service.fold_in
+- fold-in: the model's torch fold-in (the previous `Recommender.user_query`) vs service.core.fold_in
 - history rows, trained items only: the previous per-row np.stack vs one gather
 - history rows with registered items: read from the store on every request (RowCache of size 0,
   the previous behaviour) vs the in-memory RowCache
@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from benchmarks.catalogue import synthetic_batch
+from service.core.recommender import Recommender
+from service.core.row_cache import RowCache
+from service.core.types import NewItem
 from service.model import M2Rec
 from service.model.artifact import load_artifact
-from service.recommender import Recommender
-from service.recommender_types import NewItem
 from service.routes.recommend import _body
-from service.row_cache import RowCache
 from service.schemas import RecommendationsOut, RecommendedItem
 from service.store import ItemRecord, SqliteStore
 from training.dataset import load_dataset

@@ -91,8 +91,8 @@ def run_one(cache: Path, size: int, nlist: int | None, nprobes: list[int], stall
     if artifact is not None:  # the model loaded as the server holds it: RSS figures become the server's
         import tempfile
 
+        from service.core.recommender import Recommender
         from service.model.artifact import load_artifact
-        from service.recommender import Recommender
         from service.store import SqliteStore
 
         model = Recommender(load_artifact(artifact), SqliteStore(Path(tempfile.mkdtemp()) / "s.sqlite3"))

@@ -24,8 +24,8 @@ from threadpoolctl import threadpool_limits
 
 from benchmarks.catalogue import fill_store, write_histories
 from benchmarks.serve import calibrate, new_bench
+from service.core.recommender import Recommender
 from service.model.artifact import load_artifact
-from service.recommender import Recommender
 from service.store import SqliteStore
 from training.dataset import load_dataset
 

@@ -46,9 +46,9 @@ from benchmarks.paired import CONCURRENCY, PAIRS, paired_load
 from benchmarks.processes import CLIENT_CORE, Server, all_cores, pin
 from benchmarks.recall import base_recall
 from benchmarks.report import write_report
+from service.core.recommender import Recommender
 from service.index import IndexConfig, VectorIndex
 from service.model.artifact import load_artifact
-from service.recommender import Recommender
 from service.store import SqliteStore
 from training.dataset import Dataset, load_dataset
 

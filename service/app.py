@@ -22,14 +22,14 @@ from fastapi.responses import JSONResponse
 from threadpoolctl import threadpool_limits
 
 from service.config import Settings
+from service.core.recommender import Recommender
+from service.core.types import InvalidItemError, TrainedItemConflictError, UnknownItemsError
 from service.deps import OutOfBoundsError, RequestTooLargeError, Runtime, SwapGate
 from service.index import IndexConfig
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
 from service.middleware import Measure
 from service.model.artifact import Artifact, ArtifactError, load_artifact
 from service.recommend_batcher import RecommendBatcher
-from service.recommender import Recommender
-from service.recommender_types import InvalidItemError, TrainedItemConflictError, UnknownItemsError
 from service.reload import Reloader, ReloadInProgressError
 from service.routes import admin, health, interactions, items, recommend
 from service.store import SqliteStore, Store, StoreUnavailable

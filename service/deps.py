@@ -13,10 +13,10 @@ from fastapi import Depends, Header, HTTPException, Request, status
 from prometheus_client import Counter
 
 from service.config import Settings
+from service.core.recommender import Recommender
+from service.core.types import Recommendations
 from service.metrics import Metrics
 from service.recommend_batcher import RecommendBatcher
-from service.recommender import Recommender
-from service.recommender_types import Recommendations
 from service.store import Store
 
 if TYPE_CHECKING:

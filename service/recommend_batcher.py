@@ -18,8 +18,8 @@ from typing import NamedTuple
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import Histogram
 
-from service.recommender import Recommender
-from service.recommender_types import Recommendations
+from service.core.recommender import Recommender
+from service.core.types import Recommendations
 
 # Passes of the event loop a batch waits for more requests before it is answered. One more pass
 # polls the sockets once more (no timer): at 16 concurrent clients it doubled the mean batch

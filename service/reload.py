@@ -27,6 +27,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from service.core.recommender import Recommender
 from service.deps import Runtime
 from service.model.artifact import (
     CURRENT_POINTER,
@@ -37,7 +38,6 @@ from service.model.artifact import (
     load_artifact,
     resolve_current,
 )
-from service.recommender import Recommender
 from service.store import ItemRecord, Store
 
 log = logging.getLogger("m2rec.reload")

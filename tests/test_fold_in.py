@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.fold_in import FoldIn
+from service.core.fold_in import FoldIn
 from service.model import M2Rec, ModelConfig
 from tests.conftest import TrainedArtifact
 
@@ -34,8 +34,8 @@ def test_numpy_fold_in_equals_the_model_fold_in(user_hidden: int, length: int) -
 
 
 def test_numpy_fold_in_equals_the_trained_model_on_generated_rows(trained_artifact: TrainedArtifact) -> None:
+    from service.core.recommender import load_model
     from service.model.artifact import load_artifact
-    from service.recommender import load_model
 
     model = load_model(load_artifact(trained_artifact.root))
     rng = np.random.default_rng(0)

@@ -9,11 +9,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from service.core.recommender import Recommender
+from service.core.types import NewItem
 from service.index import Hit, IndexConfig, VectorIndex
 from service.index.search import search_base
 from service.model.artifact import load_artifact
-from service.recommender import Recommender
-from service.recommender_types import NewItem
 from service.store import SqliteStore
 from tests.conftest import TrainedArtifact, train_and_export
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from service.core.recommender import Recommender
+from service.core.types import InvalidItemError, NewItem, TrainedItemConflictError
 from service.model import M2Rec
 from service.model.artifact import load_artifact
-from service.recommender import Recommender
-from service.recommender_types import InvalidItemError, NewItem, TrainedItemConflictError
 from service.store import Interaction, ItemRecord, SqliteStore
 from tests.conftest import TrainedArtifact
 

@@ -18,10 +18,10 @@ from pydantic import SecretStr
 
 from service.app import create_app
 from service.config import Settings
+from service.core.recommender import Recommender
+from service.core.types import NewItem
 from service.model.artifact import TENSORS_FILE, load_artifact
 from service.model.artifact_export import set_current
-from service.recommender import Recommender
-from service.recommender_types import NewItem
 from service.store import SqliteStore
 from tests.conftest import StoreSpec, TrainedArtifact, TwoArtifacts
 

@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
+from service.core.recommender import Recommender
+from service.core.types import NewItem, Registration, UnknownItemsError
 from service.deps import MetricsDep, RecommenderDep, SettingsDep, WriteAccess, check_batch_size
 from service.metrics import Metrics
-from service.recommender import Recommender
-from service.recommender_types import NewItem, Registration, UnknownItemsError
 from service.routes.json_body import JsonBodyRoute
 from service.schemas import ID_PATTERN, ErrorOut, ItemBatchIn, ItemBatchOut, ItemIn, ItemOut
 

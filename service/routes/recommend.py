@@ -8,8 +8,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
+from service.core.types import Recommendations
 from service.deps import OutOfBoundsError, runtime_of, serving
-from service.recommender_types import Recommendations
 from service.schemas import ID_PATTERN, ErrorOut, RecommendationsOut
 
 router = APIRouter(tags=["recommend"])

@@ -24,12 +24,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from service.fold_in import FoldIn
-from service.index import Hit, IndexConfig, VectorIndex
-from service.model import AttributeVocabulary, M2Rec, ModelConfig, item_inputs
-from service.model.artifact import Artifact, ArtifactError, check_compatible
-from service.newest_items import NewestItems
-from service.recommender_types import (
+from service.core.fold_in import FoldIn
+from service.core.newest_items import NewestItems
+from service.core.row_cache import RowCache
+from service.core.types import (
     Followed,
     InvalidItemError,
     ItemView,
@@ -39,7 +37,9 @@ from service.recommender_types import (
     TrainedItemConflictError,
     UnknownItemsError,
 )
-from service.row_cache import RowCache
+from service.index import Hit, IndexConfig, VectorIndex
+from service.model import AttributeVocabulary, M2Rec, ModelConfig, item_inputs
+from service.model.artifact import Artifact, ArtifactError, check_compatible
 from service.store import Event, EventKind, Interaction, ItemRecord, Store, event_order_key
 
 log = logging.getLogger(__name__)
@@ -347,7 +347,7 @@ class Recommender:
 
     def user_query(self, rows: Rows) -> Rows:
         """Index query [h; 1] (1, D+1) of a user folded in from history rows (L, D+1); equals
-        `M2Rec.query(model.fold_in(rows))` (service.fold_in runs it in NumPy)."""
+        `M2Rec.query(model.fold_in(rows))` (service.core.fold_in runs it in NumPy)."""
         return self._fold_in.query(rows)
 
     def recommend(self, user_id: str, k: int) -> Recommendations:
