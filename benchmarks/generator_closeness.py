@@ -71,7 +71,7 @@ def served_rows(path: Path, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
                 j = dataset.item_index(item_id)
                 content = None if dataset.features is None else dataset.features[j].tolist()
                 items.append(NewItem(item_id, dataset.item_attributes[j], content))
-            return recommender.embed(items), recommender.warm_rows
+            return recommender.embedder.embed(items), recommender.warm_rows
         finally:
             store.close()
 

@@ -61,7 +61,7 @@ def main() -> None:
     r = Recommender(load_artifact(args.artifact), store)
     batch = synthetic_batch(load_dataset(args.dataset), 0, 600, 0)
     items = [NewItem(batch.ids[b], batch.attributes[b], batch.content[b].tolist()) for b in range(600)]
-    rows = r.embed(items)
+    rows = r.embedder.embed(items)
     store.put_items([ItemRecord(i.item_id, i.attributes, i.content, row, r.version, 0.0)
                      for i, row in zip(items, rows, strict=True)])
     history = list(r.warm_ids[: args.history])
@@ -75,16 +75,16 @@ def main() -> None:
             return M2Rec.query(h).numpy().astype(np.float32)
 
     def stacked_rows() -> np.ndarray:
-        return np.stack([r.warm_rows[r._warm_pos[i]] for i in history]).astype(np.float32)
+        return np.stack([r.warm_rows[r.embedder.warm_pos[i]] for i in history]).astype(np.float32)
 
-    cached = r._rows
+    cached = r.maintainer.rows
 
     def uncached_mixed_rows() -> np.ndarray:
-        r._rows = RowCache(0)
+        r.maintainer.rows = RowCache(0)
         try:
             return r.history_rows(mixed)
         finally:
-            r._rows = cached
+            r.maintainer.rows = cached
 
     result = r.recommend("nobody", 20)
 
@@ -98,10 +98,10 @@ def main() -> None:
 
     def embed_rescoring() -> np.ndarray:
         pooling._scores = None  # type: ignore[union-attr]  # what every call used to do
-        return r.embed(items[:1])
+        return r.embedder.embed(items[:1])
 
     def embed_one_pass() -> np.ndarray:
-        return np.concatenate([r._embed_chunk(items[:500])])
+        return np.concatenate([r.embedder._embed_chunk(items[:500])])
 
     print(f"| step (history of {args.history}, {args.registered} registered) | before µs | after µs |")
     print("|---|---|---|")
@@ -112,9 +112,10 @@ def main() -> None:
           f"| {per_call_us(lambda: r.history_rows(mixed)):.0f} |")
     print(f"| response body (k=20) | {per_call_us(pydantic_body):.0f} "
           f"| {per_call_us(lambda: _body('u', result)):.0f} |")
-    print(f"| embed 1 item | {per_call_us(embed_rescoring):.0f} | {per_call_us(lambda: r.embed(items[:1])):.0f} |")
+    print(f"| embed 1 item | {per_call_us(embed_rescoring):.0f} "
+          f"| {per_call_us(lambda: r.embedder.embed(items[:1])):.0f} |")
     print(f"| embed 500 items | {per_call_us(embed_one_pass, 3):.0f} "
-          f"| {per_call_us(lambda: r.embed(items[:500]), 3):.0f} |")
+          f"| {per_call_us(lambda: r.embedder.embed(items[:500]), 3):.0f} |")
     store.close()
 
 

@@ -298,12 +298,12 @@ def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
         result["ivf_recall"] = {n: round(base_recall(index._base, q, K, n), 4) for n in sorted({1, nprobe})}
     torch.set_num_threads(1)
     with threadpool_limits(1, user_api="blas"):  # as the server runs (service/app.py)
-        r.index = index
+        r.maintainer.index = index
         users = list(bench.bench_users)
         result["compute"] = recommend_alone(r, users, 300 if args.quick else 1000)
         result["compute_batched"] = recommend_batched(r, users, 10, 30 if args.quick else 100)
         result["compute_search_only"] = search_alone(r, index, bench.bench_users)
-    bench.recommender.index = VectorIndex(r.dim)  # free the in-process copy before the server starts
+    bench.recommender.maintainer.index = VectorIndex(r.dim)  # free the in-process copy before the server starts
     del index
     env = {"M2REC_ARTIFACT_PATH": str(args.artifact), "M2REC_STORE_URL": str(work / "store.sqlite3"),
            "M2REC_INDEX_KIND": kind, "M2REC_INDEX_NPROBE": str(max(nprobe, 1))}

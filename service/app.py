@@ -73,14 +73,14 @@ def start_index(recommender: Recommender, settings: Settings, metrics: Metrics) 
     """Snapshot plus the events after it when there is one for this model version, else a full build."""
     if settings.index_snapshot_dir is not None:
         try:
-            loaded, cursor = recommender.load_snapshot(settings.index_snapshot_dir)
+            loaded, cursor = recommender.maintainer.load_snapshot(settings.index_snapshot_dir)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:  # unreadable: rebuild from the store
             log.warning("ignoring index snapshot in %s: %s", settings.index_snapshot_dir, exc)
             loaded, cursor = False, None
         if loaded:
-            return recommender.follow(cursor).cursor
+            return recommender.maintainer.follow(cursor).cursor
     metrics.index_rebuilds.labels(reason="startup").inc()
-    return recommender.build_index()
+    return recommender.maintainer.build_index()
 
 
 async def follow_events(runtime: Runtime) -> None:
@@ -93,7 +93,7 @@ async def follow_events(runtime: Runtime) -> None:
             if recommender is None:
                 continue
             try:
-                followed = await run_in_threadpool(recommender.follow, runtime.cursor)
+                followed = await run_in_threadpool(recommender.maintainer.follow, runtime.cursor)
             except StoreUnavailable as exc:
                 metrics.follower_errors.labels(reason="store_unavailable").inc()
                 metrics.store_errors.labels(source="follower").inc()
@@ -154,7 +154,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.unfreeze()  # what this app froze may be garbage now (tests build many apps in one process)
         if runtime.recommender is not None and settings.index_snapshot_dir is not None:
             try:
-                await run_in_threadpool(runtime.recommender.save_snapshot, settings.index_snapshot_dir,
+                await run_in_threadpool(runtime.recommender.maintainer.save_snapshot, settings.index_snapshot_dir,
                                         runtime.cursor)
             except Exception:  # the snapshot is an optimisation; the store still has everything
                 log.exception("could not save the index snapshot")

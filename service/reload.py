@@ -181,12 +181,12 @@ class Reloader:
             cursor = await asyncio.to_thread(self._rebuild, new)
             self._status = dataclasses.replace(self._status, state=ReloadState.CATCHING_UP)
             for _ in range(CATCH_UP_PASSES):
-                followed = await asyncio.to_thread(new.follow, cursor)
+                followed = await asyncio.to_thread(new.maintainer.follow, cursor)
                 if followed.cursor == cursor:
                     break
                 cursor = followed.cursor
             async with runtime.gate.exclusive():
-                cursor = (await asyncio.to_thread(new.follow, cursor)).cursor
+                cursor = (await asyncio.to_thread(new.maintainer.follow, cursor)).cursor
                 old = runtime.recommender
                 runtime.recommender, runtime.cursor = new, cursor
         except ReloadCancelledError:
@@ -212,7 +212,8 @@ class Reloader:
 
     def _rebuild(self, new: Recommender) -> str | None:
         """Worker thread: every stored item re-embedded by the new model; returns the cursor to follow from."""
-        settings, metrics, store = self.runtime.settings, self.runtime.metrics, new.store
+        settings, metrics, maintainer = self.runtime.settings, self.runtime.metrics, new.maintainer
+        store = maintainer.store
         planned = store.count_items()
         self._status = dataclasses.replace(self._status, items_planned=planned)
         metrics.reembed_started(planned)
@@ -222,12 +223,12 @@ class Reloader:
             self._status = dataclasses.replace(self._status, items_done=done)
             metrics.reembed_progressed(done)
 
-        new.store = _BatchedStore(store, settings.reload_batch_items, settings.reload_batch_pause_seconds,
-                                  self._cancelled, on_batch)
+        maintainer.store = _BatchedStore(store, settings.reload_batch_items, settings.reload_batch_pause_seconds,
+                                         self._cancelled, on_batch)
         try:
-            return new.build_index()
+            return maintainer.build_index()
         finally:
-            new.store = store
+            maintainer.store = store
 
     def _finish(self, state: ReloadState, detail: str | None) -> None:
         self._status = dataclasses.replace(self._status, state=state, finished_at=time.time(), detail=detail)

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from service.core.recommender import load_model
+from service.core.embedder import load_model
 from service.model.artifact import load_artifact
 from tests.conftest import StoreSpec, TrainedArtifact
 from tests.live_server import LiveServer

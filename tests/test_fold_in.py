@@ -34,7 +34,7 @@ def test_numpy_fold_in_equals_the_model_fold_in(user_hidden: int, length: int) -
 
 
 def test_numpy_fold_in_equals_the_trained_model_on_generated_rows(trained_artifact: TrainedArtifact) -> None:
-    from service.core.recommender import load_model
+    from service.core.embedder import load_model
     from service.model.artifact import load_artifact
 
     model = load_model(load_artifact(trained_artifact.root))

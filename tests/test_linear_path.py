@@ -133,7 +133,7 @@ def test_linear_path_is_refused_for_the_content_vae() -> None:
 
 
 def test_exported_artifact_serves_identical_rows_for_every_modality_pattern(tmp_path: Path) -> None:
-    from service.core.recommender import load_model
+    from service.core.embedder import load_model
     from service.model.artifact import load_artifact
     from training.export import export_artifact
     from training.train import TrainConfig, train

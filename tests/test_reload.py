@@ -61,7 +61,7 @@ def _rows_under(root: Path, version: str, items: dict[str, dict[str, Any]], tmp_
     """The oracle: rows an independently loaded recommender of `version` computes from the raw inputs."""
     oracle = Recommender(load_artifact(root / version), SqliteStore(tmp_path / f"oracle-{version}.sqlite3"))
     ids = sorted(items)
-    rows = oracle.embed([NewItem(i, items[i]["attributes"], items[i]["content"]) for i in ids])
+    rows = oracle.embedder.embed([NewItem(i, items[i]["attributes"], items[i]["content"]) for i in ids])
     return dict(zip(ids, rows, strict=True))
 
 

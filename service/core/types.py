@@ -1,4 +1,4 @@
-"""The values and errors the recommender exchanges with its callers (routes, reload, benchmarks)."""
+"""The values and errors the core exchanges with its callers (routes, reload, benchmarks)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
+import numpy.typing as npt
+
 from service.index import Hit
 from service.store import ItemRecord
+
+Rows = npt.NDArray[np.float32]  # (N, D+1): item rows [v; b], or index queries [h; 1]
 
 
 class InvalidItemError(ValueError):
