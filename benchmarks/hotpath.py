@@ -8,7 +8,7 @@
 - history rows with registered items: read from the store on every request (RowCache of size 0,
   the previous behaviour) vs the in-memory RowCache
 - response body: pydantic RecommendationsOut built, re-validated and dumped (what FastAPI does with
-  a returned model) vs the route's serialiser (`service.routes.recommend._body`)
+  a returned model) vs the route's serialiser (`service.api.routes.recommend._body`)
 POST /items:
 - embed one item: attribute scores of the whole vocabulary recomputed per call (the previous
   AttributePooling) vs kept between calls
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from benchmarks.catalogue import synthetic_batch
+from service.api.routes.recommend import _body
+from service.api.schemas import RecommendationsOut, RecommendedItem
 from service.core.recommender import Recommender
 from service.core.row_cache import RowCache
 from service.core.types import NewItem
 from service.model import M2Rec
 from service.model.artifact import load_artifact
-from service.routes.recommend import _body
-from service.schemas import RecommendationsOut, RecommendedItem
 from service.store import ItemRecord, SqliteStore
 from training.dataset import load_dataset
 

@@ -297,7 +297,7 @@ def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
         q = queries(bench, bench.bench_users)
         result["ivf_recall"] = {n: round(base_recall(index._base, q, K, n), 4) for n in sorted({1, nprobe})}
     torch.set_num_threads(1)
-    with threadpool_limits(1, user_api="blas"):  # as the server runs (service/app.py)
+    with threadpool_limits(1, user_api="blas"):  # as the server runs (service/api/app.py)
         r.maintainer.index = index
         users = list(bench.bench_users)
         result["compute"] = recommend_alone(r, users, 300 if args.quick else 1000)
@@ -308,7 +308,7 @@ def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
     env = {"M2REC_ARTIFACT_PATH": str(args.artifact), "M2REC_STORE_URL": str(work / "store.sqlite3"),
            "M2REC_INDEX_KIND": kind, "M2REC_INDEX_NPROBE": str(max(nprobe, 1))}
     floor = Server("benchmarks.floor_app:create_floor_app", args.port + 1, {}, work / f"floor-{size}.log")
-    server = Server("service.app:create_app", args.port, env, work / f"server-{size}.log")
+    server = Server("service.api.app:create_app", args.port, env, work / f"server-{size}.log")
     try:
         floor.wait_ready(60)
         result["startup_s"] = round(server.wait_ready(1800), 1)

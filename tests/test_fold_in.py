@@ -55,9 +55,9 @@ def test_recommend_response_is_the_declared_contract_and_equals_the_recommender(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
+    from service.api.schemas import RecommendationsOut
     from service.config import Settings
-    from service.schemas import RecommendationsOut
 
     settings = Settings(artifact_path=trained_artifact.root, store_url=str(tmp_path / "s.sqlite3"))
     warm = [trained_artifact.dataset.item_ids[int(j)] for j in trained_artifact.split.warm_items[:5]]

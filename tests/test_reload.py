@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from service.app import create_app
+from service.api.app import create_app
 from service.config import Settings
 from service.core.recommender import Recommender
 from service.core.types import NewItem

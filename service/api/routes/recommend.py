@@ -8,9 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
+from service.api.deps import OutOfBoundsError, runtime_of, serving
+from service.api.schemas import ID_PATTERN, ErrorOut, RecommendationsOut
 from service.core.types import Recommendations
-from service.deps import OutOfBoundsError, runtime_of, serving
-from service.schemas import ID_PATTERN, ErrorOut, RecommendationsOut
 
 router = APIRouter(tags=["recommend"])
 
@@ -28,7 +28,7 @@ async def recommend(
     if k > runtime.settings.k_max:
         raise OutOfBoundsError(
             f"k={k} is larger than this service's k_max={runtime.settings.k_max}; ask for fewer items")
-    # answered together with the other requests of this event-loop pass (service/recommend_batcher.py)
+    # answered together with the other requests of this event-loop pass (service/api/recommend_batcher.py)
     # (and counted there, per batch)
     result = await runtime.batcher.recommend(serving(runtime), user, k)
     return Response(_body(user, result), media_type="application/json")

@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, HTTPException, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.deps import RuntimeDep, WriteAccess
+from service.api.deps import RuntimeDep, WriteAccess
+from service.api.reload import RUNNING, Reloader, ReloadState, ReloadStatus
+from service.api.routes.json_body import JsonBodyRoute
+from service.api.schemas import ErrorOut
 from service.model.artifact import VERSION_PATTERN
-from service.reload import RUNNING, Reloader, ReloadState, ReloadStatus
-from service.routes.json_body import JsonBodyRoute
-from service.schemas import ErrorOut
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[WriteAccess], route_class=JsonBodyRoute)
 

@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body
 
-from service.deps import MetricsDep, RecommenderDep, SettingsDep, WriteAccess, check_batch_size
-from service.routes.json_body import JsonBodyRoute
-from service.schemas import ErrorOut, InteractionBatchIn, InteractionIn, InteractionsOut
+from service.api.deps import MetricsDep, RecommenderDep, SettingsDep, WriteAccess, check_batch_size
+from service.api.routes.json_body import JsonBodyRoute
+from service.api.schemas import ErrorOut, InteractionBatchIn, InteractionIn, InteractionsOut
 from service.store import Interaction
 
 router = APIRouter(tags=["interactions"], route_class=JsonBodyRoute)

@@ -1,6 +1,6 @@
 """create_app(settings): the lifespan opens the artifact, store and index; errors map to HTTP here.
 
-    uvicorn --factory service.app:create_app        (settings from M2REC_* variables)
+    uvicorn --factory service.api.app:create_app        (settings from M2REC_* variables)
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from threadpoolctl import threadpool_limits
 
+from service.api.deps import OutOfBoundsError, RequestTooLargeError, Runtime, SwapGate
+from service.api.middleware import Measure
+from service.api.recommend_batcher import RecommendBatcher
+from service.api.reload import Reloader, ReloadInProgressError
+from service.api.routes import admin, health, interactions, items, recommend
 from service.config import Settings
 from service.core.recommender import Recommender
 from service.core.types import InvalidItemError, TrainedItemConflictError, UnknownItemsError
-from service.deps import OutOfBoundsError, RequestTooLargeError, Runtime, SwapGate
 from service.index import IndexConfig
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
-from service.middleware import Measure
 from service.model.artifact import Artifact, ArtifactError, load_artifact
-from service.recommend_batcher import RecommendBatcher
-from service.reload import Reloader, ReloadInProgressError
-from service.routes import admin, health, interactions, items, recommend
 from service.store import SqliteStore, Store, StoreUnavailable
 
 log = logging.getLogger("m2rec.service")

@@ -7,12 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
+from service.api.deps import MetricsDep, RecommenderDep, SettingsDep, WriteAccess, check_batch_size
+from service.api.routes.json_body import JsonBodyRoute
+from service.api.schemas import ID_PATTERN, ErrorOut, ItemBatchIn, ItemBatchOut, ItemIn, ItemOut
 from service.core.recommender import Recommender
 from service.core.types import NewItem, Registration, UnknownItemsError
-from service.deps import MetricsDep, RecommenderDep, SettingsDep, WriteAccess, check_batch_size
 from service.metrics import Metrics
-from service.routes.json_body import JsonBodyRoute
-from service.schemas import ID_PATTERN, ErrorOut, ItemBatchIn, ItemBatchOut, ItemIn, ItemOut
 
 router = APIRouter(tags=["items"], route_class=JsonBodyRoute)
 ItemId = Annotated[str, Path(pattern=ID_PATTERN, description="1-128 characters of A-Z a-z 0-9 _ . : -")]

@@ -27,8 +27,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from service.api.deps import Runtime
 from service.core.recommender import Recommender
-from service.deps import Runtime
 from service.model.artifact import (
     CURRENT_POINTER,
     MANIFEST_FILE,

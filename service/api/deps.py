@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Header, HTTPException, Request, status
 from prometheus_client import Counter
 
+from service.api.recommend_batcher import RecommendBatcher
 from service.config import Settings
 from service.core.recommender import Recommender
 from service.core.types import Recommendations
 from service.metrics import Metrics
-from service.recommend_batcher import RecommendBatcher
 from service.store import Store
 
 if TYPE_CHECKING:
-    from service.reload import Reloader
+    from service.api.reload import Reloader
 
 
 class RequestTooLargeError(ValueError):

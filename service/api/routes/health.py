@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from service.deps import RuntimeDep
-from service.schemas import Health, Readiness
+from service.api.deps import RuntimeDep
+from service.api.schemas import Health, Readiness
 from service.store import StoreUnavailable
 
 router = APIRouter(tags=["health"])
