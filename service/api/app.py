@@ -21,11 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from threadpoolctl import threadpool_limits
 
-from service.api.deps import OutOfBoundsError, RequestTooLargeError, Runtime, SwapGate
+from service.api.deps import OutOfBoundsError, RequestTooLargeError
 from service.api.middleware import Measure
 from service.api.recommend_batcher import RecommendBatcher
 from service.api.reload import Reloader, ReloadInProgressError
 from service.api.routes import admin, health, interactions, items, recommend
+from service.api.runtime import Runtime, SwapGate
 from service.config import Settings
 from service.core.recommender import Recommender
 from service.core.types import InvalidItemError, TrainedItemConflictError, UnknownItemsError
@@ -125,7 +126,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime.store = store
     runtime.gate = SwapGate()  # asyncio state belongs to the loop running this lifespan
     runtime.batcher = RecommendBatcher(runtime.metrics.recommend_batch, runtime.served.count)
-    reloader = runtime.reloader = Reloader(runtime, lambda a: new_recommender(a, store, settings))
+    reloader = app.state.reloader = Reloader(runtime, lambda a: new_recommender(a, store, settings))
     tasks: list[asyncio.Task[None]] = []
     try:
         recommender = await run_in_threadpool(new_recommender, artifact, store, settings)
@@ -149,7 +150,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await reloader.close()
-        runtime.reloader = None
+        app.state.reloader = None
         blas_limit.restore_original_limits()
         gc.unfreeze()  # what this app froze may be garbage now (tests build many apps in one process)
         if runtime.recommender is not None and settings.index_snapshot_dir is not None:
@@ -198,6 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0", lifespan=lifespan,
     )
     app.state.runtime = Runtime(settings=settings, metrics=metrics)
+    app.state.reloader = None  # the lifespan's, while it runs
     # Routes are matched in order: the hot read first. Their APIRoutes go straight into the app's
     # route list: `include_router` (FastAPI >= 0.160) wraps each router in a lazily resolved layer
     # that cost ~12 µs per request, a twelfth of a whole bare request (py-spy, 2026-12-01); the

@@ -27,7 +27,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from service.api.deps import Runtime
+from service.api.runtime import Runtime
 from service.core.recommender import Recommender
 from service.model.artifact import (
     CURRENT_POINTER,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Response, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import RuntimeDep, WriteAccess
@@ -43,10 +43,11 @@ class ReloadOut(BaseModel):
                    finished_at=s.finished_at, detail=s.detail)
 
 
-def get_reloader(runtime: RuntimeDep) -> Reloader:
-    if runtime.reloader is None or runtime.recommender is None:
+def get_reloader(request: Request, runtime: RuntimeDep) -> Reloader:
+    reloader: Reloader | None = request.app.state.reloader
+    if reloader is None or runtime.recommender is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the model and index are still loading")
-    return runtime.reloader
+    return reloader
 
 
 ReloaderDep = Annotated[Reloader, Depends(get_reloader)]
