@@ -23,7 +23,7 @@ class OutOfBoundsError(ValueError):
 
 
 # The dependencies below do no I/O: as `async def` they run on the event loop instead of costing a
-# thread-pool round trip each (measured: 267 -> 398 req/s on /recommend, benchmarks/results/serve.md).
+# thread-pool round trip each (benchmarks/results/serve.md).
 def runtime_of(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime

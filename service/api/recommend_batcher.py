@@ -3,7 +3,7 @@ answered by one `Recommender.recommend_many` call.
 
 Under concurrent load most of a request's own time is fixed cost per call (a store read, a FAISS
 call per index segment, a dozen NumPy dispatches), not work per user: one call for the 5-15 users
-that arrive together pays it once (x1.67 throughput at 100k items, benchmarks/results/serve.md).
+that arrive together pays it once (benchmarks/results/serve.md).
 Nothing waits for a batch to fill: the flush is scheduled with `call_soon` when the first request
 arrives and runs after one more pass of the loop (which polls the sockets once more, without a
 timer), so a lone request waits for two passes of an otherwise idle loop: microseconds.
@@ -22,13 +22,12 @@ from service.core.recommender import Recommender
 from service.core.types import Recommendations
 
 # Passes of the event loop a batch waits for more requests before it is answered. One more pass
-# polls the sockets once more (no timer): at 16 concurrent clients it doubled the mean batch
-# (5 -> 10 requests) and raised throughput 12%; three passes added nothing more (profiling runs
-# at 100k items, 2026-12-01).
+# polls the sockets once more (no timer), so requests that arrive together share a batch; more
+# passes only delay the first request (benchmarks/results/notes-from-code.md).
 _EXTRA_PASSES = 1
 
 
-class _Pending(NamedTuple):  # a NamedTuple: a third of a frozen dataclass's construction cost
+class _Pending(NamedTuple):  # a NamedTuple: one per request, cheaper to build than a frozen dataclass
     recommender: Recommender  # the one serving when the request arrived (a reload may swap it)
     user_id: str
     k: int
@@ -74,8 +73,8 @@ class RecommendBatcher:
             for group in by_model.values():
                 self._batch_sizes.observe(len(group))
                 if group[0].recommender.store.inline_reads:
-                    # a local store never waits for a writer: ~0.1-1 ms of CPU, on one core a
-                    # thread would add switches and GIL hand-offs and nothing else
+                    # a local store never waits for a writer: its read is a short stretch of CPU,
+                    # to which a thread would add switches and GIL hand-offs and nothing else
                     self._settle(group, _outcome(group))
                 else:  # a network store may take up to its timeout: never on the event loop
                     task = asyncio.ensure_future(self._settle_from_thread(group))

@@ -1,7 +1,7 @@
 """The user fold-in of `M2Rec.fold_in` for one user, in NumPy: the request hot path.
 
-A torch call costs ~10-20 µs of dispatch per op whatever the size; one user's fold-in is ~10 ops
-on vectors of D=128, so torch spends far more time dispatching than computing. The same weights
+A torch call pays a fixed dispatch cost per op whatever the size; one user's fold-in is about ten
+ops on vectors of D=128, so torch spends far more time dispatching than computing. The same weights
 in NumPy (float32, same op order) give the same h to float rounding (tests compare against
 `M2Rec.fold_in`). Only the posterior mean's half of the encoder's last layer is kept: the
 deterministic fold-in never reads the log-variance.

@@ -135,7 +135,7 @@ class Recommender:
         rows = self.warm_rows[np.maximum(at, 0)]  # (sum L, D+1) gathered copy
         got = [found.get(flat[a]) for a in places]  # None: deleted, or not embeddable by this model
         usable = [a for a, row in zip(places, got, strict=True) if row is not None]
-        if usable:  # one scatter, not a NumPy call per row (np.array: np.stack's per-row set-up costs 2x)
+        if usable:  # one scatter, not a NumPy call per row (np.array: np.stack sets up every row apart)
             rows[usable] = np.array([row for row in got if row is not None])
         if len(usable) == len(places):
             return rows, lengths

@@ -7,7 +7,7 @@ IVF kind: max inner product reduced to nearest neighbour in L2. A row x becomes
 x' = [x; sqrt(M² - |x|²)] (M the largest row norm when the lists were trained) and a query q
 becomes q' = [q; 0], so |q' - x'|² = |q|² + M² - 2·q·x: the L2 order is the inner-product order,
 and L2 k-means lists are ones an inner-product query can probe. Inner-product IVF on the raw rows
-put long rows in the wrong lists (recall@20 0.70 at 1M, benchmarks/results/serve.md). The lift
+put long rows in the wrong lists (benchmarks/results/serve.md). The lift
 only chooses lists: every IVF shard holds its rows un-lifted, list by list, in the scan kernel's
 panels (`service.index.ivf_lists.ListPanels`), and all shards share one trained coarse quantizer (a FAISS
 `IndexFlatL2` over lifted centroids), so a query is assigned to lists once and one kernel call
@@ -90,7 +90,7 @@ class Shard:
     def exact_view(self) -> DeltaView:
         """An exact shard's rows and ids in FAISS's own memory (no copy), as one chunk: searches
         score them with the other exact segments (`index_search.exact_found`). FAISS's own flat
-        search takes one dot product at a time below 20 queries, ~4x slower per row. Valid while
+        search takes one dot product at a time for small batches, slower per row. Valid while
         the shard lives: shards are never mutated once published."""
         index: Any = self.index
         n, d = self.size, index.d

@@ -1,7 +1,7 @@
 """The storage behind `service.index.VectorIndex`; nothing here ever grows by copying everything.
 
 At a million items any structure that grows by reallocation (a FAISS flat index's std::vector, a
-Python dict's rehash) stalls its writer for 0.1-1 s. So:
+Python dict's rehash) stalls its writer, and the readers waiting on it, while it copies. So:
 
 - `DeltaSegment`: recent adds, exact, in fixed-size NumPy chunks. Rows below the published size
   are never written again, so readers scan them without a lock.
@@ -133,7 +133,7 @@ class IndexConfig:
 
     kind: Literal["exact", "ivf"] = "exact"
     nlist: int | None = None  # IVF lists; None: about 2·sqrt(N) at each (re)training
-    nprobe: int = 16  # IVF lists scanned per query (benchmarks/index_bench.py: recall 1.0 at 1M)
+    nprobe: int = 16  # IVF lists scanned per query (recall against latency: benchmarks/index_bench.py)
     ivf_min_rows: int = 50_000  # below this an exact base is fast enough and needs no training
     train_points_per_list: int = 40  # k-means sample per list; bounds training time at 1M rows
     train_iterations: int = 10  # k-means iterations
@@ -189,7 +189,7 @@ class DeltaView:
         """Exact top-k, (B, min(k, size)) scores and ids, best first.
 
         FAISS's brute force, not `queries @ rows.T`: NumPy's BLAS runs its own threads, and on a
-        busy machine a (1, D) x (D, 10k) product took 2-10 ms against FAISS's 0.3 ms (one thread).
+        busy machine a small product waits for them far longer than FAISS takes to scan the rows.
         """
         parts = self.parts()
         if not parts:
@@ -268,7 +268,7 @@ class ItemTable:
 
     Two flat lists (item id or None; cold flag), so the ids of a query's candidates are one C-level
     `itemgetter` call rather than a Python step each. Growing a list copies only its pointers (8 MB
-    at a million ids, about a millisecond), never rehashes like a dict. A removed id keeps an empty
+    at a million ids), never rehashes like a dict. A removed id keeps an empty
     slot. Reads need no lock: the lists only grow, and list indexing and slot assignment are atomic
     under the GIL; a slot's flag is written before its id; the caller serialises writes.
     """
@@ -319,7 +319,7 @@ class IdMap:
 
     Of the frozen ids, the `hot` ones (the pinned trained items, most of any user's history) get a
     dict of their own: a few thousand entries stay in the CPU cache, where lookups in the million-
-    entry dict miss it (~2x slower per id under load)."""
+    entry dict miss it."""
 
     def __init__(self) -> None:
         self._hot: dict[str, int] = {}  # never grows after `freeze`: only pops

@@ -16,12 +16,12 @@ run without the GIL, so many threads search at once. How a batch of queries is a
 
 `build(..., pin_warm=True)` keeps the trained (warm) rows out of the base in a small exact
 *pinned* segment that every search scans. Trained rows [V; b] are few, carry most of a user's
-exact top-k, and are ~4x longer than generated rows (benchmarks/results/serve.md): pinned, they are
+exact top-k, and are much longer than generated rows (benchmarks/results/serve.md): pinned, they are
 found exactly whatever lists IVF probes, and they do not set the M of the L2 reduction.
 
-OpenMP threads are the caller's choice: with many concurrent request threads, call
-`faiss.omp_set_num_threads(1)` so searches do not oversubscribe the cores; for a few large batches
-(or a fast build) leave FAISS its default.
+`search` never calls FAISS: every segment is scored by the kernels of `service.index._scoring`.
+FAISS works in builds and background merges (IVF k-means, assigning rows to lists), with as many
+OpenMP threads as the caller sets (`faiss.omp_set_num_threads`; the service: M2REC_FAISS_THREADS).
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ class VectorIndex:
     def _lookup(self, iids: Ids) -> tuple[npt.NDArray[np.bool_], list[Item]]:
         """Which of `iids` are live, and their (item id, is cold), without holding the lock.
 
-        In slices: one `tolist()` of a million ids would hold the GIL (and stall adds) for ~0.1 s.
+        In slices: one `tolist()` of a million ids would hold the GIL, and stall adds, throughout.
         """
         keep = np.zeros(len(iids), dtype=bool)
         items: list[Item] = []

@@ -36,7 +36,7 @@ async def recommend(
 
 def _body(user: str, result: Recommendations) -> bytes:
     """The RecommendationsOut shape, serialised directly: building and re-validating k pydantic
-    models per request cost more than the JSON itself, and joining pre-encoded parts is ~3x faster
+    models per request cost more than the JSON itself, and joining pre-encoded parts is faster
     than json.dumps of the equivalent dict (the OpenAPI document still names the model)."""
     version = _string(result.model_version)
     tail = ',"model_version":' + version + "}"
