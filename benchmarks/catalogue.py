@@ -18,8 +18,8 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
+from service.core.recommender import Recommender
 from service.model import item_inputs
-from service.recommender import Recommender
 from service.store import Interaction, ItemRecord, Store
 from training.dataset import Dataset
 
@@ -70,7 +70,7 @@ def embed_batch(recommender: Recommender, batch: SyntheticBatch, chunk: int = 10
     out = np.empty((len(order), recommender.dim), np.float32)
     for s in range(0, len(order), chunk):
         part = order[s : s + chunk]
-        attributes, _ = recommender.vocabulary.encode([batch.attributes[b] for b in part])  # (B, A)
+        attributes, _ = recommender.embedder.vocabulary.encode([batch.attributes[b] for b in part])  # (B, A)
         content = torch.from_numpy(batch.content[part])  # (B, F)
         with torch.inference_mode():
             rows, _ = recommender.model.embed_items(item_inputs(attributes, content, recommender.content_dim))

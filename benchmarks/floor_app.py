@@ -2,7 +2,7 @@
 
     uvicorn --factory benchmarks.floor_app:create_floor_app
 
-Served the way the real route is (service/routes/recommend.py): an `async def` route on the event
+Served the way the real route is (service/api/routes/recommend.py): an `async def` route on the event
 loop that validates the same query parameters and serialises 20 constant items of the same shape
 with the route's own serialiser. The real route's throughput divided by this one's is the share
 left after the service's own work (its middlewares, dependency, store read, fold-in and search).
@@ -14,10 +14,10 @@ from typing import Annotated
 
 from fastapi import FastAPI, Query, Response
 
+from service.api.routes.recommend import _body
+from service.api.schemas import ID_PATTERN
+from service.core.types import Recommendations
 from service.index import Hit
-from service.recommender_types import Recommendations
-from service.routes.recommend import _body
-from service.schemas import ID_PATTERN
 
 VERSION = "20260101T000000Z-0123abcd"
 

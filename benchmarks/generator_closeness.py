@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifact import load_artifact
-from service.recommender import Recommender
-from service.recommender_types import NewItem
+from service.core.recommender import Recommender
+from service.core.types import NewItem
+from service.model.artifact import load_artifact
 from service.store import SqliteStore
 from training.dataset import Dataset, load_dataset
 from training.item_rows import generated_rows
-from training.m2rec_recommender import VARIANTS
+from training.presets import PRESETS
 from training.split import cold_start_split
 from training.train import TrainConfig, train
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variant", default="m2rec-gated-surrogate", choices=sorted(VARIANTS))
+    parser.add_argument("--variant", default="m2rec-gated-surrogate", choices=sorted(PRESETS))
     parser.add_argument("--artifact", type=Path, default=None,
                         help="an exported artifact (trained on --dataset) instead of training --variant")
     args = parser.parse_args(argv)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         generated, trained = served_rows(args.artifact, dataset)
         title = f"artifact {generated.shape[1] - 1}-d at {args.artifact}"
     else:
-        cfg = dataclasses.replace(TrainConfig(seed=args.seed, progress=False), **VARIANTS[args.variant])
+        cfg = dataclasses.replace(TrainConfig(seed=args.seed, progress=False), **PRESETS[args.variant])
         result = train(dataset, cold_start_split(dataset, args.seed), cfg)
         generated = generated_rows(result.model, result.data, result.data.warm).numpy()  # (J, D+1)
         trained = result.model.item_rows().detach().numpy()  # (J, D+1)
@@ -71,7 +71,7 @@ def served_rows(path: Path, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
                 j = dataset.item_index(item_id)
                 content = None if dataset.features is None else dataset.features[j].tolist()
                 items.append(NewItem(item_id, dataset.item_attributes[j], content))
-            return recommender.embed(items), recommender.warm_rows
+            return recommender.embedder.embed(items), recommender.warm_rows
         finally:
             store.close()
 

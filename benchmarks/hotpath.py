@@ -3,12 +3,12 @@
     .venv/bin/python -m benchmarks.hotpath --artifact /tmp/m2rec-bench/artifacts
 
 /recommend:
-- fold-in: the model's torch fold-in (the previous `Recommender.user_query`) vs service.fold_in
+- fold-in: the model's torch fold-in (the previous `Recommender.user_query`) vs service.core.fold_in
 - history rows, trained items only: the previous per-row np.stack vs one gather
 - history rows with registered items: read from the store on every request (RowCache of size 0,
   the previous behaviour) vs the in-memory RowCache
 - response body: pydantic RecommendationsOut built, re-validated and dumped (what FastAPI does with
-  a returned model) vs the route's serialiser (`service.routes.recommend._body`)
+  a returned model) vs the route's serialiser (`service.api.routes.recommend._body`)
 POST /items:
 - embed one item: attribute scores of the whole vocabulary recomputed per call (the previous
   AttributePooling) vs kept between calls
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from benchmarks.catalogue import synthetic_batch
-from service.artifact import load_artifact
+from service.api.routes.recommend import _body
+from service.api.schemas import RecommendationsOut, RecommendedItem
+from service.core.recommender import Recommender
+from service.core.row_cache import RowCache
+from service.core.types import NewItem
 from service.model import M2Rec
-from service.recommender import Recommender
-from service.recommender_types import NewItem
-from service.routes.recommend import _body
-from service.row_cache import RowCache
-from service.schemas import RecommendationsOut, RecommendedItem
+from service.model.artifact import load_artifact
 from service.store import ItemRecord, SqliteStore
 from training.dataset import load_dataset
 
@@ -61,7 +61,7 @@ def main() -> None:
     r = Recommender(load_artifact(args.artifact), store)
     batch = synthetic_batch(load_dataset(args.dataset), 0, 600, 0)
     items = [NewItem(batch.ids[b], batch.attributes[b], batch.content[b].tolist()) for b in range(600)]
-    rows = r.embed(items)
+    rows = r.embedder.embed(items)
     store.put_items([ItemRecord(i.item_id, i.attributes, i.content, row, r.version, 0.0)
                      for i, row in zip(items, rows, strict=True)])
     history = list(r.warm_ids[: args.history])
@@ -75,16 +75,16 @@ def main() -> None:
             return M2Rec.query(h).numpy().astype(np.float32)
 
     def stacked_rows() -> np.ndarray:
-        return np.stack([r.warm_rows[r._warm_pos[i]] for i in history]).astype(np.float32)
+        return np.stack([r.warm_rows[r.embedder.warm_pos[i]] for i in history]).astype(np.float32)
 
-    cached = r._rows
+    cached = r.maintainer.rows
 
     def uncached_mixed_rows() -> np.ndarray:
-        r._rows = RowCache(0)
+        r.maintainer.rows = RowCache(0)
         try:
             return r.history_rows(mixed)
         finally:
-            r._rows = cached
+            r.maintainer.rows = cached
 
     result = r.recommend("nobody", 20)
 
@@ -98,10 +98,10 @@ def main() -> None:
 
     def embed_rescoring() -> np.ndarray:
         pooling._scores = None  # type: ignore[union-attr]  # what every call used to do
-        return r.embed(items[:1])
+        return r.embedder.embed(items[:1])
 
     def embed_one_pass() -> np.ndarray:
-        return np.concatenate([r._embed_chunk(items[:500])])
+        return np.concatenate([r.embedder._embed_chunk(items[:500])])
 
     print(f"| step (history of {args.history}, {args.registered} registered) | before µs | after µs |")
     print("|---|---|---|")
@@ -112,9 +112,10 @@ def main() -> None:
           f"| {per_call_us(lambda: r.history_rows(mixed)):.0f} |")
     print(f"| response body (k=20) | {per_call_us(pydantic_body):.0f} "
           f"| {per_call_us(lambda: _body('u', result)):.0f} |")
-    print(f"| embed 1 item | {per_call_us(embed_rescoring):.0f} | {per_call_us(lambda: r.embed(items[:1])):.0f} |")
+    print(f"| embed 1 item | {per_call_us(embed_rescoring):.0f} "
+          f"| {per_call_us(lambda: r.embedder.embed(items[:1])):.0f} |")
     print(f"| embed 500 items | {per_call_us(embed_one_pass, 3):.0f} "
-          f"| {per_call_us(lambda: r.embed(items[:500]), 3):.0f} |")
+          f"| {per_call_us(lambda: r.embedder.embed(items[:500]), 3):.0f} |")
     store.close()
 
 

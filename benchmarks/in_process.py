@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
+from service.core.recommender import Recommender
 from service.index import VectorIndex
-from service.recommender import Recommender
 
 K = 20
 

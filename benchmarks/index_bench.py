@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.index import IndexConfig, VectorIndex
-from service.index_search import search_base
+from service.index.search import search_base
 
 K = 20
 Rows = npt.NDArray[np.float32]
@@ -91,8 +91,8 @@ def run_one(cache: Path, size: int, nlist: int | None, nprobes: list[int], stall
     if artifact is not None:  # the model loaded as the server holds it: RSS figures become the server's
         import tempfile
 
-        from service.artifact import load_artifact
-        from service.recommender import Recommender
+        from service.core.recommender import Recommender
+        from service.model.artifact import load_artifact
         from service.store import SqliteStore
 
         model = Recommender(load_artifact(artifact), SqliteStore(Path(tempfile.mkdtemp()) / "s.sqlite3"))

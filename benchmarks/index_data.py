@@ -23,8 +23,8 @@ import numpy.typing as npt
 import torch
 
 from benchmarks.catalogue import benchmark_users, embed_batch, synthetic_batch
-from service.artifact import load_artifact
-from service.recommender import Recommender
+from service.core.recommender import Recommender
+from service.model.artifact import load_artifact
 from service.store import SqliteStore
 from training.dataset import load_dataset
 

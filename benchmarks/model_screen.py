@@ -27,7 +27,7 @@ import torch
 from training.baselines import content_blocks
 from training.dataset import Dataset, load_dataset
 from training.item_rows import ItemTable, generated_rows, user_vectors
-from training.m2rec_recommender import VARIANTS
+from training.presets import PRESETS
 from training.protocol import all_items, cold_only, evaluate
 from training.split import ColdStartSplit, cold_start_split
 from training.train import TrainConfig, TrainResult, train
@@ -167,13 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variant", default=None, help="start from a harness variant (training/m2rec_recommender.py)")
+    parser.add_argument("--variant", default=None, help="start from a harness variant (training/presets.py)")
     parser.add_argument("--quick", action="store_true", help="only the metrics and the gate's spread")
     parser.add_argument("overrides", nargs="*", help="TrainConfig field=value")
     args = parser.parse_args(argv)
-    if args.variant is not None and args.variant not in VARIANTS:
-        raise SystemExit(f"unknown --variant {args.variant!r}; known: {', '.join(sorted(VARIANTS))}")
-    overrides = {**(VARIANTS[args.variant] if args.variant else {}), **parse_overrides(args.overrides)}
+    if args.variant is not None and args.variant not in PRESETS:
+        raise SystemExit(f"unknown --variant {args.variant!r}; known: {', '.join(sorted(PRESETS))}")
+    overrides = {**(PRESETS[args.variant] if args.variant else {}), **parse_overrides(args.overrides)}
     dataset = load_dataset(args.dataset)
     split = cold_start_split(dataset, args.seed)
     cfg = dataclasses.replace(TrainConfig(seed=args.seed, progress=False), **overrides)

@@ -24,8 +24,8 @@ from threadpoolctl import threadpool_limits
 
 from benchmarks.catalogue import fill_store, write_histories
 from benchmarks.serve import calibrate, new_bench
-from service.artifact import load_artifact
-from service.recommender import Recommender
+from service.core.recommender import Recommender
+from service.model.artifact import load_artifact
 from service.store import SqliteStore
 from training.dataset import load_dataset
 
@@ -78,7 +78,7 @@ def main() -> None:
     index, nprobe, sweep = calibrate(bench, kind)
     print(f"{kind} index over {len(bench.ids):,} rows; calibration {sweep}", flush=True)
     torch.set_num_threads(1)
-    r.index = index
+    r.maintainer.index = index
     measured = list(bench.bench_users)
     with threadpool_limits(1, user_api="blas"):  # as the server runs
         for n in args.nprobe or [nprobe]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.index_base import Base
-from service.index_search import search_base
+from service.index.base import Base
+from service.index.search import search_base
 
 
 def base_recall(base: Base, queries: np.ndarray, k: int, nprobe: int) -> float:

@@ -46,9 +46,9 @@ from benchmarks.paired import CONCURRENCY, PAIRS, paired_load
 from benchmarks.processes import CLIENT_CORE, Server, all_cores, pin
 from benchmarks.recall import base_recall
 from benchmarks.report import write_report
-from service.artifact import load_artifact
+from service.core.recommender import Recommender
 from service.index import IndexConfig, VectorIndex
-from service.recommender import Recommender
+from service.model.artifact import load_artifact
 from service.store import SqliteStore
 from training.dataset import Dataset, load_dataset
 
@@ -297,18 +297,18 @@ def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
         q = queries(bench, bench.bench_users)
         result["ivf_recall"] = {n: round(base_recall(index._base, q, K, n), 4) for n in sorted({1, nprobe})}
     torch.set_num_threads(1)
-    with threadpool_limits(1, user_api="blas"):  # as the server runs (service/app.py)
-        r.index = index
+    with threadpool_limits(1, user_api="blas"):  # as the server runs (service/api/app.py)
+        r.maintainer.index = index
         users = list(bench.bench_users)
         result["compute"] = recommend_alone(r, users, 300 if args.quick else 1000)
         result["compute_batched"] = recommend_batched(r, users, 10, 30 if args.quick else 100)
         result["compute_search_only"] = search_alone(r, index, bench.bench_users)
-    bench.recommender.index = VectorIndex(r.dim)  # free the in-process copy before the server starts
+    bench.recommender.maintainer.index = VectorIndex(r.dim)  # free the in-process copy before the server starts
     del index
     env = {"M2REC_ARTIFACT_PATH": str(args.artifact), "M2REC_STORE_URL": str(work / "store.sqlite3"),
            "M2REC_INDEX_KIND": kind, "M2REC_INDEX_NPROBE": str(max(nprobe, 1))}
     floor = Server("benchmarks.floor_app:create_floor_app", args.port + 1, {}, work / f"floor-{size}.log")
-    server = Server("service.app:create_app", args.port, env, work / f"server-{size}.log")
+    server = Server("service.api.app:create_app", args.port, env, work / f"server-{size}.log")
     try:
         floor.wait_ready(60)
         result["startup_s"] = round(server.wait_ready(1800), 1)

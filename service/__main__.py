@@ -10,7 +10,7 @@ from service.config import Settings
 def main() -> None:
     settings = Settings()
     # the factory builds its own Settings from the same environment inside the server process
-    uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port)
+    uvicorn.run("service.api.app:create_app", factory=True, host=settings.host, port=settings.port)
 
 
 if __name__ == "__main__":

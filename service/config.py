@@ -58,8 +58,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    torch_threads: int = Field(1, ge=1, description="intra-op threads; requests already run in parallel")
-    faiss_threads: int = Field(1, ge=1)
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads (embedding new items) and NumPy BLAS "
+                               "threads (fold-in); requests already run in parallel")
+    faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads for index builds and background merges "
+                               "(IVF k-means, list assignment); searches never call FAISS")
 
     @property
     def uses_redis(self) -> bool:

@@ -24,7 +24,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 INGEST_REJECT_REASONS = ("invalid_item", "invalid_request", "trained_item", "too_large", "store_unavailable")
 STORE_ERROR_SOURCES = ("request", "follower", "readiness", "stats")
-RELOAD_OUTCOMES = ("swapped", "failed", "cancelled", "refused")  # service/reload.py
+RELOAD_OUTCOMES = ("swapped", "failed", "cancelled", "refused")  # service/api/reload.py
 STORE_SAMPLE_SECONDS = 30.0  # store.stats() costs ~2·sample round trips: at most this often per replica
 
 

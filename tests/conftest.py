@@ -87,7 +87,7 @@ def store(store_spec: StoreSpec) -> Iterator[Store]:
 
 # ---------------------------------------------------------------------------------------------
 # Service fixtures (tests/test_api.py, tests/test_recommender.py): one tiny real model, trained
-# on the real ml-100k data for one epoch and exported with service.artifact_export.save_artifact.
+# on the real ml-100k data for one epoch and exported with service.model.artifact_export.save_artifact.
 # Imports stay in this section so the fixtures above are untouched.
 
 from training.dataset import Dataset  # noqa: E402
@@ -121,7 +121,7 @@ def trained_artifact(tmp_path_factory: pytest.TempPathFactory) -> TrainedArtifac
 def train_and_export(root: Path, cfg: Any) -> TrainedArtifact:
     """Train on real ml-100k (split seed 0) with `cfg` (a training.train.TrainConfig) and export
     the artifact under `root` as the trainer does."""
-    from service.artifact_export import save_artifact
+    from service.model.artifact_export import save_artifact
     from tests.shared_data import shared_data
     from training.convert_ml100k import build_ml100k
     from training.split import cold_start_split
@@ -162,8 +162,8 @@ class TwoArtifacts:
 def two_artifacts(trained_artifact: TrainedArtifact, tmp_path_factory: pytest.TempPathFactory) -> TwoArtifacts:
     import shutil
 
-    from service.artifact import resolve_current
-    from service.artifact_export import save_artifact, set_current
+    from service.model.artifact import resolve_current
+    from service.model.artifact_export import save_artifact, set_current
     from training.train import TrainConfig, train
 
     old = resolve_current(trained_artifact.root)

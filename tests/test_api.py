@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from service.app import create_app
+from service.api.app import create_app
+from service.api.schemas import RecommendationsOut
 from service.config import Settings
-from service.schemas import RecommendationsOut
 from tests.conftest import StoreSpec, TrainedArtifact
 
 API_KEY = "test-key"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from service.artifact import (
+from service.model.artifact import (
     CURRENT_POINTER,
     ITEM_IDS_FILE,
     MANIFEST_FILE,
@@ -26,7 +26,7 @@ from service.artifact import (
     load_artifact,
     resolve_current,
 )
-from service.artifact_export import save_artifact, set_current
+from service.model.artifact_export import save_artifact, set_current
 
 MODEL_CONFIG: dict[str, Any] = {"latent_dim": 4, "hidden": (8, 6), "dropout": 0.5, "name": "tiny"}
 METRICS: dict[str, Any] = {"validation": {"cold_only": {"ndcg@20": 0.25, "recall@20": 0.3}},

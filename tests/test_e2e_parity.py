@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from service.artifact import load_artifact
-from service.recommender import load_model
+from service.core.embedder import load_model
+from service.model.artifact import load_artifact
 from tests.conftest import StoreSpec, TrainedArtifact
 from tests.live_server import LiveServer
 from training.item_rows import ItemTable

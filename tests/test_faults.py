@@ -23,7 +23,7 @@ import redis
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from service.app import create_app
+from service.api.app import create_app
 from service.config import Settings
 from tests.conftest import StoreSpec, TrainedArtifact
 from tests.live_server import stop_process

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.fold_in import FoldIn
+from service.core.fold_in import FoldIn
 from service.model import M2Rec, ModelConfig
 from tests.conftest import TrainedArtifact
 
@@ -34,8 +34,8 @@ def test_numpy_fold_in_equals_the_model_fold_in(user_hidden: int, length: int) -
 
 
 def test_numpy_fold_in_equals_the_trained_model_on_generated_rows(trained_artifact: TrainedArtifact) -> None:
-    from service.artifact import load_artifact
-    from service.recommender import load_model
+    from service.core.embedder import load_model
+    from service.model.artifact import load_artifact
 
     model = load_model(load_artifact(trained_artifact.root))
     rng = np.random.default_rng(0)
@@ -55,9 +55,9 @@ def test_recommend_response_is_the_declared_contract_and_equals_the_recommender(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
+    from service.api.schemas import RecommendationsOut
     from service.config import Settings
-    from service.schemas import RecommendationsOut
 
     settings = Settings(artifact_path=trained_artifact.root, store_url=str(tmp_path / "s.sqlite3"))
     warm = [trained_artifact.dataset.item_ids[int(j)] for j in trained_artifact.split.warm_items[:5]]

@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from service.app import create_app
+from service.api.app import create_app
 from service.config import Settings
 from tests.conftest import TrainedArtifact
 

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from benchmarks.generator_closeness import served_rows
-from service.artifact import load_artifact
-from service.recommender import load_model
+from service.core.embedder import load_model
+from service.model.artifact import load_artifact
 from tests.conftest import TrainedArtifact
 from training.item_rows import generated_rows
 from training.train_data import prepare

@@ -9,11 +9,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from service.artifact import load_artifact
+from service.core.recommender import Recommender
+from service.core.types import NewItem
 from service.index import Hit, IndexConfig, VectorIndex
-from service.index_search import search_base
-from service.recommender import Recommender
-from service.recommender_types import NewItem
+from service.index.search import search_base
+from service.model.artifact import load_artifact
 from service.store import SqliteStore
 from tests.conftest import TrainedArtifact, train_and_export
 
@@ -197,7 +197,7 @@ def generated(served_model: TrainedArtifact, tmp_path_factory: pytest.TempPathFa
     content = (1 - mix) * ds.features[base] + mix * ds.features[donor]
     content += rng.normal(scale=0.1 * float(np.abs(ds.features).mean()), size=content.shape)
     items = [NewItem(f"g{j}", list(ds.item_attributes[base[j]]), content[j].tolist()) for j in range(n)]
-    rows = rec.embed(items)  # (n, D+1) what POST /items would index
+    rows = rec.embedder.embed(items)  # (n, D+1) what POST /items would index
     position = {item_id: j for j, item_id in enumerate(rec.warm_ids)}
     users: dict[int, list[int]] = {}
     for u, i in ds.interactions.tolist():

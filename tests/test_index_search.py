@@ -7,9 +7,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from service.index import HEAD_SLACK, IndexConfig, VectorIndex
-from service.index_search import exact_found
-from service.index_storage import Banned, DeltaSegment, IdMap, ItemTable
+from service.index import IndexConfig, VectorIndex
+from service.index.search import exact_found
+from service.index.storage import Banned, DeltaSegment, IdMap, ItemTable
+from service.index.vector_index import HEAD_SLACK
 
 D = 8
 Array = npt.NDArray[np.float32]

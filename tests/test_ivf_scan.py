@@ -1,4 +1,4 @@
-"""The IVF scan kernel (service/_ivf_scan.c) and the list layout it reads (service/ivf_lists.py),
+"""The IVF scan kernel (service/index/_ivf_scan.c) and the list layout it reads (service/index/ivf_lists.py),
 against a brute-force reference over the same lists."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from service._scoring import inner_products, ivf_search
-from service.index_storage import Banned
-from service.ivf_lists import ListPanels
+from service.index._scoring import inner_products, ivf_search
+from service.index.ivf_lists import ListPanels
+from service.index.storage import Banned
 
 Ids = npt.NDArray[np.int64]
 Rows = npt.NDArray[np.float32]

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from service.generator import ItemInputs, M2VAEGenerator
-from service.linear_path import ATTRIBUTES, BOTH, CONTENT, NOTHING
 from service.model import M2Rec, ModelConfig
+from service.model.generator import M2VAEGenerator
+from service.model.inputs import ItemInputs
+from service.model.linear_path import ATTRIBUTES, BOTH, CONTENT, NOTHING
 from tests.test_train import TINY, tiny_dataset
 from training.linear_fit import LinearFit
 from training.split import cold_start_split
@@ -132,8 +133,8 @@ def test_linear_path_is_refused_for_the_content_vae() -> None:
 
 
 def test_exported_artifact_serves_identical_rows_for_every_modality_pattern(tmp_path: Path) -> None:
-    from service.artifact import load_artifact
-    from service.recommender import load_model
+    from service.core.embedder import load_model
+    from service.model.artifact import load_artifact
     from training.export import export_artifact
     from training.train import TrainConfig, train
 

@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from service.generator import Gaussian, ItemInputs, M2VAEGenerator
 from service.model import M2Rec, ModelConfig
+from service.model.generator import Gaussian, M2VAEGenerator
+from service.model.inputs import ItemInputs
 from training import losses
 
 D, F_DIM, A, B = 16, 6, 10, 8

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.generator import AttributePooling, ItemInputs, M2VAEGenerator
 from service.model import AttributeVocabulary, M2Rec, ModelConfig, item_inputs
+from service.model.generator import AttributePooling, M2VAEGenerator
+from service.model.inputs import ItemInputs
 
 D, F_DIM, A = 16, 6, 12
 

@@ -251,7 +251,7 @@ def test_an_unreachable_store_is_counted_by_caller_and_as_an_ingest_reject(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
     from service.config import Settings
 
     settings = Settings(artifact_path=trained_artifact.root, store_url=str(tmp_path / "s.sqlite3"))

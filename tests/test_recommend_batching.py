@@ -1,5 +1,5 @@
 """Concurrent /recommend requests through real uvicorn are answered in shared batches
-(service/recommend_batcher.py), and each answer is exactly the one the request gets alone."""
+(service/api/recommend_batcher.py), and each answer is exactly the one the request gets alone."""
 
 from __future__ import annotations
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from service.artifact import load_artifact
+from service.core.recommender import Recommender
+from service.core.types import InvalidItemError, NewItem, TrainedItemConflictError
 from service.model import M2Rec
-from service.recommender import Recommender
-from service.recommender_types import InvalidItemError, NewItem, TrainedItemConflictError
+from service.model.artifact import load_artifact
 from service.store import Interaction, ItemRecord, SqliteStore
 from tests.conftest import TrainedArtifact
 
@@ -28,7 +28,7 @@ def _cold_item(trained: TrainedArtifact, n: int, *, new_id: str | None = None) -
 @pytest.fixture
 def recommender(trained_artifact: TrainedArtifact, tmp_path: Path) -> Recommender:
     rec = Recommender(load_artifact(trained_artifact.root), SqliteStore(tmp_path / "s.sqlite3"))
-    rec.build_index()
+    rec.maintainer.build_index()
     return rec
 
 
@@ -65,14 +65,14 @@ def test_history_uses_learned_rows_for_trained_items_and_generated_rows_for_regi
     recommender.register([item])
     rows = recommender.history_rows([recommender.warm_ids[7], item.item_id])
     np.testing.assert_array_equal(rows[0], recommender.model.item_rows().detach().numpy()[7])
-    np.testing.assert_allclose(rows[1], recommender.embed([item])[0], rtol=1e-6)
+    np.testing.assert_allclose(rows[1], recommender.embedder.embed([item])[0], rtol=1e-6)
 
 
 def test_items_with_only_attributes_or_only_content_get_finite_distinct_rows(
     recommender: Recommender, trained_artifact: TrainedArtifact
 ) -> None:
     item = _cold_item(trained_artifact, 2)
-    both, attrs_only, content_only = recommender.embed([
+    both, attrs_only, content_only = recommender.embedder.embed([
         item, NewItem("a", item.attributes, None), NewItem("c", [], item.content)])
     assert np.isfinite(np.stack([both, attrs_only, content_only])).all()
     assert not np.allclose(attrs_only, content_only)
@@ -127,10 +127,10 @@ def test_stored_row_from_another_model_version_is_re_embedded(
     item = _cold_item(trained_artifact, 3)
     garbage = np.full(recommender.dim, 7.0, np.float32)
     recommender.store.put_items([ItemRecord(item.item_id, item.attributes, item.content, garbage, "old", 1.0)])
-    recommender.build_index()
+    recommender.maintainer.build_index()
     ids, vectors, _ = recommender.index.live_vectors()
     row = vectors[ids.index(item.item_id)]
-    np.testing.assert_allclose(row, recommender.embed([item])[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(row, recommender.embedder.embed([item])[0], rtol=1e-5, atol=1e-6)
 
 
 def _two_replicas(trained_artifact: TrainedArtifact, tmp_path: Path) -> tuple[Recommender, Recommender, str | None]:
@@ -138,8 +138,8 @@ def _two_replicas(trained_artifact: TrainedArtifact, tmp_path: Path) -> tuple[Re
     artifact = load_artifact(trained_artifact.root)
     a = Recommender(artifact, SqliteStore(tmp_path / "s.sqlite3"))
     b = Recommender(artifact, SqliteStore(tmp_path / "s.sqlite3"))
-    cursor = b.build_index()
-    a.build_index()
+    cursor = b.maintainer.build_index()
+    a.maintainer.build_index()
     return a, b, cursor
 
 
@@ -150,10 +150,10 @@ def test_follower_applies_another_replicas_upserts_and_deletes(
     item = _cold_item(trained_artifact, 4)
     a.register([item])
     assert not b.index.contains(item.item_id)
-    followed = b.follow(cursor)
+    followed = b.maintainer.follow(cursor)
     assert b.index.contains(item.item_id) and len(followed.lags) == 1 and not followed.rebuilt
     a.delete(item.item_id)
-    b.follow(followed.cursor)
+    b.maintainer.follow(followed.cursor)
     assert not b.index.contains(item.item_id)
 
 
@@ -164,9 +164,9 @@ def test_follower_rebuilds_when_the_events_it_missed_were_trimmed(
     a = Recommender(artifact, SqliteStore(tmp_path / "s.sqlite3", event_cap=2))
     b = Recommender(artifact, SqliteStore(tmp_path / "s.sqlite3", event_cap=2))
     a.register([_cold_item(trained_artifact, 0)])
-    cursor = b.build_index()
+    cursor = b.maintainer.build_index()
     a.register([_cold_item(trained_artifact, n) for n in range(1, 6)])
-    assert b.follow(cursor).rebuilt
+    assert b.maintainer.follow(cursor).rebuilt
     assert b.index.count() == (len(b.warm_ids), 6)
 
 
@@ -213,8 +213,8 @@ def test_embedding_a_batch_equals_embedding_its_items_one_by_one_in_the_callers_
     items = [_cold_item(trained_artifact, n) for n in range(6)]
     items[1] = NewItem("few", items[1].attributes[:1], items[1].content)
     items[4] = NewItem("none", [], items[4].content)
-    batch = recommender.embed(items)
-    single = np.concatenate([recommender.embed([i]) for i in items])
+    batch = recommender.embedder.embed(items)
+    single = np.concatenate([recommender.embedder.embed([i]) for i in items])
     np.testing.assert_allclose(batch, single, rtol=1e-5, atol=1e-6)
 
 
@@ -224,14 +224,14 @@ def test_history_rows_follow_updates_and_deletes_made_through_another_replica(
     a, b, cursor = _two_replicas(trained_artifact, tmp_path)
     first, second = _cold_item(trained_artifact, 1), _cold_item(trained_artifact, 2)
     a.register([first])
-    cursor = b.follow(cursor).cursor
+    cursor = b.maintainer.follow(cursor).cursor
     history = [b.warm_ids[0], first.item_id]
-    np.testing.assert_allclose(b.history_rows(history)[1], a.embed([first])[0], rtol=1e-6)  # read, then kept
+    np.testing.assert_allclose(b.history_rows(history)[1], a.embedder.embed([first])[0], rtol=1e-6)  # read, then kept
     a.register([NewItem(first.item_id, second.attributes, second.content)])  # same id, new inputs
-    cursor = b.follow(cursor).cursor
-    np.testing.assert_allclose(b.history_rows(history)[1], a.embed([second])[0], rtol=1e-6)
+    cursor = b.maintainer.follow(cursor).cursor
+    np.testing.assert_allclose(b.history_rows(history)[1], a.embedder.embed([second])[0], rtol=1e-6)
     a.delete(first.item_id)
-    b.follow(cursor)
+    b.maintainer.follow(cursor)
     assert len(b.history_rows(history)) == 1  # the deleted item no longer enters the fold-in
 
 
@@ -273,5 +273,6 @@ def test_rows_of_many_histories_keep_each_users_usable_items_in_order(
     assert lengths == [3, 0, 0, 1, 1]
     expected = np.concatenate([recommender.history_rows(h) for h in histories])
     np.testing.assert_array_equal(rows, expected)
-    np.testing.assert_allclose(rows[1], recommender.embed([items[0]])[0], rtol=1e-5, atol=1e-6)  # its generated row
+    generated = recommender.embedder.embed([items[0]])[0]
+    np.testing.assert_allclose(rows[1], generated, rtol=1e-5, atol=1e-6)  # its generated row
     np.testing.assert_array_equal(rows[3], recommender.warm_rows[2])

@@ -16,12 +16,12 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from service.app import create_app
-from service.artifact import TENSORS_FILE, load_artifact
-from service.artifact_export import set_current
+from service.api.app import create_app
 from service.config import Settings
-from service.recommender import Recommender
-from service.recommender_types import NewItem
+from service.core.recommender import Recommender
+from service.core.types import NewItem
+from service.model.artifact import TENSORS_FILE, load_artifact
+from service.model.artifact_export import set_current
 from service.store import SqliteStore
 from tests.conftest import StoreSpec, TrainedArtifact, TwoArtifacts
 
@@ -61,7 +61,7 @@ def _rows_under(root: Path, version: str, items: dict[str, dict[str, Any]], tmp_
     """The oracle: rows an independently loaded recommender of `version` computes from the raw inputs."""
     oracle = Recommender(load_artifact(root / version), SqliteStore(tmp_path / f"oracle-{version}.sqlite3"))
     ids = sorted(items)
-    rows = oracle.embed([NewItem(i, items[i]["attributes"], items[i]["content"]) for i in ids])
+    rows = oracle.embedder.embed([NewItem(i, items[i]["attributes"], items[i]["content"]) for i in ids])
     return dict(zip(ids, rows, strict=True))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.row_cache import RowCache
+from service.core.row_cache import RowCache
 
 
 def _row(v: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The C scoring kernel (service/_scoring.c): exact to a NumPy reference, independent of the batch."""
+"""The C scoring kernel (service/index/_scoring.c): exact to a NumPy reference, independent of the batch."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from service._scoring import inner_products, inner_products_panels, select_best
-from service.index_base import Coarse
-from service.index_search import _nearest_lists
-from service.index_storage import to_panels
+from service.index._scoring import inner_products, inner_products_panels, select_best
+from service.index.base import Coarse
+from service.index.search import _nearest_lists
+from service.index.storage import to_panels
 
 
 def reference(queries: npt.NDArray[np.float32], rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

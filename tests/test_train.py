@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.generator import M2VAEGenerator
 from service.model import M2Rec, item_inputs
+from service.model.generator import M2VAEGenerator
 from training.dataset import Dataset
 from training.m2rec_recommender import M2RecRecommender
 from training.protocol import cold_only, evaluate

@@ -36,7 +36,9 @@ import numpy as np
 
 from training.baselines import ALS, ALSRidge, ContentKNN, Popularity, RandomRecommender
 from training.dataset import Dataset, fingerprint, load_dataset
+from training.m2rec_recommender import M2RecRecommender
 from training.mixing import model_mixer
+from training.presets import PRESETS
 from training.protocol import Evaluation, Recommender, Task, cold_only, evaluate_tops, hybrid, tops
 from training.split import cold_start_split
 
@@ -62,9 +64,6 @@ def model_factories() -> dict[str, ModelFactory]:
         "als-ridge": lambda seed: ALSRidge(seed=seed),
         "blend": lambda seed: ALSRidge(seed=seed, calibrate=True, name="blend"),
     }
-    from training.m2rec_recommender import M2RecRecommender
-    from training.presets import PRESETS
-
     for name in PRESETS:
         factories[name] = lambda seed, name=name: M2RecRecommender.preset(name, seed)  # type: ignore[misc]
     return factories

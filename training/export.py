@@ -1,11 +1,11 @@
-"""Trained model → artifact directory (service/artifact.py), the one format the service loads."""
+"""Trained model → artifact directory (service/model/artifact.py), the one format the service loads."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from service.artifact_export import save_artifact
+from service.model.artifact_export import save_artifact
 from training.dataset import Dataset
 
 

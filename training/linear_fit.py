@@ -1,4 +1,4 @@
-"""Closed-form ridge fit of the generator's linear path (service/linear_path.py) onto [V; b].
+"""Closed-form ridge fit of the generator's linear path (service/model/linear_path.py) onto [V; b].
 
 The warm items' features never change during training, so the normal equations' Cholesky factors
 are built once per run; every t-step then only solves for the current targets (X^T Y and two
@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from service.linear_path import ATTRIBUTES, BOTH, CONTENT, NOTHING, LinearPath
+from service.model.linear_path import ATTRIBUTES, BOTH, CONTENT, NOTHING, LinearPath
 from training.train_data import TrainingData
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from service.generator import Gaussian, GeneratorOutput, ItemInputs
+from service.model import ItemInputs
+from service.model.generator import Gaussian, GeneratorOutput
 
 
 def multinomial_nll(logits: torch.Tensor, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -26,14 +26,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from service.generator import Gaussian, M2VAEGenerator
 from service.model import M2Rec, ModelConfig
+from service.model.generator import Gaussian, M2VAEGenerator
 from training import losses
 from training.dataset import Dataset, fingerprint, load_dataset
 from training.export import export_artifact
 from training.input_dropout import feature_dropout, modality_dropout
 from training.item_rows import ItemTable, generated_rows, user_vectors
 from training.linear_fit import LinearFit
+from training.presets import PRESETS
 from training.protocol import cold_only, evaluate, hybrid
 from training.split import ColdStartSplit, cold_start_split
 from training.train_data import TrainingData, prepare
@@ -57,7 +58,7 @@ class TrainConfig:
     moe: bool = True
     gate_temperature: float = 1.0
     gate_norm: bool = False  # modality gate on RMS-normalised factors (ModelConfig.gate_norm)
-    linear_path: bool = True  # M2VAE: ridge path + decoder residual (service/linear_path.py)
+    linear_path: bool = True  # M2VAE: ridge path + decoder residual (service/model/linear_path.py)
     linear_residual: float = 1.0  # scale of the decoder's residual on the linear path (0 = ridge row alone)
     linear_attribute_weight: float = 1.0
     linear_ridge: float = 2.0  # ridge strength of the closed-form fit (chosen on validation, model-tuning.md)
@@ -323,14 +324,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path,
                         help="artifact root: the model is exported as a new version and `current` points at it")
     parser.add_argument("--variant", default=None,
-                        help="start from a harness variant's settings (training/m2rec_recommender.py), e.g. "
+                        help="start from a harness variant's settings (training/presets.py), e.g. "
                              "m2rec-linear-d128-gen-nll, the full model; flags given as well override them")
-    from training.presets import PRESETS as VARIANTS
-
     chosen = parser.parse_known_args(argv)[0].variant
-    if chosen is not None and chosen not in VARIANTS:
-        parser.error(f"unknown --variant {chosen!r}; known: {', '.join(sorted(VARIANTS))}")
-    defaults = replace(TrainConfig(), **VARIANTS[chosen]) if chosen is not None else TrainConfig()
+    if chosen is not None and chosen not in PRESETS:
+        parser.error(f"unknown --variant {chosen!r}; known: {', '.join(sorted(PRESETS))}")
+    defaults = replace(TrainConfig(), **PRESETS[chosen]) if chosen is not None else TrainConfig()
     for f in fields(TrainConfig):
         value = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")

@@ -10,8 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from service.generator import ItemInputs
-from service.model import AttributeVocabulary
+from service.model import AttributeVocabulary, ItemInputs
 from training.dataset import Dataset
 from training.split import ColdStartSplit
 

@@ -1,0 +1,126 @@
+"""The rows [v; b] (D+1) of one model version: trained (warm) items' learned rows from the artifact,
+and for every other item the generator's row under the user-neutral gate, from its raw inputs.
+
+A replica uses a stored embedding only when it was computed by the model version it serves;
+otherwise it re-embeds the item from its raw inputs, so replicas on two versions never mix rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from service.core.types import InvalidItemError, NewItem, Rows
+from service.model import AttributeVocabulary, M2Rec, ModelConfig, item_inputs
+from service.model.artifact import Artifact, ArtifactError, check_compatible
+from service.store import ItemRecord
+
+log = logging.getLogger(__name__)
+EMBED_CHUNK = 128  # items per generator forward pass (sorted by attribute count: little padding)
+
+
+def load_model(artifact: Artifact) -> M2Rec:
+    """The model rebuilt from the artifact's config, weights loaded, in eval mode without gradients."""
+    manifest = artifact.manifest
+    cfg = ModelConfig(**manifest.model_args)  # type: ignore[arg-type]  # JSON values, checked by the dataclass
+    facts = {
+        "content_dim": (cfg.content_dim, manifest.content_dim),
+        "embedding_dim": (cfg.item_dim + 1, manifest.embedding_dim),
+        "n_warm": (cfg.n_warm, len(artifact.item_ids)),
+        "n_attributes": (cfg.n_attributes, len(manifest.attribute_vocabulary)),
+    }
+    for name, (model_value, manifest_value) in facts.items():
+        if model_value != manifest_value:
+            raise ArtifactError(f"artifact at {artifact.path}: model config gives {name}={model_value} "
+                                f"but the manifest says {manifest_value}; re-export the model")
+    model = M2Rec(cfg)
+    check_compatible(artifact, {name: tuple(t.shape) for name, t in model.state_dict().items()})
+    model.load_state_dict(dict(artifact.tensors))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class Embedder:
+    """One artifact's model: the items it was trained on, and rows for every item it was not."""
+
+    def __init__(self, artifact: Artifact) -> None:
+        self.version = artifact.version
+        self.model = load_model(artifact)
+        self.vocabulary = AttributeVocabulary(artifact.manifest.attribute_vocabulary)
+        self.content_dim = artifact.manifest.content_dim
+        self.dim = artifact.manifest.embedding_dim
+        with torch.inference_mode():
+            self.warm_rows: Rows = self.model.item_rows().numpy().astype(np.float32)  # (J, D+1)
+        self.warm_ids = artifact.item_ids
+        self.warm_pos = {item_id: j for j, item_id in enumerate(self.warm_ids)}
+
+    def is_trained(self, item_id: str) -> bool:
+        return item_id in self.warm_pos
+
+    def problem(self, item: NewItem) -> str | None:
+        """Why this model cannot embed the item, or None."""
+        if item.content is not None:
+            if self.content_dim == 0:
+                return (f"item {item.item_id}: model version {self.version} takes no content vector; "
+                        f"omit content")
+            if len(item.content) != self.content_dim:
+                return (f"item {item.item_id}: content has {len(item.content)} values but model version "
+                        f"{self.version} expects content_dim={self.content_dim}")
+            if not np.isfinite(np.asarray(item.content, dtype=np.float64)).all():
+                return f"item {item.item_id}: content contains NaN or infinite values"
+        elif not any(t in self.vocabulary.index for t in item.attributes):
+            return (f"item {item.item_id}: none of its attributes is known to model version {self.version} "
+                    f"and it has no content, so there is nothing to embed it from; add content or known "
+                    f"attributes")
+        return None
+
+    def unknown_attributes(self, attributes: Iterable[str]) -> list[str]:
+        return [t for t in attributes if t not in self.vocabulary.index]
+
+    def embed(self, items: Sequence[NewItem]) -> Rows:
+        """Generated rows (B, D+1), neutral gate; InvalidItemError (naming every bad item) before any work."""
+        problems = [p for p in map(self.problem, items) if p is not None]
+        if problems:
+            raise InvalidItemError("; ".join(problems[:20]))
+        # Attribute pooling pads every item of a pass to the widest one's attribute count (B, A, H):
+        # passes of items of similar width (sorted by it) keep that padding small.
+        index = self.vocabulary.index
+        widths = [len({t for t in item.attributes if t in index}) for item in items]
+        order = sorted(range(len(items)), key=widths.__getitem__)
+        out = np.empty((len(items), self.dim), np.float32)  # (B, D+1)
+        for s in range(0, len(order), EMBED_CHUNK):
+            chunk = order[s : s + EMBED_CHUNK]
+            out[chunk] = self._embed_chunk([items[j] for j in chunk])
+        return out
+
+    def _embed_chunk(self, items: Sequence[NewItem]) -> Rows:
+        attributes, _ = self.vocabulary.encode([item.attributes for item in items])  # (B, A)
+        content = np.zeros((len(items), max(self.content_dim, 1)), np.float32)  # (B, F)
+        has_content = np.zeros(len(items), dtype=bool)  # (B,)
+        for b, item in enumerate(items):
+            if item.content is not None:
+                content[b] = item.content
+                has_content[b] = True
+        # inference_mode is per thread, and requests arrive on pool threads: entered per call
+        with torch.inference_mode():
+            inputs = item_inputs(attributes, torch.from_numpy(content), self.content_dim,
+                                 torch.from_numpy(has_content))
+            rows, _ = self.model.embed_items(inputs)
+        return rows.numpy().astype(np.float32)  # (B, D+1)
+
+    def record_rows(self, records: Sequence[ItemRecord]) -> dict[str, npt.NDArray[np.float32]]:
+        """Rows of stored items under this model; items it cannot embed are left out (and logged)."""
+        rows = {r.item_id: r.embedding for r in records if r.model_version == self.version}
+        stale = [NewItem(r.item_id, r.attributes, r.content) for r in records if r.model_version != self.version]
+        usable = [item for item in stale if self.problem(item) is None]
+        if len(usable) < len(stale):
+            log.warning("%d stored items cannot be embedded by model %s and are not served",
+                        len(stale) - len(usable), self.version)
+        if usable:
+            rows.update(zip((i.item_id for i in usable), self.embed(usable), strict=True))
+        return rows

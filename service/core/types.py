@@ -1,0 +1,65 @@
+"""The values and errors the core exchanges with its callers (routes, reload, benchmarks)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from service.index import Hit
+from service.store import ItemRecord
+
+Rows = npt.NDArray[np.float32]  # (N, D+1): item rows [v; b], or index queries [h; 1]
+
+
+class InvalidItemError(ValueError):
+    """An item this model cannot embed; the message says what to change."""
+
+
+class UnknownItemsError(LookupError):
+    def __init__(self, item_ids: Sequence[str]) -> None:
+        self.item_ids = list(item_ids)
+        super().__init__(f"unknown item ids {self.item_ids[:10]}; register them with POST /items first")
+
+
+class TrainedItemConflictError(ValueError):
+    """The id belongs to an item the model was trained on: its row is learned, not registered."""
+
+
+@dataclass(frozen=True)
+class NewItem:
+    item_id: str
+    attributes: list[str]
+    content: list[float] | None
+
+
+@dataclass(frozen=True)
+class Registration:
+    record: ItemRecord
+    unknown_attributes: list[str]
+    inserted: bool
+
+
+@dataclass(frozen=True)
+class ItemView:
+    item_id: str
+    is_cold: bool
+    model_version: str
+    record: ItemRecord | None  # None for trained items: the artifact keeps no raw inputs
+    unknown_attributes: list[str]
+
+
+@dataclass(frozen=True)
+class Recommendations:
+    hits: list[Hit]
+    fallback: bool
+    model_version: str
+
+
+class Followed(NamedTuple):
+    cursor: str | None  # the last event applied
+    lags: list[float]  # seconds from each applied item event to its row being searchable
+    rebuilt: bool

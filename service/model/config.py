@@ -1,0 +1,48 @@
+"""ModelConfig: the sizes and switches that rebuild the model; saved in the artifact's manifest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+GENERATORS = ("m2vae", "content-vae")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_warm: int  # J, rows of the item table
+    n_attributes: int  # A, size of the attribute vocabulary (index 0 is padding, so A+1 rows)
+    content_dim: int  # F, 0 = items have no dense content vector
+    item_dim: int = 128  # D
+    user_latent: int = 64  # Ku
+    user_hidden: int = 0  # 0 = no hidden layer between the tied layer and the latent
+    gen_hidden: int = 128  # H
+    gen_latent: int = 64  # Z
+    generator: str = "m2vae"  # or "content-vae"
+    common_view: bool = True  # M2VAE: PoE common view
+    moe: bool = True  # M2VAE: user-aware two-level MoE (False = plain average of the views)
+    gate_temperature: float = 1.0
+    # modality gate logits w·(u_v ⊙ z_v ⊙ z_com) on RMS-normalised factors: the raw triple product of
+    # latents with entries ~0.05-0.8 stays near 0.01 and the gate sits at 0.5 (model-tuning.md round 6).
+    # False keeps older artifacts loadable.
+    gate_norm: bool = False
+    logvar_clamp: float = 8.0
+    # M2VAE: ridge path from features to the row (service/model/linear_path.py); the decoder adds a residual
+    # scaled by linear_residual (0 = the ridge row alone). False keeps artifacts without it loadable.
+    linear_path: bool = False
+    linear_residual: float = 1.0
+    linear_attribute_weight: float = 1.0  # length of the attribute block beside the unit content block
+    # M2VAE's decoder reads [z; a; c] (paper); False: z alone, so a row depends on the item only through
+    # the fused latent (where PoE, MoE and the disentangling act). True keeps older artifacts loadable.
+    decoder_features: bool = True
+
+    def __post_init__(self) -> None:
+        if self.generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {self.generator!r}")
+        if self.linear_path and self.generator != "m2vae":
+            raise ValueError("linear_path is a component of the m2vae generator")
+        if min(self.n_warm, self.n_attributes + 1, self.item_dim, self.user_latent) <= 0:
+            raise ValueError("sizes must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
