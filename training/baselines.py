@@ -24,8 +24,9 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from service.core.mixing import Policy
 from training.dataset import Dataset
-from training.mixing import Mixer, choose_mixer
+from training.mixing import choose_policy
 from training.protocol import cold_only, evaluate, hybrid, tops, warm_only
 from training.split import ColdStartSplit
 
@@ -232,11 +233,11 @@ class ALSRidge(_ALSScorer):
     calibrate: bool = False
     name: str = "als-ridge"
     params: dict[str, Any] = field(default_factory=dict)
-    ridge_grid: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
-    attribute_weights: tuple[float, ...] = (0.5, 1.0, 2.0)
+    ridge_grid: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 100.0, 1000.0)
+    attribute_weights: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     als_candidates: int = 3
     als: ALS | None = None
-    mixer: Mixer | None = None
+    policy: Policy | None = None
 
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
         if self.als is None:
@@ -248,7 +249,7 @@ class ALSRidge(_ALSScorer):
         contents = {w: sp.csr_matrix(sp.hstack([content_blocks(dataset, w).as_csr(), ones])) for w in weights}
         configs = self.als.best_configs(self.als_candidates if self.calibrate else 1)
         cold_task, hybrid_task = cold_only(split, validation=True), hybrid(split, validation=True)
-        best: tuple[float, dict[str, Any], Any, np.ndarray, Mixer | None] | None = None
+        best: tuple[float, dict[str, Any], Any, np.ndarray, Policy | None] | None = None
         for als in tqdm(configs, desc=f"{self.name} grid", leave=False):
             self.als_model = fit_als(split.train, als["factors"], als["regularization"], als["alpha"],
                                      self.als.iterations, self.seed)
@@ -261,16 +262,16 @@ class ALSRidge(_ALSScorer):
                     chosen = (value, {**als, "attribute_weight": w, "ridge": gamma,
                                       "val_cold_recall@20": value}, self.item_rows)
             assert chosen is not None
-            self.item_rows, self.mixer = chosen[2], None
+            self.item_rows, self.policy = chosen[2], None
             params = chosen[1]
             if self.calibrate:
-                self.mixer, _ = choose_mixer(tops(self, hybrid_task))
-                params = {**params, "mixer": self.mixer.describe()}
+                self.policy, _ = choose_policy(tops(self, hybrid_task))
+                params = {**params, "policy": self.policy.to_dict()}
             value = evaluate(self, hybrid_task)["recall@20"]
             if best is None or value > best[0]:
-                best = (value, {**params, "val_hybrid_recall@20": value}, self.als_model, chosen[2], self.mixer)
+                best = (value, {**params, "val_hybrid_recall@20": value}, self.als_model, chosen[2], self.policy)
         assert best is not None
-        _, self.params, self.als_model, self.item_rows, self.mixer = best
+        _, self.params, self.als_model, self.item_rows, self.policy = best
 
 
 def _ridge_rows(factors: np.ndarray, content: sp.csr_matrix, warm: np.ndarray, gamma: float) -> np.ndarray:

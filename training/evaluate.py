@@ -37,7 +37,7 @@ import numpy as np
 from training.baselines import ALS, ALSRidge, ContentKNN, Popularity, RandomRecommender
 from training.dataset import Dataset, fingerprint, load_dataset
 from training.m2rec_recommender import M2RecRecommender
-from training.mixing import model_mixer
+from training.mixing import model_policy
 from training.presets import PRESETS
 from training.protocol import Evaluation, Recommender, Task, cold_only, evaluate_tops, hybrid, tops
 from training.split import cold_start_split
@@ -92,7 +92,7 @@ def run(dataset: Dataset, models: list[str], seeds: list[int]) -> tuple[dict[str
             model.fit(dataset, split)
             fit_seconds = time.perf_counter() - start
             results: dict[str, Evaluation] = {
-                protocol: evaluate_tops(tops(model, task), model_mixer(model), task.mixed)
+                protocol: evaluate_tops(tops(model, task), model_policy(model), task.mixed)
                 for protocol, task in tasks.items()}
             runs[name].append({
                 "seed": seed,

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from service.core.mixing import Policy
 from training.dataset import Dataset
 from training.item_rows import ItemTable
-from training.mixing import Mixer, choose_mixer
+from training.mixing import choose_policy
 from training.presets import PRESETS
 from training.protocol import hybrid, tops
 from training.split import ColdStartSplit
@@ -30,7 +31,7 @@ class M2RecRecommender:
         self.config = config if config is not None else TrainConfig(progress=False)
         self.result: TrainResult | None = None
         self._table: ItemTable | None = None
-        self.mixer: Mixer | None = None
+        self.policy: Policy | None = None
         self.params: dict[str, Any] = {}
 
     @classmethod
@@ -44,9 +45,9 @@ class M2RecRecommender:
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
         self.result = train(dataset, split, self.config)
         self._table = ItemTable(self.result.model, self.result.data)
-        self.mixer = None
-        self.mixer, _ = choose_mixer(tops(self, hybrid(split, validation=True)))
-        self.params = {"best_epoch": self.result.best_epoch, "mixer": self.mixer.describe()}
+        self.policy = None
+        self.policy, _ = choose_policy(tops(self, hybrid(split, validation=True)))
+        self.params = {"best_epoch": self.result.best_epoch, "policy": self.policy.to_dict()}
 
     def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         if self._table is None:

@@ -79,5 +79,4 @@ PRESETS: dict[str, dict[str, Any]] = {
     "m2rec-linear-no-moe": {**DENSE_B, "linear_path": True, "moe": False},
     "m2rec-linear-no-rank": {**DENSE_B, "linear_path": True, "rank_weight": 0.0},
 }
-
-
+PRESETS["m2rec-gs-loo"] = {**GATED, "surrogate_weight": 1.0, "leave_out": True}

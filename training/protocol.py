@@ -8,7 +8,7 @@
 A model is anything with `fit(dataset, split)` and `score(users, candidates, history)`: `fit` trains
 on `split.train` only and chooses its hyper-parameters and calibration on the validation tasks;
 `score` returns (B, C) scores of `candidates` for `users` folded in from the rows of `history`
-(-inf: the model cannot rank that candidate). A model may carry a `mixer` (training/mixing.py), the
+(-inf: the model cannot rank that candidate). A model may carry a `policy` (training/mixing.py), the
 policy that merges its warm and cold candidates, chosen on validation; the default merges by score.
 
 Evaluation keeps, per user, the best `K_MAX` candidates of each population (warm, cold) with their
@@ -25,9 +25,10 @@ from typing import Protocol
 import numpy as np
 import scipy.sparse as sp
 
+from service.core.mixing import Policy
 from training.dataset import Dataset
 from training.metrics import KS, list_metrics, rank_top_k_batch
-from training.mixing import Mixer, Tops, model_mixer
+from training.mixing import Tops, merge, model_policy
 from training.split import ColdStartSplit
 
 USER_BATCH = 512
@@ -130,8 +131,8 @@ class Evaluation:
     users: np.ndarray
 
 
-def evaluate_tops(t: Tops, mixer: Mixer, mixed: bool, ks: Sequence[int] = KS) -> Evaluation:
-    hit, is_cold, filled = mixer.merge(t)
+def evaluate_tops(t: Tops, policy: Policy, mixed: bool, ks: Sequence[int] = KS) -> Evaluation:
+    hit, is_cold, filled = merge(t, policy)
     per_user = list_metrics(hit, is_cold, filled, t.n_truth, ks)
     return Evaluation(mean_metrics(per_user, mixed), per_user, t.users)
 
@@ -142,4 +143,4 @@ def evaluate(model: Recommender, task: Task, ks: Sequence[int] = KS) -> dict[str
 
 
 def evaluate_full(model: Recommender, task: Task, ks: Sequence[int] = KS) -> Evaluation:
-    return evaluate_tops(tops(model, task), model_mixer(model), task.mixed, ks)
+    return evaluate_tops(tops(model, task), model_policy(model), task.mixed, ks)

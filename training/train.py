@@ -88,6 +88,8 @@ class TrainConfig:
     rank_weight: float = 1.0  # in-batch user-centric ranking of generated rows (0 = off)
     rank_users: int = 256
     surrogate_weight: float = 0.0  # rank each generated row among every trained warm row (0 = off)
+    # the t-step's users folded in without the batch's items, as a user meets a new item (False: leaky)
+    leave_out: bool = False
     neutral_gate: float = 0.0  # share of t-step items gated by the neutral user instead of the positive one
     gate_balance: float = 0.0  # weight of the modality gate's balance over a batch (0 = off; losses.gate_balance)
     disentangle: bool = True
@@ -177,7 +179,8 @@ def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
         pos_users = data.sample_users_of(r, rng)
         neg_users = rng.choice(data.train_users, size=r.size)
         id_drop = torch.from_numpy(rng.random(r.size) < cfg.id_dropout)
-        h_pos = h_all[torch.from_numpy(pos_users)]  # (B, D)
+        h_pos = (leave_out_vectors(model, data, pos_users, r) if cfg.leave_out
+                 else h_all[torch.from_numpy(pos_users)])  # (B, D)
         # Serving gates with the neutral user: train that gate too, not only the positive user's.
         neutral = torch.from_numpy(rng.random(r.size) < cfg.neutral_gate)[:, None]
         gate_user = torch.where(neutral, model.generator.neutral_user.expand_as(h_pos), h_pos)
@@ -212,7 +215,8 @@ def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
             users = np.unique(pos_users)[: cfg.rank_users]
             hits = torch.from_numpy(data.history[users][:, r].toarray())  # (U, B)
             keep = hits.sum(dim=1) > 0
-            h_rank = h_all[torch.from_numpy(users)][keep]
+            h_rank = (leave_out_vectors(model, data, users, r) if cfg.leave_out
+                      else h_all[torch.from_numpy(users)])[keep]
             if keep.any() and cfg.rank_weight > 0:
                 parts["rank"] = cfg.rank_weight * losses.in_batch_ranking_loss(
                     out.serving_rows, h_rank, hits[keep])
@@ -226,6 +230,19 @@ def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) * r.size / rows.size
     return sums
+
+
+@torch.no_grad()
+def leave_out_vectors(model: M2Rec, data: TrainingData, users: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """h (U, D) of `users` folded in from their training histories without the warm `rows`: how a
+    user stands towards an item they have not met yet (a new item is never in the history)."""
+    items, offsets, lengths = data.flat_histories(users)
+    keep = ~np.isin(items.numpy(), rows)
+    owner = np.repeat(np.arange(users.size), lengths.numpy())[keep]
+    lengths = torch.from_numpy(np.bincount(owner, minlength=users.size).astype(np.int64))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    mu, _ = model.user.encode_sparse(items[torch.from_numpy(keep)], offsets, lengths, None)
+    return model.user.decode(mu)
 
 
 def seed_everything(seed: int) -> np.random.Generator:
