@@ -38,9 +38,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(1000, ge=1, description="items or interactions per request")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     max_history_length: int = Field(500, ge=1, description="most recent items kept per user and folded in")
+    max_seen_items: int = Field(10_000, ge=1, description="most recent items kept per user in the seen set "
+                                "(every item a user interacted with, beyond the history; Store.get_seen); "
+                                "never fewer than max_history_length (a smaller value is raised to it)")
     history_ttl_seconds: int | None = Field(
-        180 * 86400, ge=1, description="Redis: a user's history expires this long after their last interaction "
-        "(refreshed on every write), so idle users do not hold memory forever; None keeps histories forever")
+        180 * 86400, ge=1, description="Redis: a user's history and seen set expire this long after their last "
+        "interaction (refreshed on every write), so idle users do not hold memory forever; None keeps them forever")
     k_max: int = Field(200, ge=1, description="largest k a client may ask /recommend for")
     fallback_cold_share: float = Field(
         0.2, ge=0.0, le=1.0, description="share of the newest cold items in a fallback list"

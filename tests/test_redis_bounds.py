@@ -1,5 +1,5 @@
-"""Every Redis structure is bounded: histories by length and by an idle TTL refreshed on write, the
-users index by the same TTL, the event stream by its cap. Real Redis, a namespace per test."""
+"""Every Redis structure is bounded: histories and seen sets by length and by an idle TTL refreshed on
+write, the users index by the same TTL, the event stream by its cap. Real Redis, a namespace per test."""
 
 from __future__ import annotations
 
@@ -56,18 +56,21 @@ def test_without_a_ttl_histories_are_kept(spec: StoreSpec) -> None:
 
 
 def test_after_many_writes_every_key_is_within_its_bound(spec: StoreSpec) -> None:
-    store = RedisStore.from_url(spec.location, namespace=spec.namespace, max_history=5, event_cap=20,
+    store = RedisStore.from_url(spec.location, namespace=spec.namespace, max_history=5, max_seen=7, event_cap=20,
                                 history_ttl=3600)
     for n in range(300):
         store.add_interactions([Interaction(f"u{n % 3}", f"i{n}", float(n)), Interaction("u9", f"i{n}", float(n))])
     client = _client()
     keys = {cast(bytes, k).decode() for k in client.scan_iter(match=f"{store.prefix}*")}
     histories = [k for k in keys if k.startswith(f"{store.prefix}hist:")]
-    assert len(histories) == 4
+    seen = [k for k in keys if k.startswith(f"{store.prefix}seen:")]
+    assert len(histories) == len(seen) == 4
     for key in histories:
         assert client.zcard(key) <= 5 and 0 < client.ttl(key) <= 3600
+    for key in seen:
+        assert client.zcard(key) <= 7 and 0 < client.ttl(key) <= 3600
     # XADD MAXLEN ~ trims whole stream nodes (up to 100 entries each), so the bound is cap + a node
     assert client.xlen(f"{store.prefix}events") <= 20 + 100
     assert client.zcard(f"{store.prefix}users") == 4
-    assert keys == set(histories) | {f"{store.prefix}events", f"{store.prefix}users"}
+    assert keys == set(histories) | set(seen) | {f"{store.prefix}events", f"{store.prefix}users"}
     store.close()

@@ -1,5 +1,6 @@
 """SQLite-only behaviour of the embedded store: durability settings, reads that never wait for a
-writer, failures at open, and the per-user history rows (the shared contract is tests/test_store.py)."""
+writer, failures at open, and the tables an older store gets at open (history rows, seen items);
+the shared contract is tests/test_store.py."""
 
 from __future__ import annotations
 
@@ -92,4 +93,18 @@ def test_a_store_written_before_history_lists_gets_them_at_open(tmp_path: Path) 
     reopened = SqliteStore(tmp_path / "s.sqlite3")
 
     assert reopened.get_histories(["u", "v", "w"]) == {"u": ["a", "b"], "v": ["c"], "w": []}
+    reopened.close()
+
+
+def test_a_store_written_before_the_seen_table_gets_its_histories_as_seen_at_open(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.add_interactions([Interaction("u", "b", 2.0), Interaction("u", "a", 1.0), Interaction("v", "c", 1.0)])
+    with store._write() as cur:  # as an older version left it: no seen rows
+        cur.execute("DELETE FROM seen")
+        cur.execute("DELETE FROM meta WHERE key = 'sqlite:seen'")
+    store.close()
+
+    reopened = SqliteStore(tmp_path / "s.sqlite3")
+
+    assert reopened.get_seen(["u", "v", "w"]) == {"u": {"a", "b"}, "v": {"c"}, "w": set()}
     reopened.close()
