@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+from service.store.cluster_url import CLUSTER_SCHEMES, is_cluster_url, parse_cluster_url
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", *CLUSTER_SCHEMES)
 
 
 class Settings(BaseSettings):
@@ -19,10 +21,13 @@ class Settings(BaseSettings):
     )
     store_url: str = Field(
         "m2rec.sqlite3",
-        description="redis://host:port/db (also rediss://, unix://) for Redis; anything else is a SQLite file",
+        description="redis://host:port/db (also rediss://, unix://) for Redis; "
+        "redis+cluster://host:port[,host:port...] (also rediss+cluster://) for Redis Cluster; "
+        "anything else is a SQLite file",
     )
     redis_namespace: str = Field(
-        "default", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Redis keys live under m2rec:{namespace}:"
+        "default", pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="Redis keys live under m2rec:{namespace}: (Redis Cluster: also m2rec:{namespace/i|u/<bucket>}:)"
     )
     api_key: SecretStr | None = Field(None, description="when set, writes need header X-API-Key")
 
@@ -64,6 +69,17 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, description="intra-op threads; requests already run in parallel")
     faiss_threads: int = Field(1, ge=1)
 
+    @field_validator("store_url")
+    @classmethod
+    def _cluster_url_parses(cls, url: str) -> str:
+        if is_cluster_url(url):
+            parse_cluster_url(url)  # ValueError: start-up fails saying what is wrong with the URL
+        return url
+
     @property
     def uses_redis(self) -> bool:
         return self.store_url.startswith(REDIS_SCHEMES)
+
+    @property
+    def uses_redis_cluster(self) -> bool:
+        return is_cluster_url(self.store_url)
