@@ -1,4 +1,4 @@
-"""The store contract, run against real SQLite and real Redis through the same tests."""
+"""The store contract, run against real SQLite, real Redis and a real Redis Cluster through the same tests."""
 
 from __future__ import annotations
 
@@ -312,9 +312,15 @@ import sys, time
 import numpy as np
 from service.store import Interaction, ItemRecord, SqliteStore
 from service.store.redis import RedisStore
+from service.store.redis_cluster import RedisClusterStore
 
 backend, location, namespace = sys.argv[1:4]
-store = SqliteStore(location) if backend == "sqlite" else RedisStore.from_url(location, namespace=namespace)
+if backend == "sqlite":
+    store = SqliteStore(location)
+elif location.startswith("redis+cluster://"):
+    store = RedisClusterStore.from_url(location, namespace=namespace)
+else:
+    store = RedisStore.from_url(location, namespace=namespace)
 emb = np.arange(5, dtype=np.float32)
 store.put_items([ItemRecord("durable", ["a"], [1.0, 2.0], emb, "v1", 1.0)])
 store.add_interactions([Interaction("u", "durable", 5.0)])
