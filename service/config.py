@@ -44,8 +44,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     max_history_length: int = Field(500, ge=1, description="most recent items kept per user and folded in")
     max_seen_items: int = Field(10_000, ge=1, description="most recent items kept per user in the seen set "
-                                "(every item a user interacted with, beyond the history; Store.get_seen); "
-                                "never fewer than max_history_length (a smaller value is raised to it)")
+                                "(every item a user interacted with: the history plus what was pushed out of "
+                                "it; Store.get_seen); never fewer than max_history_length (raised to it)")
     history_ttl_seconds: int | None = Field(
         180 * 86400, ge=1, description="Redis: a user's history and seen set expire this long after their last "
         "interaction (refreshed on every write), so idle users do not hold memory forever; None keeps them forever")

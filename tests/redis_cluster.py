@@ -13,13 +13,13 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+
+from tests.live_server import wait_for
 
 BUS_OFFSET = 10_000  # Redis Cluster's node-to-node bus listens on port + 10000
 
@@ -49,15 +49,6 @@ def free_cluster_ports(n: int) -> list[int]:
     return ports
 
 
-def _wait_for(predicate: Callable[[], bool], seconds: float, every: float = 0.05) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every)
-    return predicate()
-
-
 class RedisClusterProcesses:
     """Masters on free loopback ports under `directory`; `url` is the store URL the service takes."""
 
@@ -83,7 +74,7 @@ class RedisClusterProcesses:
         if created.returncode != 0:
             self.stop()
             raise ClusterStartError(f"redis-cli --cluster create failed: {created.stdout}{created.stderr}")
-        if not _wait_for(self.state_ok, timeout):
+        if not wait_for(self.state_ok, timeout):
             self.stop()
             raise ClusterStartError(f"cluster_state did not become ok within {timeout} s")
         return self
@@ -98,7 +89,7 @@ class RedisClusterProcesses:
              "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no",
              "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", ""],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not _wait_for(lambda: self._pings(port), timeout):
+        if not wait_for(lambda: self._pings(port), timeout):
             raise ClusterStartError(f"redis-server on port {port} did not answer within {timeout} s")
 
     def _pings(self, port: int) -> bool:
@@ -154,7 +145,7 @@ class RedisClusterProcesses:
     def restart(self, port: int, timeout: float = 30.0) -> None:
         """Start a killed node again (same port, same AOF and nodes file) and wait for the cluster."""
         self.start_node(port)
-        if not _wait_for(self.state_ok, timeout):
+        if not wait_for(self.state_ok, timeout):
             raise ClusterStartError(f"cluster_state did not become ok within {timeout} s of restarting {port}")
 
     def stop(self) -> None:

@@ -29,6 +29,7 @@ from service.config import Settings
 from service.store.redis_keys import ClusterKeys
 from tests.conftest import StoreSpec, TrainedArtifact, start_cluster
 from tests.live_server import LiveServer, stop_process
+from tests.live_server import wait_for as _wait_for
 from tests.redis_cluster import RedisClusterProcesses
 
 API_KEY = "fault-key"
@@ -41,15 +42,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
-
-
-def _wait_for(predicate: Callable[[], bool], seconds: float, every: float = 0.02) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every)
-    return predicate()
 
 
 class OwnRedis:

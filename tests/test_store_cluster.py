@@ -64,10 +64,10 @@ def test_an_items_and_a_users_keys_share_one_slot_and_the_buckets_cover_every_ma
     redis_cluster: RedisClusterProcesses,
 ) -> None:
     with redis_namespace(redis_cluster.url) as spec:
-        store = cast(RedisClusterStore, spec.open())
+        store = cast(RedisClusterStore, spec.open(max_history=1))  # "a" overflows into the seen set
         keys = store.cluster_keys
         store.put_items([make_item("a")])
-        store.add_interactions([Interaction("u", "a", 1.0)])
+        store.add_interactions([Interaction("u", "a", 1.0), Interaction("u", "b", 2.0)])
         store.set_meta("k", "v")
         client = redis_cluster.client()
 

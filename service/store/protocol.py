@@ -72,9 +72,10 @@ class Store(Protocol):
         ...
 
     def get_seen(self, user_ids: Sequence[str]) -> dict[str, set[str]]:
-        """Every item each user interacted with, beyond the history window: at most `max_seen` per user
-        (the most recent; never fewer than the history holds), written in the same atomic write as
-        the history. Unknown users map to an empty set. Deleting an item does not remove it here."""
+        """Every item each user interacted with, beyond the history window: the history plus the items
+        pushed out of it, at most `max_seen` per user (the most recent; never fewer than the history
+        holds), written in the same atomic write as the history. Unknown users map to an empty set.
+        Deleting an item does not remove it here."""
         ...
 
     def user_exists(self, user_id: str) -> bool: ...

@@ -1,16 +1,17 @@
 """Redis backend on one Redis server: the source of truth in production, shared by all replicas.
 
 Keys (service/store/redis_keys.py, `SingleNodeKeys`): all under one hash tag, `m2rec:{namespace}:`,
-so every write and its event are one MULTI/EXEC (or one Lua script) and a reader sees a write whole
-or not at all.
+so every write and its event are one MULTI/EXEC (holding Lua scripts where a step must read what
+it moves) and a reader sees a write whole or not at all.
 
     item:<id>    hash   attributes (JSON), content / embedding (float32 bytes), model_version, created_at
     items        zset   every item id, score 0: count, and id-ordered paging with ZRANGE BYLEX
-    hist:<user>  zset   item -> latest timestamp; capped with ZREMRANGEBYRANK; expires history_ttl
+    hist:<user>  zset   item -> latest timestamp, the newest max_history; expires history_ttl
                         seconds after the user's last write (when set)
-    seen:<user>  zset   the same for every item the user touched, capped at max_seen (the newest);
-                        same expiry. Absent in stores written before it existed: reads union it
-                        with the history, so those users' seen items are at least their history
+    seen:<user>  zset   the items pushed out of the history (newest max_seen - max_history), same
+                        expiry; absent until a user's history overflows. A user's seen items are
+                        history ∪ seen (service/store/redis_scripts.py), so stores written before
+                        it existed read their histories as seen
     users        zset   user -> time of their last write: sampled for stats; users idle longer than
                         history_ttl are trimmed from it on every write
     events       stream one entry per change, XADD MAXLEN ~ cap
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -36,6 +37,7 @@ from service.store.protocol import DEFAULT_EVENT_CAP, DEFAULT_MAX_HISTORY, DEFAU
 from service.store.records import Event, EventKind, Interaction, ItemRecord, PutResult, StoreStats, latest_per_user
 from service.store.redis_codec import call, event, item_fields, mean, record, unavailable_on_errors
 from service.store.redis_keys import ClusterKeys, SingleNodeKeys
+from service.store.redis_scripts import add_history_args
 
 # Conditional delete in one round trip: the event is written only if the item existed.
 _DELETE_ITEM = """
@@ -162,16 +164,12 @@ class RedisStore:
         now = time.time()
         keys = self.keys
         with unavailable_on_errors():
+            # one MULTI/EXEC: every user's script (history, seen overflow, users index) and the event
             pipe = self._r.pipeline(transaction=True)
             for user_id in users:
-                for key, cap in ((keys.hist(user_id), self.max_history), (keys.seen(user_id), self.max_seen)):
-                    pipe.zadd(key, latest[user_id], gt=True)  # GT: an older event never moves an item back
-                    pipe.zremrangebyrank(key, 0, -(cap + 1))  # keep the newest `cap`
-                    if self.history_ttl is not None:
-                        pipe.expire(key, self.history_ttl)  # refreshed on every write: idle users expire
-            pipe.zadd(keys.user_sets[0], dict.fromkeys(users, now))
-            if self.history_ttl is not None:
-                pipe.zremrangebyscore(keys.user_sets[0], "-inf", now - self.history_ttl)
+                pipe.execute_command("EVAL", *add_history_args(
+                    (keys.hist(user_id), keys.seen(user_id), keys.user_set(user_id)), user_id, latest[user_id],
+                    max_history=self.max_history, max_seen=self.max_seen, history_ttl=self.history_ttl, now=now))
             kind = EventKind.INTERACTIONS.value
             self._xadd(pipe, {"kind": kind, "user_ids": json.dumps(users), "at": repr(time.time())})
             replies = pipe.execute()
@@ -183,27 +181,27 @@ class RedisStore:
         return [m.decode() for m in members]
 
     def get_histories(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
-        unique = list(dict.fromkeys(user_ids))
-        if not unique:
-            return {}
-        # one round trip (a pipeline per master on a cluster); on one Redis MULTI/EXEC reads every
-        # history at the same instant
-        pipe = self._r.pipeline(transaction=self._snapshot_reads)
-        for user_id in unique:
-            pipe.zrange(self.keys.hist(user_id), 0, -1)
-        replies: list[list[bytes]] = call(pipe.execute)
-        return {user_id: [m.decode() for m in members] for user_id, members in zip(unique, replies, strict=True)}
+        members = self._per_user(user_ids, lambda pipe, user_id: pipe.zrange(self.keys.hist(user_id), 0, -1))
+        return {user_id: [m.decode() for m in found] for user_id, found in members.items()}
 
     def get_seen(self, user_ids: Sequence[str]) -> dict[str, set[str]]:
+        # the history and the items pushed out of it (a user last written before seen sets existed
+        # has only a history)
+        members = self._per_user(
+            user_ids, lambda pipe, user_id: pipe.zunion([self.keys.seen(user_id), self.keys.hist(user_id)]))
+        return {user_id: {m.decode() for m in found} for user_id, found in members.items()}
+
+    def _per_user(self, user_ids: Sequence[str], read: Callable[[Any, str], object]) -> dict[str, list[bytes]]:
+        """One read per distinct user in one round trip (a pipeline per master on a cluster); on one
+        Redis in MULTI/EXEC, so every user is read at the same instant."""
         unique = list(dict.fromkeys(user_ids))
         if not unique:
             return {}
         pipe = self._r.pipeline(transaction=self._snapshot_reads)
         for user_id in unique:
-            # with the history: a user last written before seen sets existed has only a history
-            pipe.zunion([self.keys.seen(user_id), self.keys.hist(user_id)])
+            read(pipe, user_id)
         replies: list[list[bytes]] = call(pipe.execute)
-        return {user_id: {m.decode() for m in members} for user_id, members in zip(unique, replies, strict=True)}
+        return dict(zip(unique, replies, strict=True))
 
     def user_exists(self, user_id: str) -> bool:
         return bool(call(self._r.exists, self.keys.hist(user_id)))
@@ -233,7 +231,7 @@ class RedisStore:
     # -- operations ---------------------------------------------------------------------------
 
     def stats(self, sample: int = 20) -> StoreStats:
-        """MEMORY USAGE of a random sample of item hashes and of users' history + seen set."""
+        """MEMORY USAGE of a random sample of item hashes and of users' history + seen overflow."""
         with unavailable_on_errors():
             items = int(self._r.zcard(self.keys.item_sets[0]))
             item_ids: list[bytes] = self._r.zrandmember(self.keys.item_sets[0], sample) or []  # type: ignore[assignment]

@@ -7,10 +7,11 @@ bucket's users index; the event stream and meta keep one key each under the name
 A cluster runs a transaction only within one slot, so a write can no longer be one MULTI/EXEC with
 its event. Each write is, in this order:
 
-  1. state: one Lua script per item (record + id set) or per user (history + seen set + users
-     index), atomic on its slot like a MULTI/EXEC; the scripts of a batch are pipelined, one round
-     trip per master (a cluster pipeline cannot carry several MULTI blocks: one transaction per
-     slot would be a round trip each; benchmarks/results/store-cluster.md compares the two);
+  1. state: one Lua script per item (record + id set) or per user (history + seen overflow + users
+     index, service/store/redis_scripts.py), atomic on its slot like a MULTI/EXEC; the scripts of
+     a batch are pipelined, one round trip per master (a cluster pipeline cannot carry several
+     MULTI blocks: one transaction per slot would be a round trip each;
+     benchmarks/results/store-cluster.md compares the two);
   2. then the event(s), appended to the one stream in one MULTI/EXEC.
 
 Replicas apply *state* on an event (service/recommender.py `apply_events` reads the item as it is
@@ -46,6 +47,7 @@ from service.store.records import EventKind, Interaction, ItemRecord, PutResult,
 from service.store.redis import RedisStore
 from service.store.redis_codec import call, item_fields, unavailable_on_errors
 from service.store.redis_keys import BUCKETS, ClusterKeys
+from service.store.redis_scripts import add_history_args
 
 # KEYS: bucket id set, item hash. ARGV: id, then field, value pairs. Returns 1 when the id is new.
 _UPSERT_ITEM = """
@@ -64,25 +66,6 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
   return 1
 end
 return redis.call('EXISTS', KEYS[3])
-"""
-
-# KEYS: history, seen set, bucket users index. ARGV: max_history, max_seen, ttl (0: none), now,
-# idle cutoff, user, then timestamp, item pairs (ZADD GT: an older event never moves an item back).
-_ADD_HISTORY = """
-for i = 7, #ARGV, 1000 do  -- unpack in chunks: Lua's stack is bounded
-  local last = math.min(i + 999, #ARGV)
-  redis.call('ZADD', KEYS[1], 'GT', unpack(ARGV, i, last))
-  redis.call('ZADD', KEYS[2], 'GT', unpack(ARGV, i, last))
-end
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[1]) + 1))
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[6])
-if tonumber(ARGV[3]) > 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('EXPIRE', KEYS[2], ARGV[3])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])
-end
-return 1
 """
 
 TOMBSTONE_SECONDS = 86_400  # how long a delete can be retried after failing before its event
@@ -224,14 +207,12 @@ class RedisClusterStore(RedisStore):
         users = sorted(latest)
         keys = self.cluster_keys
         now = time.time()
-        ttl = self.history_ttl or 0
         with unavailable_on_errors():
             pipe = self._pipeline(transaction=False)
             for user_id in users:
-                pairs = chain.from_iterable((repr(ts), item_id) for item_id, ts in latest[user_id].items())
-                pipe.execute_command("EVAL", _ADD_HISTORY, 3, keys.hist(user_id), keys.seen(user_id),
-                                     keys.user_set(user_id), self.max_history, self.max_seen, ttl, repr(now),
-                                     repr(now - ttl), user_id, *pairs)
+                pipe.execute_command("EVAL", *add_history_args(
+                    (keys.hist(user_id), keys.seen(user_id), keys.user_set(user_id)), user_id, latest[user_id],
+                    max_history=self.max_history, max_seen=self.max_seen, history_ttl=self.history_ttl, now=now))
             pipe.execute()
         return self._append_events(
             [{"kind": EventKind.INTERACTIONS.value, "user_ids": json.dumps(users), "at": repr(time.time())}])

@@ -8,7 +8,7 @@ Single Redis (`SingleNodeKeys`, the layout every existing deployment has; unchan
     m2rec:{ns}:item:<id>      hash    the item record
     m2rec:{ns}:items          zset    every item id (score 0)
     m2rec:{ns}:hist:<user>    zset    item -> latest timestamp, the newest max_history
-    m2rec:{ns}:seen:<user>    zset    item -> latest timestamp, the newest max_seen
+    m2rec:{ns}:seen:<user>    zset    items pushed out of the history, the newest max_seen - max_history
     m2rec:{ns}:users          zset    user -> time of their last write
     m2rec:{ns}:events         stream  one entry per change
     m2rec:{ns}:meta           hash    small key/value
@@ -25,7 +25,7 @@ can equal another's bucket tag.
     m2rec:{ns/i/<b>}:items          zset    the ids of bucket b
     m2rec:{ns/i/<b>}:deleted:<id>   string  a delete whose event may not be written yet (expires)
     m2rec:{ns/u/<b>}:hist:<user>    zset    as above
-    m2rec:{ns/u/<b>}:seen:<user>    zset    as above
+    m2rec:{ns/u/<b>}:seen:<user>    zset    as above (absent until the history overflows)
     m2rec:{ns/u/<b>}:users          zset    the users of bucket b
     m2rec:{ns}:events               stream  ONE stream: replicas read every change in one order
     m2rec:{ns}:meta                 hash

@@ -217,23 +217,26 @@ class SqliteStore:
             return None
         with self._write() as cur:
             for user_id, items in latest.items():
-                rows = [(user_id, item_id, ts) for item_id, ts in items.items()]
-                for table in ("history", "seen"):
-                    cur.executemany(
-                        f"INSERT INTO {table} (user_id, item_id, ts) VALUES (?, ?, ?) "
-                        "ON CONFLICT (user_id, item_id) DO UPDATE SET ts = max(ts, excluded.ts)",
-                        rows,
-                    )
-                # same order as Redis' sorted set (score, then member bytes): keep the newest
+                cur.executemany(
+                    "INSERT INTO history (user_id, item_id, ts) VALUES (?, ?, ?) "
+                    "ON CONFLICT (user_id, item_id) DO UPDATE SET ts = max(ts, excluded.ts)",
+                    [(user_id, item_id, ts) for item_id, ts in items.items()],
+                )
+                # same order as Redis' sorted set (score, then member bytes): keep the newest; what
+                # is pushed out moves to the user's seen overflow (the seen items are history ∪ seen)
+                pushed_out = ("SELECT rowid FROM history WHERE user_id = ?1 "
+                              "ORDER BY ts DESC, item_id DESC LIMIT -1 OFFSET ?2")
                 cur.execute(
-                    "DELETE FROM history WHERE user_id = ?1 AND rowid IN (SELECT rowid FROM history "
-                    "WHERE user_id = ?1 ORDER BY ts DESC, item_id DESC LIMIT -1 OFFSET ?2)",
+                    f"INSERT INTO seen (user_id, item_id, ts) SELECT user_id, item_id, ts FROM history "
+                    f"WHERE rowid IN ({pushed_out}) "
+                    "ON CONFLICT (user_id, item_id) DO UPDATE SET ts = max(ts, excluded.ts)",
                     (user_id, self.max_history),
                 )
+                cur.execute(f"DELETE FROM history WHERE rowid IN ({pushed_out})", (user_id, self.max_history))
                 cur.execute(
                     "DELETE FROM seen WHERE user_id = ?1 AND item_id IN (SELECT item_id FROM seen "
                     "WHERE user_id = ?1 ORDER BY ts DESC, item_id DESC LIMIT -1 OFFSET ?2)",
-                    (user_id, self.max_seen),
+                    (user_id, self.max_seen - self.max_history),
                 )
                 write_history_list(cur, user_id)
             return self._append_event(cur, EventKind.INTERACTIONS, None, sorted(latest), time.time())
@@ -257,11 +260,13 @@ class SqliteStore:
     def get_seen(self, user_ids: Sequence[str]) -> dict[str, set[str]]:
         unique = list(dict.fromkeys(user_ids))
         out: dict[str, set[str]] = {user: set() for user in unique}
-        with self._read(snapshot=len(unique) > _IN_CHUNK) as cur:
+        with self._read(snapshot=True) as cur:
             for s in range(0, len(unique), _IN_CHUNK):
                 chunk = unique[s : s + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
                 rows = cur.execute(
-                    f"SELECT user_id, item_id FROM seen WHERE user_id IN ({','.join('?' * len(chunk))})", chunk,
+                    f"SELECT user_id, item_id FROM history WHERE user_id IN ({marks}) "
+                    f"UNION ALL SELECT user_id, item_id FROM seen WHERE user_id IN ({marks})", chunk + chunk,
                 ).fetchall()
                 for user_id, item_id in rows:
                     out[user_id].add(item_id)
@@ -312,7 +317,7 @@ class SqliteStore:
     # -- operations ---------------------------------------------------------------------------
 
     def stats(self, sample: int = 20) -> StoreStats:
-        """Payload bytes (not page overhead) of the first `sample` items and users (history + seen)."""
+        """Payload bytes (not page overhead) of the first `sample` items and users (history + seen overflow)."""
         with self._read(snapshot=True) as cur:
             (items,) = cur.execute("SELECT COUNT(*) FROM items").fetchone()
             (per_item,) = cur.execute(

@@ -1,5 +1,5 @@
 """The embedded store's tables (service/store/sqlite.py), created at open when missing, and the
-one-time fills that bring a store written by an older version up to them."""
+one-time fill that brings a store written by an older version up to them."""
 
 import json
 import sqlite3
@@ -23,8 +23,9 @@ CREATE INDEX IF NOT EXISTS history_by_time ON history (user_id, ts, item_id);
 -- each user's history as one JSON array, oldest first: the request path reads one row per user
 -- instead of one per item (~5x less read time); rewritten in the transaction that changes history
 CREATE TABLE IF NOT EXISTS history_lists (user_id TEXT PRIMARY KEY, items TEXT NOT NULL) WITHOUT ROWID;
--- every item a user interacted with (history keeps only the newest max_history), capped at max_seen
--- newest; written in the transaction that writes history
+-- items pushed out of a user's history (it keeps the newest max_history), the newest
+-- max_seen - max_history of them: a user's seen items are history ∪ seen. Written in the transaction
+-- that writes history; a store written before this table existed has no overflow, nothing to fill
 CREATE TABLE IF NOT EXISTS seen (
     user_id TEXT NOT NULL,
     item_id TEXT NOT NULL,
@@ -49,10 +50,6 @@ def upgrade(cur: sqlite3.Cursor) -> None:
         for (user_id,) in cur.execute("SELECT DISTINCT user_id FROM history").fetchall():
             write_history_list(cur, user_id)
         cur.execute("INSERT INTO meta (key, value) VALUES ('sqlite:history_lists', '1')")
-    if cur.execute("SELECT 1 FROM meta WHERE key = 'sqlite:seen'").fetchone() is None:
-        # what an older store knows a user has seen: their (capped) history
-        cur.execute("INSERT OR IGNORE INTO seen (user_id, item_id, ts) SELECT user_id, item_id, ts FROM history")
-        cur.execute("INSERT INTO meta (key, value) VALUES ('sqlite:seen', '1')")
 
 
 def write_history_list(cur: sqlite3.Cursor, user_id: str) -> None:
