@@ -5,7 +5,7 @@ docker-compose runs it). Writes benchmarks/results/store-cluster.md.
     .venv/bin/python -m benchmarks.store_cluster --out benchmarks/results/store-cluster.md
 
 Memory is `MEMORY USAGE <key> SAMPLES 0` (exact, every element) of the keys the stores write: an
-item record, the bucket id sets, histories and seen sets of given lengths, the users index. Times are
+item record, the bucket id sets, histories and seen overflows of given lengths, the users index. Times are
 the stores' own methods (RedisStore, RedisClusterStore) called from one Python thread on loopback.
 The whole-catalogue comparison times count_items and a full iter_items over the bucket id sets
 against a SCAN of every master for item keys, with users' keys beside the items as in production.
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from service.store import Interaction, ItemRecord
 from service.store.redis import RedisStore
@@ -36,7 +37,7 @@ CONTENT_DIM = 384  # ml-100k's content vectors (MiniLM title embeddings)
 EMBEDDING_DIM = 129  # the full model's row [v; b], D = 128
 ATTRIBUTES = ["genre:Action", "genre:Adventure", "genre:Sci-Fi", "year:1990s"]
 HISTORY_LENGTHS = [1, 10, 50, 128, 129, 500]
-SEEN_LENGTHS = [500, 1_000, 5_000, 10_000]
+OVERFLOW_LENGTHS = [500, 1_000, 5_000, 9_500]  # seen items beyond a full 500-item history; 9,500: the cap
 
 
 def item(item_id: str, rng: np.random.Generator, content: bool = True) -> ItemRecord:
@@ -80,8 +81,17 @@ def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
     return statistics.median(times), times[int(0.95 * (len(times) - 1))]
 
 
+def used_memory(client: Any) -> int:
+    """INFO used_memory, summed over the masters of a cluster."""
+    if isinstance(client, redis.Redis):
+        return int(client.info("memory")["used_memory"])
+    per_master = client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+    return sum(int(node["used_memory"]) for node in per_master.values())
+
+
 def usage(client: Any, key: str) -> int:
-    return int(client.memory_usage(key, samples=0))
+    """0 for a key that does not exist (a user without seen overflow)."""
+    return int(client.memory_usage(key, samples=0) or 0)
 
 
 def memory(store: RedisStore, client: Any, label: str, rng: np.random.Generator) -> list[str]:
@@ -104,20 +114,28 @@ def memory(store: RedisStore, client: Any, label: str, rng: np.random.Generator)
         store.add_interactions([Interaction(user, movie_id(t), float(t)) for t in range(length)])
         rows.append(f"| history of {length} entries (zset{', listpack' if length <= 128 else ', skiplist'}) | "
                     f"{usage(client, store.keys.hist(user)):,} |")
-    for n, length in enumerate(SEEN_LENGTHS):
+    for n, length in enumerate(OVERFLOW_LENGTHS):
         user = f"seen-user-{n}"
-        for start in range(0, length, 1000):
+        total = 500 + length
+        for start in range(0, total, 1000):
             store.add_interactions([Interaction(user, movie_id(t), float(t))
-                                         for t in range(start, min(length, start + 1000))])
-        rows.append(f"| seen set of {length:,} entries | {usage(client, store.keys.seen(user)):,} |")
+                                    for t in range(start, min(total, start + 1000))])
+        rows.append(f"| seen overflow of {length:,} entries (a user with {total:,} distinct items: history 500 + "
+                    f"overflow) | {usage(client, store.keys.seen(user)):,} |")
     users = [f"user-{n:07d}" for n in range(5_000)]
+    before = used_memory(client)
     store.add_interactions([Interaction(u, movie_id(1), 1.0) for u in users])
+    per_user_total = (used_memory(client) - before) / len(users)
     user_sets = {store.keys.user_set(u) for u in users}
     index_bytes = sum(usage(client, k) for k in user_sets)
     total_users = sum(int(client.zcard(k)) for k in user_sets)
     rows.append(f"| users index, per user ({total_users:,} users) | {index_bytes / total_users:,.1f} |")
     one = usage(client, store.keys.hist(users[0])) + usage(client, store.keys.seen(users[0]))
-    rows.append(f"| a user with 1 interaction: history + seen set | {one:,} |")
+    rows.append(f"| a user with 1 interaction: history (no seen overflow key) | {one:,} |")
+    rows.append(f"| the same, whole-server `used_memory` growth per user (keyspace and expiry entries, users "
+                f"index; {len(users):,} users) | {per_user_total:,.0f} |")
+    events = int(client.xlen(store.keys.events))
+    rows.append(f"| event stream, per entry ({events:,} entries) | {usage(client, store.keys.events) / events:,.1f} |")
     return [*rows, ""]
 
 
@@ -145,9 +163,32 @@ def latency(store: RedisStore, label: str, rng: np.random.Generator) -> list[str
     row("get_histories, 32 users", lambda: store.get_histories(users), 200)
     for t in range(0, 10_000, 1000):
         store.add_interactions([Interaction("heavy", movie_id(n), float(n)) for n in range(t, t + 1000)])
-    row("get_seen, 1 user with 10,000 seen", lambda: store.get_seen(["heavy"]), 50)
+    row("get_seen, 1 user with 10,000 seen (history 500 + overflow 9,500)", lambda: store.get_seen(["heavy"]), 50)
     ids = [f"lat:{n}" for n in range(32)]
     row("get_items, 32 items", lambda: store.get_items(ids), 200)
+    return [*rows, ""]
+
+
+def listpack_tuning(store: RedisStore, client: Any) -> list[str]:
+    """Redis keeps a sorted set of at most zset-max-listpack-entries (default 128) members as one
+    compact listpack and converts it to a skiplist + dict beyond. What raising it to 512 (all of a
+    500-item history) saves, and what it costs a write (a listpack insert is O(N))."""
+    rows = ["### One Redis, `zset-max-listpack-entries` (measured)", "",
+            "| setting | 500-entry history, bytes | add 1 interaction to it, ms p50 / p95 |", "|---|---|---|"]
+    for entries in (128, 512):
+        client.config_set("zset-max-listpack-entries", entries)
+        user = f"listpack-{entries}"
+        store.add_interactions([Interaction(user, movie_id(t), float(t)) for t in range(500)])
+        size = usage(client, store.keys.hist(user))
+        fresh = iter(range(1000, 10**9))
+
+        def add_one(user: str = user, fresh: Iterator[int] = fresh) -> None:
+            n = next(fresh)
+            store.add_interactions([Interaction(user, movie_id(n), float(n))])
+
+        p50, p95 = timed(add_one, 200)
+        rows.append(f"| {entries} | {size:,} | {p50:.2f} / {p95:.2f} |")
+    client.config_set("zset-max-listpack-entries", 128)
     return [*rows, ""]
 
 
@@ -159,10 +200,9 @@ def transactions_vs_scripts(store: RedisClusterStore, client: Any) -> list[str]:
     def transactions() -> None:
         for n in range(1000):
             user = f"tx-{n}"
-            pipe = client.pipeline(transaction=True)
-            for key, cap in ((keys.hist(user), 500), (keys.seen(user), 10_000)):
-                pipe.zadd(key, {"x": 1.0}, gt=True)
-                pipe.zremrangebyrank(key, 0, -(cap + 1))
+            pipe = client.pipeline(transaction=True)  # what MULTI can do (no move of pushed-out items)
+            pipe.zadd(keys.hist(user), {"x": 1.0}, gt=True)
+            pipe.zremrangebyrank(keys.hist(user), 0, -501)
             pipe.zadd(keys.user_set(user), {user: 1.0})
             pipe.execute()
 
@@ -241,6 +281,8 @@ def main() -> None:
                     client: Any = cluster.client() if is_cluster else redis.Redis.from_url(url)
                     lines += memory(open_store(target, "mem", is_cluster), client, label, rng)
                     lines += latency(open_store(target, "lat", is_cluster), label, rng)
+                    if not is_cluster:
+                        lines += listpack_tuning(open_store(target, "lp", False), client)
             cstore = open_store(cluster.url, "cat", True)
             assert isinstance(cstore, RedisClusterStore)
             lines += transactions_vs_scripts(cstore, cluster.client())
