@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+from service.store.cluster_url import CLUSTER_SCHEMES, is_cluster_url, parse_cluster_url
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", *CLUSTER_SCHEMES)
 
 
 class Settings(BaseSettings):
@@ -19,10 +21,13 @@ class Settings(BaseSettings):
     )
     store_url: str = Field(
         "m2rec.sqlite3",
-        description="redis://host:port/db (also rediss://, unix://) for Redis; anything else is a SQLite file",
+        description="redis://host:port/db (also rediss://, unix://) for Redis; "
+        "redis+cluster://host:port[,host:port...] (also rediss+cluster://) for Redis Cluster; "
+        "anything else is a SQLite file",
     )
     redis_namespace: str = Field(
-        "default", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Redis keys live under m2rec:{namespace}:"
+        "default", pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="Redis keys live under m2rec:{namespace}: (Redis Cluster: also m2rec:{namespace/i|u/<bucket>}:)"
     )
     api_key: SecretStr | None = Field(None, description="when set, writes need header X-API-Key")
 
@@ -38,9 +43,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(1000, ge=1, description="items or interactions per request")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     max_history_length: int = Field(500, ge=1, description="most recent items kept per user and folded in")
+    max_seen_items: int = Field(10_000, ge=1, description="most recent items kept per user in the seen set "
+                                "(every item a user interacted with: the history plus what was pushed out of "
+                                "it; Store.get_seen); never fewer than max_history_length (raised to it)")
     history_ttl_seconds: int | None = Field(
-        180 * 86400, ge=1, description="Redis: a user's history expires this long after their last interaction "
-        "(refreshed on every write), so idle users do not hold memory forever; None keeps histories forever")
+        180 * 86400, ge=1, description="Redis: a user's history and seen set expire this long after their last "
+        "interaction (refreshed on every write), so idle users do not hold memory forever; None keeps them forever")
     k_max: int = Field(200, ge=1, description="largest k a client may ask /recommend for")
     fallback_cold_share: float = Field(
         0.2, ge=0.0, le=1.0, description="share of the newest cold items in a fallback list"
@@ -63,6 +71,17 @@ class Settings(BaseSettings):
     faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads for index builds and background merges "
                                "(IVF k-means, list assignment); searches never call FAISS")
 
+    @field_validator("store_url")
+    @classmethod
+    def _cluster_url_parses(cls, url: str) -> str:
+        if is_cluster_url(url):
+            parse_cluster_url(url)  # ValueError: start-up fails saying what is wrong with the URL
+        return url
+
     @property
     def uses_redis(self) -> bool:
         return self.store_url.startswith(REDIS_SCHEMES)
+
+    @property
+    def uses_redis_cluster(self) -> bool:
+        return is_cluster_url(self.store_url)

@@ -1,14 +1,18 @@
-"""Shared fixtures. Store fixtures: one suite runs against real SQLite and real Redis.
+"""Shared fixtures. Store fixtures: one suite runs against real SQLite, real Redis and a real Redis
+Cluster.
 
-Redis is the shared server at 127.0.0.1:6379 (override with M2REC_TEST_REDIS_URL); every test gets
-its own key namespace and its keys are deleted afterwards. Unreachable Redis skips the redis
-cases loudly, or fails them when M2REC_REQUIRE_REDIS=1 (CI).
+Redis is the shared server at 127.0.0.1:6379 (override with M2REC_TEST_REDIS_URL). The cluster is
+three `redis-server --cluster-enabled yes` masters this session starts on free ports and stops at
+the end (tests/redis_cluster.py). Every test gets its own key namespace and its keys are deleted
+afterwards. Unreachable Redis, or a cluster that cannot start, skips the redis cases loudly, or
+fails them when M2REC_REQUIRE_REDIS=1 (CI).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +21,13 @@ from typing import Any
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from service.store import SqliteStore, Store
+from service.store.cluster_url import is_cluster_url, parse_cluster_url
 from service.store.redis import RedisStore
+from service.store.redis_cluster import RedisClusterStore
+from tests.redis_cluster import ClusterStartError, RedisClusterProcesses
 
 REDIS_URL = os.environ.get("M2REC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -28,50 +36,97 @@ REDIS_URL = os.environ.get("M2REC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 class StoreSpec:
     """Where a test store lives, so a test can open a second instance (or a subprocess can)."""
 
-    backend: str  # "sqlite" | "redis"
-    location: str  # SQLite file or Redis URL
+    backend: str  # "sqlite" | "redis" (one server or a cluster: the location's scheme says which)
+    location: str  # SQLite file, Redis URL or Redis Cluster URL
     namespace: str  # Redis key namespace; unused by SQLite
 
+    @property
+    def cluster(self) -> bool:
+        return is_cluster_url(self.location)
+
     def open(self, **limits: int) -> Store:
-        """`limits`: max_history, event_cap."""
+        """`limits`: max_history, max_seen, event_cap."""
         if self.backend == "sqlite":
             return SqliteStore(self.location, **limits)
+        if self.cluster:
+            return RedisClusterStore.from_url(self.location, namespace=self.namespace, **limits)
         return RedisStore.from_url(self.location, namespace=self.namespace, **limits)
+
+
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("M2REC_REQUIRE_REDIS") == "1":
+        pytest.fail(reason + " and M2REC_REQUIRE_REDIS=1")
+    pytest.skip(reason)
 
 
 def _require_redis() -> None:
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1.0).ping()
     except redis.exceptions.RedisError as exc:
-        reason = f"REDIS UNREACHABLE at {REDIS_URL} ({exc}): the redis store tests did NOT run"
-        if os.environ.get("M2REC_REQUIRE_REDIS") == "1":
-            pytest.fail(reason + " and M2REC_REQUIRE_REDIS=1")
-        pytest.skip(reason)
+        _skip_or_fail(f"REDIS UNREACHABLE at {REDIS_URL} ({exc}): the redis store tests did NOT run")
+
+
+def start_cluster(directory: Path) -> RedisClusterProcesses:
+    """A started 3-master cluster under `directory`, or a loud skip (a failure under M2REC_REQUIRE_REDIS=1)."""
+    missing = [tool for tool in ("redis-server", "redis-cli") if shutil.which(tool) is None]
+    if missing:
+        _skip_or_fail(f"{' and '.join(missing)} NOT FOUND: the Redis Cluster tests did NOT run")
+    try:
+        return RedisClusterProcesses(directory).start()
+    except (ClusterStartError, OSError) as exc:
+        _skip_or_fail(f"REDIS CLUSTER DID NOT START ({exc}): the Redis Cluster tests did NOT run")
+        raise  # unreachable: skip and fail raise
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """One cluster for the session; tests that kill a master start their own (tests/test_cluster_faults.py)."""
+    cluster = start_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def _delete_namespace(spec: StoreSpec) -> None:
-    client = redis.Redis.from_url(spec.location)
-    pattern = f"m2rec:{{{spec.namespace}}}:*"
-    keys = list(client.scan_iter(match=pattern, count=1000))
+    if spec.cluster:
+        host, port = parse_cluster_url(spec.location).nodes[0]
+        client = RedisCluster(host=host, port=port)
+        # the namespace's own tag and its bucket tags ({ns/i/<b>}, {ns/u/<b>}), and no other namespace's
+        keys = list(client.scan_iter(match=f"m2rec:{{{spec.namespace}[}}/]*", count=1000))
+        pipe = client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
+        for key in keys:
+            pipe.delete(key)  # one key per command: a cluster refuses multi-key commands across slots
+        pipe.execute()
+        client.close()
+        return
+    single = redis.Redis.from_url(spec.location)
+    keys = list(single.scan_iter(match=f"m2rec:{{{spec.namespace}}}:*", count=1000))
     if keys:
-        client.delete(*keys)
-    client.close()
+        single.delete(*keys)
+    single.close()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreSpec]:
     if request.param == "sqlite":
         yield StoreSpec("sqlite", str(tmp_path / "m2rec.sqlite3"), "")
+        return
+    if request.param == "redis-cluster":
+        cluster: RedisClusterProcesses = request.getfixturevalue("redis_cluster")
+        with redis_namespace(cluster.url) as spec:
+            yield spec
         return
     with redis_namespace() as spec:
         yield spec
 
 
 @contextlib.contextmanager
-def redis_namespace() -> Iterator[StoreSpec]:
-    """A Redis store spec under a namespace of its own, deleted afterwards."""
-    _require_redis()
-    spec = StoreSpec("redis", REDIS_URL, f"test-{uuid.uuid4().hex[:12]}")
+def redis_namespace(url: str = REDIS_URL) -> Iterator[StoreSpec]:
+    """A Redis (or Redis Cluster, by `url`) store spec under a namespace of its own, deleted afterwards."""
+    if not is_cluster_url(url):
+        _require_redis()
+    spec = StoreSpec("redis", url, f"test-{uuid.uuid4().hex[:12]}")
     try:
         yield spec
     finally:

@@ -116,6 +116,16 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
+def wait_for(predicate: Callable[[], bool], seconds: float, every: float = 0.02) -> bool:
+    """Poll `predicate` until it holds or `seconds` pass; whether it held."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return predicate()
+
+
 def wait_until_ready(process: subprocess.Popen[bytes], ready_url: str, seconds: float, why: Callable[[], str]) -> None:
     """Poll `ready_url` until it answers 200; fail with `why()` if the process exits first."""
     deadline = time.monotonic() + seconds

@@ -1,11 +1,12 @@
 """A 2xx means durable: after kill -9 and a restart on the same store, every acknowledged item and
 interaction is there and servable.
 
-The real service runs as a subprocess (`python -m service`) on SQLite (a file in tmp_path) and on real
-Redis (a unique namespace). It first takes a few writes and stops gracefully, leaving an index
-snapshot, so the restart after the crash takes the snapshot-plus-events path, the one most able to
-lose a write. Then two writer threads stream POST /items and POST /interactions, the server is
-SIGKILLed mid-stream, and a fresh process on the same store must serve every acknowledged write.
+The real service runs as a subprocess (`python -m service`) on SQLite (a file in tmp_path), on real
+Redis and on a real 3-master Redis Cluster (a unique namespace each). It first takes a few writes
+and stops gracefully, leaving an index snapshot, so the restart after the crash takes the
+snapshot-plus-events path, the one most able to lose a write. Then two writer threads stream
+POST /items and POST /interactions, the server is SIGKILLed mid-stream, and a fresh process on the
+same store must serve every acknowledged write.
 Requests without a 2xx may or may not have landed; nothing is asserted about them.
 """
 

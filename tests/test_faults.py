@@ -1,6 +1,7 @@
-"""Faults and abuse, loopback only: a Redis of the test's own killed and restarted under load, a
-replica killed with SIGKILL during ingest, propagation between replicas timed, writes without the
-API key. The shared Redis at 6379 is never stopped: these tests start their own redis-server."""
+"""Faults and abuse, loopback only: a Redis of the test's own killed and restarted under load, one
+master of a Redis Cluster of the test's own killed and restarted under load, a replica killed with
+SIGKILL during ingest, propagation between replicas timed, writes without the API key. The shared
+Redis at 6379 and the session's cluster are never stopped: these tests start their own servers."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ from pydantic import SecretStr
 
 from service.api.app import create_app
 from service.config import Settings
-from tests.conftest import StoreSpec, TrainedArtifact
-from tests.live_server import stop_process
+from service.store.redis_keys import ClusterKeys
+from tests.conftest import StoreSpec, TrainedArtifact, start_cluster
+from tests.live_server import LiveServer, stop_process
+from tests.live_server import wait_for as _wait_for
+from tests.redis_cluster import RedisClusterProcesses
 
 API_KEY = "fault-key"
 HEADERS = {"X-API-Key": API_KEY}
@@ -38,15 +42,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
-
-
-def _wait_for(predicate: Callable[[], bool], seconds: float, every: float = 0.02) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every)
-    return predicate()
 
 
 class OwnRedis:
@@ -122,6 +117,7 @@ class Writer:
         self.post, self.trained, self.prefix = post, trained, prefix
         self.acknowledged: list[str] = []
         self.statuses: list[int] = []
+        self.answers: list[tuple[str, int]] = []  # (item id, status) in order
         self.details: list[str] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run)
@@ -146,6 +142,7 @@ class Writer:
                 time.sleep(0.01)
                 continue
             self.statuses.append(r.status_code)
+            self.answers.append((item["id"], r.status_code))
             if r.status_code == 201:
                 self.acknowledged.append(item["id"])
             else:
@@ -193,6 +190,82 @@ def test_redis_killed_and_restarted_under_load_gives_503s_then_recovers_without_
         after = trained_artifact.cold_item(1, "after-recovery")
         assert peer.post("/items", json=after, headers=HEADERS).status_code == 201
         assert _wait_for(lambda: after["id"] in _served(c.get, "someone"), 2)
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[RedisClusterProcesses]:
+    cluster = start_cluster(tmp_path / "cluster")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+def test_a_killed_cluster_master_fails_only_its_own_slots_with_503_and_loses_nothing_after_restart(
+    trained_artifact: TrainedArtifact, own_cluster: RedisClusterProcesses
+) -> None:
+    namespace = "cluster-faults"
+    keys = ClusterKeys(namespace)
+    masters = own_cluster.slot_masters()  # read once, while every master is up
+
+    def master_of(key: str) -> int:
+        return masters[own_cluster.slot(key)]
+
+    def on_victim(item_id: str) -> bool:
+        return master_of(keys.item(item_id)) == victim
+
+    # the victim is a master without the event stream (every write appends to it: see OPERATIONS.md)
+    victim = next(port for port in own_cluster.ports if port != master_of(keys.events))
+    warm = _warm(trained_artifact, 3)
+    users = [f"user-{n}" for n in range(200)]
+    down_user = next(u for u in users if master_of(keys.hist(u)) == victim)
+    up_user = next(u for u in users if master_of(keys.hist(u)) != victim)
+    probes = [f"probe:{n}" for n in range(200)]
+    down_item = next(i for i in probes if on_victim(i))
+    up_item = next(i for i in probes if not on_victim(i))
+
+    env = {"M2REC_ARTIFACT_PATH": str(trained_artifact.root), "M2REC_STORE_URL": own_cluster.url,
+           "M2REC_REDIS_NAMESPACE": namespace, "M2REC_API_KEY": API_KEY, "M2REC_K_MAX": "5000",
+           "M2REC_EVENT_POLL_SECONDS": "0.05"}
+    with LiveServer(env) as server, httpx.Client(base_url=server.url, timeout=10.0) as c, \
+            TestClient(create_app(_settings(trained_artifact, own_cluster.url, namespace))) as peer:
+        for user in (down_user, up_user):
+            body = {"interactions": [{"user": user, "item": i} for i in warm]}
+            assert c.post("/interactions", json=body, headers=HEADERS).status_code == 200
+        with Writer(c.post, trained_artifact, "load") as writer:
+            assert _wait_for(lambda: len(writer.acknowledged) >= 10, 30)
+            own_cluster.kill(victim)
+            killed_at = len(writer.answers)
+            # writes on the dead master's slots answer 503; the others keep being acknowledged
+            assert _wait_for(lambda: any(s == 503 for _, s in writer.answers[killed_at:]), 10)
+            assert _wait_for(lambda: sum(s == 201 for _, s in writer.answers[killed_at:]) >= 5, 10)
+            refused = c.post("/items", json=trained_artifact.cold_item(0, down_item), headers=HEADERS)
+            assert refused.status_code == 503 and "redis" in refused.json()["detail"], refused.text
+            assert c.post("/items", json=trained_artifact.cold_item(1, up_item), headers=HEADERS).status_code == 201
+            for user, expected in ((down_user, 503), (up_user, 200)):
+                body = {"interactions": [{"user": user, "item": up_item}]}
+                assert c.post("/interactions", json=body, headers=HEADERS).status_code == expected, user
+                assert c.get("/recommend", params={"user": user}).status_code == expected, user
+            assert c.get("/readyz").status_code == 200  # the event stream's master answers
+            assert c.get(f"/items/{up_item}").status_code == 200
+
+            own_cluster.restart(victim)  # same port, same append-only file and nodes file
+            restarted_at = len(writer.answers)
+            assert _wait_for(lambda: any(s == 201 and on_victim(i) for i, s in writer.answers[restarted_at:]), 20)
+        assert set(writer.statuses) <= {201, 503}, writer.details[-3:]
+        assert all(on_victim(i) for i, s in writer.answers if s == 503), "a write to a live master failed"
+        assert c.get(f"/items/{down_item}").status_code == 404  # refused, so never written
+
+        # nothing acknowledged is lost, on this replica and on the peer, whose follower waited out the outage
+        acknowledged = {*writer.acknowledged, up_item}
+        assert any(on_victim(i) for i in writer.acknowledged)  # some acknowledged writes were on the victim
+        for item_id in acknowledged:
+            assert c.get(f"/items/{item_id}").status_code == 200, item_id
+        assert acknowledged <= _served(c.get, "someone")
+        assert _wait_for(lambda: acknowledged <= _served(peer.get, "someone"), 10)
+        for user in (down_user, up_user):
+            assert c.get("/recommend", params={"user": user}).json()["fallback"] is False
 
 
 class Replica:

@@ -1,4 +1,4 @@
-"""The store contract, run against real SQLite and real Redis through the same tests."""
+"""The store contract, run against real SQLite, real Redis and a real Redis Cluster through the same tests."""
 
 from __future__ import annotations
 
@@ -176,6 +176,41 @@ def test_histories_of_many_users_in_one_read_match_one_at_a_time(store: Store) -
     assert store.get_histories([]) == {}
 
 
+def test_seen_keeps_every_item_beyond_the_history_window(store_spec: StoreSpec) -> None:
+    store = store_spec.open()  # the shipped caps: history 500, seen 10,000
+    interactions = [Interaction("heavy", f"item-{n:05d}", float(n)) for n in range(5000)]
+    for start in range(0, len(interactions), 1000):  # as POST /interactions sends them: 1000 at most
+        store.add_interactions(interactions[start : start + 1000])
+    store.add_interactions([Interaction("light", "item-00001", 1.0)])
+
+    seen = store.get_seen(["heavy", "light", "nobody", "heavy"])
+
+    assert list(seen) == ["heavy", "light", "nobody"]
+    assert seen["heavy"] == {f"item-{n:05d}" for n in range(5000)}
+    assert store.get_history("heavy") == [f"item-{n:05d}" for n in range(4500, 5000)]  # the window stays 500
+    assert seen["light"] == {"item-00001"} and seen["nobody"] == set()
+    assert store.get_seen([]) == {}
+    store.close()
+
+
+def test_seen_is_capped_to_the_most_recent_items_and_holds_the_history(store_spec: StoreSpec) -> None:
+    store = store_spec.open(max_history=2, max_seen=4)
+    store.add_interactions([Interaction("u", f"i{t}", float(t)) for t in range(6)])
+    store.add_interactions([Interaction("u", "i0", 100.0), Interaction("u", "old", -1.0)])  # i0 again, newest
+
+    assert store.get_seen(["u"])["u"] == {"i3", "i4", "i5", "i0"}
+    assert store.get_history("u") == ["i5", "i0"]
+    store.close()
+
+
+def test_deleting_an_item_leaves_it_in_seen_sets(store: Store) -> None:
+    store.put_items([make_item("gone")])
+    store.add_interactions([Interaction("u", "gone", 1.0)])
+    store.delete_item("gone")
+
+    assert store.get_seen(["u"]) == {"u": {"gone"}}
+
+
 def test_user_exists_only_after_an_interaction(store: Store) -> None:
     assert not store.user_exists("u")
     assert store.get_history("u") == []
@@ -277,9 +312,15 @@ import sys, time
 import numpy as np
 from service.store import Interaction, ItemRecord, SqliteStore
 from service.store.redis import RedisStore
+from service.store.redis_cluster import RedisClusterStore
 
 backend, location, namespace = sys.argv[1:4]
-store = SqliteStore(location) if backend == "sqlite" else RedisStore.from_url(location, namespace=namespace)
+if backend == "sqlite":
+    store = SqliteStore(location)
+elif location.startswith("redis+cluster://"):
+    store = RedisClusterStore.from_url(location, namespace=namespace)
+else:
+    store = RedisStore.from_url(location, namespace=namespace)
 emb = np.arange(5, dtype=np.float32)
 store.put_items([ItemRecord("durable", ["a"], [1.0, 2.0], emb, "v1", 1.0)])
 store.add_interactions([Interaction("u", "durable", 5.0)])
@@ -306,6 +347,7 @@ def test_acknowledged_writes_survive_sigkill_of_the_writer(store_spec: StoreSpec
     assert item is not None
     assert item.content == [1.0, 2.0]
     assert reopened.get_history("u") == ["durable"]
+    assert reopened.get_seen(["u"]) == {"u": {"durable"}}
     assert reopened.get_meta("k") == "v"
     assert [e.kind for e in all_events(reopened)] == [EventKind.ITEM_UPSERT, EventKind.INTERACTIONS]
     reopened.close()

@@ -1,5 +1,6 @@
 """SQLite-only behaviour of the embedded store: durability settings, reads that never wait for a
-writer, failures at open, and the per-user history rows (the shared contract is tests/test_store.py)."""
+writer, failures at open, and the tables an older store gets at open (history rows, seen items);
+the shared contract is tests/test_store.py."""
 
 from __future__ import annotations
 
@@ -93,3 +94,29 @@ def test_a_store_written_before_history_lists_gets_them_at_open(tmp_path: Path) 
 
     assert reopened.get_histories(["u", "v", "w"]) == {"u": ["a", "b"], "v": ["c"], "w": []}
     reopened.close()
+
+
+def test_a_store_written_before_the_seen_table_reads_its_histories_as_seen(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.add_interactions([Interaction("u", "b", 2.0), Interaction("u", "a", 1.0), Interaction("v", "c", 1.0)])
+    with store._write() as cur:  # as an older version left it: no seen table
+        cur.execute("DROP TABLE seen")
+    store.close()
+
+    reopened = SqliteStore(tmp_path / "s.sqlite3")
+
+    assert reopened.get_seen(["u", "v", "w"]) == {"u": {"a", "b"}, "v": {"c"}, "w": set()}
+    reopened.add_interactions([Interaction("u", "d", 3.0)])
+    assert reopened.get_seen(["u"]) == {"u": {"a", "b", "d"}}
+    reopened.close()
+
+
+def test_only_items_pushed_out_of_the_history_are_stored_as_seen_rows(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite3", max_history=3)
+    store.add_interactions([Interaction("u", f"i{t}", float(t)) for t in range(5)])
+    store.add_interactions([Interaction("small", "x", 1.0)])
+    with store._read() as cur:
+        rows = cur.execute("SELECT user_id, item_id FROM seen ORDER BY item_id").fetchall()
+    assert rows == [("u", "i0"), ("u", "i1")]  # the history holds i2..i4; no second copy of it
+    assert store.get_seen(["u", "small"]) == {"u": {f"i{t}" for t in range(5)}, "small": {"x"}}
+    store.close()

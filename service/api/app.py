@@ -51,12 +51,18 @@ _ERRORS: dict[type[Exception], tuple[int, str | None]] = {
 
 
 def open_store(settings: Settings) -> Store:
+    limits = {"max_history": settings.max_history_length, "max_seen": settings.max_seen_items}
+    if settings.uses_redis_cluster:
+        from service.store.redis_cluster import RedisClusterStore  # only Redis deployments load the client
+
+        return RedisClusterStore.from_url(settings.store_url, namespace=settings.redis_namespace,
+                                          history_ttl=settings.history_ttl_seconds, **limits)
     if settings.uses_redis:
-        from service.store.redis import RedisStore  # only Redis deployments load the client
+        from service.store.redis import RedisStore
 
         return RedisStore.from_url(settings.store_url, namespace=settings.redis_namespace,
-                                   max_history=settings.max_history_length, history_ttl=settings.history_ttl_seconds)
-    return SqliteStore(settings.store_url, max_history=settings.max_history_length)
+                                   history_ttl=settings.history_ttl_seconds, **limits)
+    return SqliteStore(settings.store_url, **limits)
 
 
 def index_config(settings: Settings) -> IndexConfig:

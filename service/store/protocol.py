@@ -1,8 +1,13 @@
-"""The storage contract both backends keep; one test suite runs against each.
+"""The storage contract every backend keeps; one test suite runs against each.
 
 The API is synchronous: the app calls it from a thread pool. Every backend failure that means
 "the store cannot answer now" (connection refused, timeout, database locked) is raised as
 `StoreUnavailable`, so the HTTP layer has one thing to map to 503.
+
+Writes: a write that returns is durable. One that raises `StoreUnavailable` may or may not have
+been applied, wholly or (Redis Cluster: record by record, user by user) in part, and is safe to
+retry: every write is an upsert or a set-add, and its events are appended after its state, so a
+retry that succeeds leaves the state and the events as if the first attempt had.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Protocol
 from service.store.records import Event, Interaction, ItemRecord, PutResult, StoreStats
 
 DEFAULT_MAX_HISTORY = 500
+DEFAULT_MAX_SEEN = 10_000
 DEFAULT_EVENT_CAP = 100_000
 
 
@@ -26,7 +32,9 @@ class Store(Protocol):
     inline_reads: bool
 
     def put_items(self, records: Sequence[ItemRecord]) -> PutResult:
-        """Upsert all records atomically and append one ITEM_UPSERT event per record."""
+        """Upsert the records, then append one ITEM_UPSERT event per record. SQLite and a single
+        Redis: all or nothing in one transaction; Redis Cluster: each record atomically, the events
+        once every record is written."""
         ...
 
     def get_item(self, item_id: str) -> ItemRecord | None: ...
@@ -36,7 +44,9 @@ class Store(Protocol):
         ...
 
     def delete_item(self, item_id: str) -> bool:
-        """False when the id is unknown (and then no event is written)."""
+        """False when the id is unknown (and then no event is written). The ITEM_DELETE event is
+        appended after the item is gone; a retry of a delete that failed between the two still
+        answers True and appends the event (Redis Cluster keeps a short-lived tombstone for that)."""
         ...
 
     def count_items(self) -> int: ...
@@ -46,7 +56,9 @@ class Store(Protocol):
         ...
 
     def add_interactions(self, interactions: Sequence[Interaction]) -> str | None:
-        """Record a batch atomically, append one INTERACTIONS event; returns its id (None if empty)."""
+        """Record a batch (histories and seen sets), then append one INTERACTIONS event; returns its
+        id (None if empty). SQLite and a single Redis: one transaction; Redis Cluster: each user
+        atomically (history, seen set and users index share the user's slot), then the event."""
         ...
 
     def get_history(self, user_id: str) -> list[str]:
@@ -54,7 +66,16 @@ class Store(Protocol):
         ...
 
     def get_histories(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
-        """`get_history` of each user in one read (one consistent snapshot); unknown users map to []."""
+        """`get_history` of each user in one read; unknown users map to []. Each user's history is read
+        atomically; SQLite and a single Redis read all of them at one instant, Redis Cluster users on
+        different slots at slightly different instants."""
+        ...
+
+    def get_seen(self, user_ids: Sequence[str]) -> dict[str, set[str]]:
+        """Every item each user interacted with, beyond the history window: the history plus the items
+        pushed out of it, at most `max_seen` per user (the most recent; never fewer than the history
+        holds), written in the same atomic write as the history. Unknown users map to an empty set.
+        Deleting an item does not remove it here."""
         ...
 
     def user_exists(self, user_id: str) -> bool: ...

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from service.store.protocol import DEFAULT_EVENT_CAP, DEFAULT_MAX_HISTORY, StoreUnavailable
+from service.store.protocol import DEFAULT_EVENT_CAP, DEFAULT_MAX_HISTORY, DEFAULT_MAX_SEEN, StoreUnavailable
 from service.store.records import (
     Event,
     EventKind,
@@ -30,7 +30,7 @@ from service.store.records import (
     latest_per_user,
     vector_to_bytes,
 )
-from service.store.sqlite_schema import SCHEMA
+from service.store.sqlite_schema import SCHEMA, upgrade, write_history_list
 
 _ITEM_COLUMNS = "item_id, attributes, content, embedding, model_version, created_at"
 _IN_CHUNK = 500  # ids per `IN (...)`, well under SQLite's bound-parameter limit
@@ -48,10 +48,12 @@ class SqliteStore:
         path: str | Path,
         *,
         max_history: int = DEFAULT_MAX_HISTORY,
+        max_seen: int = DEFAULT_MAX_SEEN,
         event_cap: int = DEFAULT_EVENT_CAP,
         busy_timeout: float = 5.0,
     ) -> None:
         self.max_history = max_history
+        self.max_seen = max(max_seen, max_history)  # the history's items are seen items too
         self.event_cap = event_cap
         self._path = str(path)
         self._busy_timeout = busy_timeout
@@ -66,19 +68,10 @@ class SqliteStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(SCHEMA)
-            self._fill_history_lists()
+            with self._write() as cur:
+                upgrade(cur)
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
-
-    def _fill_history_lists(self) -> None:
-        """A store written before history_lists existed gets them, once, at open."""
-        with self._write() as cur:
-            if cur.execute("SELECT 1 FROM meta WHERE key = 'sqlite:history_lists'").fetchone() is not None:
-                return
-            users = [u for (u,) in cur.execute("SELECT DISTINCT user_id FROM history").fetchall()]
-            for user_id in users:
-                _write_history_list(cur, user_id)
-            cur.execute("INSERT INTO meta (key, value) VALUES ('sqlite:history_lists', '1')")
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -229,13 +222,23 @@ class SqliteStore:
                     "ON CONFLICT (user_id, item_id) DO UPDATE SET ts = max(ts, excluded.ts)",
                     [(user_id, item_id, ts) for item_id, ts in items.items()],
                 )
-                # same order as Redis' sorted set (score, then member bytes): keep the newest
+                # same order as Redis' sorted set (score, then member bytes): keep the newest; what
+                # is pushed out moves to the user's seen overflow (the seen items are history ∪ seen)
+                pushed_out = ("SELECT rowid FROM history WHERE user_id = ?1 "
+                              "ORDER BY ts DESC, item_id DESC LIMIT -1 OFFSET ?2")
                 cur.execute(
-                    "DELETE FROM history WHERE user_id = ?1 AND rowid IN (SELECT rowid FROM history "
-                    "WHERE user_id = ?1 ORDER BY ts DESC, item_id DESC LIMIT -1 OFFSET ?2)",
+                    f"INSERT INTO seen (user_id, item_id, ts) SELECT user_id, item_id, ts FROM history "
+                    f"WHERE rowid IN ({pushed_out}) "
+                    "ON CONFLICT (user_id, item_id) DO UPDATE SET ts = max(ts, excluded.ts)",
                     (user_id, self.max_history),
                 )
-                _write_history_list(cur, user_id)
+                cur.execute(f"DELETE FROM history WHERE rowid IN ({pushed_out})", (user_id, self.max_history))
+                cur.execute(
+                    "DELETE FROM seen WHERE user_id = ?1 AND item_id IN (SELECT item_id FROM seen "
+                    "WHERE user_id = ?1 ORDER BY ts DESC, item_id DESC LIMIT -1 OFFSET ?2)",
+                    (user_id, self.max_seen - self.max_history),
+                )
+                write_history_list(cur, user_id)
             return self._append_event(cur, EventKind.INTERACTIONS, None, sorted(latest), time.time())
 
     def get_history(self, user_id: str) -> list[str]:
@@ -252,6 +255,21 @@ class SqliteStore:
                 ).fetchall()
                 for user_id, items in rows:
                     out[user_id] = json.loads(items)
+        return out
+
+    def get_seen(self, user_ids: Sequence[str]) -> dict[str, set[str]]:
+        unique = list(dict.fromkeys(user_ids))
+        out: dict[str, set[str]] = {user: set() for user in unique}
+        with self._read(snapshot=True) as cur:
+            for s in range(0, len(unique), _IN_CHUNK):
+                chunk = unique[s : s + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = cur.execute(
+                    f"SELECT user_id, item_id FROM history WHERE user_id IN ({marks}) "
+                    f"UNION ALL SELECT user_id, item_id FROM seen WHERE user_id IN ({marks})", chunk + chunk,
+                ).fetchall()
+                for user_id, item_id in rows:
+                    out[user_id].add(item_id)
         return out
 
     def user_exists(self, user_id: str) -> bool:
@@ -299,7 +317,7 @@ class SqliteStore:
     # -- operations ---------------------------------------------------------------------------
 
     def stats(self, sample: int = 20) -> StoreStats:
-        """Payload bytes (not page overhead) of the first `sample` items and users."""
+        """Payload bytes (not page overhead) of the first `sample` items and users (history + seen overflow)."""
         with self._read(snapshot=True) as cur:
             (items,) = cur.execute("SELECT COUNT(*) FROM items").fetchone()
             (per_item,) = cur.execute(
@@ -308,7 +326,8 @@ class SqliteStore:
                 (sample,),
             ).fetchone()
             (per_user,) = cur.execute(
-                "SELECT avg(b) FROM (SELECT sum(length(user_id) + length(item_id) + 8) AS b FROM history "
+                "SELECT avg(b) FROM (SELECT sum(length(user_id) + length(item_id) + 8) AS b FROM "
+                "(SELECT user_id, item_id FROM history UNION ALL SELECT user_id, item_id FROM seen) "
                 "WHERE user_id IN (SELECT DISTINCT user_id FROM history LIMIT ?) GROUP BY user_id)",
                 (sample,),
             ).fetchone()
@@ -365,13 +384,3 @@ def _record(row: _ItemRow) -> ItemRecord:
         item_id, json.loads(attributes), content_from_bytes(content), embedding_from_bytes(embedding),
         model_version, created_at,
     )
-
-
-def _write_history_list(cur: sqlite3.Cursor, user_id: str) -> None:
-    """history_lists' row for the user, from the history table as it stands in this transaction."""
-    items = [item_id for (item_id,) in cur.execute(
-        "SELECT item_id FROM history WHERE user_id = ? ORDER BY ts, item_id", (user_id,)).fetchall()]
-    if items:
-        cur.execute("INSERT OR REPLACE INTO history_lists (user_id, items) VALUES (?, ?)", (user_id, json.dumps(items)))
-    else:
-        cur.execute("DELETE FROM history_lists WHERE user_id = ?", (user_id,))
