@@ -45,6 +45,9 @@ def make_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
+MIXING: dict[str, Any] = {"policy": "calibrated", "scale": 0.7, "offset": 2.1}
+
+
 def save(root: Path, seed: int = 0, **overrides: Any) -> Path:
     kwargs: dict[str, Any] = {
         "tensors": make_tensors(seed),
@@ -54,6 +57,7 @@ def save(root: Path, seed: int = 0, **overrides: Any) -> Path:
         "content_dim": 3,
         "embedding_dim": 5,
         "metrics": METRICS,
+        "mixing": MIXING,
         "data_fingerprint": "ab" * 32,
         "dataset": "ml-100k",
     }
@@ -87,7 +91,8 @@ def test_round_trip_keeps_tensors_bit_identical_and_manifest_fields(tmp_path: Pa
     assert artifact.path == artifact_dir.resolve()
     assert artifact.item_ids == ("i1", "i2", "i3", "i4", "i5")
     assert m.format == "m2rec-artifact"
-    assert m.format_version == 1
+    assert m.format_version == 2
+    assert m.mixing == MIXING and m.policy.to_dict() == MIXING
     assert m.version == artifact_dir.name
     assert m.model_args == {"latent_dim": 4, "hidden": [8, 6], "dropout": 0.5, "name": "tiny"}
     assert m.attribute_vocabulary == ("genre:Drama", "genre:Comedy", "year:1995")
@@ -111,13 +116,31 @@ def test_version_is_utc_timestamp_plus_hash_of_weights_ids_and_config(tmp_path: 
     config_sha = hashlib.sha256(json.dumps(
         {"dropout": 0.5, "hidden": [8, 6], "latent_dim": 4, "name": "tiny"}, separators=(",", ":")
     ).encode()).hexdigest()
+    mixing_sha = hashlib.sha256(json.dumps(
+        {"offset": 2.1, "policy": "calibrated", "scale": 0.7}, separators=(",", ":")).encode()).hexdigest()
     text = (f"model.safetensors:{sha256(artifact_dir / TENSORS_FILE)}\n"
-            f"item_ids.json:{sha256(artifact_dir / ITEM_IDS_FILE)}\nmodel_config:{config_sha}\n")
+            f"item_ids.json:{sha256(artifact_dir / ITEM_IDS_FILE)}\nmodel_config:{config_sha}\n"
+            f"mixing:{mixing_sha}\n")
     assert suffix == hashlib.sha256(text.encode()).hexdigest()[:8]
 
     assert save(tmp_path / "b").name.split("-")[1] == suffix  # same content, same hash
     assert save(tmp_path / "c", seed=1).name.split("-")[1] != suffix
     assert save(tmp_path / "d", model_config={**MODEL_CONFIG, "dropout": 0.4}).name.split("-")[1] != suffix
+    assert save(tmp_path / "e", mixing={"policy": "quota", "cold_share": 0.3}).name.split("-")[1] != suffix
+
+
+def test_an_edited_mixing_policy_fails_the_content_hash(tmp_path: Path) -> None:
+    artifact_dir = save(tmp_path)
+    rewrite_manifest(artifact_dir, mixing={"policy": "quota", "cold_share": 1.0})
+    with pytest.raises(ArtifactError, match=r"does not match its content .*mixing"):
+        load_artifact(artifact_dir)
+
+
+@pytest.mark.parametrize("mixing", [{"policy": "fifty-fifty"}, {"policy": "quota", "cold_share": 1.5},
+                                    {"policy": "calibrated", "scale": -1.0, "offset": 0.0}])
+def test_a_policy_the_service_cannot_apply_is_refused_at_export(tmp_path: Path, mixing: dict[str, Any]) -> None:
+    with pytest.raises(ArtifactError, match="mixing"):
+        save(tmp_path, mixing=mixing)
 
 
 def test_tampered_tensor_file_fails_naming_the_checksum(tmp_path: Path) -> None:
@@ -132,8 +155,8 @@ def test_tampered_tensor_file_fails_naming_the_checksum(tmp_path: Path) -> None:
 
 def test_unknown_format_version_is_rejected_with_a_clear_message(tmp_path: Path) -> None:
     artifact_dir = save(tmp_path)
-    rewrite_manifest(artifact_dir, format_version=2)
-    with pytest.raises(ArtifactError, match=r"unsupported format_version 2 .*reads format_version 1"):
+    rewrite_manifest(artifact_dir, format_version=1)  # before the mixing policy was stored
+    with pytest.raises(ArtifactError, match=r"unsupported format_version 1 .*reads format_version 2"):
         load_artifact(artifact_dir)
 
 

@@ -176,7 +176,7 @@ def test_query_keeps_the_trained_bias(recommender: Recommender) -> None:
     assert q.shape == (1, recommender.dim) and q[0, -1] == 1.0
     with torch.inference_mode():
         h = recommender.model.fold_in(torch.from_numpy(rows)[None], torch.ones(1, 3, dtype=torch.bool))
-    np.testing.assert_allclose(q, M2Rec.query(h).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(q, M2Rec.query(h).numpy(), rtol=1e-5, atol=1e-6)  # NumPy vs torch float32 sums
 
 
 def test_service_ranking_matches_the_offline_evaluation_table(

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from service.core.mixing import Policy
+from service.model.mixing import Policy
 from training.dataset import Dataset
 from training.mixing import choose_policy
 from training.protocol import cold_only, evaluate, hybrid, tops, warm_only

@@ -32,6 +32,7 @@ def export_artifact(
         content_dim=int(result.data.content_dim),
         embedding_dim=int(model.config.item_dim) + 1,
         metrics=metrics,
+        mixing=result.policy.to_dict(),
         data_fingerprint=data_fingerprint,
         dataset=dataset.name,
     )

@@ -15,12 +15,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from service.core.mixing import Policy
+from service.model.mixing import Policy
 from training.dataset import Dataset
 from training.item_rows import ItemTable
-from training.mixing import choose_policy
 from training.presets import PRESETS
-from training.protocol import hybrid, tops
 from training.split import ColdStartSplit
 from training.train import TrainConfig, TrainResult, train
 
@@ -45,8 +43,7 @@ class M2RecRecommender:
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
         self.result = train(dataset, split, self.config)
         self._table = ItemTable(self.result.model, self.result.data)
-        self.policy = None
-        self.policy, _ = choose_policy(tops(self, hybrid(split, validation=True)))
+        self.policy = self.result.policy
         self.params = {"best_epoch": self.result.best_epoch, "policy": self.policy.to_dict()}
 
     def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:

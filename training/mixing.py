@@ -1,4 +1,4 @@
-"""Choosing how new items mix with trained ones, on validation (the policies: service/core/mixing.py).
+"""Choosing how new items mix with trained ones, on validation (the policies: service/model/mixing.py).
 
 Evaluation keeps each user's best K candidates of each population (`Tops`); a policy only reorders
 those two lists, so a search over policies needs no scoring. `choose_policy` tries both families —
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from service.core.mixing import NEW, RAW, TRAINED, Calibrated, Policy, Quota, merge_order
+from service.model.mixing import NEW, RAW, TRAINED, Calibrated, Policy, Quota, merge_order
 from training.metrics import list_metrics
 
 Merged = tuple[np.ndarray, np.ndarray, np.ndarray]  # hit, is_new, filled: (U, K) bool each

@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 import scipy.sparse as sp
 
-from service.core.mixing import Policy
+from service.model.mixing import Policy
 from training.dataset import Dataset
 from training.metrics import KS, list_metrics, rank_top_k_batch
 from training.mixing import Tops, merge, model_policy

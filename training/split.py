@@ -165,3 +165,41 @@ def cold_start_split(
         val_truth=_columns(matrix, val),
         test_truth=_columns(matrix, cold),
     )
+
+
+def _empty(n_users: int, n_items: int) -> sp.csr_matrix:
+    return sp.csr_matrix((n_users, n_items), dtype=np.float32)
+
+
+def validation_split(dataset: Dataset, seed: int, val_fraction: float = 0.2, val_warm_holdout: float = 0.2
+                     ) -> ColdStartSplit:
+    """The validation carve-out of a production run: pseudo-cold items and a per-user warm holdout,
+    by the same rules as the harness's validation, and no test items (nothing is measured here)."""
+    rng = np.random.default_rng(seed)
+    matrix = dataset.interaction_matrix()
+    matrix.data[:] = 1.0
+    active = np.flatnonzero(np.asarray(matrix.getnnz(axis=0)) > 0)
+    val = np.sort(rng.choice(active, size=round(val_fraction * active.size), replace=False))
+    warm = np.setdiff1d(active, val)
+    history = _columns(matrix, warm)
+    train, val_warm = hold_out(history, val_warm_holdout, rng)
+    empty = _empty(*matrix.shape)
+    return ColdStartSplit(seed=seed, n_users=dataset.n_users, n_items=dataset.n_items, warm_items=warm,
+                          val_items=val, cold_items=np.empty(0, np.int64), train=train, history=history,
+                          val_warm_truth=val_warm, test_warm_truth=empty, val_truth=_columns(matrix, val),
+                          test_truth=empty)
+
+
+def production_split(dataset: Dataset, seed: int, holdout: float = 0.1) -> ColdStartSplit:
+    """Every item with interactions is warm (gets a trained row); a seeded per-user slice of the
+    interactions is held out, only to stop training."""
+    rng = np.random.default_rng(seed)
+    matrix = dataset.interaction_matrix()
+    matrix.data[:] = 1.0
+    active = np.flatnonzero(np.asarray(matrix.getnnz(axis=0)) > 0)
+    train, held = hold_out(matrix, holdout, rng)
+    empty = _empty(*matrix.shape)
+    none = np.empty(0, np.int64)
+    return ColdStartSplit(seed=seed, n_users=dataset.n_users, n_items=dataset.n_items, warm_items=active,
+                          val_items=none, cold_items=none, train=train, history=sp.csr_matrix(matrix),
+                          val_warm_truth=held, test_warm_truth=empty, val_truth=empty, test_truth=empty)

@@ -5,9 +5,13 @@
     t-step  the generator learns to produce [V_j; b_j] (fixed) from item j's attributes and content,
             plus M2VAE's own losses (disentangling, co-occurrence, BPR)
 
-Model selection: Recall@20 on the validation items (cold-only), never the test items.
+Model selection: Recall@20 + NDCG@20 on the hybrid validation task (pseudo-cold items and a warm
+holdout carved from the training data), under the mixing policy chosen there; never test data.
 
-    python -m training.train --dataset data/citeulike-t --out artifacts/ --seed 0 [--epochs N]
+    python -m training.train --dataset data/citeulike-t --out artifacts/ [--preset NAME] [--flag value ...]
+
+trains the shipped model (the TrainConfig defaults) for production: a validation run, then a refit on
+every interaction from its weights (`train_production`), exported as a new artifact version.
 """
 
 from __future__ import annotations
@@ -28,16 +32,19 @@ from tqdm import tqdm
 
 from service.model import M2Rec, ModelConfig
 from service.model.generator import Gaussian, M2VAEGenerator
+from service.model.mixing import RAW, Policy
 from training import losses
 from training.dataset import Dataset, fingerprint, load_dataset
 from training.export import export_artifact
 from training.input_dropout import feature_dropout, modality_dropout
 from training.item_rows import ItemTable, generated_rows, user_vectors
 from training.linear_fit import LinearFit
+from training.mixing import choose_policy
 from training.presets import PRESETS
-from training.protocol import cold_only, evaluate, hybrid
-from training.split import ColdStartSplit, cold_start_split
+from training.protocol import evaluate_tops, hybrid, tops, warm_only
+from training.split import ColdStartSplit, production_split, validation_split
 from training.train_data import TrainingData, prepare
+from training.warm_start import warm_start
 
 log = logging.getLogger("m2rec.train")
 
@@ -47,6 +54,10 @@ class TrainConfig:
     seed: int = 0
     epochs: int = 30
     eval_every: int = 3
+    patience: int = 3  # stop after this many validations without improvement
+    # production refit on every interaction, from the validation run's weights (train_production)
+    refit_epochs: int = 6
+    refit_patience: int = 2
     # model sizes and switches (ModelConfig)
     item_dim: int = 64
     user_latent: int = 64
@@ -117,6 +128,7 @@ class TrainResult:
     config: TrainConfig
     best_epoch: int
     best_val: dict[str, float]
+    policy: Policy  # how new items mix with trained ones, chosen on validation
     history: list[dict[str, float]]
 
 
@@ -168,7 +180,8 @@ def t_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: Tr
             return {}
     h_all = user_vectors(model, data)  # (U, D) detached user vectors for gating and BPR
     model.set_neutral_user(h_all[torch.from_numpy(data.train_users)].mean(dim=0))
-    rows = rng.permutation(data.warm.size)
+    # rows whose every interaction was held out have no user to learn from (their row follows Ê)
+    rows = rng.permutation(data.trained_rows)
     sums: dict[str, float] = {}
     for start in range(0, rows.size, cfg.batch_items):
         r = rows[start : start + cfg.batch_items]
@@ -252,24 +265,46 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def validate(model: M2Rec, data: TrainingData, dataset: Dataset, split: ColdStartSplit) -> dict[str, float]:
-    return evaluate(ItemTable(model, data), cold_only(split, validation=True))
+@dataclass(frozen=True)
+class Validation:
+    score: float  # what early stopping maximises: Recall@20 + NDCG@20 under `policy`
+    metrics: dict[str, float]
+    policy: Policy
 
 
-def train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainResult:
-    """Train with fixed seeds; the process-wide torch settings are restored afterwards."""
+def validate(model: M2Rec, data: TrainingData, split: ColdStartSplit) -> Validation:
+    """The hybrid validation task (pseudo-cold items and the warm holdout) under the policy that
+    mixes them best; without validation items (a production refit), the warm holdout alone."""
+    table = ItemTable(model, data)
+    if split.val_items.size == 0:
+        task, policy = warm_only(split, validation=True), RAW
+        t = tops(table, task)
+    else:
+        task = hybrid(split, validation=True)
+        t = tops(table, task)
+        policy, _ = choose_policy(t)
+    metrics = evaluate_tops(t, policy, task.mixed).metrics
+    return Validation(metrics.get("recall@20", 0.0) + metrics.get("ndcg@20", 0.0), metrics, policy)
+
+
+def train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: TrainResult | None = None
+          ) -> TrainResult:
+    """Train with fixed seeds (from `init`'s weights when given: a refit); the process-wide torch
+    settings are restored afterwards."""
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     try:
-        return _train(dataset, split, cfg)
+        return _train(dataset, split, cfg, init)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
 
 
-def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainResult:
+def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: TrainResult | None) -> TrainResult:
     rng = seed_everything(cfg.seed)
     data = prepare(dataset, split)
     model = M2Rec(cfg.model_config(data.warm.size, len(data.vocabulary), data.content_dim))
+    if init is not None:
+        warm_start(model, data, init.model, init.data)
     opt_user = torch.optim.Adam(model.user.parameters(), lr=cfg.lr_user)
     opt_gen = torch.optim.AdamW(model.generator.parameters(), lr=cfg.lr_gen, weight_decay=cfg.wd_gen)
     gen = model.generator
@@ -279,9 +314,8 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainRe
     patterns = linear.path.patterns(data.inputs(data.warm)) \
         if linear is not None and cfg.generated_likelihood > 0 else None  # (J,) warm items' modality patterns
     steps_per_epoch = cfg.b_passes * -(-data.train_users.size // cfg.batch_users)
-    step, best_val, best_epoch = 0, -1.0, -1
+    step, best_epoch, best = 0, -1, None
     best_state: dict[str, torch.Tensor] = {}
-    best_metrics: dict[str, float] = {}
     history: list[dict[str, float]] = []
     bar = tqdm(range(cfg.epochs), desc=f"train {dataset.name}", disable=not cfg.progress)
     for epoch in bar:
@@ -292,21 +326,25 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig) -> TrainRe
         for _ in range(cfg.t_passes):
             t_parts = t_step(model, data, opt_gen, cfg, rng, linear)
         row: dict[str, float] = {"epoch": epoch, **b_parts, **t_parts}
+        stop = False
         if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
-            val = validate(model, data, dataset, split)
-            row["val_recall@20"] = val.get("recall@20", 0.0)
-            row["val_ndcg@20"] = val.get("ndcg@20", 0.0)
-            if row["val_recall@20"] > best_val:
-                best_val, best_epoch, best_metrics = row["val_recall@20"], epoch, val
+            val = validate(model, data, split)
+            row["val_recall@20"] = val.metrics.get("recall@20", 0.0)
+            row["val_ndcg@20"] = val.metrics.get("ndcg@20", 0.0)
+            if best is None or val.score > best.score:
+                best, best_epoch = val, epoch
                 best_state = copy.deepcopy(model.state_dict())
+            stop = epoch - best_epoch >= cfg.patience * cfg.eval_every
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         bar.set_postfix({k: round(v, 4) for k, v in row.items() if k.startswith("val") or k == "nll"})
         log.info("epoch %d %s", epoch, json.dumps({k: round(v, 4) for k, v in row.items()}))
-    if best_state:
-        model.load_state_dict(best_state)
+        if stop:
+            break
+    assert best is not None  # the last epoch is always validated
+    model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(model, data, cfg, best_epoch, best_metrics, history)
+    return TrainResult(model, data, cfg, best_epoch, best.metrics, best.policy, history)
 
 
 def save_checkpoint(result: TrainResult, dataset: Dataset, out: Path) -> Path:
@@ -335,17 +373,30 @@ def load_checkpoint(path: Path) -> tuple[M2Rec, dict[str, Any]]:
     return model, meta
 
 
+def train_production(dataset: Dataset, cfg: TrainConfig) -> tuple[TrainResult, TrainResult]:
+    """(validation run, production model). The validation run trains on everything but a carve-out
+    (pseudo-cold items and a per-user warm holdout, training/split.py) and chooses the epoch and the
+    mixing policy there; the production model then continues from it on every interaction, so that
+    every item with interactions gets a trained row, stopping on a held-out slice of interactions."""
+    first = train(dataset, validation_split(dataset, cfg.seed), cfg)
+    log.info("validation run: best epoch %d, %s, policy %s", first.best_epoch, json.dumps(first.best_val),
+             first.policy.to_dict())
+    refit = replace(cfg, epochs=cfg.refit_epochs, eval_every=1, patience=cfg.refit_patience)
+    final = train(dataset, production_split(dataset, cfg.seed), refit, init=first)
+    return first, replace(final, policy=first.policy)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path,
                         help="artifact root: the model is exported as a new version and `current` points at it")
-    parser.add_argument("--variant", default=None,
-                        help="start from a harness variant's settings (training/presets.py), e.g. "
-                             "m2rec-linear-d128-gen-nll, the full model; flags given as well override them")
-    chosen = parser.parse_known_args(argv)[0].variant
+    parser.add_argument("--preset", default=None,
+                        help="start from a named experiment's settings (training/presets.py) instead of the "
+                             "shipped model's defaults; flags given as well override them")
+    chosen = parser.parse_known_args(argv)[0].preset
     if chosen is not None and chosen not in PRESETS:
-        parser.error(f"unknown --variant {chosen!r}; known: {', '.join(sorted(PRESETS))}")
+        parser.error(f"unknown --preset {chosen!r}; known: {', '.join(sorted(PRESETS))}")
     defaults = replace(TrainConfig(), **PRESETS[chosen]) if chosen is not None else TrainConfig()
     for f in fields(TrainConfig):
         value = getattr(defaults, f.name)
@@ -358,24 +409,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     dataset = load_dataset(args.dataset)
-    split = cold_start_split(dataset, cfg.seed)
     t0 = time.perf_counter()
-    result = train(dataset, split, cfg)
-    log.info("trained in %.1f s; best epoch %d; validation %s", time.perf_counter() - t0,
-             result.best_epoch, json.dumps(result.best_val))
-    table = ItemTable(result.model, result.data)
+    first, final = train_production(dataset, cfg)
+    seconds = time.perf_counter() - t0
     metrics = {
         "dataset": dataset.name,
-        "split_seed": cfg.seed,
-        "best_epoch": result.best_epoch,
-        "train_seconds": round(time.perf_counter() - t0, 1),
-        "validation_cold_only": result.best_val,
-        "test_cold_only": evaluate(table, cold_only(split)),
-        "test_hybrid": evaluate(table, hybrid(split)),
+        "seed": cfg.seed,
+        "preset": chosen or "defaults",
+        "train_seconds": round(seconds, 1),
+        "validation": {"best_epoch": first.best_epoch, "hybrid": first.best_val, "policy": first.policy.to_dict()},
+        "refit": {"best_epoch": final.best_epoch, "held_out_slice": final.best_val},
     }
-    log.info("test cold-only %s", json.dumps(metrics["test_cold_only"]))
-    log.info("test hybrid %s", json.dumps(metrics["test_hybrid"]))
-    print(export_artifact(result, dataset, fingerprint(args.dataset), args.out, metrics))
+    log.info("trained in %.0f s (validation run, then the refit on every interaction: best epoch %d, held-out "
+             "slice %s)", seconds, final.best_epoch, json.dumps(final.best_val))
+    print(export_artifact(final, dataset, fingerprint(args.dataset), args.out, metrics))
 
 
 if __name__ == "__main__":

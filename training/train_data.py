@@ -28,6 +28,11 @@ class TrainingData:
     unknown_attributes: int  # attribute tokens of non-warm items outside the vocabulary
 
     @property
+    def trained_rows(self) -> np.ndarray:
+        """Warm rows with at least one training interaction."""
+        return np.flatnonzero(np.diff(self.item_users.indptr) > 0)
+
+    @property
     def content_dim(self) -> int:
         return 0 if self.content is None else int(self.content.shape[1])
 

@@ -36,8 +36,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 from safetensors.torch import load_file
 
+from service.model.mixing import Policy, policy_from_dict
+
 FORMAT = "m2rec-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `mixing`, the validation-chosen policy for new items, in the manifest and the hash
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "model.safetensors"
 ITEM_IDS_FILE = "item_ids.json"
@@ -66,13 +68,13 @@ class LibraryVersions(BaseModel):
 
 
 class Manifest(BaseModel):
-    """manifest.json of format_version 1. `model_args` is stored under the JSON key "model_config"
+    """manifest.json of format_version 2. `model_args` is stored under the JSON key "model_config"
     (that name is taken by pydantic); it rebuilds the model: `ModelConfig(**manifest.model_args)`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     format: Literal["m2rec-artifact"]
-    format_version: Literal[1]
+    format_version: Literal[2]
     version: str = Field(pattern=VERSION_PATTERN)
     created_at: datetime
     model_args: dict[str, JsonValue] = Field(alias="model_config")
@@ -81,6 +83,8 @@ class Manifest(BaseModel):
     embedding_dim: int = Field(ge=2)  # D + 1: item vector [v, b] with the bias folded in
     n_warm_items: int = Field(ge=0)
     metrics: dict[str, JsonValue]
+    # how new items mix with trained ones when a request does not say (service/model/mixing.py)
+    mixing: dict[str, JsonValue]
     data_fingerprint: str = Field(min_length=1)
     dataset: str = Field(min_length=1)
     library_versions: LibraryVersions
@@ -105,7 +109,15 @@ class Manifest(BaseModel):
                 raise ValueError(f"files[{name!r}] is not a lowercase sha256 hex digest: {digest!r}")
         if len(set(self.attribute_vocabulary)) != len(self.attribute_vocabulary):
             raise ValueError("attribute_vocabulary has duplicate tokens")
+        try:
+            policy_from_dict(self.mixing)  # a policy the service can apply
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"mixing {self.mixing!r} is not a policy the service can apply: {e}") from e
         return self
+
+    @property
+    def policy(self) -> Policy:
+        return policy_from_dict(self.mixing)
 
     @property
     def content_hash(self) -> str:
@@ -124,12 +136,12 @@ class Artifact:
         return self.manifest.version
 
 
-def content_hash(files: Mapping[str, str], model_config: Mapping[str, Any]) -> str:
-    """sha256 hex over the tensor file, the item id file and the canonical model config."""
-    canonical = json.dumps(model_config, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    config_digest = hashlib.sha256(canonical.encode()).hexdigest()
+def content_hash(files: Mapping[str, str], model_config: Mapping[str, Any], mixing: Mapping[str, Any]) -> str:
+    """sha256 hex over the tensor file, the item id file, the canonical model config and mixing policy."""
+    digests = [hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+                              .encode()).hexdigest() for value in (model_config, mixing)]
     text = (f"{TENSORS_FILE}:{files[TENSORS_FILE]}\n{ITEM_IDS_FILE}:{files[ITEM_IDS_FILE]}\n"
-            f"model_config:{config_digest}\n")
+            f"model_config:{digests[0]}\nmixing:{digests[1]}\n")
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -188,10 +200,10 @@ def load_artifact(path: Path) -> Artifact:
     if len(item_ids) != manifest.n_warm_items:
         raise ArtifactError(f"{where}: {ITEM_IDS_FILE} has {len(item_ids)} ids but the manifest says "
                             f"n_warm_items={manifest.n_warm_items}; re-export the model")
-    expected_hash = content_hash(manifest.files, manifest.model_args)[:8]
+    expected_hash = content_hash(manifest.files, manifest.model_args, manifest.mixing)[:8]
     if manifest.content_hash != expected_hash:
         raise ArtifactError(f"{where}: version {manifest.version} does not match its content (hash "
-                            f"{expected_hash}); the manifest's model_config or files were edited, "
+                            f"{expected_hash}); the manifest's model_config, mixing or files were edited, "
                             f"re-export the model")
     try:
         tensors = load_file(str(directory / TENSORS_FILE), device="cpu")

@@ -53,6 +53,7 @@ def save_artifact(
     content_dim: int,
     embedding_dim: int,
     metrics: Mapping[str, Any],
+    mixing: Mapping[str, Any],
     data_fingerprint: str,
     dataset: str,
     activate: bool = True,
@@ -67,6 +68,7 @@ def save_artifact(
     check_item_ids(item_ids, f"save_artifact to {root}")
     config_json = _json_object(model_config, "model_config")
     metrics_json = _json_object(metrics, "metrics")
+    mixing_json = _json_object(mixing, "mixing")
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root))
     try:
@@ -77,7 +79,7 @@ def save_artifact(
         write_durably(tmp / ITEM_IDS_FILE, json.dumps(list(item_ids), indent=0) + "\n")
         files = {name: file_sha256(tmp / name) for name in (TENSORS_FILE, ITEM_IDS_FILE)}
         created_at = datetime.now(UTC)
-        version = f"{created_at.strftime(TIMESTAMP_FORMAT)}-{content_hash(files, config_json)[:8]}"
+        version = f"{created_at.strftime(TIMESTAMP_FORMAT)}-{content_hash(files, config_json, mixing_json)[:8]}"
         try:
             manifest = Manifest(
                 format=FORMAT,
@@ -90,6 +92,7 @@ def save_artifact(
                 embedding_dim=embedding_dim,
                 n_warm_items=len(item_ids),
                 metrics=metrics_json,
+                mixing=mixing_json,
                 data_fingerprint=data_fingerprint,
                 dataset=dataset,
                 library_versions=_library_versions(),
