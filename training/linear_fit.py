@@ -82,12 +82,30 @@ class LinearFit:
         return sp.csr_matrix(sp.hstack(blocks))
 
     def _leverage(self, pattern: int, member: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        inverse = torch.cholesky_inverse(self.factors[pattern]).numpy()  # (P, P)
+        """h_jj = x_jᵀ (XᵀX + Λ)⁻¹ x_j of each member row. The design's blocks are multiplied apart:
+        the sparse attributes as sparse, the dense content by BLAS (as one sparse matrix the dense
+        block would go through scipy's single-threaded product)."""
+        inverse = torch.cholesky_inverse(self.factors[pattern]).numpy()  # (P, P), order [a?, c?, 1]
+        use_c, use_a = self._blocks(pattern)
+        A1 = self.S.shape[1] if use_a else 0
+        F_dim = self.C.shape[1] if use_c else 0
         rows = np.flatnonzero(member)
         out = np.zeros(member.size)
         for start in range(0, rows.size, chunk):
-            X = self._design(pattern, rows[start : start + chunk])  # (n, P)
-            out[rows[start : start + chunk]] = np.asarray(X.multiply(X @ inverse).sum(axis=1)).ravel()
+            r = rows[start : start + chunk]
+            xa = self.S[r] if use_a else None  # (n, A+1) sparse
+            xc = self.C[r] if use_c else None  # (n, F) dense
+            m = np.broadcast_to(inverse[-1], (r.size, inverse.shape[0])).copy()  # the intercept column's part
+            if xa is not None:
+                m += np.asarray(xa @ inverse[:A1])
+            if xc is not None:
+                m += xc @ inverse[A1 : A1 + F_dim]
+            h = m[:, -1].copy()  # x_j's intercept entry is 1
+            if xa is not None:
+                h += np.asarray(xa.multiply(m[:, :A1]).sum(axis=1)).ravel()
+            if xc is not None:
+                h += (xc * m[:, A1 : A1 + F_dim]).sum(axis=1)
+            out[r] = h
         return out
 
     def _rhs(self, pattern: int, member: np.ndarray, Y: np.ndarray) -> np.ndarray:

@@ -133,9 +133,9 @@ class TrainResult:
 
 
 def b_step(model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: TrainConfig,
-           rng: np.random.Generator, step: int, steps_per_epoch: int,
+           rng: np.random.Generator, step: int, steps_per_epoch: int, target: torch.Tensor,
            held_out_shift: torch.Tensor | None = None) -> tuple[dict[str, float], int]:
-    target = generated_rows(model, data, data.warm)  # Ê (J, D+1), fixed for the step
+    """One pass over the users; `target` is Ê (J, D+1), the generator's rows, fixed for the step."""
     # the rows the user side is scored by: a trained item's row as if it were new (leave-one-out
     # linear part), else the user side would learn from in-sample fits no cold item gets
     as_new = target + held_out_shift if held_out_shift is not None else target
@@ -305,8 +305,8 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: Trai
     model = M2Rec(cfg.model_config(data.warm.size, len(data.vocabulary), data.content_dim))
     if init is not None:
         warm_start(model, data, init.model, init.data)
-    opt_user = torch.optim.Adam(model.user.parameters(), lr=cfg.lr_user)
-    opt_gen = torch.optim.AdamW(model.generator.parameters(), lr=cfg.lr_gen, weight_decay=cfg.wd_gen)
+    opt_user = torch.optim.Adam(model.user.parameters(), lr=cfg.lr_user, foreach=True)
+    opt_gen = torch.optim.AdamW(model.generator.parameters(), lr=cfg.lr_gen, weight_decay=cfg.wd_gen, foreach=True)
     gen = model.generator
     held_out = cfg.linear_held_out or cfg.generated_likelihood > 0
     linear = LinearFit(data, gen.linear, cfg.linear_ridge, held_out) \
@@ -321,8 +321,9 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: Trai
     for epoch in bar:
         t0 = time.perf_counter()
         shift = linear.held_out_shift(patterns) if linear is not None and patterns is not None else None
+        target = generated_rows(model, data, data.warm)  # the generator is unchanged until the t-step
         for _ in range(cfg.b_passes):
-            b_parts, step = b_step(model, data, opt_user, cfg, rng, step, steps_per_epoch, shift)
+            b_parts, step = b_step(model, data, opt_user, cfg, rng, step, steps_per_epoch, target, shift)
         for _ in range(cfg.t_passes):
             t_parts = t_step(model, data, opt_gen, cfg, rng, linear)
         row: dict[str, float] = {"epoch": epoch, **b_parts, **t_parts}
