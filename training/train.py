@@ -58,6 +58,8 @@ class TrainConfig:
     # production refit on every interaction, from the validation run's weights (train_production)
     refit_epochs: int = 6
     refit_patience: int = 2
+    # weights of a new item's generated bias tried on validation after training (M2Rec.new_bias_weight)
+    new_bias_weights: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
     # model sizes and switches (ModelConfig)
     item_dim: int = 64
     user_latent: int = 64
@@ -345,7 +347,24 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: Trai
     assert best is not None  # the last epoch is always validated
     model.load_state_dict(best_state)
     model.eval()
+    if split.val_items.size:
+        best = tune_new_bias(model, data, split, cfg.new_bias_weights)
     return TrainResult(model, data, cfg, best_epoch, best.metrics, best.policy, history)
+
+
+def tune_new_bias(model: M2Rec, data: TrainingData, split: ColdStartSplit, weights: tuple[float, ...]
+                  ) -> Validation:
+    """Set `M2Rec.new_bias_weight` to the weight whose hybrid validation (with its own best policy) is
+    best, and return that validation."""
+    results = []
+    for weight in weights:
+        model.new_bias_weight.fill_(weight)
+        results.append((validate(model, data, split), weight))
+    best, weight = max(results, key=lambda r: r[0].score)
+    model.new_bias_weight.fill_(weight)
+    log.info("new items' bias weight %.2f (validation %s)", weight,
+             ", ".join(f"{w}: {v.score:.4f}" for v, w in results))
+    return Validation(best.score, {**best.metrics, "new_bias_weight": weight}, best.policy)
 
 
 def save_checkpoint(result: TrainResult, dataset: Dataset, out: Path) -> Path:
@@ -384,6 +403,7 @@ def train_production(dataset: Dataset, cfg: TrainConfig) -> tuple[TrainResult, T
              first.policy.to_dict())
     refit = replace(cfg, epochs=cfg.refit_epochs, eval_every=1, patience=cfg.refit_patience)
     final = train(dataset, production_split(dataset, cfg.seed), refit, init=first)
+    final.model.new_bias_weight.copy_(first.model.new_bias_weight)
     return first, replace(final, policy=first.policy)
 
 
@@ -404,6 +424,9 @@ def main(argv: list[str] | None = None) -> None:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value)
+        elif isinstance(value, tuple):
+            parser.add_argument(flag, type=lambda s: tuple(float(x) for x in s.split(",")), default=value,
+                                help="comma-separated numbers")
         else:
             parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)

@@ -22,6 +22,7 @@ from training.train_data import TrainingData
 ITEM_ROWS = ("user.V", "user.b")
 TOKEN_ROWS = ("generator.attributes.embedding.weight",)
 REFITTED = ("generator.linear.",)  # solved in closed form at every t-step
+CHOSEN_AFTER = ("new_bias_weight",)  # 1 while training; the validation run's choice is set after the refit
 
 
 @torch.no_grad()
@@ -32,7 +33,7 @@ def warm_start(model: M2Rec, data: TrainingData, init_model: M2Rec, init_data: T
     old = init_model.state_dict()
     state = model.state_dict()
     for name, tensor in state.items():
-        if name in ITEM_ROWS or name in TOKEN_ROWS or name.startswith(REFITTED):
+        if name in ITEM_ROWS or name in TOKEN_ROWS or name in CHOSEN_AFTER or name.startswith(REFITTED):
             continue
         if old[name].shape != tensor.shape:
             raise ValueError(f"warm start: {name} is {tuple(old[name].shape)} in the validation run and "

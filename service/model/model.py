@@ -63,6 +63,8 @@ def item_inputs(
 
 
 class M2Rec(nn.Module):
+    new_bias_weight: torch.Tensor  # () buffer
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -70,6 +72,10 @@ class M2Rec(nn.Module):
         self.generator: M2VAEGenerator | ContentVAE = (
             M2VAEGenerator(cfg) if cfg.generator == "m2vae" else ContentVAE(cfg)
         )
+        # A new item's generated bias b̂ is its popularity predicted from content, shrunk towards the
+        # mean; how much of it to trust when new items meet trained ones is chosen on validation by
+        # the trainer (1 while training). The fold-in never reads the bias column.
+        self.register_buffer("new_bias_weight", torch.ones(()))
 
     def item_rows(self) -> torch.Tensor:
         """[V, b] (J, D+1) of the warm items, in training row order."""
@@ -82,7 +88,8 @@ class M2Rec(nn.Module):
         user (B, D) personalises M2VAE's fusion; None uses the neutral (population-mean) user,
         which is the vector an index stores.
         """
-        return self.generator.embed(x, user)
+        rows, gates = self.generator.embed(x, user)
+        return torch.cat([rows[:, :-1], rows[:, -1:] * self.new_bias_weight], dim=1), gates
 
     def fold_in(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """User vectors h (B, D) from history rows (B, L, D+1 or D) and mask (B, L).
