@@ -71,6 +71,7 @@ class ServedCounters:
     fallback: Counter
     cold_items: Counter
     warm_items: Counter
+    skipped_non_finite: Counter
 
     def count(self, answers: Sequence[Recommendations]) -> None:
         """Counted once per batch of answers: four increments per request cost more than a fold-in."""
@@ -80,12 +81,16 @@ class ServedCounters:
         self.personal.inc(len(answers) - fallback)
         self.cold_items.inc(cold)
         self.warm_items.inc(sum(len(a.hits) for a in answers) - cold)
+        skipped = sum(a.skipped for a in answers)
+        if skipped:
+            self.skipped_non_finite.inc(skipped)
 
     @classmethod
     def of(cls, metrics: Metrics) -> ServedCounters:
         return cls(metrics.recommendations.labels(outcome="personal"),
                    metrics.recommendations.labels(outcome="fallback"),
-                   metrics.recommended_items.labels(kind="cold"), metrics.recommended_items.labels(kind="warm"))
+                   metrics.recommended_items.labels(kind="cold"), metrics.recommended_items.labels(kind="warm"),
+                   metrics.recommend_skipped.labels(reason="non_finite_score"))
 
 
 @dataclass

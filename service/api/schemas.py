@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
+import numpy as np
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
 
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
 MAX_ATTRIBUTES = 1000
@@ -14,12 +15,31 @@ MAX_CONTENT_DIM = 65_536
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 AttributeToken = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# Strict: a JSON string ("0.5") or boolean (true) is a client bug to report, not a number to guess
+# at. JSON integers stay numbers (JSON has one number type; many encoders write 0.0 as 0).
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
+
+def _float32_content(values: list[float]) -> list[float]:
+    """Content is stored and embedded as float32: a value finite as a float64 but not as a float32
+    (3.5e38) would become inf in the store and NaN in the item's row."""
+    as32 = np.asarray(values, dtype=np.float64).astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(as32))
+    if bad.size:
+        at = int(bad[0])
+        raise ValueError(f"content[{at}] = {values[at]!r} is outside the float32 range (|x| <= {FLOAT32_MAX:.8g}); "
+                         f"{bad.size} value(s) out of range; scale the vector")
+    return values
+
+
+Content = Annotated[list[FiniteFloat], AfterValidator(_float32_content)]
+
+# No content vector here: its length is the served model's content dimension (GET /readyz names the
+# model; ml-100k's is 384), and an example of any fixed length would be refused by most models.
 _ITEM_EXAMPLE: dict[str, JsonValue] = {
-    "id": "movie:1683",
-    "attributes": ["genre:Comedy", "genre:Romance", "language:m.02h40lc"],
-    "content": [0.013, -0.092, 0.041],
+    "id": "movie:new-space-opera",
+    "attributes": ["genre:Action", "genre:Sci-Fi", "genre:Adventure"],
 }
 
 
@@ -33,9 +53,10 @@ class ItemIn(BaseModel):
         default_factory=list, max_length=MAX_ATTRIBUTES,
         description="categorical tokens such as genre:Drama; tokens the model never saw are reported back",
     )
-    content: list[FiniteFloat] | None = Field(
+    content: Content | None = Field(
         None, max_length=MAX_CONTENT_DIM,
-        description="dense content vector (e.g. image features) of the model's content dimension",
+        description="dense content vector (e.g. image features) of exactly the served model's content dimension "
+        "(ml-100k: 384); JSON numbers within the float32 range, never strings or booleans",
     )
 
     @model_validator(mode="after")

@@ -71,8 +71,10 @@ class Embedder:
             if len(item.content) != self.content_dim:
                 return (f"item {item.item_id}: content has {len(item.content)} values but model version "
                         f"{self.version} expects content_dim={self.content_dim}")
-            if not np.isfinite(np.asarray(item.content, dtype=np.float64)).all():
-                return f"item {item.item_id}: content contains NaN or infinite values"
+            # float32 is what the model computes in: 3.5e38 is finite as float64 but inf as float32
+            if not np.isfinite(np.asarray(item.content, dtype=np.float64).astype(np.float32)).all():
+                return (f"item {item.item_id}: content contains NaN, infinite or beyond-float32 values "
+                        f"(|x| > {np.finfo(np.float32).max:.8g})")
         elif not any(t in self.vocabulary.index for t in item.attributes):
             return (f"item {item.item_id}: none of its attributes is known to model version {self.version} "
                     f"and it has no content, so there is nothing to embed it from; add content or known "
@@ -83,10 +85,22 @@ class Embedder:
         return [t for t in attributes if t not in self.vocabulary.index]
 
     def embed(self, items: Sequence[NewItem]) -> Rows:
-        """Generated rows (B, D+1), neutral gate; InvalidItemError (naming every bad item) before any work."""
+        """Generated rows (B, D+1), neutral gate; InvalidItemError (naming every bad item) before any work,
+        and after it for an item whose row is not finite: such a row would reach the store and the index
+        and make every score it takes part in NaN."""
         problems = [p for p in map(self.problem, items) if p is not None]
         if problems:
             raise InvalidItemError("; ".join(problems[:20]))
+        rows = self._embed(items)
+        broken = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+        if broken.size:
+            names = [items[b].item_id for b in broken[:10].tolist()]
+            raise InvalidItemError(
+                f"items {names}: the model computes a non-finite row from their inputs ({broken.size} of "
+                f"{len(items)}); nothing was written; check their content for extreme values")
+        return rows
+
+    def _embed(self, items: Sequence[NewItem]) -> Rows:
         # Attribute pooling pads every item of a pass to the widest one's attribute count (B, A, H):
         # passes of items of similar width (sorted by it) keep that padding small.
         index = self.vocabulary.index
@@ -115,12 +129,16 @@ class Embedder:
 
     def record_rows(self, records: Sequence[ItemRecord]) -> dict[str, npt.NDArray[np.float32]]:
         """Rows of stored items under this model; items it cannot embed are left out (and logged)."""
-        rows = {r.item_id: r.embedding for r in records if r.model_version == self.version}
+        current = [r for r in records if r.model_version == self.version]
+        rows = {r.item_id: r.embedding for r in current if np.isfinite(r.embedding).all()}
         stale = [NewItem(r.item_id, r.attributes, r.content) for r in records if r.model_version != self.version]
         usable = [item for item in stale if self.problem(item) is None]
-        if len(usable) < len(stale):
-            log.warning("%d stored items cannot be embedded by model %s and are not served",
-                        len(stale) - len(usable), self.version)
         if usable:
-            rows.update(zip((i.item_id for i in usable), self.embed(usable), strict=True))
+            generated = self._embed(usable)
+            finite = np.isfinite(generated).all(axis=1).tolist()
+            rows.update((i.item_id, row) for i, row, ok in zip(usable, generated, finite, strict=True) if ok)
+        left_out = len(records) - len(rows)
+        if left_out:  # written before the store refused such items, or inputs this model cannot use
+            log.warning("%d stored items cannot be embedded by model %s (unusable inputs or a non-finite "
+                        "row) and are not served", left_out, self.version)
         return rows

@@ -10,6 +10,8 @@ history may hold both kinds, and their rows enter the fold-in the same way ("sur
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Sequence
 from itertools import chain, repeat
@@ -32,6 +34,9 @@ from service.index import Hit, IndexConfig, VectorIndex
 from service.model.artifact import Artifact
 from service.store import Interaction, ItemRecord, Store
 
+log = logging.getLogger(__name__)
+_RESEARCHES = 3  # searches of a query again without items whose score was not finite (there are ~never any)
+
 
 class Recommender:
     """One model version serving: its `embedder` (rows of items), its `maintainer` (the index kept
@@ -52,6 +57,7 @@ class Recommender:
         self._fold_in = FoldIn(self.model)  # the request path's fold-in, without torch dispatch
         self._popular = np.argsort(-self.warm_rows[:, -1], kind="stable")  # by trained bias b
         self.fallback_cold_share = fallback_cold_share
+        self._reported: set[str] = set()  # items logged for a non-finite row
 
     @property
     def index(self) -> VectorIndex:
@@ -167,16 +173,62 @@ class Recommender:
         personal = [at for at, n in enumerate(lengths) if n > 0]
         for at, n in enumerate(lengths):
             if n == 0:
-                out[at] = Recommendations(self.fallback(requests[at][1], set(asked[at])), True, self.version)
+                out[at] = self._fallback_answer(requests[at][1], set(asked[at]))
         if personal:
             k_max = max(requests[at][1] for at in personal)  # a top-k is the first k of the top-k_max
             queries = self._fold_in.queries(rows, [n for n in lengths if n > 0])  # (B', D+1)
-            found = self.index.search(queries, k_max, exclude=[set(asked[at]) for at in personal])
-            for at, hits in zip(personal, found, strict=True):
-                out[at] = Recommendations(hits[: requests[at][1]], False, self.version)
+            found, skipped = self._search(queries, k_max, [set(asked[at]) for at in personal])
+            for at, hits, n_skipped in zip(personal, found, skipped, strict=True):
+                out[at] = Recommendations(hits[: requests[at][1]], False, self.version, n_skipped)
         answered = [r for r in out if r is not None]
         assert len(answered) == len(requests)  # every request is personal or a fallback
         return answered
+
+    def _search(self, queries: Rows, k: int, exclude: list[set[str]]) -> tuple[list[list[Hit]], list[int]]:
+        """Index search whose answers hold finite scores only. An item row that is not finite (the
+        store and the embedder refuse them; this is the last line) is taken out of the index, logged
+        once, counted per answer, and the query searched again without it: one item never makes an
+        answer fail."""
+        found = self.index.search(queries, k, exclude=exclude)
+        skipped = [0] * len(found)
+        for _ in range(_RESEARCHES):
+            broken = {b: [h.item_id for h in hits if not math.isfinite(h.score)] for b, hits in enumerate(found)}
+            broken = {b: ids for b, ids in broken.items() if ids}
+            if not broken:
+                break
+            self._quarantine({i for ids in broken.values() for i in ids})
+            again = list(broken)
+            for b in again:
+                skipped[b] += len(broken[b])
+                exclude[b] = exclude[b] | set(broken[b])
+            for b, hits in zip(again, self.index.search(queries[again], k, exclude=[exclude[b] for b in again]),
+                               strict=True):
+                found[b] = hits
+        finite = [[h for h in hits if math.isfinite(h.score)] for hits in found]
+        return finite, [n + len(a) - len(b) for n, a, b in zip(skipped, found, finite, strict=True)]
+
+    def _quarantine(self, item_ids: set[str]) -> None:
+        """Items whose row turned out not finite leave this replica's index and fallback (logged once:
+        they are gone afterwards). The store keeps them; a re-registration with usable inputs, or a
+        model that embeds them finitely, serves them again."""
+        registered = sorted(i for i in item_ids if not self.is_trained(i))
+        first_time = sorted(item_ids - self._reported)
+        if first_time:  # trained rows cannot leave the index: they are skipped at every answer, logged once
+            log.error("items %s have non-finite rows under model %s and are skipped; registered ones leave "
+                      "this replica's index (m2rec_recommend_skipped_items_total)", first_time[:10], self.version)
+            if len(self._reported) > 10_000:
+                self._reported.clear()
+            self._reported.update(first_time)
+        for item_id in registered:
+            self.maintainer.removed(item_id)
+
+    def _fallback_answer(self, k: int, exclude: set[str]) -> Recommendations:
+        hits = self.fallback(k, exclude)
+        broken = {h.item_id for h in hits if not math.isfinite(h.score)}
+        if not broken:
+            return Recommendations(hits, True, self.version)
+        self._quarantine(broken)
+        return Recommendations(self.fallback(k, exclude | broken), True, self.version, len(broken))
 
     def fallback(self, k: int, exclude: set[str]) -> list[Hit]:
         """Most popular trained items (largest bias b) with the newest registered items mixed in:

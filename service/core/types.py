@@ -57,6 +57,7 @@ class Recommendations:
     hits: list[Hit]
     fallback: bool
     model_version: str
+    skipped: int = 0  # items left out because their score was not finite (counted by the caller)
 
 
 class Followed(NamedTuple):
