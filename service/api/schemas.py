@@ -4,14 +4,30 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    JsonValue,
+    StringConstraints,
+    Tag,
+    model_validator,
+)
 
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
 MAX_ATTRIBUTES = 1000
 MAX_CONTENT_DIM = 65_536
+# A store that times out may have applied the write before the answer was lost (Redis ran the
+# transaction; the reply never came). Every write is idempotent, so the client's move is to retry.
+UNAVAILABLE_WRITE = (
+    "store unavailable or too slow: the write may or may not have been applied; retrying is safe (item writes "
+    "are upserts of the same record, deletes of a deleted item answer 404, and an interaction is a (user, item) "
+    "pair kept once with its latest timestamp, so a retried one never counts twice)")
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 AttributeToken = Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -116,6 +132,24 @@ class InteractionBatchIn(BaseModel):
     )
 
     interactions: list[InteractionIn] = Field(min_length=1)
+
+
+def _interaction_form(body: Any) -> str | None:
+    """Which form a body is: a batch has "interactions"; anything else is read as one event. Only that
+    form's errors are reported (a plain union would list the other form's, irrelevant, first)."""
+    if isinstance(body, dict):
+        return "batch" if "interactions" in body else "event"
+    if isinstance(body, InteractionBatchIn | InteractionIn):
+        return "batch" if isinstance(body, InteractionBatchIn) else "event"
+    return None
+
+
+InteractionsBody = Annotated[
+    Annotated[InteractionIn, Tag("event")] | Annotated[InteractionBatchIn, Tag("batch")],
+    Discriminator(_interaction_form, custom_error_type="interactions_body",
+                  custom_error_message='send one event {"user", "item"[, "timestamp"]} or '
+                  '{"interactions": [event, ...]} (a JSON object)'),
+]
 
 
 class InteractionsOut(BaseModel):
