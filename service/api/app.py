@@ -170,13 +170,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def _error_handler(metrics: Metrics) -> Callable[[Request, Exception], Awaitable[Response]]:
     async def handle(request: Request, exc: Exception) -> Response:
         code, reason = next(v for t, v in _ERRORS.items() if isinstance(exc, t))
+        detail = str(exc)
         if isinstance(exc, StoreUnavailable):
             metrics.store_errors.labels(source="request").inc()
             if request.method == "POST" and request.url.path.startswith("/items"):
                 reason = "store_unavailable"
+            if request.method not in ("GET", "HEAD"):  # the client's next move, in the answer itself
+                detail = f"{detail}; the write may or may not have been applied; retrying is safe"
         if reason is not None:
             metrics.ingest_errors.labels(reason=reason).inc()
-        return JSONResponse({"detail": str(exc)}, status_code=code)
+        return JSONResponse({"detail": detail}, status_code=code)
 
     return handle
 
