@@ -9,7 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -62,7 +62,7 @@ def _until(check: Any, seconds: float = 20.0) -> Any:
         time.sleep(0.1)
 
 
-def _post_until_answered(client: TestClient, path: str, body: dict[str, Any]) -> httpx.Response:
+def _post_until_answered(client: TestClient, path: str, body: dict[str, Any]) -> Any:
     """The client's loop: retry on 503 until the write is acknowledged."""
     for _ in range(100):
         r = client.post(path, json=body, headers=HEADERS)
@@ -99,7 +99,7 @@ def test_a_write_that_timed_out_may_be_applied_and_a_retry_leaves_it_once(
     assert lost.status_code == 503 and "retrying is safe" in lost.json()["detail"], lost.text
     for _ in range(2):  # a retry, and a client that retries once too often
         assert _post_until_answered(client, "/interactions", events).status_code == 200
-    history = [m.decode() for m in raw.zrange(prefix + "hist:retrier", 0, -1)]
+    history = [m.decode() for m in cast(list[bytes], raw.zrange(prefix + "hist:retrier", 0, -1))]
     assert history == [*warm, "movie:retried"]  # each once, in timestamp order: nothing counted twice
 
     # the replica's index has the item once, whichever write put it there

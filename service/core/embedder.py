@@ -135,8 +135,8 @@ class Embedder:
         usable = [item for item in stale if self.problem(item) is None]
         if usable:
             generated = self._embed(usable)
-            finite = np.isfinite(generated).all(axis=1).tolist()
-            rows.update((i.item_id, row) for i, row, ok in zip(usable, generated, finite, strict=True) if ok)
+            finite = set(np.flatnonzero(np.isfinite(generated).all(axis=1)).tolist())  # rows with no NaN or inf
+            rows.update((i.item_id, generated[b]) for b, i in enumerate(usable) if b in finite)
         left_out = len(records) - len(rows)
         if left_out:  # written before the store refused such items, or inputs this model cannot use
             log.warning("%d stored items cannot be embedded by model %s (unusable inputs or a non-finite "
