@@ -164,20 +164,26 @@ class Recommender:
         return self.recommend_many([(user_id, k)])[0]
 
     def recommend_many(self, requests: Sequence[tuple[str, int]]) -> list[Recommendations]:
-        """`recommend` for many (user, k) at once: one store read, one fold-in pass and one index
-        search for all of them. Each answer is the one `recommend` alone would give."""
-        histories = self.store.get_histories([user for user, _ in requests])
-        asked = [histories[user] for user, _ in requests]
+        """`recommend` for many (user, k) at once: one read of the histories and one of the seen
+        items, one fold-in pass and one index search for all of them. Each answer is the one
+        `recommend` alone would give.
+
+        Users are folded in from their history (the newest max_history items) but never offered
+        anything they have seen, which reaches further back (`Store.get_seen`)."""
+        users = [user for user, _ in requests]
+        histories = self.store.get_histories(users)
+        seen = self.store.get_seen(users)
+        asked = [histories[user] for user in users]
         rows, lengths = self.histories_rows(asked)  # (sum L, D+1), rows per request
         out: list[Recommendations | None] = [None] * len(requests)
         personal = [at for at, n in enumerate(lengths) if n > 0]
         for at, n in enumerate(lengths):
             if n == 0:
-                out[at] = self._fallback_answer(requests[at][1], set(asked[at]))
+                out[at] = self._fallback_answer(requests[at][1], seen[users[at]])
         if personal:
             k_max = max(requests[at][1] for at in personal)  # a top-k is the first k of the top-k_max
             queries = self._fold_in.queries(rows, [n for n in lengths if n > 0])  # (B', D+1)
-            found, skipped = self._search(queries, k_max, [set(asked[at]) for at in personal])
+            found, skipped = self._search(queries, k_max, [seen[users[at]] for at in personal])
             for at, hits, n_skipped in zip(personal, found, skipped, strict=True):
                 out[at] = Recommendations(hits[: requests[at][1]], False, self.version, n_skipped)
         answered = [r for r in out if r is not None]
