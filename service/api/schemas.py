@@ -157,11 +157,40 @@ class InteractionsOut(BaseModel):
     users: int
 
 
+class ViewWeightsOut(BaseModel):
+    attributes: float
+    content: float
+    common: float
+
+
+class WeightedToken(BaseModel):
+    token: str
+    weight: float
+
+
+class HistoryContribution(BaseModel):
+    item: str
+    contribution: float = Field(description="how much the item's score drops when this history item is left "
+                                "out of the user's fold-in")
+
+
+class ExplanationOut(BaseModel):
+    views: ViewWeightsOut | None = Field(
+        None, description="new items: the weight of each view of the item's generated row for THIS user "
+        "(M2VAE's user-aware fusion: common α, attributes (1-α)·g_a, content (1-α)·g_c; they sum to 1); "
+        "fallback lists use the neutral user the index row was made with")
+    attributes: list[WeightedToken] = Field(
+        default_factory=list, description="new items: their most influential attribute tokens (attention weight)")
+    because: list[HistoryContribution] = Field(
+        default_factory=list, description="personal lists: the history items that pulled this item up most")
+
+
 class RecommendedItem(BaseModel):
     id: str
     score: float = Field(description="h·v + b; comparable within one response")
     is_cold: bool
     model_version: str
+    explanation: ExplanationOut | None = Field(None, description="with explain=true only")
 
 
 class RecommendationsOut(BaseModel):

@@ -14,8 +14,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from service.core.types import InvalidItemError, NewItem, Rows
-from service.model import AttributeVocabulary, M2Rec, ModelConfig, item_inputs
+from service.core.types import InvalidItemError, NewItem, Rows, ViewWeights
+from service.model import AttributeVocabulary, ItemInputs, M2Rec, ModelConfig, item_inputs
 from service.model.artifact import Artifact, ArtifactError, check_compatible
 from service.store import ItemRecord
 
@@ -112,7 +112,7 @@ class Embedder:
             out[chunk] = self._embed_chunk([items[j] for j in chunk])
         return out
 
-    def _embed_chunk(self, items: Sequence[NewItem]) -> Rows:
+    def _inputs(self, items: Sequence[NewItem]) -> ItemInputs:
         attributes, _ = self.vocabulary.encode([item.attributes for item in items])  # (B, A)
         content = np.zeros((len(items), max(self.content_dim, 1)), np.float32)  # (B, F)
         has_content = np.zeros(len(items), dtype=bool)  # (B,)
@@ -120,12 +120,42 @@ class Embedder:
             if item.content is not None:
                 content[b] = item.content
                 has_content[b] = True
+        return item_inputs(attributes, torch.from_numpy(content), self.content_dim, torch.from_numpy(has_content))
+
+    def _embed_chunk(self, items: Sequence[NewItem]) -> Rows:
         # inference_mode is per thread, and requests arrive on pool threads: entered per call
         with torch.inference_mode():
-            inputs = item_inputs(attributes, torch.from_numpy(content), self.content_dim,
-                                 torch.from_numpy(has_content))
-            rows, _ = self.model.embed_items(inputs)
+            rows, _ = self.model.embed_items(self._inputs(items))
         return rows.numpy().astype(np.float32)  # (B, D+1)
+
+    def fusion(self, items: Sequence[NewItem], user: Rows | None, top: int
+               ) -> list[tuple[ViewWeights | None, list[tuple[str, float]]]]:
+        """Per item: its views' weights under `user`'s gate (h (1, D); None: the neutral user, as
+        stored) and its `top` attribute tokens by attention weight. (None, []) from a generator
+        without a user-aware fusion (the content-VAE baseline)."""
+        if not items:
+            return []
+        with torch.inference_mode():
+            inputs = self._inputs(items)
+            h = None if user is None else torch.from_numpy(np.ascontiguousarray(user, np.float32)).expand(
+                len(items), -1)
+            _, gates = self.model.embed_items(inputs, h)
+        if "common" not in gates:
+            return [(None, []) for _ in items]
+        common = gates["common"].tolist()  # (B,)
+        modality = torch.stack([gates["attributes"], gates["content"]], dim=1).tolist()  # (B, 2)
+        attention = gates["attention"].tolist()  # (B, A), over the item's sorted known token ids
+        ids = inputs.attributes.tolist()  # (B, A) vocabulary index + 1, 0 = padding
+        tokens = self.vocabulary.tokens
+        out: list[tuple[ViewWeights | None, list[tuple[str, float]]]] = []
+        for b in range(len(items)):
+            alpha = common[b]
+            views = ViewWeights(attributes=(1 - alpha) * modality[b][0], content=(1 - alpha) * modality[b][1],
+                                common=alpha)
+            weighted = sorted(((tokens[i - 1], w) for i, w in zip(ids[b], attention[b], strict=True) if i > 0),
+                              key=lambda tw: (-tw[1], tw[0]))
+            out.append((views, weighted[:top]))
+        return out
 
     def record_rows(self, records: Sequence[ItemRecord]) -> dict[str, npt.NDArray[np.float32]]:
         """Rows of stored items under this model; items it cannot embed are left out (and logged)."""

@@ -19,9 +19,11 @@ from itertools import chain, repeat
 import numpy as np
 
 from service.core.embedder import Embedder
+from service.core.explainer import Explainer
 from service.core.fold_in import FoldIn
 from service.core.maintainer import ROW_CACHE_ITEMS, IndexMaintainer
 from service.core.types import (
+    Explanation,
     ItemView,
     NewItem,
     Recommendations,
@@ -55,6 +57,7 @@ class Recommender:
         self.content_dim, self.dim = embedder.content_dim, embedder.dim
         self.warm_rows, self.warm_ids = embedder.warm_rows, embedder.warm_ids
         self._fold_in = FoldIn(self.model)  # the request path's fold-in, without torch dispatch
+        self._explainer = Explainer(embedder, self._fold_in)
         self._popular = np.argsort(-self.warm_rows[:, -1], kind="stable")  # by trained bias b
         self.fallback_cold_share = fallback_cold_share
         self._reported: set[str] = set()  # items logged for a non-finite row
@@ -235,6 +238,25 @@ class Recommender:
             return Recommendations(hits, True, self.version)
         self._quarantine(broken)
         return Recommendations(self.fallback(k, exclude | broken), True, self.version, len(broken))
+
+    def explain(self, user_id: str, result: Recommendations) -> list[Explanation]:
+        """One explanation per item of `result` (an answer to `user_id`), service/core/explainer.py.
+        Reads the user's history and the new items' raw inputs again: explanations are asked for
+        rarely, and the answer path stays as it is."""
+        hits = result.hits
+        history = [] if result.fallback else self.store.get_history(user_id)
+        rows, kept = self.histories_rows([[item_id] for item_id in history])  # (L', D+1): usable rows
+        used = [item_id for item_id, n in zip(history, kept, strict=True) if n]
+        cold = [hit.item_id for hit in hits if not self.is_trained(hit.item_id)]
+        records = self.store.get_items(cold) if cold else {}
+        cold_rows = self.embedder.record_rows(list(records.values()))
+        item_rows = np.zeros((len(hits), self.dim), np.float32)  # (k, D+1); zeros: gone since the answer
+        for j, hit in enumerate(hits):
+            at = self.embedder.warm_pos.get(hit.item_id)
+            row = self.warm_rows[at] if at is not None else cold_rows.get(hit.item_id)
+            if row is not None:
+                item_rows[j] = row
+        return self._explainer.explain(hits, item_rows, used, rows, records)
 
     def fallback(self, k: int, exclude: set[str]) -> list[Hit]:
         """Most popular trained items (largest bias b) with the newest registered items mixed in:

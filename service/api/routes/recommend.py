@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Sequence
 from json.encoder import encode_basestring as _string  # a JSON string literal, non-ASCII kept as is
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import OutOfBoundsError, runtime_of, serving
 from service.api.schemas import ID_PATTERN, ErrorOut, RecommendationsOut
-from service.core.types import Recommendations
+from service.core.types import Explanation, Recommendations
 
 router = APIRouter(tags=["recommend"])
 
@@ -23,6 +26,9 @@ async def recommend(
     user: Annotated[str, Query(pattern=ID_PATTERN, description="user id")],
     request: Request,
     k: Annotated[int, Query(ge=1, description="number of items; at most the configured k_max")] = 20,
+    explain: Annotated[bool, Query(description="add to every item why it is there (new items: the weights of "
+                                   "their views for this user and their most influential attributes; "
+                                   "personal lists: the history items that pulled each item up)")] = False,
 ) -> Response:
     runtime = runtime_of(request)
     if k > runtime.settings.k_max:
@@ -30,22 +36,33 @@ async def recommend(
             f"k={k} is larger than this service's k_max={runtime.settings.k_max}; ask for fewer items")
     # answered together with the other requests of this event-loop pass (service/api/recommend_batcher.py)
     # (and counted there, per batch)
-    result = await runtime.batcher.recommend(serving(runtime), user, k)
-    return Response(_body(user, result), media_type="application/json")
+    recommender = serving(runtime)
+    result = await runtime.batcher.recommend(recommender, user, k)
+    explanations = await run_in_threadpool(recommender.explain, user, result) if explain else None
+    return Response(_body(user, result, explanations), media_type="application/json")
 
 
-def _body(user: str, result: Recommendations) -> bytes:
+def _explanation(e: Explanation) -> str:
+    views = None if e.views is None else {"attributes": e.views.attributes, "content": e.views.content,
+                                          "common": e.views.common}
+    return json.dumps({"views": views, "attributes": [{"token": t, "weight": w} for t, w in e.attributes],
+                       "because": [{"item": i, "contribution": c} for i, c in e.because]},
+                      ensure_ascii=False, allow_nan=False)
+
+
+def _body(user: str, result: Recommendations, explanations: Sequence[Explanation] | None = None) -> bytes:
     """The RecommendationsOut shape, serialised directly: building and re-validating k pydantic
     models per request cost more than the JSON itself, and joining pre-encoded parts is faster
     than json.dumps of the equivalent dict (the OpenAPI document still names the model)."""
     version = _string(result.model_version)
     tail = ',"model_version":' + version + "}"
     items = []
-    for hit in result.hits:
+    for j, hit in enumerate(result.hits):
         score = float(hit.score)  # repr of a NumPy scalar is not a JSON number
         if not math.isfinite(score):  # JSON has no NaN: a bug upstream, never a body clients cannot parse
             raise ValueError(f"non-finite score {score} for item {hit.item_id}")
+        why = "" if explanations is None else ',"explanation":' + _explanation(explanations[j])
         items.append('{"id":' + _string(hit.item_id) + ',"score":' + repr(score)
-                     + (',"is_cold":true' if hit.is_cold else ',"is_cold":false') + tail)
+                     + (',"is_cold":true' if hit.is_cold else ',"is_cold":false') + why + tail)
     return ('{"user":' + _string(user) + ',"model_version":' + version + ',"fallback":'
             + ("true" if result.fallback else "false") + ',"items":[' + ",".join(items) + "]}").encode()
