@@ -52,8 +52,9 @@ class Metrics:
             "m2rec_recommendations", "Recommendation responses: personal or fallback (unknown or empty user)",
             ["outcome"], registry=r)
         self.recommended_items = Counter(
-            "m2rec_recommended_items", "Items served in recommendations, by cold/warm "
-            "(cold share = cold / (cold + warm))", ["kind"], registry=r)
+            "m2rec_recommended_items", "Items served in recommendations: cold (new), warm (trained), held_out "
+            "(registered items the model's own dataset held out of training: not new) "
+            "(cold share = cold / all)", ["kind"], registry=r)
         self.recommend_skipped = Counter(
             "m2rec_recommend_skipped_items", "Items left out of /recommend answers, by reason (non_finite_score: "
             "a row that is not finite; it leaves the replica's index)", ["reason"], registry=r)
@@ -101,7 +102,7 @@ class Metrics:
             self.follower_errors.labels(reason=reason)
         for outcome in ("personal", "fallback"):
             self.recommendations.labels(outcome=outcome)
-        for kind in ("cold", "warm"):
+        for kind in ("cold", "warm", "held_out"):
             self.recommended_items.labels(kind=kind)
         for reason in SKIP_REASONS:
             self.recommend_skipped.labels(reason=reason)

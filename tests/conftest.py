@@ -124,6 +124,7 @@ def train_and_export(root: Path, cfg: Any) -> TrainedArtifact:
     from service.model.artifact_export import save_artifact
     from tests.shared_data import shared_data
     from training.convert_ml100k import build_ml100k
+    from training.export import held_out_items
     from training.split import cold_start_split
     from training.train import train
 
@@ -141,6 +142,7 @@ def train_and_export(root: Path, cfg: Any) -> TrainedArtifact:
         metrics={"validation": result.best_val},
         data_fingerprint=f"ml-100k:{dataset.n_items}:{len(dataset.interactions)}",
         dataset=dataset.name,
+        held_out_items=held_out_items(dataset, result.data.warm),
     )
     return TrainedArtifact(root, dataset, split)
 

@@ -108,6 +108,9 @@ class ItemOut(BaseModel):
     has_content: bool | None = None
     created: bool | None = Field(None, description="on writes: true if new, false if an existing id was updated")
     created_at: float | None = Field(None, description="unix seconds of the last registration")
+    held_out: bool = Field(
+        False, description="true: the served model's training data had interactions for this id but held it out "
+        "(an evaluation item); it is served from its generated row like a new item, but not counted as new")
 
 
 class ItemBatchOut(BaseModel):

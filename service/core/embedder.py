@@ -58,6 +58,13 @@ class Embedder:
             self.warm_rows: Rows = self.model.item_rows().numpy().astype(np.float32)  # (J, D+1)
         self.warm_ids = artifact.item_ids
         self.warm_pos = {item_id: j for j, item_id in enumerate(self.warm_ids)}
+        # items the training data had interactions for but the model was not trained on (evaluation
+        # items): served from generated rows like new items, but they are not new
+        self.held_out = frozenset(artifact.manifest.held_out_items)
+        if self.held_out:
+            log.warning("model %s was trained without %d items of its dataset that have interactions (held out "
+                        "for evaluation): registering them serves them as new items, flagged held_out and not "
+                        "counted as new in m2rec_recommended_items_total", self.version, len(self.held_out))
 
     def is_trained(self, item_id: str) -> bool:
         return item_id in self.warm_pos

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import chain, repeat
 
 import numpy as np
@@ -87,7 +88,13 @@ class Recommender:
         self.maintainer.added(records, rows)
         inserted = set(result.inserted)
         unknown = self.embedder.unknown_attributes
-        return [Registration(r, unknown(r.attributes), r.item_id in inserted) for r in records]
+        held = self.embedder.held_out
+        held_out = [r.item_id for r in records if r.item_id in held]
+        if held_out:
+            log.warning("registered %d items that model %s held out of training (its dataset has interactions for "
+                        "them), e.g. %s: served as new items, flagged held_out", len(held_out), self.version,
+                        held_out[:5])
+        return [Registration(r, unknown(r.attributes), r.item_id in inserted, r.item_id in held) for r in records]
 
     def delete(self, item_id: str) -> None:
         if self.is_trained(item_id):
@@ -116,7 +123,7 @@ class Recommender:
         if record is None:
             return None
         return ItemView(item_id, True, record.model_version, record,
-                        self.embedder.unknown_attributes(record.attributes))
+                        self.embedder.unknown_attributes(record.attributes), item_id in self.embedder.held_out)
 
     def history_rows(self, history: Sequence[str]) -> Rows:
         """Rows (L, D+1) of the history items this model can still use, warm and registered alike."""
@@ -191,6 +198,9 @@ class Recommender:
                 out[at] = Recommendations(hits[: requests[at][1]], False, self.version, n_skipped)
         answered = [r for r in out if r is not None]
         assert len(answered) == len(requests)  # every request is personal or a fallback
+        held = self.embedder.held_out
+        if held:  # only artifacts that name held-out items pay for the count
+            answered = [replace(a, held_out=sum(h.is_cold and h.item_id in held for h in a.hits)) for a in answered]
         return answered
 
     def _search(self, queries: Rows, k: int, exclude: list[set[str]]) -> tuple[list[list[Hit]], list[int]]:

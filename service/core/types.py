@@ -41,6 +41,7 @@ class Registration:
     record: ItemRecord
     unknown_attributes: list[str]
     inserted: bool
+    held_out: bool = False  # the model's dataset has interactions for it, but it was held out of training
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ItemView:
     model_version: str
     record: ItemRecord | None  # None for trained items: the artifact keeps no raw inputs
     unknown_attributes: list[str]
+    held_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Recommendations:
     fallback: bool
     model_version: str
     skipped: int = 0  # items left out because their score was not finite (counted by the caller)
+    held_out: int = 0  # hits that are the model's held-out items: registered, but not new (counted apart)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def _out(reg: Registration) -> ItemOut:
     r = reg.record
     return ItemOut(id=r.item_id, is_cold=True, model_version=r.model_version, attributes=r.attributes,
                    unknown_attributes=reg.unknown_attributes, has_content=r.content is not None,
-                   created=reg.inserted, created_at=r.created_at)
+                   created=reg.inserted, created_at=r.created_at, held_out=reg.held_out)
 
 
 @router.post("/items", status_code=status.HTTP_201_CREATED, dependencies=[WriteAccess],
@@ -72,7 +72,7 @@ def get_item(item_id: ItemId, recommender: RecommenderDep) -> ItemOut:
     return ItemOut(id=view.item_id, is_cold=view.is_cold, model_version=view.model_version,
                    attributes=None if r is None else r.attributes, unknown_attributes=view.unknown_attributes,
                    has_content=None if r is None else r.content is not None,
-                   created_at=None if r is None else r.created_at)
+                   created_at=None if r is None else r.created_at, held_out=view.held_out)
 
 
 @router.delete("/items/{item_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAccess],
