@@ -14,6 +14,7 @@ from service.core.recommender import Recommender
 from service.model.artifact import load_artifact
 from service.store import ItemRecord, SqliteStore
 from tests.conftest import TrainedArtifact
+from tests.live_server import LiveServer
 from training.convert_ml100k import embed_titles
 from training.dataset import Dataset
 from training.split import cold_start_split
@@ -28,6 +29,13 @@ def _synthetic(n_users: int = 120, n_items: int = 300, per_user: int = 15) -> Da
                    item_attributes=[[f"genre:g{j % 7}", f"tag:t{j % 13}"] for j in range(n_items)],
                    user_ids=[f"u{u}" for u in range(n_users)], interactions=pairs,
                    features=rng.standard_normal((n_items, 8)).astype(np.float32))
+
+
+def test_the_served_process_logs_its_index_build(trained_artifact: TrainedArtifact, tmp_path: Path) -> None:
+    env = {"M2REC_ARTIFACT_PATH": str(trained_artifact.root), "M2REC_STORE_URL": str(tmp_path / "m2rec.sqlite3")}
+    with LiveServer(env) as server:
+        output = server.output()
+    assert "index build, model" in output and "0 of 0 items" in output, output
 
 
 def test_training_shows_each_epoch_with_its_total_and_an_eta(
