@@ -106,3 +106,13 @@ def test_leave_one_out_fold_in_equals_folding_in_without_each_item(trained_artif
 def test_the_openapi_document_names_the_explain_parameter(client: TestClient) -> None:
     parameters = client.get("/openapi.json").json()["paths"]["/recommend"]["get"]["parameters"]
     assert "explain" in {p["name"] for p in parameters}
+
+
+def test_an_explained_body_is_exactly_the_documented_model(client: TestClient) -> None:
+    from service.api.schemas import ExplainedItem, RecommendationsOut
+
+    for user in ("ann", "nobody-yet"):
+        body = _explained(client, user, 30)
+        parsed = RecommendationsOut.model_validate(body)
+        assert all(isinstance(i, ExplainedItem) for i in parsed.items)
+        assert parsed.model_dump() == body

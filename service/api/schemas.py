@@ -193,7 +193,12 @@ class RecommendedItem(BaseModel):
     score: float = Field(description="h·v + b; comparable within one response")
     is_cold: bool
     model_version: str
-    explanation: ExplanationOut | None = Field(None, description="with explain=true only")
+
+
+class ExplainedItem(RecommendedItem):
+    """An item of a list asked for with explain=true."""
+
+    explanation: ExplanationOut
 
 
 class RecommendationsOut(BaseModel):
@@ -209,7 +214,7 @@ class RecommendationsOut(BaseModel):
         description="true when the user has no usable history: popular trained items mixed with the newest "
         "registered ones, not a personal ranking"
     )
-    items: list[RecommendedItem]
+    items: list[RecommendedItem | ExplainedItem] = Field(description="ExplainedItem with explain=true")
 
 
 class Health(BaseModel):
