@@ -70,7 +70,7 @@ def index_config(settings: Settings) -> IndexConfig:
 def new_recommender(artifact: Artifact, store: Store, settings: Settings) -> Recommender:
     """Model loaded, index still empty: start_index or a reload fills it."""
     return Recommender(artifact, store, index_config(settings), fallback_cold_share=settings.fallback_cold_share,
-                       newest_kept=settings.k_max)
+                       newest_kept=settings.k_max, max_history=settings.max_history_length)
 
 
 def start_index(recommender: Recommender, settings: Settings, metrics: Metrics) -> str | None:

@@ -14,9 +14,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from service.core.types import InvalidItemError, NewItem, Rows, ViewWeights
+from service.core.fusion_gate import ItemFactors
+from service.core.types import InvalidItemError, NewItem, Rows
 from service.model import AttributeVocabulary, ItemInputs, M2Rec, ModelConfig, item_inputs
 from service.model.artifact import Artifact, ArtifactError, check_compatible
+from service.model.generator import M2VAEGenerator
 from service.store import ItemRecord
 
 log = logging.getLogger(__name__)
@@ -135,34 +137,30 @@ class Embedder:
             rows, _ = self.model.embed_items(self._inputs(items))
         return rows.numpy().astype(np.float32)  # (B, D+1)
 
-    def fusion(self, items: Sequence[NewItem], user: Rows | None, top: int
-               ) -> list[tuple[ViewWeights | None, list[tuple[str, float]]]]:
-        """Per item: its views' weights under `user`'s gate (h (1, D); None: the neutral user, as
-        stored) and its `top` attribute tokens by attention weight. (None, []) from a generator
-        without a user-aware fusion (the content-VAE baseline)."""
-        if not items:
+    def fusion_factors(self, items: Sequence[NewItem], top: int) -> list[tuple[ItemFactors, list[tuple[str, float]]]]:
+        """Per item: what M2VAE's fusion gate reads of it (service/core/fusion_gate.py) and its `top`
+        attribute tokens by attention weight (over its own tokens; no user enters the attention).
+        [] from a generator without a user-aware fusion (the content-VAE baseline)."""
+        generator = self.model.generator
+        if not items or not isinstance(generator, M2VAEGenerator):
             return []
         with torch.inference_mode():
             inputs = self._inputs(items)
-            h = None if user is None else torch.from_numpy(np.ascontiguousarray(user, np.float32)).expand(
-                len(items), -1)
-            _, gates = self.model.embed_items(inputs, h)
-        if "common" not in gates:
-            return [(None, []) for _ in items]
-        common = gates["common"].tolist()  # (B,)
-        modality = torch.stack([gates["attributes"], gates["content"]], dim=1).tolist()  # (B, 2)
-        attention = gates["attention"].tolist()  # (B, A), over the item's sorted known token ids
+            out, _, _ = generator._encode(inputs, None)  # the views alone: no decoder, no ridge path
+        mu_a, mu_c = out.views["a"].mu.numpy(), out.views["c"].mu.numpy()  # (B, Z) each
+        common = None if out.common is None else out.common.mu.numpy()  # (B, Z)
+        has = torch.stack([out.view_mask["a"], out.view_mask["c"]], dim=1).tolist()  # (B, 2)
+        attention = out.gates["attention"].tolist()  # (B, A), over the item's sorted known token ids
         ids = inputs.attributes.tolist()  # (B, A) vocabulary index + 1, 0 = padding
         tokens = self.vocabulary.tokens
-        out: list[tuple[ViewWeights | None, list[tuple[str, float]]]] = []
+        result = []
         for b in range(len(items)):
-            alpha = common[b]
-            views = ViewWeights(attributes=(1 - alpha) * modality[b][0], content=(1 - alpha) * modality[b][1],
-                                common=alpha)
+            factors = ItemFactors(mu_a[b].copy(), mu_c[b].copy(), None if common is None else common[b].copy(),
+                                  (bool(has[b][0]), bool(has[b][1])))
             weighted = sorted(((tokens[i - 1], w) for i, w in zip(ids[b], attention[b], strict=True) if i > 0),
                               key=lambda tw: (-tw[1], tw[0]))
-            out.append((views, weighted[:top]))
-        return out
+            result.append((factors, weighted[:top]))
+        return result
 
     def record_rows(self, records: Sequence[ItemRecord]) -> dict[str, npt.NDArray[np.float32]]:
         """Rows of stored items under this model; items it cannot embed are left out (and logged)."""

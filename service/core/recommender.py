@@ -35,7 +35,7 @@ from service.core.types import (
 )
 from service.index import Hit, IndexConfig, VectorIndex
 from service.model.artifact import Artifact
-from service.store import Interaction, ItemRecord, Store
+from service.store import DEFAULT_MAX_HISTORY, Interaction, ItemRecord, Store
 
 log = logging.getLogger(__name__)
 _RESEARCHES = 3  # searches of a query again without items whose score was not finite (there are ~never any)
@@ -48,8 +48,12 @@ class Recommender:
     def __init__(
         self, artifact: Artifact, store: Store, index_config: IndexConfig | None = None, *,
         fallback_cold_share: float = 0.2, newest_kept: int = 1000, row_cache_items: int = ROW_CACHE_ITEMS,
+        max_history: int = DEFAULT_MAX_HISTORY,
     ) -> None:
+        """`max_history`: the store's history cap (M2REC_MAX_HISTORY_LENGTH); only users whose history
+        is full can have seen more than it holds."""
         self.artifact = artifact
+        self.max_history = max_history
         self.embedder = embedder = Embedder(artifact)
         self.maintainer = IndexMaintainer(embedder, store, index_config, newest_kept=newest_kept,
                                           row_cache_items=row_cache_items)
@@ -170,19 +174,26 @@ class Recommender:
         `M2Rec.query(model.fold_in(rows))` (service.core.fold_in runs it in NumPy)."""
         return self._fold_in.query(rows)
 
-    def recommend(self, user_id: str, k: int) -> Recommendations:
-        return self.recommend_many([(user_id, k)])[0]
+    def recommend(self, user_id: str, k: int, explain: bool = False) -> Recommendations:
+        return self.recommend_many([(user_id, k)], [explain])[0]
 
-    def recommend_many(self, requests: Sequence[tuple[str, int]]) -> list[Recommendations]:
+    def recommend_many(self, requests: Sequence[tuple[str, int]], explain: Sequence[bool] | None = None
+                       ) -> list[Recommendations]:
         """`recommend` for many (user, k) at once: one read of the histories and one of the seen
         items, one fold-in pass and one index search for all of them. Each answer is the one
         `recommend` alone would give.
 
         Users are folded in from their history (the newest max_history items) but never offered
-        anything they have seen, which reaches further back (`Store.get_seen`)."""
+        anything they have seen, which reaches further back (`Store.get_seen`, read for the users whose
+        history is full: nothing has left a shorter one, so it is all they have seen). `explain[b]`: add
+        request b's explanations (service/core/explainer.py) from the history already read."""
         users = [user for user, _ in requests]
         histories = self.store.get_histories(users)
-        seen = self.store.get_seen(users)
+        full = [user for user in dict.fromkeys(users) if len(histories[user]) >= self.max_history]
+        seen = self.store.get_seen(full) if full else {}
+        for user in dict.fromkeys(users):
+            if user not in seen:
+                seen[user] = set(histories[user])
         asked = [histories[user] for user in users]
         rows, lengths = self.histories_rows(asked)  # (sum L, D+1), rows per request
         out: list[Recommendations | None] = [None] * len(requests)
@@ -201,6 +212,9 @@ class Recommender:
         held = self.embedder.held_out
         if held:  # only artifacts that name held-out items pay for the count
             answered = [replace(a, held_out=sum(h.is_cold and h.item_id in held for h in a.hits)) for a in answered]
+        if explain is not None and any(explain):
+            answered = [replace(a, explanations=self._explain(a, [] if a.fallback else asked[at])) if wanted else a
+                        for at, (a, wanted) in enumerate(zip(answered, explain, strict=True))]
         return answered
 
     def _search(self, queries: Rows, k: int, exclude: list[set[str]]) -> tuple[list[list[Hit]], list[int]]:
@@ -249,24 +263,28 @@ class Recommender:
         self._quarantine(broken)
         return Recommendations(self.fallback(k, exclude | broken), True, self.version, len(broken))
 
-    def explain(self, user_id: str, result: Recommendations) -> list[Explanation]:
-        """One explanation per item of `result` (an answer to `user_id`), service/core/explainer.py.
-        Reads the user's history and the new items' raw inputs again: explanations are asked for
-        rarely, and the answer path stays as it is."""
+    def _explain(self, result: Recommendations, history: Sequence[str]) -> list[Explanation]:
+        """One explanation per item of `result`, for the user folded in from `history` (empty: a
+        fallback list). Reads new items' raw inputs only the first time one is explained."""
         hits = result.hits
-        history = [] if result.fallback else self.store.get_history(user_id)
-        rows, kept = self.histories_rows([[item_id] for item_id in history])  # (L', D+1): usable rows
-        used = [item_id for item_id, n in zip(history, kept, strict=True) if n]
+        rows, (kept,) = self.histories_rows([history])  # (L', D+1): the rows the user was folded in from
+        if kept == len(history):
+            used = list(history)
+        else:  # some history items are gone or unusable: which ones, item by item (rare)
+            rows, each = self.histories_rows([[item_id] for item_id in history])
+            used = [item_id for item_id, n in zip(history, each, strict=True) if n]
         cold = [hit.item_id for hit in hits if not self.is_trained(hit.item_id)]
-        records = self.store.get_items(cold) if cold else {}
-        cold_rows = self.embedder.record_rows(list(records.values()))
+        by_id = self.maintainer.rows.get_many(cold)  # the row cache, then the store
+        missing = [item_id for item_id in cold if item_id not in by_id]
+        if missing:
+            by_id.update(self.embedder.record_rows(list(self.store.get_items(missing).values())))
         item_rows = np.zeros((len(hits), self.dim), np.float32)  # (k, D+1); zeros: gone since the answer
         for j, hit in enumerate(hits):
             at = self.embedder.warm_pos.get(hit.item_id)
-            row = self.warm_rows[at] if at is not None else cold_rows.get(hit.item_id)
+            row = self.warm_rows[at] if at is not None else by_id.get(hit.item_id)
             if row is not None:
                 item_rows[j] = row
-        return self._explainer.explain(hits, item_rows, used, rows, records)
+        return self._explainer.explain(hits, item_rows, used, rows, by_id, self.store.get_items)
 
     def fallback(self, k: int, exclude: set[str]) -> list[Hit]:
         """Most popular trained items (largest bias b) with the newest registered items mixed in:

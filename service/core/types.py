@@ -61,6 +61,7 @@ class Recommendations:
     model_version: str
     skipped: int = 0  # items left out because their score was not finite (counted by the caller)
     held_out: int = 0  # hits that are the model's held-out items: registered, but not new (counted apart)
+    explanations: list[Explanation] | None = None  # one per hit, when asked for
 
 
 @dataclass(frozen=True)
