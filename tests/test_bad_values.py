@@ -14,18 +14,14 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 
 from service.api.app import create_app
-from service.config import Settings
 from service.core.embedder import Embedder
 from service.core.types import NewItem
 from service.store import ItemRecord
 from tests.conftest import StoreSpec, TrainedArtifact
 from tests.live_server import LiveServer
-
-API_KEY = "bad-values-key"
-HEADERS = {"X-API-Key": API_KEY}
+from tests.test_api import API_KEY, HEADERS, _settings
 
 
 @pytest.fixture(scope="module")
@@ -75,49 +71,41 @@ def test_the_largest_float32_is_accepted(live: LiveServer, trained_artifact: Tra
 # -- the API's own contract, in process ------------------------------------------------------------
 
 
-def _settings(trained: TrainedArtifact, spec: StoreSpec, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"artifact_path": trained.root, "store_url": spec.location,
-                              "api_key": SecretStr(API_KEY), "event_poll_seconds": 0.05}
-    if spec.backend == "redis":
-        values["redis_namespace"] = spec.namespace
-    return Settings(**{**values, **overrides})
-
-
 @pytest.fixture
-def client(trained_artifact: TrainedArtifact, store_spec: StoreSpec) -> Iterator[TestClient]:
-    with TestClient(create_app(_settings(trained_artifact, store_spec))) as c:
+def api(trained_artifact: TrainedArtifact, store_spec: StoreSpec) -> Iterator[TestClient]:
+    with TestClient(create_app(_settings(trained_artifact, store_spec))) as c:  # the API tests' settings
         yield c
 
 
 @pytest.mark.parametrize("value", ["0.5", True, False, None, [0.5], {"x": 0.5}])
 def test_content_values_of_the_wrong_json_type_are_refused(
-    client: TestClient, trained_artifact: TrainedArtifact, value: Any
+    api: TestClient, trained_artifact: TrainedArtifact, value: Any
 ) -> None:
     content: list[Any] = list(_content(trained_artifact))
     content[3] = value
-    r = client.post("/items", json={"id": "movie:typed", "attributes": ["genre:Drama"], "content": content},
+    r = api.post("/items", json={"id": "movie:typed", "attributes": ["genre:Drama"], "content": content},
                     headers=HEADERS)
     assert r.status_code == 422, r.text
     assert ["body", "content", 3] in [e["loc"] for e in r.json()["detail"]]
-    assert client.get("/items/movie:typed").status_code == 404
+    assert api.get("/items/movie:typed").status_code == 404
 
 
-def test_integer_content_values_are_numbers(client: TestClient, trained_artifact: TrainedArtifact) -> None:
+def test_integer_content_values_are_numbers(api: TestClient, trained_artifact: TrainedArtifact) -> None:
     content: list[Any] = list(_content(trained_artifact))
     content[3] = 0  # JSON has one number type: many encoders write 0.0 as 0
-    r = client.post("/items", json={"id": "movie:int", "attributes": ["genre:Drama"], "content": content},
+    r = api.post("/items", json={"id": "movie:int", "attributes": ["genre:Drama"], "content": content},
                     headers=HEADERS)
     assert r.status_code == 201, r.text
 
 
-def test_a_timestamp_sent_as_a_string_is_refused(client: TestClient, trained_artifact: TrainedArtifact) -> None:
+def test_a_timestamp_sent_as_a_string_is_refused(api: TestClient, trained_artifact: TrainedArtifact) -> None:
     warm = trained_artifact.dataset.item_ids[int(trained_artifact.split.warm_items[0])]
-    r = client.post("/interactions", json={"user": "u", "item": warm, "timestamp": "1700000000"}, headers=HEADERS)
+    r = api.post("/interactions", json={"user": "u", "item": warm, "timestamp": "1700000000"}, headers=HEADERS)
     assert r.status_code == 422, r.text
 
 
 def test_a_non_finite_generated_row_is_refused_at_embedding_and_never_stored(
-    client: TestClient, trained_artifact: TrainedArtifact, monkeypatch: pytest.MonkeyPatch
+    api: TestClient, trained_artifact: TrainedArtifact, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Defence in depth: inputs that pass every check but give a non-finite row (a model fault)."""
     real = Embedder._embed
@@ -128,15 +116,15 @@ def test_a_non_finite_generated_row_is_refused_at_embedding_and_never_stored(
         return rows
 
     monkeypatch.setattr(Embedder, "_embed", broken)
-    before = client.get("/readyz").json()["index_items"]
+    before = api.get("/readyz").json()["index_items"]
     items = [{"id": "movie:fine", "attributes": ["genre:Drama"]},
              {"id": "movie:nan-row", "attributes": ["genre:Drama"]}]
-    r = client.post("/items/batch", json={"items": items}, headers=HEADERS)
+    r = api.post("/items/batch", json={"items": items}, headers=HEADERS)
     assert r.status_code == 422, r.text
     assert "movie:nan-row" in r.json()["detail"] and "non-finite" in r.json()["detail"]
-    assert client.get("/items/movie:fine").status_code == 404  # all or nothing
-    assert client.get("/items/movie:nan-row").status_code == 404
-    assert client.get("/readyz").json()["index_items"] == before
+    assert api.get("/items/movie:fine").status_code == 404  # all or nothing
+    assert api.get("/items/movie:nan-row").status_code == 404
+    assert api.get("/readyz").json()["index_items"] == before
 
 
 def _skipped(client: TestClient) -> float:
