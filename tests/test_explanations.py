@@ -116,3 +116,39 @@ def test_an_explained_body_is_exactly_the_documented_model(client: TestClient) -
         parsed = RecommendationsOut.model_validate(body)
         assert all(isinstance(i, ExplainedItem) for i in parsed.items)
         assert parsed.model_dump() == body
+
+
+@pytest.mark.parametrize("switches", [{}, {"gate_norm": True}, {"moe": False}, {"common_view": False}])
+def test_the_numpy_fusion_gate_equals_the_generators_gates(
+    trained_artifact: TrainedArtifact, switches: dict[str, Any]
+) -> None:
+    """The explainer's gate (service/core/fusion_gate.py) against M2Rec.embed_items(inputs, user=h), for
+    items with attributes only, content only and both, and several users; untrained weights with each
+    switch the gate has, and the trained artifact's."""
+    import dataclasses
+
+    import torch
+
+    from service.core.embedder import Embedder
+    from service.core.fusion_gate import FusionGate
+    from service.core.types import NewItem
+    from service.model import M2Rec
+
+    embedder = Embedder(load_artifact(trained_artifact.root))
+    if switches:  # the same sizes, other switches, random weights
+        torch.manual_seed(0)
+        embedder.model = M2Rec(dataclasses.replace(embedder.model.config, **switches)).eval()
+    ds, split = trained_artifact.dataset, trained_artifact.split
+    assert ds.features is not None
+    js = [int(j) for j in split.cold_items[:6]]
+    items = [NewItem(f"n{j}", ds.item_attributes[j] if n % 3 != 1 else [],
+                     ds.features[j].tolist() if n % 3 != 0 else None) for n, j in enumerate(js)]
+    factors = [f for f, _ in embedder.fusion_factors(items, 3)]
+    gate = FusionGate(embedder.model.generator)  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        h = rng.standard_normal(embedder.model.config.item_dim).astype(np.float32)
+        with torch.inference_mode():
+            _, gates = embedder.model.embed_items(embedder._inputs(items), torch.from_numpy(h).expand(len(items), -1))
+        expected = np.column_stack([gates["attributes"].numpy(), gates["content"].numpy(), gates["common"].numpy()])
+        np.testing.assert_allclose(gate.weights(h, factors), expected, rtol=1e-4, atol=1e-6)
