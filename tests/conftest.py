@@ -33,7 +33,7 @@ class StoreSpec:
     namespace: str  # Redis key namespace; unused by SQLite
 
     def open(self, **limits: int) -> Store:
-        """`limits`: max_history, max_seen, event_cap."""
+        """`limits`: max_history, event_cap."""
         if self.backend == "sqlite":
             return SqliteStore(self.location, **limits)
         return RedisStore.from_url(self.location, namespace=self.namespace, **limits)

@@ -319,13 +319,3 @@ def test_unreachable_redis_raises_store_unavailable() -> None:
         store.put_items([make_item("a")])
     with pytest.raises(StoreUnavailable):
         store.get_history("u")
-
-
-def test_seen_items_outlive_the_history_window_up_to_their_own_cap(store_spec: StoreSpec) -> None:
-    """Temporary (superseded by branch cluster's Store.get_seen tests): the store side of seen items."""
-    store = store_spec.open(max_history=3, max_seen=5)
-    store.add_interactions([Interaction("u", f"i{n}", float(n)) for n in range(8)])
-    store.add_interactions([Interaction("u", "i0", 100.0)])  # touched again: newest, kept
-    assert store.get_history("u") == ["i6", "i7", "i0"]
-    assert store.get_seen(["u", "nobody"]) == {"u": {"i4", "i5", "i6", "i7", "i0"}, "nobody": set()}
-    store.close()

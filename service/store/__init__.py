@@ -4,7 +4,7 @@
 records or SQLite never imports redis.
 """
 
-from service.store.protocol import DEFAULT_EVENT_CAP, DEFAULT_MAX_HISTORY, DEFAULT_MAX_SEEN, Store, StoreUnavailable
+from service.store.protocol import DEFAULT_EVENT_CAP, DEFAULT_MAX_HISTORY, Store, StoreUnavailable
 from service.store.records import (
     Event,
     EventKind,
@@ -19,7 +19,6 @@ from service.store.sqlite import SqliteStore
 __all__ = [
     "DEFAULT_EVENT_CAP",
     "DEFAULT_MAX_HISTORY",
-    "DEFAULT_MAX_SEEN",
     "Event",
     "EventKind",
     "Interaction",

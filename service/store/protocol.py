@@ -13,7 +13,6 @@ from typing import Protocol
 from service.store.records import Event, Interaction, ItemRecord, PutResult, StoreStats
 
 DEFAULT_MAX_HISTORY = 500
-DEFAULT_MAX_SEEN = 10_000
 DEFAULT_EVENT_CAP = 100_000
 
 
@@ -56,11 +55,6 @@ class Store(Protocol):
 
     def get_histories(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
         """`get_history` of each user in one read (one consistent snapshot); unknown users map to []."""
-        ...
-
-    def get_seen(self, user_ids: Sequence[str]) -> dict[str, set[str]]:
-        """Every item each user interacted with, beyond the history window: at most `max_seen` per user
-        (the most recent), written with the history. Unknown users map to an empty set."""
         ...
 
     def user_exists(self, user_id: str) -> bool: ...

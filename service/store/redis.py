@@ -7,7 +7,6 @@ every key of a namespace lives in one slot and MULTI/Lua may touch several of th
     items        zset   every item id, score 0: count, and id-ordered paging with ZRANGE BYLEX
     hist:<user>  zset   item -> latest timestamp; capped with ZREMRANGEBYRANK; expires history_ttl
                         seconds after the user's last write (when set)
-    seen:<user>  zset   the same, capped at max_seen: every item /recommend must not return; same expiry
     users        zset   user -> time of their last write: sampled for stats; users idle longer than
                         history_ttl are trimmed from it on every write
     events       stream one entry per change, XADD MAXLEN ~ cap
@@ -29,7 +28,7 @@ import redis
 import redis.exceptions as rexc
 from redis.typing import EncodableT, FieldT
 
-from service.store.protocol import DEFAULT_EVENT_CAP, DEFAULT_MAX_HISTORY, DEFAULT_MAX_SEEN, StoreUnavailable
+from service.store.protocol import DEFAULT_EVENT_CAP, DEFAULT_MAX_HISTORY, StoreUnavailable
 from service.store.records import (
     Event,
     EventKind,
@@ -68,14 +67,12 @@ class RedisStore:
         *,
         namespace: str = "default",
         max_history: int = DEFAULT_MAX_HISTORY,
-        max_seen: int = DEFAULT_MAX_SEEN,
         event_cap: int = DEFAULT_EVENT_CAP,
         history_ttl: int | None = None,
     ) -> None:
         """`client` must be built with decode_responses=False (vectors are stored as bytes).
         `history_ttl`: seconds a user's history outlives their last interaction; None keeps it forever."""
         self.max_history = max_history
-        self.max_seen = max(max_seen, max_history)
         self.event_cap = event_cap
         self.history_ttl = history_ttl
         self.prefix = f"m2rec:{{{namespace}}}:"
@@ -89,12 +86,12 @@ class RedisStore:
     @classmethod
     def from_url(
         cls, url: str, *, namespace: str = "default", timeout: float = 2.0, max_history: int = DEFAULT_MAX_HISTORY,
-        max_seen: int = DEFAULT_MAX_SEEN, event_cap: int = DEFAULT_EVENT_CAP, history_ttl: int | None = None,
+        event_cap: int = DEFAULT_EVENT_CAP, history_ttl: int | None = None,
     ) -> RedisStore:
         client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=False
         )
-        return cls(client, namespace=namespace, max_history=max_history, max_seen=max_seen, event_cap=event_cap,
+        return cls(client, namespace=namespace, max_history=max_history, event_cap=event_cap,
                    history_ttl=history_ttl)
 
     def _item_key(self, item_id: str) -> str:
@@ -102,9 +99,6 @@ class RedisStore:
 
     def _hist_key(self, user_id: str) -> str:
         return f"{self.prefix}hist:{user_id}"
-
-    def _seen_key(self, user_id: str) -> str:
-        return f"{self.prefix}seen:{user_id}"
 
     def _xadd(self, pipe: Any, fields: dict[str, str]) -> None:
         pipe.xadd(self._events, fields, maxlen=self.event_cap, approximate=True)
@@ -180,12 +174,8 @@ class RedisStore:
                 key = self._hist_key(user_id)
                 pipe.zadd(key, latest[user_id], gt=True)  # GT: an older event never moves an item back
                 pipe.zremrangebyrank(key, 0, -(self.max_history + 1))  # keep the newest max_history
-                seen = self._seen_key(user_id)
-                pipe.zadd(seen, latest[user_id], gt=True)
-                pipe.zremrangebyrank(seen, 0, -(self.max_seen + 1))
                 if self.history_ttl is not None:
                     pipe.expire(key, self.history_ttl)  # refreshed on every write: idle users expire
-                    pipe.expire(seen, self.history_ttl)
             pipe.zadd(self._users, dict.fromkeys(users, now))
             if self.history_ttl is not None:
                 pipe.zremrangebyscore(self._users, "-inf", now - self.history_ttl)
@@ -209,17 +199,6 @@ class RedisStore:
             pipe.zrange(self._hist_key(user_id), 0, -1)
         replies: list[list[bytes]] = _call(pipe.execute)
         return {user_id: [m.decode() for m in members] for user_id, members in zip(unique, replies, strict=True)}
-
-    def get_seen(self, user_ids: Sequence[str]) -> dict[str, set[str]]:
-        unique = list(dict.fromkeys(user_ids))
-        if not unique:
-            return {}
-        pipe = self._r.pipeline(transaction=True)
-        for user_id in unique:  # the history too: users last written before seen sets existed have only it
-            pipe.zrange(self._seen_key(user_id), 0, -1)
-            pipe.zrange(self._hist_key(user_id), 0, -1)
-        replies: list[list[bytes]] = _call(pipe.execute)
-        return {user_id: {m.decode() for m in replies[2 * k] + replies[2 * k + 1]} for k, user_id in enumerate(unique)}
 
     def user_exists(self, user_id: str) -> bool:
         return bool(_call(self._r.exists, self._hist_key(user_id)))

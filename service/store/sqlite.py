@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from service.store.protocol import DEFAULT_EVENT_CAP, DEFAULT_MAX_HISTORY, DEFAULT_MAX_SEEN, StoreUnavailable
+from service.store.protocol import DEFAULT_EVENT_CAP, DEFAULT_MAX_HISTORY, StoreUnavailable
 from service.store.records import (
     Event,
     EventKind,
@@ -48,12 +48,10 @@ class SqliteStore:
         path: str | Path,
         *,
         max_history: int = DEFAULT_MAX_HISTORY,
-        max_seen: int = DEFAULT_MAX_SEEN,
         event_cap: int = DEFAULT_EVENT_CAP,
         busy_timeout: float = 5.0,
     ) -> None:
         self.max_history = max_history
-        self.max_seen = max(max_seen, max_history)
         self.event_cap = event_cap
         self._path = str(path)
         self._busy_timeout = busy_timeout
@@ -226,15 +224,10 @@ class SqliteStore:
             return None
         with self._write() as cur:
             for user_id, items in latest.items():
-                rows = [(user_id, item_id, ts) for item_id, ts in items.items()]
-                for table in ("history", "seen"):
-                    cur.executemany(
-                        f"INSERT INTO {table} (user_id, item_id, ts) VALUES (?, ?, ?) "
-                        "ON CONFLICT (user_id, item_id) DO UPDATE SET ts = max(ts, excluded.ts)", rows)
-                cur.execute(
-                    "DELETE FROM seen WHERE user_id = ?1 AND item_id IN (SELECT item_id FROM seen "
-                    "WHERE user_id = ?1 ORDER BY ts DESC, item_id DESC LIMIT -1 OFFSET ?2)",
-                    (user_id, self.max_seen),
+                cur.executemany(
+                    "INSERT INTO history (user_id, item_id, ts) VALUES (?, ?, ?) "
+                    "ON CONFLICT (user_id, item_id) DO UPDATE SET ts = max(ts, excluded.ts)",
+                    [(user_id, item_id, ts) for item_id, ts in items.items()],
                 )
                 # same order as Redis' sorted set (score, then member bytes): keep the newest
                 cur.execute(
@@ -259,20 +252,6 @@ class SqliteStore:
                 ).fetchall()
                 for user_id, items in rows:
                     out[user_id] = json.loads(items)
-        return out
-
-    def get_seen(self, user_ids: Sequence[str]) -> dict[str, set[str]]:
-        unique = list(dict.fromkeys(user_ids))
-        out: dict[str, set[str]] = {user: set() for user in unique}
-        with self._read(snapshot=True) as cur:
-            for s in range(0, len(unique), _IN_CHUNK):
-                chunk = unique[s : s + _IN_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                # the history too: a store written before the seen table existed has only histories
-                for table in ("seen", "history"):
-                    for user_id, item_id in cur.execute(
-                            f"SELECT user_id, item_id FROM {table} WHERE user_id IN ({marks})", chunk):
-                        out[user_id].add(item_id)
         return out
 
     def user_exists(self, user_id: str) -> bool:

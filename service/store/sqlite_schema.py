@@ -19,13 +19,6 @@ CREATE INDEX IF NOT EXISTS history_by_time ON history (user_id, ts, item_id);
 -- each user's history as one JSON array, oldest first: the request path reads one row per user
 -- instead of one per item (~5x less read time); rewritten in the transaction that changes history
 CREATE TABLE IF NOT EXISTS history_lists (user_id TEXT PRIMARY KEY, items TEXT NOT NULL) WITHOUT ROWID;
--- every item a user touched (capped at max_seen, the newest kept): what /recommend never returns
-CREATE TABLE IF NOT EXISTS seen (
-    user_id TEXT NOT NULL,
-    item_id TEXT NOT NULL,
-    ts REAL NOT NULL,
-    PRIMARY KEY (user_id, item_id)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,
