@@ -16,7 +16,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from service.store import Store, StoreUnavailable
 
-__all__ = ["CONTENT_TYPE_LATEST", "INGEST_REJECT_REASONS", "RELOAD_OUTCOMES", "STORE_ERROR_SOURCES", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "INGEST_REJECT_REASONS", "RELOAD_OUTCOMES", "SKIP_REASONS", "STORE_ERROR_SOURCES",
+           "Metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ _LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 INGEST_REJECT_REASONS = ("invalid_item", "invalid_request", "trained_item", "too_large", "store_unavailable")
 STORE_ERROR_SOURCES = ("request", "follower", "readiness", "stats")
 RELOAD_OUTCOMES = ("swapped", "failed", "cancelled", "refused")  # service/api/reload.py
+SKIP_REASONS = ("non_finite_score",)  # items left out of a /recommend answer (service/core/recommender.py)
 STORE_SAMPLE_SECONDS = 30.0  # store.stats() costs ~2·sample round trips: at most this often per replica
 
 
@@ -50,8 +52,12 @@ class Metrics:
             "m2rec_recommendations", "Recommendation responses: personal or fallback (unknown or empty user)",
             ["outcome"], registry=r)
         self.recommended_items = Counter(
-            "m2rec_recommended_items", "Items served in recommendations, by cold/warm "
-            "(cold share = cold / (cold + warm))", ["kind"], registry=r)
+            "m2rec_recommended_items", "Items served in recommendations: cold (new), warm (trained), held_out "
+            "(registered items the model's own dataset held out of training: not new) "
+            "(cold share = cold / all)", ["kind"], registry=r)
+        self.recommend_skipped = Counter(
+            "m2rec_recommend_skipped_items", "Items left out of /recommend answers, by reason (non_finite_score: "
+            "a row that is not finite; it leaves the replica's index)", ["reason"], registry=r)
         self.recommend_batch = Histogram(
             "m2rec_recommend_batch_size", "/recommend requests answered together by one index search",
             buckets=(1, 2, 4, 8, 16, 32), registry=r)
@@ -96,8 +102,10 @@ class Metrics:
             self.follower_errors.labels(reason=reason)
         for outcome in ("personal", "fallback"):
             self.recommendations.labels(outcome=outcome)
-        for kind in ("cold", "warm"):
+        for kind in ("cold", "warm", "held_out"):
             self.recommended_items.labels(kind=kind)
+        for reason in SKIP_REASONS:
+            self.recommend_skipped.labels(reason=reason)
         for outcome in ("inserted", "updated"):
             self.items_ingested.labels(outcome=outcome)
         for source in ("local", "stream"):

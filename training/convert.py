@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared data folder")
     args = parser.parse_args(argv)
     out = args.out or REPO_ROOT / "data" / args.dataset
+    print(f"building {args.dataset} ...", file=sys.stderr, flush=True)  # the slow steps draw their own bars
     dataset = build(args.dataset, args.shared)
+    print(f"writing {out} ...", file=sys.stderr, flush=True)
     save_dataset(dataset, out)
     stats = dataset.statistics()
     shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())

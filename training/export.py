@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from service.model.artifact_export import save_artifact
 from training.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+
+def held_out_items(dataset: Dataset, warm: np.ndarray) -> list[str]:
+    """Ids of the dataset's items that have interactions but no trained row (`warm`: the trained
+    items' indices): the split's evaluation items. Logged with their count, never dropped in silence:
+    a deployment that registers them serves them as new items."""
+    active = np.unique(dataset.interactions[:, 1])
+    held = np.setdiff1d(active, warm)
+    if held.size:
+        log.warning("%d of the %d items with interactions in %s are held out of training (the split's test and "
+                    "validation items) and get no trained row: registered through POST /items they are served "
+                    "as new items and flagged held_out", held.size, active.size, dataset.name)
+    return [dataset.item_ids[j] for j in held.tolist()]
 
 
 def export_artifact(
@@ -35,4 +53,5 @@ def export_artifact(
         mixing=result.policy.to_dict(),
         data_fingerprint=data_fingerprint,
         dataset=dataset.name,
+        held_out_items=held_out_items(dataset, result.data.warm),
     )

@@ -319,7 +319,8 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: Trai
     step, best_epoch, best = 0, -1, None
     best_state: dict[str, torch.Tensor] = {}
     history: list[dict[str, float]] = []
-    bar = tqdm(range(cfg.epochs), desc=f"train {dataset.name}", disable=not cfg.progress)
+    bar = tqdm(range(cfg.epochs), desc=f"train {dataset.name}", unit="epoch", disable=not cfg.progress)
+    started = time.perf_counter()
     for epoch in bar:
         t0 = time.perf_counter()
         shift = linear.held_out_shift(patterns) if linear is not None and patterns is not None else None
@@ -341,7 +342,10 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: Trai
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         bar.set_postfix({k: round(v, 4) for k, v in row.items() if k.startswith("val") or k == "nll"})
-        log.info("epoch %d %s", epoch, json.dumps({k: round(v, 4) for k, v in row.items()}))
+        elapsed = time.perf_counter() - started
+        eta = elapsed / (epoch + 1) * (cfg.epochs - epoch - 1)  # logs are read where no bar is drawn
+        log.info("epoch %d/%d (%.0f s, eta at most %.0f s) %s", epoch + 1, cfg.epochs, elapsed, eta,
+                 json.dumps({k: round(v, 4) for k, v in row.items()}))
         if stop:
             break
     assert best is not None  # the last epoch is always validated

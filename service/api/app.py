@@ -17,8 +17,11 @@ import faiss
 import torch
 from fastapi import FastAPI, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from threadpoolctl import threadpool_limits
 
 from service.api.deps import OutOfBoundsError, RequestTooLargeError
@@ -73,7 +76,7 @@ def index_config(settings: Settings) -> IndexConfig:
 def new_recommender(artifact: Artifact, store: Store, settings: Settings) -> Recommender:
     """Model loaded, index still empty: start_index or a reload fills it."""
     return Recommender(artifact, store, index_config(settings), fallback_cold_share=settings.fallback_cold_share,
-                       newest_kept=settings.k_max)
+                       newest_kept=settings.k_max, max_history=settings.max_history_length)
 
 
 def start_index(recommender: Recommender, settings: Settings, metrics: Metrics) -> str | None:
@@ -173,13 +176,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def _error_handler(metrics: Metrics) -> Callable[[Request, Exception], Awaitable[Response]]:
     async def handle(request: Request, exc: Exception) -> Response:
         code, reason = next(v for t, v in _ERRORS.items() if isinstance(exc, t))
+        detail = str(exc)
         if isinstance(exc, StoreUnavailable):
             metrics.store_errors.labels(source="request").inc()
             if request.method == "POST" and request.url.path.startswith("/items"):
                 reason = "store_unavailable"
+            if request.method not in ("GET", "HEAD"):  # the client's next move, in the answer itself
+                detail = f"{detail}; the write may or may not have been applied; retrying is safe"
         if reason is not None:
             metrics.ingest_errors.labels(reason=reason).inc()
-        return JSONResponse({"detail": str(exc)}, status_code=code)
+        return JSONResponse({"detail": detail}, status_code=code)
 
     return handle
 
@@ -190,11 +196,33 @@ def _invalid_request(metrics: Metrics) -> Callable[[Request, Exception], Awaitab
         assert isinstance(exc, RequestValidationError)
         if request.method == "POST" and request.url.path.startswith("/items"):
             metrics.ingest_errors.labels(reason="invalid_request").inc()
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
+        errors = [_error(e) for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     return handle
+
+
+def _error(e: Any) -> dict[str, Any]:
+    if e.get("type") == "json_invalid":  # FastAPI's own words are "JSON decode error": say where and what
+        return {"loc": ["body"], "type": "json_invalid",
+                "msg": f"the body is not valid JSON: {e.get('ctx', {}).get('error', '')}"}
+    return {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    """Starlette's 405 names only the methods of the first route whose path matched; `Allow` must
+    list every method the path takes (GET and DELETE /items/{id} are two routes)."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code != status.HTTP_405_METHOD_NOT_ALLOWED:
+        return await http_exception_handler(request, exc)
+    allowed: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            allowed |= route.methods
+    if "GET" in allowed:
+        allowed.add("HEAD")
+    return JSONResponse({"detail": f"{request.method} is not allowed here; allowed: {', '.join(sorted(allowed))}"},
+                        status_code=exc.status_code, headers={"Allow": ", ".join(sorted(allowed))})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -213,12 +241,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.router.routes.extend(router.routes)
     handler = _error_handler(metrics)
     app.add_exception_handler(RequestValidationError, _invalid_request(metrics))
+    app.add_exception_handler(StarletteHTTPException, _method_not_allowed)
     for exc_type in _ERRORS:
         app.add_exception_handler(exc_type, handler)
 
     app.add_middleware(Measure, metrics=metrics, body_limit=settings.max_body_bytes)
 
-    app.openapi = _openapi_with_domain_422s(app)  # type: ignore[method-assign]  # FastAPI's documented hook
+    app.openapi = _openapi(app, settings)  # type: ignore[method-assign]  # FastAPI's documented hook
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
@@ -230,9 +259,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _openapi_with_domain_422s(app: FastAPI) -> Callable[[], dict[str, Any]]:
+def _openapi(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
     """FastAPI documents every 422 as field errors (a list); domain checks (content dimension, k_max, a
-    bad artifact) answer 422 with one message (a string). The document says both, as the service does."""
+    bad artifact) answer 422 with one message (a string). The document says both, as the service does.
+    `k`'s maximum is this service's setting (M2REC_K_MAX), so it is written in here, not in the route."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -243,6 +273,9 @@ def _openapi_with_domain_422s(app: FastAPI) -> Callable[[], dict[str, Any]]:
             content = operation.get("responses", {}).get("422", {}).get("content", {}).get("application/json")
             if content is not None and "$ref" in content.get("schema", {}):
                 content["schema"] = {"anyOf": [content["schema"], {"$ref": "#/components/schemas/ErrorOut"}]}
+            for parameter in operation.get("parameters", []):
+                if operation.get("operationId", "").startswith("recommend") and parameter["name"] == "k":
+                    parameter["schema"]["maximum"] = settings.k_max
         return schema
 
     return openapi

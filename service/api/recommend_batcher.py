@@ -31,6 +31,7 @@ class _Pending(NamedTuple):  # a NamedTuple: one per request, cheaper to build t
     recommender: Recommender  # the one serving when the request arrived (a reload may swap it)
     user_id: str
     k: int
+    explain: bool
     answer: asyncio.Future[Recommendations]
 
 
@@ -50,10 +51,11 @@ class RecommendBatcher:
         self._flush_scheduled = False
         self._in_threads: set[asyncio.Task[None]] = set()
 
-    async def recommend(self, recommender: Recommender, user_id: str, k: int) -> Recommendations:
+    async def recommend(self, recommender: Recommender, user_id: str, k: int, explain: bool = False
+                        ) -> Recommendations:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Recommendations] = loop.create_future()
-        self._pending.append(_Pending(recommender, user_id, k, answer))
+        self._pending.append(_Pending(recommender, user_id, k, explain, answer))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush, _EXTRA_PASSES)
@@ -98,6 +100,6 @@ class RecommendBatcher:
 
 def _outcome(group: list[_Pending]) -> list[Recommendations] | Exception:
     try:
-        return group[0].recommender.recommend_many([(p.user_id, p.k) for p in group])
+        return group[0].recommender.recommend_many([(p.user_id, p.k) for p in group], [p.explain for p in group])
     except Exception as exc:  # each request of the batch gets the error its own call would have raised
         return exc

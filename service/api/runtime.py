@@ -71,21 +71,31 @@ class ServedCounters:
     fallback: Counter
     cold_items: Counter
     warm_items: Counter
+    held_out_items: Counter
+    skipped_non_finite: Counter
 
     def count(self, answers: Sequence[Recommendations]) -> None:
         """Counted once per batch of answers: four increments per request cost more than a fold-in."""
         fallback = sum(a.fallback for a in answers)
         cold = sum(hit.is_cold for a in answers for hit in a.hits)
+        held_out = sum(a.held_out for a in answers)  # served like new items, but not new: apart
         self.fallback.inc(fallback)
         self.personal.inc(len(answers) - fallback)
-        self.cold_items.inc(cold)
+        self.cold_items.inc(cold - held_out)
         self.warm_items.inc(sum(len(a.hits) for a in answers) - cold)
+        if held_out:
+            self.held_out_items.inc(held_out)
+        skipped = sum(a.skipped for a in answers)
+        if skipped:
+            self.skipped_non_finite.inc(skipped)
 
     @classmethod
     def of(cls, metrics: Metrics) -> ServedCounters:
         return cls(metrics.recommendations.labels(outcome="personal"),
                    metrics.recommendations.labels(outcome="fallback"),
-                   metrics.recommended_items.labels(kind="cold"), metrics.recommended_items.labels(kind="warm"))
+                   metrics.recommended_items.labels(kind="cold"), metrics.recommended_items.labels(kind="warm"),
+                   metrics.recommended_items.labels(kind="held_out"),
+                   metrics.recommend_skipped.labels(reason="non_finite_score"))
 
 
 @dataclass

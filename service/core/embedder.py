@@ -14,9 +14,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from service.core.fusion_gate import ItemFactors
 from service.core.types import InvalidItemError, NewItem, Rows
-from service.model import AttributeVocabulary, M2Rec, ModelConfig, item_inputs
+from service.model import AttributeVocabulary, ItemInputs, M2Rec, ModelConfig, item_inputs
 from service.model.artifact import Artifact, ArtifactError, check_compatible
+from service.model.generator import M2VAEGenerator
 from service.store import ItemRecord
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,13 @@ class Embedder:
             self.warm_rows: Rows = self.model.item_rows().numpy().astype(np.float32)  # (J, D+1)
         self.warm_ids = artifact.item_ids
         self.warm_pos = {item_id: j for j, item_id in enumerate(self.warm_ids)}
+        # items the training data had interactions for but the model was not trained on (evaluation
+        # items): served from generated rows like new items, but they are not new
+        self.held_out = frozenset(artifact.manifest.held_out_items)
+        if self.held_out:
+            log.warning("model %s was trained without %d items of its dataset that have interactions (held out "
+                        "for evaluation): registering them serves them as new items, flagged held_out and not "
+                        "counted as new in m2rec_recommended_items_total", self.version, len(self.held_out))
 
     def is_trained(self, item_id: str) -> bool:
         return item_id in self.warm_pos
@@ -71,8 +80,10 @@ class Embedder:
             if len(item.content) != self.content_dim:
                 return (f"item {item.item_id}: content has {len(item.content)} values but model version "
                         f"{self.version} expects content_dim={self.content_dim}")
-            if not np.isfinite(np.asarray(item.content, dtype=np.float64)).all():
-                return f"item {item.item_id}: content contains NaN or infinite values"
+            # float32 is what the model computes in: 3.5e38 is finite as float64 but inf as float32
+            if not np.isfinite(np.asarray(item.content, dtype=np.float64).astype(np.float32)).all():
+                return (f"item {item.item_id}: content contains NaN, infinite or beyond-float32 values "
+                        f"(|x| > {np.finfo(np.float32).max:.8g})")
         elif not any(t in self.vocabulary.index for t in item.attributes):
             return (f"item {item.item_id}: none of its attributes is known to model version {self.version} "
                     f"and it has no content, so there is nothing to embed it from; add content or known "
@@ -83,10 +94,22 @@ class Embedder:
         return [t for t in attributes if t not in self.vocabulary.index]
 
     def embed(self, items: Sequence[NewItem]) -> Rows:
-        """Generated rows (B, D+1), neutral gate; InvalidItemError (naming every bad item) before any work."""
+        """Generated rows (B, D+1), neutral gate; InvalidItemError (naming every bad item) before any work,
+        and after it for an item whose row is not finite: such a row would reach the store and the index
+        and make every score it takes part in NaN."""
         problems = [p for p in map(self.problem, items) if p is not None]
         if problems:
             raise InvalidItemError("; ".join(problems[:20]))
+        rows = self._embed(items)
+        broken = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+        if broken.size:
+            names = [items[b].item_id for b in broken[:10].tolist()]
+            raise InvalidItemError(
+                f"items {names}: the model computes a non-finite row from their inputs ({broken.size} of "
+                f"{len(items)}); nothing was written; check their content for extreme values")
+        return rows
+
+    def _embed(self, items: Sequence[NewItem]) -> Rows:
         # Attribute pooling pads every item of a pass to the widest one's attribute count (B, A, H):
         # passes of items of similar width (sorted by it) keep that padding small.
         index = self.vocabulary.index
@@ -98,7 +121,7 @@ class Embedder:
             out[chunk] = self._embed_chunk([items[j] for j in chunk])
         return out
 
-    def _embed_chunk(self, items: Sequence[NewItem]) -> Rows:
+    def _inputs(self, items: Sequence[NewItem]) -> ItemInputs:
         attributes, _ = self.vocabulary.encode([item.attributes for item in items])  # (B, A)
         content = np.zeros((len(items), max(self.content_dim, 1)), np.float32)  # (B, F)
         has_content = np.zeros(len(items), dtype=bool)  # (B,)
@@ -106,21 +129,51 @@ class Embedder:
             if item.content is not None:
                 content[b] = item.content
                 has_content[b] = True
+        return item_inputs(attributes, torch.from_numpy(content), self.content_dim, torch.from_numpy(has_content))
+
+    def _embed_chunk(self, items: Sequence[NewItem]) -> Rows:
         # inference_mode is per thread, and requests arrive on pool threads: entered per call
         with torch.inference_mode():
-            inputs = item_inputs(attributes, torch.from_numpy(content), self.content_dim,
-                                 torch.from_numpy(has_content))
-            rows, _ = self.model.embed_items(inputs)
+            rows, _ = self.model.embed_items(self._inputs(items))
         return rows.numpy().astype(np.float32)  # (B, D+1)
+
+    def fusion_factors(self, items: Sequence[NewItem], top: int) -> list[tuple[ItemFactors, list[tuple[str, float]]]]:
+        """Per item: what M2VAE's fusion gate reads of it (service/core/fusion_gate.py) and its `top`
+        attribute tokens by attention weight (over its own tokens; no user enters the attention).
+        [] from a generator without a user-aware fusion (the content-VAE baseline)."""
+        generator = self.model.generator
+        if not items or not isinstance(generator, M2VAEGenerator):
+            return []
+        with torch.inference_mode():
+            inputs = self._inputs(items)
+            out, _, _ = generator._encode(inputs, None)  # the views alone: no decoder, no ridge path
+        mu_a, mu_c = out.views["a"].mu.numpy(), out.views["c"].mu.numpy()  # (B, Z) each
+        common = None if out.common is None else out.common.mu.numpy()  # (B, Z)
+        has = torch.stack([out.view_mask["a"], out.view_mask["c"]], dim=1).tolist()  # (B, 2)
+        attention = out.gates["attention"].tolist()  # (B, A), over the item's sorted known token ids
+        ids = inputs.attributes.tolist()  # (B, A) vocabulary index + 1, 0 = padding
+        tokens = self.vocabulary.tokens
+        result = []
+        for b in range(len(items)):
+            factors = ItemFactors(mu_a[b].copy(), mu_c[b].copy(), None if common is None else common[b].copy(),
+                                  (bool(has[b][0]), bool(has[b][1])))
+            weighted = sorted(((tokens[i - 1], w) for i, w in zip(ids[b], attention[b], strict=True) if i > 0),
+                              key=lambda tw: (-tw[1], tw[0]))
+            result.append((factors, weighted[:top]))
+        return result
 
     def record_rows(self, records: Sequence[ItemRecord]) -> dict[str, npt.NDArray[np.float32]]:
         """Rows of stored items under this model; items it cannot embed are left out (and logged)."""
-        rows = {r.item_id: r.embedding for r in records if r.model_version == self.version}
+        current = [r for r in records if r.model_version == self.version]
+        rows = {r.item_id: r.embedding for r in current if np.isfinite(r.embedding).all()}
         stale = [NewItem(r.item_id, r.attributes, r.content) for r in records if r.model_version != self.version]
         usable = [item for item in stale if self.problem(item) is None]
-        if len(usable) < len(stale):
-            log.warning("%d stored items cannot be embedded by model %s and are not served",
-                        len(stale) - len(usable), self.version)
         if usable:
-            rows.update(zip((i.item_id for i in usable), self.embed(usable), strict=True))
+            generated = self._embed(usable)
+            finite = set(np.flatnonzero(np.isfinite(generated).all(axis=1)).tolist())  # rows with no NaN or inf
+            rows.update((i.item_id, generated[b]) for b, i in enumerate(usable) if b in finite)
+        left_out = len(records) - len(rows)
+        if left_out:  # written before the store refused such items, or inputs this model cannot use
+            log.warning("%d stored items cannot be embedded by model %s (unusable inputs or a non-finite "
+                        "row) and are not served", left_out, self.version)
         return rows

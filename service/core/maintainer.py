@@ -19,6 +19,7 @@ import numpy as np
 
 from service.core.embedder import Embedder
 from service.core.newest_items import NewestItems
+from service.core.progress import ProgressLog
 from service.core.row_cache import RowCache
 from service.core.types import Followed, Rows
 from service.index import IndexConfig, VectorIndex
@@ -46,12 +47,15 @@ class IndexMaintainer:
         """A fresh index from the artifact's rows and every stored item; returns the event id to
         follow from (taken before reading, so events racing the build are applied again)."""
         cursor = self.store.last_event_id()
-        self.index = VectorIndex.build_from(self._index_batches(), self.embedder.dim, self.index_config,
+        progress = ProgressLog(log, f"index build, model {self.embedder.version}: stored items embedded",
+                               self.store.count_items())
+        self.index = VectorIndex.build_from(self._index_batches(progress), self.embedder.dim, self.index_config,
                                             pin_warm=True)
+        progress.finish()
         self._own_writes.clear()
         return cursor
 
-    def _index_batches(self) -> Iterator[tuple[list[str], Rows, list[bool]]]:
+    def _index_batches(self, progress: ProgressLog) -> Iterator[tuple[list[str], Rows, list[bool]]]:
         """The trained rows, then stored items a batch at a time: the index copies each batch into
         its own storage, so the catalogue is never held twice (nor as one small array per item)."""
         embedder = self.embedder
@@ -65,6 +69,7 @@ class IndexMaintainer:
                     self.newest.add(record.item_id, record.created_at, float(rows[record.item_id][-1]))
             if ids:
                 yield ids, np.stack([rows[i] for i in ids]).astype(np.float32), [True] * len(ids)
+            progress.advance(len(batch))
 
     def save_snapshot(self, directory: Path, cursor: str | None) -> None:
         """Index files plus the fallback's newest items, for a restart that skips re-embedding."""

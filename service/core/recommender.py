@@ -10,16 +10,21 @@ history may hold both kinds, and their rows enter the fold-in the same way ("sur
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import chain, repeat
 
 import numpy as np
 
 from service.core.embedder import Embedder
+from service.core.explainer import Explainer
 from service.core.fold_in import FoldIn
 from service.core.maintainer import ROW_CACHE_ITEMS, IndexMaintainer
 from service.core.types import (
+    Explanation,
     ItemView,
     NewItem,
     Recommendations,
@@ -30,7 +35,10 @@ from service.core.types import (
 )
 from service.index import Hit, IndexConfig, VectorIndex
 from service.model.artifact import Artifact
-from service.store import Interaction, ItemRecord, Store
+from service.store import DEFAULT_MAX_HISTORY, Interaction, ItemRecord, Store
+
+log = logging.getLogger(__name__)
+_RESEARCHES = 3  # searches of a query again without items whose score was not finite (there are ~never any)
 
 
 class Recommender:
@@ -40,8 +48,12 @@ class Recommender:
     def __init__(
         self, artifact: Artifact, store: Store, index_config: IndexConfig | None = None, *,
         fallback_cold_share: float = 0.2, newest_kept: int = 1000, row_cache_items: int = ROW_CACHE_ITEMS,
+        max_history: int = DEFAULT_MAX_HISTORY,
     ) -> None:
+        """`max_history`: the store's history cap (M2REC_MAX_HISTORY_LENGTH); only users whose history
+        is full can have seen more than it holds."""
         self.artifact = artifact
+        self.max_history = max_history
         self.embedder = embedder = Embedder(artifact)
         self.maintainer = IndexMaintainer(embedder, store, index_config, newest_kept=newest_kept,
                                           row_cache_items=row_cache_items)
@@ -50,8 +62,10 @@ class Recommender:
         self.content_dim, self.dim = embedder.content_dim, embedder.dim
         self.warm_rows, self.warm_ids = embedder.warm_rows, embedder.warm_ids
         self._fold_in = FoldIn(self.model)  # the request path's fold-in, without torch dispatch
+        self._explainer = Explainer(embedder, self._fold_in)
         self._popular = np.argsort(-self.warm_rows[:, -1], kind="stable")  # by trained bias b
         self.fallback_cold_share = fallback_cold_share
+        self._reported: set[str] = set()  # items logged for a non-finite row
 
     @property
     def index(self) -> VectorIndex:
@@ -78,7 +92,13 @@ class Recommender:
         self.maintainer.added(records, rows)
         inserted = set(result.inserted)
         unknown = self.embedder.unknown_attributes
-        return [Registration(r, unknown(r.attributes), r.item_id in inserted) for r in records]
+        held = self.embedder.held_out
+        held_out = [r.item_id for r in records if r.item_id in held]
+        if held_out:
+            log.warning("registered %d items that model %s held out of training (its dataset has interactions for "
+                        "them), e.g. %s: served as new items, flagged held_out", len(held_out), self.version,
+                        held_out[:5])
+        return [Registration(r, unknown(r.attributes), r.item_id in inserted, r.item_id in held) for r in records]
 
     def delete(self, item_id: str) -> None:
         if self.is_trained(item_id):
@@ -107,7 +127,7 @@ class Recommender:
         if record is None:
             return None
         return ItemView(item_id, True, record.model_version, record,
-                        self.embedder.unknown_attributes(record.attributes))
+                        self.embedder.unknown_attributes(record.attributes), item_id in self.embedder.held_out)
 
     def history_rows(self, history: Sequence[str]) -> Rows:
         """Rows (L, D+1) of the history items this model can still use, warm and registered alike."""
@@ -154,29 +174,117 @@ class Recommender:
         `M2Rec.query(model.fold_in(rows))` (service.core.fold_in runs it in NumPy)."""
         return self._fold_in.query(rows)
 
-    def recommend(self, user_id: str, k: int) -> Recommendations:
-        return self.recommend_many([(user_id, k)])[0]
+    def recommend(self, user_id: str, k: int, explain: bool = False) -> Recommendations:
+        return self.recommend_many([(user_id, k)], [explain])[0]
 
-    def recommend_many(self, requests: Sequence[tuple[str, int]]) -> list[Recommendations]:
-        """`recommend` for many (user, k) at once: one store read, one fold-in pass and one index
-        search for all of them. Each answer is the one `recommend` alone would give."""
-        histories = self.store.get_histories([user for user, _ in requests])
-        asked = [histories[user] for user, _ in requests]
+    def recommend_many(self, requests: Sequence[tuple[str, int]], explain: Sequence[bool] | None = None
+                       ) -> list[Recommendations]:
+        """`recommend` for many (user, k) at once: one read of the histories and one of the seen
+        items, one fold-in pass and one index search for all of them. Each answer is the one
+        `recommend` alone would give.
+
+        Users are folded in from their history (the newest max_history items) but never offered
+        anything they have seen, which reaches further back (`Store.get_seen`, read for the users whose
+        history is full: nothing has left a shorter one, so it is all they have seen). `explain[b]`: add
+        request b's explanations (service/core/explainer.py) from the history already read."""
+        users = [user for user, _ in requests]
+        histories = self.store.get_histories(users)
+        full = [user for user in dict.fromkeys(users) if len(histories[user]) >= self.max_history]
+        seen = self.store.get_seen(full) if full else {}
+        for user in dict.fromkeys(users):
+            if user not in seen:
+                seen[user] = set(histories[user])
+        asked = [histories[user] for user in users]
         rows, lengths = self.histories_rows(asked)  # (sum L, D+1), rows per request
         out: list[Recommendations | None] = [None] * len(requests)
         personal = [at for at, n in enumerate(lengths) if n > 0]
         for at, n in enumerate(lengths):
             if n == 0:
-                out[at] = Recommendations(self.fallback(requests[at][1], set(asked[at])), True, self.version)
+                out[at] = self._fallback_answer(requests[at][1], seen[users[at]])
         if personal:
             k_max = max(requests[at][1] for at in personal)  # a top-k is the first k of the top-k_max
             queries = self._fold_in.queries(rows, [n for n in lengths if n > 0])  # (B', D+1)
-            found = self.index.search(queries, k_max, exclude=[set(asked[at]) for at in personal])
-            for at, hits in zip(personal, found, strict=True):
-                out[at] = Recommendations(hits[: requests[at][1]], False, self.version)
+            found, skipped = self._search(queries, k_max, [seen[users[at]] for at in personal])
+            for at, hits, n_skipped in zip(personal, found, skipped, strict=True):
+                out[at] = Recommendations(hits[: requests[at][1]], False, self.version, n_skipped)
         answered = [r for r in out if r is not None]
         assert len(answered) == len(requests)  # every request is personal or a fallback
+        held = self.embedder.held_out
+        if held:  # only artifacts that name held-out items pay for the count
+            answered = [replace(a, held_out=sum(h.is_cold and h.item_id in held for h in a.hits)) for a in answered]
+        if explain is not None and any(explain):
+            answered = [replace(a, explanations=self._explain(a, [] if a.fallback else asked[at])) if wanted else a
+                        for at, (a, wanted) in enumerate(zip(answered, explain, strict=True))]
         return answered
+
+    def _search(self, queries: Rows, k: int, exclude: list[set[str]]) -> tuple[list[list[Hit]], list[int]]:
+        """Index search whose answers hold finite scores only. An item row that is not finite (the
+        store and the embedder refuse them; this is the last line) is taken out of the index, logged
+        once, counted per answer, and the query searched again without it: one item never makes an
+        answer fail."""
+        found = self.index.search(queries, k, exclude=exclude)
+        skipped = [0] * len(found)
+        for _ in range(_RESEARCHES):
+            broken = {b: [h.item_id for h in hits if not math.isfinite(h.score)] for b, hits in enumerate(found)}
+            broken = {b: ids for b, ids in broken.items() if ids}
+            if not broken:
+                break
+            self._quarantine({i for ids in broken.values() for i in ids})
+            again = list(broken)
+            for b in again:
+                skipped[b] += len(broken[b])
+                exclude[b] = exclude[b] | set(broken[b])
+            for b, hits in zip(again, self.index.search(queries[again], k, exclude=[exclude[b] for b in again]),
+                               strict=True):
+                found[b] = hits
+        finite = [[h for h in hits if math.isfinite(h.score)] for hits in found]
+        return finite, [n + len(a) - len(b) for n, a, b in zip(skipped, found, finite, strict=True)]
+
+    def _quarantine(self, item_ids: set[str]) -> None:
+        """Items whose row turned out not finite leave this replica's index and fallback (logged once:
+        they are gone afterwards). The store keeps them; a re-registration with usable inputs, or a
+        model that embeds them finitely, serves them again."""
+        registered = sorted(i for i in item_ids if not self.is_trained(i))
+        first_time = sorted(item_ids - self._reported)
+        if first_time:  # trained rows cannot leave the index: they are skipped at every answer, logged once
+            log.error("items %s have non-finite rows under model %s and are skipped; registered ones leave "
+                      "this replica's index (m2rec_recommend_skipped_items_total)", first_time[:10], self.version)
+            if len(self._reported) > 10_000:
+                self._reported.clear()
+            self._reported.update(first_time)
+        for item_id in registered:
+            self.maintainer.removed(item_id)
+
+    def _fallback_answer(self, k: int, exclude: set[str]) -> Recommendations:
+        hits = self.fallback(k, exclude)
+        broken = {h.item_id for h in hits if not math.isfinite(h.score)}
+        if not broken:
+            return Recommendations(hits, True, self.version)
+        self._quarantine(broken)
+        return Recommendations(self.fallback(k, exclude | broken), True, self.version, len(broken))
+
+    def _explain(self, result: Recommendations, history: Sequence[str]) -> list[Explanation]:
+        """One explanation per item of `result`, for the user folded in from `history` (empty: a
+        fallback list). Reads new items' raw inputs only the first time one is explained."""
+        hits = result.hits
+        rows, (kept,) = self.histories_rows([history])  # (L', D+1): the rows the user was folded in from
+        if kept == len(history):
+            used = list(history)
+        else:  # some history items are gone or unusable: which ones, item by item (rare)
+            rows, each = self.histories_rows([[item_id] for item_id in history])
+            used = [item_id for item_id, n in zip(history, each, strict=True) if n]
+        cold = [hit.item_id for hit in hits if not self.is_trained(hit.item_id)]
+        by_id = self.maintainer.rows.get_many(cold)  # the row cache, then the store
+        missing = [item_id for item_id in cold if item_id not in by_id]
+        if missing:
+            by_id.update(self.embedder.record_rows(list(self.store.get_items(missing).values())))
+        item_rows = np.zeros((len(hits), self.dim), np.float32)  # (k, D+1); zeros: gone since the answer
+        for j, hit in enumerate(hits):
+            at = self.embedder.warm_pos.get(hit.item_id)
+            row = self.warm_rows[at] if at is not None else by_id.get(hit.item_id)
+            if row is not None:
+                item_rows[j] = row
+        return self._explainer.explain(hits, item_rows, used, rows, by_id, self.store.get_items)
 
     def fallback(self, k: int, exclude: set[str]) -> list[Hit]:
         """Most popular trained items (largest bias b) with the newest registered items mixed in:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -41,6 +41,7 @@ class Registration:
     record: ItemRecord
     unknown_attributes: list[str]
     inserted: bool
+    held_out: bool = False  # the model's dataset has interactions for it, but it was held out of training
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ItemView:
     model_version: str
     record: ItemRecord | None  # None for trained items: the artifact keeps no raw inputs
     unknown_attributes: list[str]
+    held_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,30 @@ class Recommendations:
     hits: list[Hit]
     fallback: bool
     model_version: str
+    skipped: int = 0  # items left out because their score was not finite (counted by the caller)
+    held_out: int = 0  # hits that are the model's held-out items: registered, but not new (counted apart)
+    explanations: list[Explanation] | None = None  # one per hit, when asked for
+
+
+@dataclass(frozen=True)
+class ViewWeights:
+    """How much each view of a new item's generated row counts for one user (M2VAE's two-level fusion):
+    common = α, attributes = (1 - α)·g_a, content = (1 - α)·g_c; they sum to 1."""
+
+    attributes: float
+    content: float
+    common: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why an item is in a list. New items: `views` for this user and `attributes`, the item's own
+    tokens with their attention weights (largest first). Personal lists: `because`, the history items
+    whose removal from the fold-in lowers the item's score most, with that drop (largest first)."""
+
+    views: ViewWeights | None = None
+    attributes: list[tuple[str, float]] = field(default_factory=list)
+    because: list[tuple[str, float]] = field(default_factory=list)
 
 
 class Followed(NamedTuple):

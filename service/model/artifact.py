@@ -89,6 +89,9 @@ class Manifest(BaseModel):
     dataset: str = Field(min_length=1)
     library_versions: LibraryVersions
     files: dict[str, str]
+    # items of the training dataset that have interactions but no trained row (the split's evaluation
+    # items); a deployment registering them serves them as new items. Older artifacts: ().
+    held_out_items: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

@@ -11,7 +11,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ def save_artifact(
     data_fingerprint: str,
     dataset: str,
     activate: bool = True,
+    held_out_items: Sequence[str] = (),
 ) -> Path:
     """Write a new version under `root` atomically and (with `activate`) point `current` at it.
 
@@ -97,6 +98,7 @@ def save_artifact(
                 dataset=dataset,
                 library_versions=_library_versions(),
                 files=files,
+                held_out_items=tuple(held_out_items),
             )
         except ValidationError as e:
             raise ArtifactError(f"save_artifact to {root}: invalid manifest fields: {e}") from e

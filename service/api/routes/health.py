@@ -30,6 +30,6 @@ async def readyz(runtime: RuntimeDep, response: Response) -> Readiness:
         runtime.metrics.store_errors.labels(source="readiness").inc()
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return Readiness(ready=False, model_version=recommender.version, store=backend,
-                         detail=f"store unreachable: {exc}")
+                         index_items=len(recommender.index), detail=f"store unreachable: {exc}")
     return Readiness(ready=True, model_version=recommender.version, store=backend,
                      index_items=len(recommender.index))

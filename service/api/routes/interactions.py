@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body
 
 from service.api.deps import MetricsDep, RecommenderDep, SettingsDep, WriteAccess, check_batch_size
 from service.api.routes.json_body import JsonBodyRoute
-from service.api.schemas import ErrorOut, InteractionBatchIn, InteractionIn, InteractionsOut
+from service.api.schemas import UNAVAILABLE_WRITE, ErrorOut, InteractionBatchIn, InteractionsBody, InteractionsOut
 from service.store import Interaction
 
 router = APIRouter(tags=["interactions"], route_class=JsonBodyRoute)
@@ -17,9 +17,9 @@ router = APIRouter(tags=["interactions"], route_class=JsonBodyRoute)
 
 @router.post("/interactions", dependencies=[WriteAccess], responses={
     401: {"model": ErrorOut}, 404: {"model": ErrorOut, "description": "an item is unknown; nothing was written"},
-    413: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+    413: {"model": ErrorOut}, 503: {"model": ErrorOut, "description": UNAVAILABLE_WRITE}})
 def post_interactions(
-    body: Annotated[InteractionIn | InteractionBatchIn, Body()],
+    body: Annotated[InteractionsBody, Body()],
     recommender: RecommenderDep, metrics: MetricsDep, settings: SettingsDep,
 ) -> InteractionsOut:
     """One event, or {"interactions": [...]}; all are recorded or none."""

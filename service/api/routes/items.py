@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Response, status
 
 from service.api.deps import MetricsDep, RecommenderDep, SettingsDep, WriteAccess, check_batch_size
 from service.api.routes.json_body import JsonBodyRoute
-from service.api.schemas import ID_PATTERN, ErrorOut, ItemBatchIn, ItemBatchOut, ItemIn, ItemOut
+from service.api.schemas import ID_PATTERN, UNAVAILABLE_WRITE, ErrorOut, ItemBatchIn, ItemBatchOut, ItemIn, ItemOut
 from service.core.recommender import Recommender
 from service.core.types import NewItem, Registration, UnknownItemsError
 from service.metrics import Metrics
@@ -22,7 +22,7 @@ _WRITE_ERRORS: dict[int | str, dict[str, object]] = {
     409: {"model": ErrorOut, "description": "the id belongs to a trained item"},
     413: {"model": ErrorOut, "description": "batch or body too large"},
     422: {"description": "invalid item: wrong content dimension, NaN, empty, malformed id"},
-    503: {"model": ErrorOut, "description": "store unavailable; nothing was written"},
+    503: {"model": ErrorOut, "description": UNAVAILABLE_WRITE},
 }
 
 
@@ -43,7 +43,7 @@ def _out(reg: Registration) -> ItemOut:
     r = reg.record
     return ItemOut(id=r.item_id, is_cold=True, model_version=r.model_version, attributes=r.attributes,
                    unknown_attributes=reg.unknown_attributes, has_content=r.content is not None,
-                   created=reg.inserted, created_at=r.created_at)
+                   created=reg.inserted, created_at=r.created_at, held_out=reg.held_out)
 
 
 @router.post("/items", status_code=status.HTTP_201_CREATED, dependencies=[WriteAccess],
@@ -72,11 +72,12 @@ def get_item(item_id: ItemId, recommender: RecommenderDep) -> ItemOut:
     return ItemOut(id=view.item_id, is_cold=view.is_cold, model_version=view.model_version,
                    attributes=None if r is None else r.attributes, unknown_attributes=view.unknown_attributes,
                    has_content=None if r is None else r.content is not None,
-                   created_at=None if r is None else r.created_at)
+                   created_at=None if r is None else r.created_at, held_out=view.held_out)
 
 
 @router.delete("/items/{item_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAccess],
-               responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 401: {"model": ErrorOut}})
+               responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 401: {"model": ErrorOut},
+                          503: {"model": ErrorOut, "description": UNAVAILABLE_WRITE}})
 def delete_item(item_id: ItemId, recommender: RecommenderDep, metrics: MetricsDep) -> Response:
     """Remove a registered item from the store and the index; it is never recommended again."""
     recommender.delete(item_id)

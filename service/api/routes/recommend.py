@@ -6,11 +6,12 @@ import math
 from json.encoder import encode_basestring as _string  # a JSON string literal, non-ASCII kept as is
 from typing import Annotated
 
+import pydantic_core
 from fastapi import APIRouter, Query, Request, Response
 
 from service.api.deps import OutOfBoundsError, runtime_of, serving
 from service.api.schemas import ID_PATTERN, ErrorOut, RecommendationsOut
-from service.core.types import Recommendations
+from service.core.types import Explanation, Recommendations
 
 router = APIRouter(tags=["recommend"])
 
@@ -23,6 +24,9 @@ async def recommend(
     user: Annotated[str, Query(pattern=ID_PATTERN, description="user id")],
     request: Request,
     k: Annotated[int, Query(ge=1, description="number of items; at most the configured k_max")] = 20,
+    explain: Annotated[bool, Query(description="add to every item why it is there (new items: the weights of "
+                                   "their views for this user and their most influential attributes; "
+                                   "personal lists: the history items that pulled each item up)")] = False,
 ) -> Response:
     runtime = runtime_of(request)
     if k > runtime.settings.k_max:
@@ -30,14 +34,32 @@ async def recommend(
             f"k={k} is larger than this service's k_max={runtime.settings.k_max}; ask for fewer items")
     # answered together with the other requests of this event-loop pass (service/api/recommend_batcher.py)
     # (and counted there, per batch)
-    result = await runtime.batcher.recommend(serving(runtime), user, k)
+    result = await runtime.batcher.recommend(serving(runtime), user, k, explain)
     return Response(_body(user, result), media_type="application/json")
+
+
+def _explained_body(user: str, result: Recommendations, explanations: list[Explanation]) -> bytes:
+    """explain=true: the ExplainedItem shape, encoded by pydantic_core in one call (the standard library's
+    encoder took as long as computing the explanations)."""
+    version = result.model_version
+    items = []
+    for hit, e in zip(result.hits, explanations, strict=True):
+        views = None if e.views is None else {"attributes": e.views.attributes, "content": e.views.content,
+                                              "common": e.views.common}
+        items.append({"id": hit.item_id, "score": float(hit.score), "is_cold": hit.is_cold, "model_version": version,
+                      "explanation": {"views": views,
+                                      "attributes": [{"token": t, "weight": w} for t, w in e.attributes],
+                                      "because": [{"item": i, "contribution": c} for i, c in e.because]}})
+    body = {"user": user, "model_version": version, "fallback": result.fallback, "items": items}
+    return pydantic_core.to_json(body, inf_nan_mode="null")  # never a body clients cannot parse
 
 
 def _body(user: str, result: Recommendations) -> bytes:
     """The RecommendationsOut shape, serialised directly: building and re-validating k pydantic
     models per request cost more than the JSON itself, and joining pre-encoded parts is faster
     than json.dumps of the equivalent dict (the OpenAPI document still names the model)."""
+    if result.explanations is not None:
+        return _explained_body(user, result, result.explanations)
     version = _string(result.model_version)
     tail = ',"model_version":' + version + "}"
     items = []
