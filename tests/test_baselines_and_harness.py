@@ -9,17 +9,16 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from tests.shared_data import shared_data
+from tests.shared_data import ml100k
 from training import evaluate as harness
-from training.baselines import ContentKNN, content_blocks, implicit_als
-from training.convert import build_citeulike
+from training.baselines import ALS, ALSRidge, ContentKNN, Popularity, content_blocks, fit_als
 from training.dataset import Dataset, save_dataset
 from training.split import cold_start_split
 
 
-def _dataset(n_users: int = 30, n_items: int = 40, seed: int = 0) -> Dataset:
+def _dataset(n_users: int = 30, n_items: int = 40, seed: int = 0, n_pairs: int = 300) -> Dataset:
     rng = np.random.default_rng(seed)
-    pairs = {(int(u), int(i)) for u, i in zip(rng.integers(0, n_users, 300), rng.integers(0, n_items, 300),
+    pairs = {(int(u), int(i)) for u, i in zip(rng.integers(0, n_users, n_pairs), rng.integers(0, n_items, n_pairs),
                                                 strict=True)}
     return Dataset(
         name="synthetic",
@@ -35,14 +34,13 @@ def test_content_knn_matches_a_dense_cosine_oracle() -> None:
     data = _dataset()
     split = cold_start_split(data, seed=0)
     knn = ContentKNN()
-    knn.train = split.train
     knn.content = content_blocks(data, attribute_weight=1.5)
     dense = np.hstack([knn.content.dense, knn.content.sparse.toarray()])  # (I, F+A) unit rows
     assert np.allclose(np.linalg.norm(dense, axis=1), 1.0, atol=1e-5)
     users = np.arange(data.n_users)
-    got = knn.score(users, split.cold_items)
+    got = knn.score(users, split.cold_items, split.history)
     for u in users:
-        history = split.train[int(u)].indices
+        history = split.history[int(u)].indices
         profile = dense[history].mean(axis=0) if history.size else np.zeros(dense.shape[1])
         norm = np.linalg.norm(profile)
         expected = dense[split.cold_items] @ (profile / norm if norm > 0 else profile)
@@ -60,38 +58,63 @@ def test_implicit_als_ranks_the_users_own_block_first() -> None:
                 rows.append(u)
                 cols.append(i)
     train = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(20, 20))
-    X, Y = implicit_als(train, factors=2, reg=0.1, alpha=10.0, iterations=10, seed=0)
-    scores = X @ Y.T
+    model = fit_als(train, factors=2, regularization=0.1, alpha=10.0, iterations=10, seed=0)
+    scores = np.asarray(model.recalculate_user(np.arange(20), sp.csr_matrix(train, dtype=np.float32))) \
+        @ np.asarray(model.item_factors).T
     for u in range(20):
         own = slice(0, 10) if u < 10 else slice(10, 20)
         other = slice(10, 20) if u < 10 else slice(0, 10)
         assert scores[u, own].min() > scores[u, other].max()
 
 
+def test_peers_rank_what_they_can_and_never_show_what_they_cannot() -> None:
+    data = _dataset(n_users=60, n_items=50, n_pairs=1200)
+    split = cold_start_split(data, seed=0)
+    pop = Popularity()
+    pop.fit(data, split)
+    s = pop.score(np.arange(3), np.union1d(split.warm_items, split.cold_items), split.history)
+    cand = np.union1d(split.warm_items, split.cold_items)
+    assert np.isneginf(s[:, np.isin(cand, split.cold_items)]).all()
+    als = ALS(seed=0, grids={"factors": (4, 8), "regularization": (0.1, 1.0), "alpha": (1.0, 5.0)},
+              start={"factors": 4, "regularization": 0.1, "alpha": 1.0}, iterations=3)
+    als.fit(data, split)
+    s = als.score(np.arange(5), cand, split.history)
+    assert np.isneginf(s[:, np.isin(cand, split.cold_items)]).all()
+    assert np.isfinite(s[:, np.isin(cand, split.warm_items)]).all()
+    blend = ALSRidge(seed=0, calibrate=True, als=als, ridge_grid=(1.0,), attribute_weights=(1.0,), als_candidates=1)
+    blend.fit(data, split)
+    assert np.isfinite(blend.score(np.arange(5), cand, split.history)).all()
+    assert blend.policy is not None and blend.params["policy"] == blend.policy.to_dict()
+
+
 def test_harness_writes_tables_and_content_beats_random_on_real_data(tmp_path: Path) -> None:
-    data = build_citeulike(shared_data())
-    save_dataset(data, tmp_path / "citeulike-t")
-    harness.main(["--dataset", str(tmp_path / "citeulike-t"), "--models", "random,content-knn",
-                  "--seeds", "1", "--name", "t", "--out", str(tmp_path / "results")])
-    report = json.loads((tmp_path / "results" / "citeulike-t-t.json").read_text())
-    assert (tmp_path / "results" / "citeulike-t-t.md").read_text().startswith("# citeulike-t")
-    assert (tmp_path / "results" / "citeulike-t-t.png").stat().st_size > 0
+    data = ml100k()
+    save_dataset(data, tmp_path / "ml-100k")
+    harness.main(["--dataset", str(tmp_path / "ml-100k"), "--models", "random,content-knn",
+                  "--seeds", "1", "--name", "t", "--reference", "content-knn", "--out", str(tmp_path / "results")])
+    report = json.loads((tmp_path / "results" / "ml-100k-t.json").read_text())
+    assert (tmp_path / "results" / "ml-100k-t.md").read_text().startswith("# ml-100k")
+    assert (tmp_path / "results" / "ml-100k-t.png").stat().st_size > 0
     runs = report["runs"]
     knn, rnd = runs["content-knn"][0], runs["random"][0]
-    assert knn["cold_only"]["recall@20"] > 5 * rnd["cold_only"]["recall@20"]
-    assert 0.0 <= knn["all_items"]["cold_share@20"] <= 1.0
+    assert knn["cold_only"]["recall@20"] > 2 * rnd["cold_only"]["recall@20"]
+    assert knn["hybrid"]["recall@20"] > 2 * rnd["hybrid"]["recall@20"]
+    assert 0.0 <= knn["hybrid"]["cold_share@20"] <= 1.0 and 0.0 < knn["hybrid"]["truth_cold_share"] < 1.0
+    # paired differences to the reference: random is worse, and the interval says so
+    diff = report["paired"]["hybrid"]["random"]["recall@20"]
+    assert diff["high"] < 0 and diff["n"] > 500  # ml-100k: ~940 users with hybrid truth
     assert report["splits"][0]["cold_items"] == cold_start_split(data, 0).cold_items.size
 
     # a run split by seed joins into one table; a model and seed found twice must agree
-    harness.main(["--dataset", str(tmp_path / "citeulike-t"), "--models", "content-knn", "--seed-list", "1",
+    harness.main(["--dataset", str(tmp_path / "ml-100k"), "--models", "content-knn", "--seed-list", "1",
                   "--name", "t1", "--out", str(tmp_path / "results")])
-    parts = [str(tmp_path / "results" / f"citeulike-t-{n}.json") for n in ("t", "t1", "t")]
+    parts = [str(tmp_path / "results" / f"ml-100k-{n}.json") for n in ("t", "t1", "t")]
     harness.main(["--merge", *parts, "--name", "joined", "--out", str(tmp_path / "results")])
-    joined = json.loads((tmp_path / "results" / "citeulike-t-joined.json").read_text())
+    joined = json.loads((tmp_path / "results" / "ml-100k-joined.json").read_text())
     assert joined["seeds"] == [0, 1] and [s["seed"] for s in joined["splits"]] == [0, 1]
     assert [r["seed"] for r in joined["runs"]["content-knn"]] == [0, 1]
     assert [r["seed"] for r in joined["runs"]["random"]] == [0]
-    assert "| random (1 seeds) |" in (tmp_path / "results" / "citeulike-t-joined.md").read_text()
-    report["runs"]["content-knn"][0]["cold_only"]["recall@20"] += 0.01
+    assert "| random (1 seeds) |" in (tmp_path / "results" / "ml-100k-joined.md").read_text()
+    report["runs"]["content-knn"][0]["hybrid"]["recall@20"] += 0.01
     with pytest.raises(SystemExit, match="disagree"):
         harness.merge([json.loads(Path(parts[0]).read_text()), report])

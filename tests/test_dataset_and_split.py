@@ -108,8 +108,13 @@ def test_split_keeps_cold_and_validation_items_out_of_training(real: Dataset) ->
     assert split.train[:, split.val_items].nnz == 0
     assert not set(split.cold_items) & set(split.val_items)
     assert not set(split.cold_items) & set(split.warm_items)
-    # every interaction lands in exactly one of train / validation / test
-    assert split.train.nnz + split.val_truth.nnz + split.test_truth.nnz == len(real.interactions)
+    # every interaction lands in exactly one of train / the two warm holdouts / validation / test items
+    parts = (split.train, split.val_warm_truth, split.test_warm_truth, split.val_truth, split.test_truth)
+    assert sum(p.nnz for p in parts) == len(real.interactions)
+    # about a fifth of each history is the test holdout, a fifth of the rest the validation holdout
+    warm_total = split.history.nnz + split.test_warm_truth.nnz
+    assert 0.18 < split.test_warm_truth.nnz / warm_total < 0.24
+    assert 0.18 < split.val_warm_truth.nnz / split.history.nnz < 0.24
     assert all(split.test_truth[u].nnz > 0 for u in split.test_users[:200])
     assert np.setdiff1d(np.flatnonzero(split.test_truth.getnnz(axis=1)), split.test_users).size == 0
 

@@ -115,7 +115,7 @@ class ContentKNN:
         best = -1.0
         for w in weights:
             self.content = content_blocks(dataset, w)
-            value = evaluate(self, task)["recall@20"]
+            value = evaluate(self, task).get("recall@20", 0.0)
             if value > best:
                 best, self.params = value, {"attribute_weight": w, "val_recall@20": value}
         self.content = content_blocks(dataset, self.params["attribute_weight"])
@@ -137,9 +137,9 @@ def fit_als(train: sp.csr_matrix, factors: int, regularization: float, alpha: fl
     """implicit's AlternatingLeastSquares (Hu, Koren & Volinsky 2008) fitted on binary interactions."""
     from implicit.cpu.als import AlternatingLeastSquares
 
-    model = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha,
-                                    iterations=iterations, random_state=seed)
     with threadpool_limits(1, "blas"):  # implicit parallelises itself; nested BLAS threads only contend
+        model = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha,
+                                        iterations=iterations, random_state=seed)
         model.fit(sp.csr_matrix(train, dtype=np.float32), show_progress=False)
     return model
 
@@ -186,7 +186,7 @@ class ALS(_ALSScorer):
             key = tuple(point[k] for k in self.grids)
             if key not in values:
                 self._set(split, int(point["factors"]), point["regularization"], point["alpha"])
-                values[key] = evaluate(self, task)["recall@20"]
+                values[key] = evaluate(self, task).get("recall@20", 0.0)
                 self.trace.append((dict(point), values[key]))
             return values[key]
 
@@ -257,7 +257,7 @@ class ALSRidge(_ALSScorer):
             chosen: tuple[float, dict[str, Any], np.ndarray] | None = None
             for w, gamma in itertools.product(weights, self.ridge_grid):
                 self.item_rows = _ridge_rows(factors, contents[w], split.warm_items, gamma)
-                value = evaluate(self, cold_task)["recall@20"]
+                value = evaluate(self, cold_task).get("recall@20", 0.0)
                 if chosen is None or value > chosen[0]:
                     chosen = (value, {**als, "attribute_weight": w, "ridge": gamma,
                                       "val_cold_recall@20": value}, self.item_rows)
@@ -267,7 +267,7 @@ class ALSRidge(_ALSScorer):
             if self.calibrate:
                 self.policy, _ = choose_policy(tops(self, hybrid_task))
                 params = {**params, "policy": self.policy.to_dict()}
-            value = evaluate(self, hybrid_task)["recall@20"]
+            value = evaluate(self, hybrid_task).get("recall@20", 0.0)
             if best is None or value > best[0]:
                 best = (value, {**params, "val_hybrid_recall@20": value}, self.als_model, chosen[2], self.policy)
         assert best is not None
