@@ -158,7 +158,7 @@ def test_policies_round_trip_and_bad_ones_are_refused() -> None:
         assert policy_from_dict(p.to_dict()) == p
     for bad in ({"policy": "quota", "cold_share": -0.1}, {"policy": "calibrated", "scale": 0.0, "offset": 0.0},
                 {"policy": "other"}):
-        with pytest.raises(ValueError, match="cold_share|scale|unknown mixing policy"):
+        with pytest.raises(ValueError, match=r"cold_share|scale|unknown mixing policy"):
             policy_from_dict(bad)
 
 
@@ -199,7 +199,8 @@ def test_paired_differences_give_a_confidence_interval_that_excludes_zero_for_a_
     users = list(range(200))
     rng = np.random.default_rng(0)
     a = rng.random(200)
+    b = a - 0.05 + 0.01 * rng.normal(size=200)
     per_user = {"ours": {"0": {"hybrid": {"users": users, "recall@20": a.tolist()}}},
-                "peer": {"0": {"hybrid": {"users": users, "recall@20": (a - 0.05 + 0.01 * rng.normal(size=200)).tolist()}}}}
+                "peer": {"0": {"hybrid": {"users": users, "recall@20": b.tolist()}}}}
     d = paired(per_user, "peer", "ours", "hybrid", "recall@20")
     assert d is not None and d["high"] < 0 and d["low"] < d["mean"] < d["high"] and d["n"] == 200
