@@ -3,7 +3,7 @@
     python -m benchmarks.generator_closeness --dataset data/ml-100k --seed 0 [--variant NAME]
     python -m benchmarks.generator_closeness --dataset data/citeulike-t --artifact artifacts-citeulike
 
-Trains a harness variant (default: the full model, m2rec-gated-surrogate) on the seed's split, or reads an
+Trains a harness variant (default: the shipped model, m2rec) on the seed's split, or reads an
 exported artifact, and compares, for every warm item, the row the generator writes from attributes
 and content alone (the serving path) with the row the user auto-encoder learned. With `--artifact`
 the rows are the service's own: `Recommender.embed`, as POST /items computes them. Prints a
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variant", default="m2rec-gated-surrogate", choices=sorted(PRESETS))
+    parser.add_argument("--variant", default="m2rec", choices=sorted(PRESETS))
     parser.add_argument("--artifact", type=Path, default=None,
                         help="an exported artifact (trained on --dataset) instead of training --variant")
     args = parser.parse_args(argv)

@@ -29,14 +29,14 @@ import torch
 
 from training.dataset import load_dataset
 from training.m2rec_recommender import M2RecRecommender
-from training.mixing import choose_mixer, model_mixer
+from training.mixing import choose_policy, model_policy
 from training.presets import PRESETS
 from training.protocol import Task, cold_only, evaluate_tops, hybrid, tops
 from training.split import cold_start_split
 from training.train import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PRESET = "m2rec-gated-surrogate"
+PRESET = "m2rec"
 EMBED_BATCH = 4096  # (user, item) pairs per generator pass: (B, A, H) attribute pooling memory
 COLUMNS = ("recall@20", "ndcg@20", "cold_recall@20", "cold_ndcg@20", "warm_recall@20", "cold_share@20")
 
@@ -75,15 +75,15 @@ class FusionRecommender(M2RecRecommender):
 
 
 def evaluate_both(model: FusionRecommender, split: Any, rescore: int) -> dict[str, dict[str, dict[str, float]]]:
-    """Metrics of the neutral and the personalised variant; each with its own validation-chosen mixer."""
+    """Metrics of the neutral and the personalised variant; each with its own validation-chosen policy."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     tasks: dict[str, Task] = {"hybrid": hybrid(split), "cold_only": cold_only(split)}
     for variant, r in (("neutral", 0), ("personalised", rescore)):
         model.rescore = r
-        model.mixer, _ = choose_mixer(tops(model, hybrid(split, validation=True)))
-        out[variant] = {name: evaluate_tops(tops(model, task), model_mixer(model), task.mixed).metrics
+        model.policy, _ = choose_policy(tops(model, hybrid(split, validation=True)))
+        out[variant] = {name: evaluate_tops(tops(model, task), model_policy(model), task.mixed).metrics
                         for name, task in tasks.items()}
-        out[variant]["mixer"] = {k: float(v) for k, v in model.mixer.describe().items()
+        out[variant]["mixer"] = {k: float(v) for k, v in model.policy.to_dict().items()
                                  if isinstance(v, int | float)}
     return out
 

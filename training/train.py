@@ -51,6 +51,8 @@ log = logging.getLogger("m2rec.train")
 
 @dataclass
 class TrainConfig:
+    """The defaults ARE the shipped model (training/presets.py names the experiments and ablations)."""
+
     seed: int = 0
     epochs: int = 30
     eval_every: int = 3
@@ -61,8 +63,8 @@ class TrainConfig:
     # weights of a new item's generated bias tried on validation after training (M2Rec.new_bias_weight)
     new_bias_weights: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
     # model sizes and switches (ModelConfig)
-    item_dim: int = 64
-    user_latent: int = 64
+    item_dim: int = 128
+    user_latent: int = 128
     user_hidden: int = 0
     gen_hidden: int = 128
     gen_latent: int = 64
@@ -70,7 +72,7 @@ class TrainConfig:
     common_view: bool = True
     moe: bool = True
     gate_temperature: float = 1.0
-    gate_norm: bool = False  # modality gate on RMS-normalised factors (ModelConfig.gate_norm)
+    gate_norm: bool = True  # modality gate on RMS-normalised factors (ModelConfig.gate_norm)
     linear_path: bool = True  # M2VAE: ridge path + decoder residual (service/model/linear_path.py)
     linear_residual: float = 1.0  # scale of the decoder's residual on the linear path (0 = ridge row alone)
     linear_attribute_weight: float = 1.0
@@ -80,27 +82,27 @@ class TrainConfig:
     # b-step (Multi-VAE)
     batch_users: int = 128
     lr_user: float = 3e-3
-    b_passes: int = 1  # b-step passes over the users per epoch (small datasets: few updates per pass)
+    b_passes: int = 4  # b-step passes over the users per epoch (small datasets: few updates per pass)
     input_dropout: float = 0.5
     beta_cap: float = 0.2
     anneal_epochs: float = 10.0  # β reaches its cap after this many epochs
     lambda_v: float = 10.0
     # b-step: the user's items also scored by their generated rows Ê (the cold-start scoring), weight (0 = off)
-    generated_likelihood: float = 0.0
+    generated_likelihood: float = 1.0
     # t-step (generator)
     batch_items: int = 256
-    lr_gen: float = 3e-3
+    lr_gen: float = 1e-3
     t_passes: int = 1  # generator passes over the warm items per epoch
     wd_gen: float = 0.0  # decoupled weight decay of the generator (AdamW)
-    feature_dropout: float = 0.0  # t-step augmentation: drop attribute tokens and content entries
+    feature_dropout: float = 0.3  # t-step augmentation: drop attribute tokens and content entries
     gen_kl: float = 0.1
-    recon_weight: float = 1.0
+    recon_weight: float = 30.0
     bpr_weight: float = 1.0
     id_dropout: float = 0.5
     modality_dropout: float = 0.15
     rank_weight: float = 1.0  # in-batch user-centric ranking of generated rows (0 = off)
     rank_users: int = 256
-    surrogate_weight: float = 0.0  # rank each generated row among every trained warm row (0 = off)
+    surrogate_weight: float = 1.0  # rank each generated row among every trained warm row (0 = off)
     # the t-step's users folded in without the batch's items, as a user meets a new item (False: leaky)
     leave_out: bool = False
     neutral_gate: float = 0.0  # share of t-step items gated by the neutral user instead of the positive one

@@ -14,7 +14,7 @@ class ModelConfig:
     n_attributes: int  # A, size of the attribute vocabulary (index 0 is padding, so A+1 rows)
     content_dim: int  # F, 0 = items have no dense content vector
     item_dim: int = 128  # D
-    user_latent: int = 64  # Ku
+    user_latent: int = 128  # Ku
     user_hidden: int = 0  # 0 = no hidden layer between the tied layer and the latent
     gen_hidden: int = 128  # H
     gen_latent: int = 64  # Z
@@ -23,17 +23,16 @@ class ModelConfig:
     moe: bool = True  # M2VAE: user-aware two-level MoE (False = plain average of the views)
     gate_temperature: float = 1.0
     # modality gate logits w·(u_v ⊙ z_v ⊙ z_com) on RMS-normalised factors: the raw triple product of
-    # latents with entries ~0.05-0.8 stays near 0.01 and the gate sits at 0.5 (model-tuning.md round 6).
-    # False keeps older artifacts loadable.
-    gate_norm: bool = False
+    # latents is tiny and the gate would sit at 0.5 (benchmarks/results/model-tuning.md, round 6)
+    gate_norm: bool = True
     logvar_clamp: float = 8.0
     # M2VAE: ridge path from features to the row (service/model/linear_path.py); the decoder adds a residual
-    # scaled by linear_residual (0 = the ridge row alone). False keeps artifacts without it loadable.
-    linear_path: bool = False
+    # scaled by linear_residual (0 = the ridge row alone)
+    linear_path: bool = True
     linear_residual: float = 1.0
     linear_attribute_weight: float = 1.0  # length of the attribute block beside the unit content block
     # M2VAE's decoder reads [z; a; c] (paper); False: z alone, so a row depends on the item only through
-    # the fused latent (where PoE, MoE and the disentangling act). True keeps older artifacts loadable.
+    # the fused latent (where PoE, MoE and the disentangling act)
     decoder_features: bool = True
 
     def __post_init__(self) -> None:
