@@ -46,16 +46,16 @@ class IndexMaintainer:
         """A fresh index from the artifact's rows and every stored item; returns the event id to
         follow from (taken before reading, so events racing the build are applied again)."""
         cursor = self.store.last_event_id()
-        self.index = VectorIndex.build_from(self._index_batches(), self.embedder.dim, self.index_config,
-                                            pin_warm=True)
+        embedder = self.embedder
+        self.index = VectorIndex.build(embedder.dim, list(embedder.warm_ids), embedder.warm_rows,
+                                       self._index_batches(), self.index_config)
         self._own_writes.clear()
         return cursor
 
-    def _index_batches(self) -> Iterator[tuple[list[str], Rows, list[bool]]]:
-        """The trained rows, then stored items a batch at a time: the index copies each batch into
-        its own storage, so the catalogue is never held twice (nor as one small array per item)."""
+    def _index_batches(self) -> Iterator[tuple[list[str], Rows]]:
+        """Stored items a batch at a time: the index copies each batch into its own storage, so the
+        catalogue is never held twice (nor as one small array per item)."""
         embedder = self.embedder
-        yield list(embedder.warm_ids), embedder.warm_rows, [False] * len(embedder.warm_ids)
         for batch in self.store.iter_items():
             batch = [r for r in batch if not embedder.is_trained(r.item_id)]
             rows = embedder.record_rows(batch)
@@ -64,7 +64,7 @@ class IndexMaintainer:
                 if record.item_id in rows:
                     self.newest.add(record.item_id, record.created_at, float(rows[record.item_id][-1]))
             if ids:
-                yield ids, np.stack([rows[i] for i in ids]).astype(np.float32), [True] * len(ids)
+                yield ids, np.stack([rows[i] for i in ids]).astype(np.float32)
 
     def save_snapshot(self, directory: Path, cursor: str | None) -> None:
         """Index files plus the fallback's newest items, for a restart that skips re-embedding."""
@@ -124,7 +124,7 @@ class IndexMaintainer:
                 fresh.append(record)
         rows = self.embedder.record_rows(fresh)
         if rows:
-            self.index.add(list(rows), np.stack(list(rows.values())), [True] * len(rows))
+            self.index.add(list(rows), np.stack(list(rows.values())))
             self.rows.put(rows)
         now = time.time()
         for item_id, row in rows.items():
@@ -135,7 +135,7 @@ class IndexMaintainer:
         """Items this replica has just written to the store: searchable now, and not added again
         when their events come back through the stream."""
         index = self.index
-        index.add([r.item_id for r in records], rows, [True] * len(records))
+        index.add([r.item_id for r in records], rows)
         self.rows.put({r.item_id: row for r, row in zip(records, rows, strict=True)})
         if len(self._own_writes) > 100_000:  # the follower is not draining them: stop remembering
             self._own_writes.clear()

@@ -172,8 +172,8 @@ class Recommender:
             k_max = max(requests[at][1] for at in personal)  # a top-k is the first k of the top-k_max
             queries = self._fold_in.queries(rows, [n for n in lengths if n > 0])  # (B', D+1)
             found = self.index.search(queries, k_max, exclude=[set(asked[at]) for at in personal])
-            for at, hits in zip(personal, found, strict=True):
-                out[at] = Recommendations(hits[: requests[at][1]], False, self.version)
+            for at, tops in zip(personal, found, strict=True):  # trained and new items ranked by raw score
+                out[at] = Recommendations(tops.merged(requests[at][1]), False, self.version)
         answered = [r for r in out if r is not None]
         assert len(answered) == len(requests)  # every request is personal or a fallback
         return answered
