@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
 
+from service.api.recommend_batcher import RecommendBatcher
 from service.api.runtime import Runtime
 from service.config import Settings
 from service.core.recommender import Recommender
@@ -24,13 +25,9 @@ class OutOfBoundsError(ValueError):
 
 # The dependencies below do no I/O: as `async def` they run on the event loop instead of costing a
 # thread-pool round trip each (benchmarks/results/serve.md).
-def runtime_of(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
-
-
-async def get_runtime(request: Request) -> Runtime:
-    return runtime_of(request)
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
@@ -53,6 +50,15 @@ def serving(runtime: Runtime) -> Recommender:
     return runtime.recommender
 
 
+async def get_serving(runtime: RuntimeDep) -> Recommender:
+    """The recommender being served, for reads: right with the old or the new one, never waits for a swap."""
+    return serving(runtime)
+
+
+async def get_batcher(runtime: RuntimeDep) -> RecommendBatcher:
+    return runtime.batcher
+
+
 async def get_recommender(request: Request, runtime: RuntimeDep) -> AsyncIterator[Recommender]:
     """The recommender being served; writes hold the swap gate until they return (reads are right
     with either the old or the new recommender, so they never wait for a swap)."""
@@ -66,6 +72,8 @@ async def get_recommender(request: Request, runtime: RuntimeDep) -> AsyncIterato
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+ServingDep = Annotated[Recommender, Depends(get_serving)]
+BatcherDep = Annotated[RecommendBatcher, Depends(get_batcher)]
 
 
 async def require_api_key(

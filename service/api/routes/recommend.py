@@ -2,50 +2,31 @@
 
 from __future__ import annotations
 
-import math
-from json.encoder import encode_basestring as _string  # a JSON string literal, non-ASCII kept as is
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query
 
-from service.api.deps import OutOfBoundsError, runtime_of, serving
+from service.api.deps import BatcherDep, OutOfBoundsError, ServingDep, SettingsDep
 from service.api.schemas import ID_PATTERN, ErrorOut, RecommendationsOut
-from service.core.types import Recommendations
 
 router = APIRouter(tags=["recommend"])
 
 
-# async and without dependencies (the Request is FastAPI's own parameter): each dependency, and a
-# sync route's thread-pool round trip, cost about as much server time as the fold-in itself
-# (benchmarks/results/serve.md).
 @router.get("/recommend", response_model=RecommendationsOut, responses={503: {"model": ErrorOut}})
 async def recommend(
     user: Annotated[str, Query(pattern=ID_PATTERN, description="user id")],
-    request: Request,
+    settings: SettingsDep,
+    recommender: ServingDep,
+    batcher: BatcherDep,
     k: Annotated[int, Query(ge=1, description="number of items; at most the configured k_max")] = 20,
-) -> Response:
-    runtime = runtime_of(request)
-    if k > runtime.settings.k_max:
-        raise OutOfBoundsError(
-            f"k={k} is larger than this service's k_max={runtime.settings.k_max}; ask for fewer items")
-    # answered together with the other requests of this event-loop pass (service/api/recommend_batcher.py)
-    # (and counted there, per batch)
-    result = await runtime.batcher.recommend(serving(runtime), user, k)
-    return Response(_body(user, result), media_type="application/json")
-
-
-def _body(user: str, result: Recommendations) -> bytes:
-    """The RecommendationsOut shape, serialised directly: building and re-validating k pydantic
-    models per request cost more than the JSON itself, and joining pre-encoded parts is faster
-    than json.dumps of the equivalent dict (the OpenAPI document still names the model)."""
-    version = _string(result.model_version)
-    tail = ',"model_version":' + version + "}"
-    items = []
-    for hit in result.hits:
-        score = float(hit.score)  # repr of a NumPy scalar is not a JSON number
-        if not math.isfinite(score):  # JSON has no NaN: a bug upstream, never a body clients cannot parse
-            raise ValueError(f"non-finite score {score} for item {hit.item_id}")
-        items.append('{"id":' + _string(hit.item_id) + ',"score":' + repr(score)
-                     + (',"is_cold":true' if hit.is_cold else ',"is_cold":false') + tail)
-    return ('{"user":' + _string(user) + ',"model_version":' + version + ',"fallback":'
-            + ("true" if result.fallback else "false") + ',"items":[' + ",".join(items) + "]}").encode()
+) -> dict[str, Any]:
+    if k > settings.k_max:
+        raise OutOfBoundsError(f"k={k} is larger than this service's k_max={settings.k_max}; ask for fewer items")
+    # answered in a worker thread together with the other requests of this event-loop pass, and
+    # counted there, per batch (service/api/recommend_batcher.py)
+    result = await batcher.recommend(recommender, user, k)
+    version = result.model_version
+    # a plain dict: FastAPI validates it against RecommendationsOut and writes the JSON in pydantic-core
+    return {"user": user, "model_version": version, "fallback": result.fallback,
+            "items": [{"id": h.item_id, "score": h.score, "is_cold": h.is_cold, "model_version": version}
+                      for h in result.hits]}
