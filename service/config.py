@@ -32,7 +32,7 @@ class Settings(BaseSettings):
         "ivf / ivf_sq8 = that kind above index_ivf_min_rows")
     index_nlist: int | None = Field(None, ge=1, description="IVF lists; None = about 4·sqrt(N), set at each training")
     index_nprobe: int = Field(16, ge=1, description="IVF lists scanned per query (recall vs latency: "
-                              "benchmarks/results/index.md)")
+                              "benchmarks/results/serve.md)")
     index_ivf_min_rows: int = Field(50_000, ge=1, description="below this many rows a population stays exact")
     index_sq8_min_rows: int = Field(2_000_000, ge=1, description="auto: from this many rows IVF-SQ8")
     index_rerank: int = Field(4, ge=1, description="IVF-SQ8: rerank·k candidates re-scored from the exact rows")

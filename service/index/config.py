@@ -19,7 +19,7 @@ class IndexConfig:
 
     kind: Kind = "auto"
     nlist: int | None = None  # IVF lists; None: about 4·sqrt(N) at each (re)training
-    nprobe: int = 16  # IVF lists scanned per query (recall against latency: benchmarks/results/index.md)
+    nprobe: int = 16  # IVF lists scanned per query (recall against latency: benchmarks/results/serve.md)
     ivf_min_rows: int = 50_000  # below this an exact scan is fast enough and needs no training
     sq8_min_rows: int = 2_000_000  # auto: from here codes of 1 byte a dimension (4x less to scan)
     rerank: int = 4  # IVF-SQ8: the best rerank·k codes are re-scored from the exact rows

@@ -1,9 +1,8 @@
 """The side table of the new items: external string ids <-> internal int64 ids, and which ids are live.
 
-Sized for ten million items without a stall: no structure here grows by copying the whole catalogue
-inside an add (a dict of 10M keys rehashes ~300 MB at once; 256 small dicts each rehash 1/256 of it).
-Internal ids are never reused: an upsert or a remove leaves its old id dead (a tombstone) in whatever
-FAISS segment holds its row, and searches skip dead ids inside FAISS through `Liveness.selector`.
+Sized for 10M items without a stall: nothing here grows by copying the whole catalogue inside an add
+(a dict of 10M keys rehashes ~300 MB at once; 256 small dicts each 1/256 of it). Internal ids are never
+reused: a removed or replaced id stays dead (a tombstone) in its FAISS segment, skipped via `Liveness`.
 """
 
 from __future__ import annotations

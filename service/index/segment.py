@@ -53,7 +53,9 @@ class RowStore:
         chunk_of = flat >> CHUNK_BITS
         for c in np.unique(chunk_of).tolist():
             mine = chunk_of == c
-            out[mine] = self.chunks[c][flat[mine] & ((1 << CHUNK_BITS) - 1)]  # type: ignore[index]
+            chunk = self.chunks[c]
+            assert chunk is not None  # every id was put
+            out[mine] = chunk[flat[mine] & ((1 << CHUNK_BITS) - 1)]
         return out.reshape(*ids.shape, self.dim)
 
 
@@ -75,14 +77,15 @@ class Segment:
         """Best k per query (B, D+1): scores h·v + b and ids (B, k), best first, id -1 past the end.
         `selector` (a FAISS IDSelector or None): ids it rejects are skipped inside the scan."""
         k = max(1, min(k, self.ntotal))
+        params: Any = faiss.SearchParameters() if self.kind == "exact" else faiss.SearchParametersIVF()
+        if selector is not None:
+            params.sel = selector
         if self.kind == "exact":
-            params = faiss.SearchParameters(sel=selector) if selector is not None else None
             scores, ids = self.index.search(queries, k, params=params)
             return scores, ids
         lifted = np.zeros((len(queries), self.dim + 1), np.float32)  # [q; 0]
         lifted[:, :-1] = queries
-        params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector) if selector is not None else \
-            faiss.SearchParametersIVF(nprobe=nprobe)
+        params.nprobe = nprobe
         if self.kind == "ivf":
             scores, ids = self.index.search(lifted, k, params=params)
             return scores, ids
@@ -94,12 +97,10 @@ class Segment:
         return np.take_along_axis(exact, best, 1), np.take_along_axis(short, best, 1)
 
     def add(self, ids: Ids, rows: Vectors) -> None:
-        """Append rows; the caller holds the segment's lock (searches must not run meanwhile).
-        For IVF kinds use `assign` first, outside the lock, and pass its lists to `add_assigned`."""
-        if self.kind == "exact":
-            self.index.add_with_ids(rows, ids)
-        else:
-            self.add_assigned(ids, rows, *self.assign(rows))
+        """Append rows, under the segment's lock (no search meanwhile); IVF: `assign`, then `add_assigned`."""
+        if self.kind != "exact":
+            return self.add_assigned(ids, rows, *self.assign(rows))
+        self.index.add_with_ids(rows, ids)
 
     def assign(self, rows: Vectors) -> tuple[Vectors, Ids]:
         """(lifted rows, list of each): the costly half of an IVF add, safe beside searches."""
@@ -157,26 +158,22 @@ def build_segment(kind: Built, dim: int, ids: Ids, store: RowStore, config: Inde
         part = ids[start : start + (1 << CHUNK_BITS)]
         rows = store.get(part)
         if kind == "exact":
-            segment.index.add_with_ids(rows, part)
+            segment.add(part, rows)
         else:  # IVF-SQ8 re-ranks from `store` itself: its rows are not put again
             segment.add_assigned(part, rows, *segment.assign(rows), put=False)
     return segment
 
 
 def _trained_ivf(kind: Built, dim: int, ids: Ids, store: RowStore, config: IndexConfig) -> Segment:
-    max_sq = 0.0
-    for start in range(0, len(ids), 1 << CHUNK_BITS):
-        rows = store.get(ids[start : start + (1 << CHUNK_BITS)])
-        max_sq = max(max_sq, float(np.einsum("nd,nd->n", rows, rows, dtype=np.float64).max(initial=0.0)))
+    max_sq = max(float(np.einsum("nd,nd->n", rows, rows, dtype=np.float64).max(initial=0.0))
+                 for rows in (store.get(ids[s : s + (1 << CHUNK_BITS)]) for s in range(0, len(ids), 1 << CHUNK_BITS)))
     nlist = config.nlist_for(len(ids))
     sample = np.sort(np.random.default_rng(1234).choice(len(ids), min(len(ids), nlist * config.train_points_per_list),
                                                         replace=False))
-    quantizer = faiss.IndexFlatIP(dim + 1)
-    if kind == "ivf":
-        index = faiss.IndexIVFFlat(quantizer, dim + 1, nlist, faiss.METRIC_INNER_PRODUCT)
-    else:
-        index = faiss.IndexIVFScalarQuantizer(quantizer, dim + 1, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                              faiss.METRIC_INNER_PRODUCT)
+    quantizer, ip = faiss.IndexFlatIP(dim + 1), faiss.METRIC_INNER_PRODUCT
+    index: Any = faiss.IndexIVFFlat(quantizer, dim + 1, nlist, ip) if kind == "ivf" else \
+        faiss.IndexIVFScalarQuantizer(quantizer, dim + 1, nlist, faiss.ScalarQuantizer.QT_8bit, ip)
+    if kind == "ivf_sq8":
         # each dimension's code range: the sample's, widened by a quarter each way, so rows a little
         # longer than any trained one are not clamped (much longer ones are, until the next rebuild)
         index.sq.rangestat_arg = 0.25

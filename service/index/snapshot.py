@@ -1,10 +1,7 @@
-"""The on-disk form of a `VectorIndex`: one directory per snapshot, swapped in by a symlink rename.
-
-    meta.json                      format, dim, event id, next internal id, each segment's kind and lift
-    trained.faiss, base.faiss      the FAISS segments as `faiss.write_index` wrote them
-    {trained,base}_rows.npy        IVF-SQ8 only: the exact rows it re-ranks from, with *_row_ids.npy
-    buffer_iids.npy, buffer_rows.npy   the rows not merged yet
-    items.json                     trained item ids by position; live new items as internal id -> item id
+"""The on-disk form of a `VectorIndex`: one directory per snapshot, swapped in by a symlink rename:
+meta.json (format, dim, event id, next internal id, each segment's kind and lift), trained.faiss and
+base.faiss (`faiss.write_index`), {trained,base}_rows.npy + _row_ids.npy (IVF-SQ8's exact rows),
+buffer_{iids,rows}.npy (rows not merged yet), items.json (trained ids; live new ids by internal id).
 
 Derived state: a snapshot that fails to load, or of another format, is refused and the index rebuilt
 from the store (service/core/maintainer.py).

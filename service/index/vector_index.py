@@ -13,18 +13,21 @@ Rows are x = [v; b] (D+1) and queries q = [h; 1], so q·x = h·v + b: the bias r
   trained, or too many of its rows are tombstones.
 
 Removes and upserts leave tombstones: the old internal id goes dead in `Liveness`, which FAISS
-consults through an `IDSelector` while it scans, so dead rows never take a place in a top-k.
-A user's own items (`exclude`) differ per query: each population is asked for k plus the most
-excluded items any query of the batch has in it, and those are dropped after (per-query selectors
-would cost one FAISS call per query; benchmarks/results/index.md).
+consults through an `IDSelector` while it scans, so dead rows never take a place in a top-k. A user's
+own items (`exclude`) differ per query: one FAISS call asks each segment for k plus the most any
+query of the batch excludes, and they are dropped after (against a call per query with its own
+selector: benchmarks/results/serve.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import threading
 from collections.abc import Iterable, Sequence, Set
+from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,9 +37,8 @@ import numpy.typing as npt
 from service.index.config import IndexConfig
 from service.index.ids import IdTable, Liveness
 from service.index.segment import Ids, RowStore, Segment, Vectors, build_segment, empty_exact
-from service.index.snapshot import SNAPSHOT_FORMAT, Snapshot, read_snapshot, write_snapshot
+from service.index.snapshot import Snapshot, read_snapshot, write_snapshot
 
-__all__ = ["SNAPSHOT_FORMAT", "Hit", "Tops", "VectorIndex"]
 log = logging.getLogger(__name__)
 Batch = tuple[Sequence[str], npt.ArrayLike]  # item ids, rows (N, D+1)
 
@@ -47,9 +49,8 @@ class Hit(NamedTuple):
     is_cold: bool
 
 
-def ranked(hits: Iterable[Hit], k: int) -> list[Hit]:
-    """Best first, ties by item id, the first k."""
-    return sorted(hits, key=lambda h: (-h.score, h.item_id))[:k]
+_hit = functools.partial(tuple.__new__, Hit)  # a Hit from a tuple without a Python-level __new__
+_rank = lambda h: (-h.score, h.item_id)  # noqa: E731  # best first, ties by item id
 
 
 class Tops(NamedTuple):
@@ -60,7 +61,7 @@ class Tops(NamedTuple):
 
     def merged(self, k: int) -> list[Hit]:
         """The best k of both by raw score h·v + b: the exact top-k over every item."""
-        return ranked([*self.trained, *self.new], k)
+        return sorted([*self.trained, *self.new], key=_rank)[:k]
 
 
 class VectorIndex:
@@ -109,8 +110,6 @@ class VectorIndex:
         index._merged_upto = index._next_iid
         return index
 
-    # -- writes -------------------------------------------------------------------------------
-
     def add(self, ids: Sequence[str], rows: npt.ArrayLike) -> None:
         """Insert or replace new items; searchable when this returns."""
         vectors = self._rows(ids, rows)
@@ -154,8 +153,6 @@ class VectorIndex:
             raise ValueError(f"expected {len(ids)} rows of {self.dim}")
         return vectors
 
-    # -- reads --------------------------------------------------------------------------------
-
     def contains(self, item_id: str) -> bool:
         return item_id in self._trained_pos or self._ids.get(item_id) is not None
 
@@ -169,8 +166,7 @@ class VectorIndex:
     @property
     def kinds(self) -> tuple[str, str]:
         """The FAISS kinds serving (trained, new) items."""
-        base = self._base
-        return self._trained.kind, base.kind if base is not None else "exact"
+        return self._trained.kind, self._base.kind if self._base is not None else "exact"
 
     def search(self, queries: npt.ArrayLike, k: int, exclude: Sequence[Set[str]] | None = None) -> list[Tops]:
         """Per query (B, D+1): its best k trained and best k new items; `exclude[b]` never returned."""
@@ -187,50 +183,69 @@ class VectorIndex:
             live, base, frozen, buffer = self._live, self._base, self._frozen, self._buffer
             bits, selector = live.bits, live.selector  # held: FAISS reads them during the scans
         pos = self._trained_pos
-        banned = [{p for p in map(pos.get, e) if p is not None} for e in excluded]
-        trained = self._top([(self._trained, None)], q, k, banned, None, self._trained_ids.__getitem__, False)
-        segments = [(s, None) for s in frozen] + [(buffer, self._buffer_lock)]
+        trained_banned: list[list[int]] = [[] for _ in excluded]
+        new_banned: list[list[int]] = [[] for _ in excluded]
+        for b, items in enumerate(excluded):  # most of a history is trained items: one lookup each
+            positions = list(map(pos.get, items))
+            trained_banned[b] = [p for p in positions if p is not None]
+            if len(trained_banned[b]) < len(positions):
+                new_banned[b] = self._ids.lookup([i for i, p in zip(items, positions, strict=True) if p is None])
+        trained = self._top([(self._trained, None)], q, k, trained_banned, None, self._trained_ids.__getitem__, False)
+        segments: list[tuple[Segment, threading.Lock | None]] = [(s, None) for s in frozen]
+        segments.append((buffer, self._buffer_lock))
         if base is not None:
             segments.append((base, self._base_lock))
-        new = self._top(segments, q, k, [set(self._ids.lookup(e)) for e in excluded], selector, self._ids.item, True)
+        new = self._top(segments, q, k, new_banned, selector, self._ids.item, True)
         del bits
         return [Tops(t, n) for t, n in zip(trained, new, strict=True)]
 
     def _top(self, segments: list[tuple[Segment, threading.Lock | None]], q: Vectors, k: int,
-             banned: list[set[int]], selector: Any, name_of: Any, is_cold: bool) -> list[list[Hit]]:
+             banned: list[list[int]], selector: Any, name_of: Any, is_cold: bool) -> list[list[Hit]]:
         """Each query's best k of `segments`, without its banned ids or the dead (`name_of` -> None)."""
-        fetch = k + max(map(len, banned), default=0)
         found: list[tuple[Vectors, Ids]] = []
         for segment, lock in segments:
             if segment.ntotal:
                 with lock or contextlib.nullcontext():
+                    fetch = k + max(map(len, banned), default=0)
                     found.append(segment.search(q, fetch, selector, self.nprobe, self.config.rerank))
         if not found:
             return [[] for _ in q]
         scores = np.concatenate([f[0] for f in found], axis=1)  # (B, S)
         iids = np.concatenate([f[1] for f in found], axis=1)
+        flat = np.fromiter(chain.from_iterable(banned), np.int64)  # (query, id) keys: one isin for the batch
+        keys = (np.repeat(np.arange(len(q), dtype=np.int64), [len(b) for b in banned]) << 40) | flat
+        scores[(iids < 0) | np.isin((np.arange(len(q), dtype=np.int64)[:, None] << 40) | np.maximum(iids, 0), keys)] \
+            = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")
         scores, iids = np.take_along_axis(scores, order, 1), np.take_along_axis(iids, order, 1)
-        out = []
-        for b, ban in enumerate(banned):
-            hits: list[Hit] = []
-            seen: set[int] = set()  # a row being merged is in the base and a frozen buffer at once
-            for start in range(0, scores.shape[1], k + 8):
-                for score, iid in zip(scores[b, start : start + k + 8].tolist(),
-                                      iids[b, start : start + k + 8].tolist(), strict=True):
-                    if iid < 0 or iid in ban or iid in seen:
-                        continue
-                    name = name_of(iid)
-                    if name is not None:  # None: removed after the scan began
-                        seen.add(iid)
-                        hits.append(Hit(name, score, is_cold))
-                if len(hits) >= k:
+        head = min(k + 8, scores.shape[1])  # enough unless rows died or are being merged (then the whole row)
+        return [self._walk(row_s, row_i, k, name_of, is_cold) or
+                self._walk(scores[b].tolist(), iids[b].tolist(), k, name_of, is_cold, complete=True) or []
+                for b, (row_s, row_i) in enumerate(zip(scores[:, :head].tolist(), iids[:, :head].tolist(),
+                                                       strict=True))]
+
+    @staticmethod
+    def _walk(scores: list[float], iids: list[int], k: int, name_of: Any, is_cold: bool,
+              complete: bool = False) -> list[Hit] | None:
+        """The first k live, distinct candidates (sorted best first, dropped ones at -inf), or None
+        when these candidates hold fewer than k and more follow (`complete`: none follow)."""
+        hits: list[Hit] = []
+        seen: set[int] = set()  # a row being merged is in the base and a frozen buffer at once
+        for score, iid in zip(scores, iids, strict=True):
+            name = name_of(iid) if score != -math.inf and iid not in seen else None
+            if name is not None:  # None: dropped, a duplicate, or removed since the scan
+                seen.add(iid)
+                hits.append(_hit((name, score, is_cold)))
+                if len(hits) == k:
                     break
-            out.append(ranked(hits, k))
-        return out
+        if len(hits) < k and not complete and len(scores) and scores[-1] != -math.inf:
+            return None
+        if len(hits) > 1 and len({h.score for h in hits}) < len(hits):  # ties (rare): by item id
+            hits.sort(key=_rank)
+        return hits
 
     def live_vectors(self) -> tuple[list[str], Vectors, list[bool]]:
-        """Every live item with its row and whether it is new: for exact oracles and tests."""
+        """Every live item, its row and whether it is new: for exact oracles."""
         with self._lock:
             segments = [s for s in (self._base, *self._frozen, self._buffer) if s is not None]
         positions, trained_rows = self._trained.contents()
@@ -243,8 +258,6 @@ class VectorIndex:
         ids = [self._trained_ids[p] for p in positions.tolist()] + [n for n in names if n is not None]
         vectors = np.concatenate([trained_rows, rows[keep]])
         return ids, vectors, [False] * len(positions) + [True] * len(keep)
-
-    # -- merging ------------------------------------------------------------------------------
 
     def merge(self) -> None:
         """Move the buffer into the base (rebuilding the base when due), in the calling thread."""
@@ -319,8 +332,6 @@ class VectorIndex:
             thread.join(timeout)
             return not thread.is_alive()
         return True
-
-    # -- snapshots ----------------------------------------------------------------------------
 
     def save(self, path: str | Path, event_id: str | None) -> None:
         """A snapshot reflecting at least the store's events up to `event_id` (read it before calling:
