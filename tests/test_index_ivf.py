@@ -11,6 +11,7 @@ import pytest
 from service.core.recommender import Recommender
 from service.core.types import NewItem
 from service.index import IndexConfig, VectorIndex
+from service.index.config import Kind
 from service.model.artifact import load_artifact
 from service.store import SqliteStore
 from tests.conftest import TrainedArtifact, train_and_export
@@ -140,8 +141,9 @@ def test_ivf_recall_at_20_is_at_least_0_95_on_a_real_models_generated_rows(
     rec, rows, q = generated
     n = len(rows)
     new = {f"g{j}": rows[j] for j in range(n)}
-    for kind in ("ivf", "ivf_sq8"):
-        config = IndexConfig(kind=kind, ivf_min_rows=10_000, auto_merge=False)  # type: ignore[arg-type]  # default nlist, nprobe
+    kinds: tuple[Kind, ...] = ("ivf", "ivf_sq8")
+    for kind in kinds:
+        config = IndexConfig(kind=kind, ivf_min_rows=10_000, auto_merge=False)  # default nlist and nprobe
         index = VectorIndex.build(rec.dim, list(rec.warm_ids), rec.warm_rows, [(list(new), rows)], config)
         assert index._base is not None and index._base.index.nlist > 4 * config.nprobe  # a real subset is probed
         truth = oracle(q, new, 20)
