@@ -57,14 +57,34 @@ INGEST_START = 50_000_000  # ids of items posted over HTTP, never in the catalog
 FLOORS = {"floor": "/recommend", "floor_deps": "/recommend-deps", "floor_strings": "/recommend-strings"}
 
 
-def open_store(url: str, work: Path) -> Store:
+def open_store(url: str, work: Path, reuse: bool) -> Store:
+    """The benchmark's store, emptied unless `reuse` (a catalogue written by an earlier run is kept)."""
     if url.startswith("redis://"):
         store = RedisStore.from_url(url, namespace="bench18")
-        client = store._r
-        for key in client.scan_iter(match="m2rec:bench18:*", count=10_000):
-            client.delete(key)
+        keys: list[bytes] = []
+        for key in [] if reuse else store._r.scan_iter(match=f"{store.prefix}*", count=10_000):
+            keys.append(key)
+            if len(keys) == 10_000:
+                store._r.unlink(*keys)
+                keys = []
+        if keys:
+            store._r.unlink(*keys)
         return store
+    if not reuse:
+        (work / "store.sqlite3").unlink(missing_ok=True)
     return SqliteStore(work / "store.sqlite3")
+
+
+def stored_rows(store: Store, start: int, stop: int) -> np.ndarray | None:
+    """Rows of syn:start..syn:stop-1 when an earlier run stored them all (--reuse-store), else None."""
+    out = []
+    for s in range(start, stop, 10_000):
+        wanted = [f"syn:{j}" for j in range(s, min(s + 10_000, stop))]
+        found = store.get_items(wanted)
+        if len(found) < len(wanted):
+            return None
+        out.append(np.stack([found[i].embedding for i in wanted]).astype(np.float32))
+    return np.concatenate(out) if out else None
 
 
 def store_env(url: str, work: Path) -> dict[str, str]:
@@ -272,14 +292,17 @@ def ingest(port: int, dataset: Dataset, seed: int, quick: bool) -> dict[str, Any
 
 
 def run_size(args: argparse.Namespace, rec: Recommender, store: Store, dataset: Dataset, size: int,
-             users: dict[str, list[str]], have: int, ids: list[str], rows: np.ndarray) -> dict[str, Any]:
+             users: dict[str, list[str]], ids: list[str], rows: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """One size's measurements; `ids` grows in place, the grown rows are returned with the result."""
     pin(os.getpid(), all_cores())
-    n_new = size - len(rec.warm_ids)
+    n_new, have = size - len(rec.warm_ids), len(ids)
     result: dict[str, Any] = {"size": size, "load_before": os.getloadavg()}
     if n_new > have:
         t0 = time.perf_counter()
-        more = fill_store(rec, store, dataset, have, n_new, args.seed, make=diverse_batch)
-        result["catalogue_s"] = round(time.perf_counter() - t0, 1)
+        more = stored_rows(store, have, n_new) if args.reuse_store else None
+        if more is None:
+            more = fill_store(rec, store, dataset, have, n_new, args.seed, make=diverse_batch)
+            result["catalogue_s"] = round(time.perf_counter() - t0, 1)
         ids += [f"syn:{j}" for j in range(have, n_new)]
         rows = np.concatenate([rows, more])
     names = list(users)
@@ -344,7 +367,7 @@ def run_size(args: argparse.Namespace, rec: Recommender, store: Store, dataset: 
         restarted.stop()
     result["load_after"] = os.getloadavg()
     print(json.dumps(result, indent=1), flush=True)
-    return result
+    return result, rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -359,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recall", type=float, default=0.97, help="recall@20 the calibration users must reach")
     parser.add_argument("--hnsw-sample", type=int, default=0, help="compare HNSW with IVF on this many rows")
     parser.add_argument("--reference-tree", type=Path, help="also serve this source tree (e.g. main) and compare")
+    parser.add_argument("--reuse-store", action="store_true", help="keep the catalogue an earlier run stored")
     parser.add_argument("--unbatched", action="store_true", help="also serve with M2REC_RECOMMEND_BATCH_MAX=1")
     parser.add_argument("--port", type=int, default=18811)
     parser.add_argument("--seed", type=int, default=0)
@@ -367,19 +391,32 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.sizes, args.seconds = [60_000], 1.0
     started = time.time()
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
+    if not args.reuse_store:
+        shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(args.dataset)
-    store = open_store(args.store, args.work)
+    store = open_store(args.store, args.work, args.reuse_store)
     rec = Recommender(load_artifact(args.artifact), store)
     users = benchmark_users(dataset, rec, 600, min(args.sizes) - len(rec.warm_ids), 3, args.seed)
     ids: list[str] = []
     rows = np.zeros((0, rec.dim), np.float32)
     results = []
-    for size in sorted(args.sizes):
-        results.append(run_size(args, rec, store, dataset, size, users, len(ids), ids, rows))
-        if size == min(args.sizes):
+    catalogue_s: float | None = None
+    for n, size in enumerate(sorted(args.sizes)):
+        if n == 0:  # each user's 3 registered items are among the smallest catalogue's
+            fill_first = size - len(rec.warm_ids)
+            ready = stored_rows(store, 0, fill_first) if args.reuse_store else None
+            if ready is None:
+                t0 = time.perf_counter()
+                ready = fill_store(rec, store, dataset, 0, fill_first, args.seed, make=diverse_batch)
+                catalogue_s = round(time.perf_counter() - t0, 1)
+            ids += [f"syn:{j}" for j in range(fill_first)]
+            rows = ready
             write_histories(store, users)
+        result, rows = run_size(args, rec, store, dataset, size, users, ids, rows)
+        if n == 0 and catalogue_s is not None:
+            result["catalogue_s"] = catalogue_s
+        results.append(result)
     store.close()
     meta = {
         "command": "cd /work/wt18 && .venv/bin/python -m benchmarks.serve " + " ".join(argv or _argv()),
