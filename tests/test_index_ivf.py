@@ -4,6 +4,8 @@ every list probed, against a NumPy brute-force oracle."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -161,3 +163,22 @@ def test_ivf_recall_at_20_is_at_least_0_95_on_a_real_models_generated_rows(
         found = new_only(index, spread, 20)
         assert np.mean([len({h.item_id for h in t} & {h.item_id for h in f}) / 20
                         for t, f in zip(truth, found, strict=True)]) >= 0.95, kind
+
+
+def test_ivf_sq8_with_float16_rows_keeps_its_answers_close_to_exact_and_its_rows_half_size(tmp_path: Path) -> None:
+    rows = spread_rows(4000, seed=8)
+    live = {f"i{j}": rows[j] for j in range(4000)}
+    config = all_lists("ivf_sq8", rerank_float16=True)
+    index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [(list(live), rows)], config)
+    q = spread_rows(8, seed=9) * 8
+    expected = oracle(q, live, 15)
+    found = new_only(index, q, 15)
+    assert index._base is not None and index._base.rows is not None and index._base.rows.dtype == np.float16
+    for got, want in zip(found, expected, strict=True):  # scores from float16 rows: within ~1e-3
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], rtol=2e-3, atol=2e-3)
+    assert np.mean([len({h.item_id for h in f} & {h.item_id for h in e}) / 15
+                    for f, e in zip(found, expected, strict=True)]) >= 0.95
+    index.save(tmp_path / "snapshot", event_id=None)
+    loaded, _ = VectorIndex.load(tmp_path / "snapshot", config)
+    assert loaded._base is not None and loaded._base.rows is not None and loaded._base.rows.dtype == np.float16
+    assert new_only(loaded, q, 15) == found

@@ -12,10 +12,8 @@ Built = Literal["exact", "ivf", "ivf_sq8"]  # what a FAISS segment actually is
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """Passed at build and at load; a snapshot keeps the kind it was built with until the next rebuild.
-
-    auto: exact below `ivf_min_rows`, IVF-Flat up to `sq8_min_rows`, IVF-SQ8 with exact re-ranking above.
-    """
+    """auto: exact below `ivf_min_rows`, IVF-Flat up to `sq8_min_rows`, IVF-SQ8 with re-ranking above.
+    A loaded snapshot keeps the kinds it was built with until its next rebuild."""
 
     kind: Kind = "auto"
     nlist: int | None = None  # IVF lists; None: about 4·sqrt(N) at each (re)training
@@ -23,6 +21,7 @@ class IndexConfig:
     ivf_min_rows: int = 50_000  # below this an exact scan is fast enough and needs no training
     sq8_min_rows: int = 2_000_000  # auto: from here codes of 1 byte a dimension (4x less to scan)
     rerank: int = 4  # IVF-SQ8: the best rerank·k codes are re-scored from the exact rows
+    rerank_float16: bool = False  # IVF-SQ8: keep those rows in float16 (half the memory, scores to ~1e-3)
     train_points_per_list: int = 40  # k-means sample per list: bounds training time
     train_iterations: int = 10
     retrain_growth: float = 2.0  # rebuild (and retrain) once a base has grown this much since training

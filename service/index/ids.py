@@ -8,6 +8,7 @@ reused: a removed or replaced id stays dead (a tombstone) in its FAISS segment, 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import chain
 from typing import Any
 
 import faiss
@@ -27,16 +28,12 @@ class IdTable:
     def __len__(self) -> int:
         return self._live
 
-    def get(self, item_id: str) -> int | None:
-        return self._iid_of[hash(item_id) % _SHARDS].get(item_id)
-
     def lookup(self, item_ids: Iterable[str]) -> list[int]:
-        """Internal ids of those of `item_ids` that are live."""
         shards = self._iid_of
         return [i for i in (shards[hash(x) % _SHARDS].get(x) for x in item_ids) if i is not None]
 
     def set(self, item_id: str, iid: int) -> int | None:
-        """Map `item_id` to `iid`; returns the internal id it replaces (now dead), if any."""
+        """Returns the internal id `iid` replaces (now dead), if any."""
         old = self.pop(item_id)
         self._iid_of[hash(item_id) % _SHARDS][item_id] = iid
         while len(self._items) <= iid // _CHUNK:
@@ -59,8 +56,9 @@ class IdTable:
 
     def items(self) -> tuple[list[int], list[str]]:
         """Every live (internal id, item id), ascending by internal id."""
-        pairs = sorted((iid, item) for shard in self._iid_of for item, iid in shard.items())
-        return [p[0] for p in pairs], [p[1] for p in pairs]
+        flat = list(chain.from_iterable(self._items))  # references only: no tuple per item, no sort
+        iids = [iid for iid, item in enumerate(flat) if item is not None]
+        return iids, [flat[iid] for iid in iids]  # type: ignore[misc]
 
 
 class Liveness:

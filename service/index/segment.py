@@ -1,16 +1,14 @@
 """One FAISS index over rows x = [v; b] keyed by int64 ids, searched by max inner product with queries [h; 1].
 
 IVF lists over the inner-product lift: a row is stored as x' = [x; sqrt(M² - |x|²)] (M the longest
-row when the lists were trained), so every stored row has norm M and spherical k-means lists are the
-ones an inner-product query should probe (inner-product lists over raw rows put long rows, which carry
-most top-k hits, in the wrong lists). A query is [q; 0]: the lift column is multiplied by 0, so a score
-is exactly q·x, and a row longer than M (arrived after training) gets 0 there and still scores right;
-it is only filed less well, until the next rebuild recomputes M.
+row when the lists were trained), so every row has norm M and spherical k-means lists are the ones an
+inner-product query should probe (lists over raw rows put long rows, which carry most top-k hits, in
+the wrong lists). A query is [q; 0], so a score is exactly q·x; a row longer than M (arrived after
+training) gets 0 in the lift column, still scores right and is only filed less well until a rebuild.
 
-IVF-SQ8 keeps one byte a dimension and re-scores its best `rerank`·k candidates from the exact rows
-(`RowStore`), so the order of what it returns is exact up to the shortlist. Its codes span the
-trained rows' range plus a margin: a row far outside it is clamped, scored low, and may miss the
-shortlist until the next rebuild.
+IVF-SQ8 keeps a byte a dimension and re-scores its best `rerank`·k candidates from the rows
+(`RowStore`): the order it returns is exact within the shortlist. Its codes span the trained rows'
+range plus a margin: a row far outside is clamped and may miss the shortlist until a rebuild.
 """
 
 from __future__ import annotations
@@ -34,7 +32,13 @@ class RowStore:
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self.chunks: list[Vectors | None] = []
+        self.chunks: list[npt.NDArray[np.float32 | np.float16] | None] = []
+        self.dtype: type[np.float32 | np.float16] = np.float32
+
+    def to_float16(self) -> None:  # half the memory; chunk by chunk, so never held twice
+        self.dtype = np.float16
+        for j, chunk in enumerate(self.chunks):
+            self.chunks[j] = None if chunk is None else chunk.astype(np.float16, copy=False)
 
     def put(self, ids: Ids, rows: Vectors) -> None:
         for c in np.unique(ids >> CHUNK_BITS).tolist():
@@ -42,7 +46,7 @@ class RowStore:
                 self.chunks.append(None)
             chunk = self.chunks[c]
             if chunk is None:
-                chunk = self.chunks[c] = np.zeros((1 << CHUNK_BITS, self.dim), np.float32)
+                chunk = self.chunks[c] = np.zeros((1 << CHUNK_BITS, self.dim), self.dtype)
             mine = (ids >> CHUNK_BITS) == c
             chunk[ids[mine] & ((1 << CHUNK_BITS) - 1)] = rows[mine]
 
@@ -74,8 +78,8 @@ class Segment:
         return int(self.index.ntotal)
 
     def search(self, queries: Vectors, k: int, selector: Any, nprobe: int, rerank: int) -> tuple[Vectors, Ids]:
-        """Best k per query (B, D+1): scores h·v + b and ids (B, k), best first, id -1 past the end.
-        `selector` (a FAISS IDSelector or None): ids it rejects are skipped inside the scan."""
+        """Best k per query (B, D+1): scores and ids (B, k), best first, id -1 past the end; ids the
+        `selector` rejects are skipped inside the scan."""
         k = max(1, min(k, self.ntotal))
         params: Any = faiss.SearchParameters() if self.kind == "exact" else faiss.SearchParametersIVF()
         if selector is not None:
@@ -177,6 +181,8 @@ def _trained_ivf(kind: Built, dim: int, ids: Ids, store: RowStore, config: Index
         # each dimension's code range: the sample's, widened by a quarter each way, so rows a little
         # longer than any trained one are not clamped (much longer ones are, until the next rebuild)
         index.sq.rangestat_arg = 0.25
+        if config.rerank_float16:
+            store.to_float16()
     index.cp.niter = config.train_iterations
     index.cp.seed = 1234  # the same catalogue gets the same lists
     index.cp.max_points_per_centroid = 1 << 30  # already sampled

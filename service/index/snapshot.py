@@ -54,10 +54,13 @@ def write_snapshot(path: Path, snap: Snapshot) -> None:
             continue
         faiss.write_index(segment.index, str(target / f"{name}.faiss"))
         meta[name] = {"kind": segment.kind, "max_sq_norm": segment.max_sq_norm, "trained_rows": segment.trained_rows}
-        if segment.rows is not None:
+        if segment.rows is not None:  # a chunk at a time: never the rows twice in memory
             ids = segment.ids()
             np.save(target / f"{name}_row_ids.npy", ids)
-            np.save(target / f"{name}_rows.npy", segment.rows.get(ids))
+            out = np.lib.format.open_memmap(target / f"{name}_rows.npy", "w+", segment.rows.dtype, (len(ids), snap.dim))
+            for s in range(0, len(ids), 1 << 16):
+                out[s : s + (1 << 16)] = segment.rows.get(ids[s : s + (1 << 16)])
+            out.flush()
     np.save(target / "buffer_iids.npy", snap.buffer_iids)
     np.save(target / "buffer_rows.npy", snap.buffer_rows)
     write_durably(target / "items.json", json.dumps({"trained": snap.trained_ids, "iids": snap.iids,
@@ -93,6 +96,10 @@ def _segment(root: Path, name: str, meta: dict[str, Any], dim: int) -> Segment:
     index = faiss.read_index(str(root / f"{name}.faiss"))
     rows = None
     if (root / f"{name}_rows.npy").exists():
-        rows = RowStore(dim)
-        rows.put(np.load(root / f"{name}_row_ids.npy"), np.load(root / f"{name}_rows.npy"))
+        rows, ids = RowStore(dim), np.load(root / f"{name}_row_ids.npy")
+        stored = np.load(root / f"{name}_rows.npy", "r")  # mapped: put a chunk at a time
+        if stored.dtype == np.float16:
+            rows.to_float16()
+        for s in range(0, len(ids), 1 << 16):
+            rows.put(ids[s : s + (1 << 16)], np.asarray(stored[s : s + (1 << 16)]))
     return Segment(about["kind"], index, dim, float(about["max_sq_norm"]), int(about["trained_rows"]), rows)

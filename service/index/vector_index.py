@@ -104,7 +104,7 @@ class VectorIndex:
         for ids, batch in new:
             vectors = index._rows(ids, batch)
             store.put(index._register(ids), vectors)
-        live = np.asarray(index._ids.items()[0], dtype=np.int64)
+        live = np.flatnonzero(np.unpackbits(index._live.bits, bitorder="little")[: index._next_iid]).astype(np.int64)
         if len(live):
             index._base = build_segment(index.config.kind_for(len(live)), dim, live, store, index.config)
         index._merged_upto = index._next_iid
@@ -148,13 +148,12 @@ class VectorIndex:
             self._base_dead += int((dead < self._merged_upto).sum())
 
     def _rows(self, ids: Sequence[str], rows: npt.ArrayLike) -> Vectors:
-        vectors = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, self.dim)
-        if len(vectors) != len(ids):
+        if (vectors := np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, self.dim)).shape[0] != len(ids):
             raise ValueError(f"expected {len(ids)} rows of {self.dim}")
         return vectors
 
     def contains(self, item_id: str) -> bool:
-        return item_id in self._trained_pos or self._ids.get(item_id) is not None
+        return item_id in self._trained_pos or bool(self._ids.lookup([item_id]))
 
     def count(self) -> tuple[int, int]:
         """(trained, new) live items."""
@@ -172,8 +171,7 @@ class VectorIndex:
         """Per query (B, D+1): its best k trained and best k new items; `exclude[b]` never returned."""
         if k < 1:
             raise ValueError("k must be >= 1")
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        q = q[None] if q.ndim == 1 else q
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be (B, {self.dim}), got {q.shape}")
         excluded = list(exclude) if exclude is not None else [frozenset()] * len(q)
@@ -250,14 +248,12 @@ class VectorIndex:
             segments = [s for s in (self._base, *self._frozen, self._buffer) if s is not None]
         positions, trained_rows = self._trained.contents()
         parts = [s.contents() for s in segments]
-        iids = np.concatenate([p[0] for p in parts])
         rows = np.concatenate([p[1] for p in parts])
-        iids, first = np.unique(iids, return_index=True)
+        iids, first = np.unique(np.concatenate([p[0] for p in parts]), return_index=True)
         names = [self._ids.item(i) for i in iids.tolist()]
         keep = [j for j, name in zip(first.tolist(), names, strict=True) if name is not None]
         ids = [self._trained_ids[p] for p in positions.tolist()] + [n for n in names if n is not None]
-        vectors = np.concatenate([trained_rows, rows[keep]])
-        return ids, vectors, [False] * len(positions) + [True] * len(keep)
+        return ids, np.concatenate([trained_rows, rows[keep]]), [False] * len(positions) + [True] * len(keep)
 
     def merge(self) -> None:
         """Move the buffer into the base (rebuilding the base when due), in the calling thread."""
@@ -287,21 +283,21 @@ class VectorIndex:
                         assigned = base.assign(part_rows)  # k-means lists: the costly part, outside the lock
                         with self._base_lock:
                             base.add_assigned(part, part_rows, *assigned)
+            dead = int((~self._live.of(base.ids())).sum()) if base is not self._base else None  # outside the lock
             with self._lock:
-                if base is not self._base:
-                    self._base_dead = int((~self._live.of(base.ids())).sum())
+                self._base_dead = self._base_dead if dead is None else dead
                 self._base, self._frozen, self._merged_upto = base, self._frozen[len(frozen):], upto
 
     def _rebuilt(self, base: Segment | None, iids: Ids, rows: Vectors, kind: Any) -> Segment:
         """A new base over the base's live rows plus (`iids`, `rows`), built outside every lock."""
-        store = base.rows if base is not None and base.rows is not None else RowStore(self.dim)  # rows by id: shared
+        store = RowStore(self.dim) if base is None or base.rows is None else base.rows  # IVF-SQ8's rows: shared
+        store.put(iids, rows)
         if base is not None:
-            old_iids, old_rows = base.contents()
+            old_iids, old_rows = base.contents() if base.rows is None else (base.ids(), None)
             alive = self._live.of(old_iids)
-            if base.rows is None:
+            if old_rows is not None:
                 store.put(old_iids[alive], old_rows[alive])
             iids = np.concatenate([old_iids[alive], iids])
-        store.put(iids[len(iids) - len(rows):], rows)
         log.info("rebuilding the index base: %d rows, %s", len(iids), kind)
         return build_segment(kind, self.dim, np.sort(iids), store, self.config)
 
@@ -327,11 +323,9 @@ class VectorIndex:
 
     def wait_for_merge(self, timeout: float | None = None) -> bool:
         """True when no background merge is running (any more)."""
-        thread = self._merge_thread
-        if thread is not None:
+        if (thread := self._merge_thread) is not None:
             thread.join(timeout)
-            return not thread.is_alive()
-        return True
+        return thread is None or not thread.is_alive()
 
     def save(self, path: str | Path, event_id: str | None) -> None:
         """A snapshot reflecting at least the store's events up to `event_id` (read it before calling:
