@@ -13,6 +13,8 @@ range plus a margin: a row far outside is clamped and may miss the shortlist unt
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,23 +102,22 @@ class Segment:
         best = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(exact, best, 1), np.take_along_axis(short, best, 1)
 
-    def add(self, ids: Ids, rows: Vectors) -> None:
-        """Append rows, under the segment's lock (no search meanwhile); IVF: `assign`, then `add_assigned`."""
-        if self.kind != "exact":
-            return self.add_assigned(ids, rows, *self.assign(rows))
-        self.index.add_with_ids(rows, ids)
+    def add(self, ids: Ids, rows: Vectors, assigned: tuple[Vectors, Ids] | None = None, put: bool = True) -> None:
+        """Append rows, under the segment's lock (no search meanwhile). IVF: pass `assign(rows)`,
+        computed outside the lock; `put=False`: the rows are already in the segment's RowStore."""
+        if self.kind == "exact":
+            return self.index.add_with_ids(rows, ids)  # type: ignore[no-any-return]
+        lifted, lists = assigned or self.assign(rows)
+        if self.rows is not None and put:
+            self.rows.put(ids, rows)
+        ids = np.ascontiguousarray(ids, np.int64)
+        self.index.add_core(len(ids), faiss.swig_ptr(lifted), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
     def assign(self, rows: Vectors) -> tuple[Vectors, Ids]:
         """(lifted rows, list of each): the costly half of an IVF add, safe beside searches."""
         lifted = lift(rows, self.max_sq_norm)
         _, lists = self.index.quantizer.search(lifted, 1)
         return lifted, np.ascontiguousarray(lists[:, 0])
-
-    def add_assigned(self, ids: Ids, rows: Vectors, lifted: Vectors, lists: Ids, *, put: bool = True) -> None:
-        if self.rows is not None and put:
-            self.rows.put(ids, rows)
-        ids = np.ascontiguousarray(ids, np.int64)
-        self.index.add_core(len(ids), faiss.swig_ptr(lifted), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
     def ids(self) -> Ids:
         """Every stored id, dead ones included (IVF: list by list)."""
@@ -160,11 +161,7 @@ def build_segment(kind: Built, dim: int, ids: Ids, store: RowStore, config: Inde
     segment = empty_exact(dim) if kind == "exact" else _trained_ivf(kind, dim, ids, store, config)
     for start in range(0, len(ids), 1 << CHUNK_BITS):
         part = ids[start : start + (1 << CHUNK_BITS)]
-        rows = store.get(part)
-        if kind == "exact":
-            segment.add(part, rows)
-        else:  # IVF-SQ8 re-ranks from `store` itself: its rows are not put again
-            segment.add_assigned(part, rows, *segment.assign(rows), put=False)
+        segment.add(part, store.get(part), put=False)  # IVF-SQ8 re-ranks from `store` itself
     return segment
 
 
@@ -188,3 +185,9 @@ def _trained_ivf(kind: Built, dim: int, ids: Ids, store: RowStore, config: Index
     index.cp.max_points_per_centroid = 1 << 30  # already sampled
     index.train(lift(store.get(ids[sample]), max_sq))  # spherical k-means: the IVF constructor sets it for IP
     return Segment(kind, index, dim, max_sq, len(ids), store if kind == "ivf_sq8" else None, [quantizer])
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS: glibc keeps a build's large temporaries (a third of the RSS at 1M)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from service.index.config import IndexConfig
 from service.index.ids import IdTable, Liveness
-from service.index.segment import Ids, RowStore, Segment, Vectors, build_segment, empty_exact
+from service.index.segment import Ids, RowStore, Segment, Vectors, build_segment, empty_exact, release_memory
 from service.index.snapshot import Snapshot, read_snapshot, write_snapshot
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ class Tops(NamedTuple):
 
 class VectorIndex:
     def __init__(self, dim: int, config: IndexConfig | None = None) -> None:
-        """`dim` is D+1: the item row with its bias."""
-        self.dim = dim
+        self.dim = dim  # D+1: rows [v; b]
         self.config = config or IndexConfig()
         self.nprobe = self.config.nprobe  # may be retuned live
         self._lock = threading.Lock()  # ids, liveness and which segments exist; held briefly
@@ -108,6 +107,8 @@ class VectorIndex:
         if len(live):
             index._base = build_segment(index.config.kind_for(len(live)), dim, live, store, index.config)
         index._merged_upto = index._next_iid
+        del store  # the staging rows: handed back to the OS below
+        release_memory()
         return index
 
     def add(self, ids: Sequence[str], rows: npt.ArrayLike) -> None:
@@ -267,8 +268,7 @@ class VectorIndex:
             parts = [s.contents() for s in frozen]
             iids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
             rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.dim), np.float32)
-            alive = self._live.of(iids)
-            iids, rows = iids[alive], rows[alive]
+            iids, rows = iids[alive := self._live.of(iids)], rows[alive]  # rows removed since are left behind
             kind = self.config.kind_for(live)
             if base is None or base.kind != kind or self._stale(base, live):
                 base = self._rebuilt(base, iids, rows, kind)
@@ -276,17 +276,14 @@ class VectorIndex:
                 step = self.config.merge_slice_rows
                 for s in range(0, len(iids), step):
                     part, part_rows = iids[s : s + step], rows[s : s + step]
-                    if base.kind == "exact":
-                        with self._base_lock:
-                            base.add(part, part_rows)
-                    else:
-                        assigned = base.assign(part_rows)  # k-means lists: the costly part, outside the lock
-                        with self._base_lock:
-                            base.add_assigned(part, part_rows, *assigned)
+                    assigned = base.assign(part_rows) if base.kind != "exact" else None  # outside the lock
+                    with self._base_lock:
+                        base.add(part, part_rows, assigned)
             dead = int((~self._live.of(base.ids())).sum()) if base is not self._base else None  # outside the lock
             with self._lock:
                 self._base_dead = self._base_dead if dead is None else dead
                 self._base, self._frozen, self._merged_upto = base, self._frozen[len(frozen):], upto
+        release_memory()
 
     def _rebuilt(self, base: Segment | None, iids: Ids, rows: Vectors, kind: Any) -> Segment:
         """A new base over the base's live rows plus (`iids`, `rows`), built outside every lock."""
@@ -359,4 +356,5 @@ class VectorIndex:
             index._buffer.add(snap.buffer_iids[alive], snap.buffer_rows[alive])
         if snap.base is not None:
             index._base_dead = int((~index._live.of(snap.base.ids())).sum())
+        release_memory()
         return index, snap.event_id
