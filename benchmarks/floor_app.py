@@ -7,8 +7,8 @@ returns them), for benchmarks/serve.py:
 
 - `/recommend`: bare FastAPI: the query parameters validated, a dict returned and written by the
   response model (`RecommendationsOut`, pydantic-core). The floor the service is held against.
-- `/recommend-deps`: the same plus three async dependencies, as the real route has (settings, the
-  serving recommender, the batcher): what the FastAPI idiom costs over the bare route.
+- `/recommend-deps`: the same plus the real route's one async dependency (the runtime): with the
+  response model, what the FastAPI idiom costs over hand-joined JSON.
 - `/recommend-strings`: no dependencies and JSON joined from strings, the pre-issue-18 fast path:
   what the idiom costs over hand-built JSON.
 """
@@ -49,27 +49,25 @@ def _strings(user: str, hits: list[Hit]) -> bytes:
             + ",".join(items) + "]}").encode()
 
 
+async def _runtime(request: Request) -> object:
+    """The one dependency the real route has (its runtime), at module level so FastAPI resolves it."""
+    return request.app.state.runtime
+
+
+Runtime = Annotated[object, Depends(_runtime)]
+
+
 def create_floor_app() -> FastAPI:
     app = FastAPI(title="m2rec HTTP floor")
     hits = [Hit(f"syn:{123456 + j}", 3.0 - 0.0123456789 * j, j % 3 == 0) for j in range(200)]
-    app.state.things = {"settings": object(), "recommender": object(), "batcher": object()}
-
-    async def settings(request: Request) -> object:
-        return request.app.state.things["settings"]
-
-    async def recommender(request: Request) -> object:
-        return request.app.state.things["recommender"]
-
-    async def batcher(request: Request) -> object:
-        return request.app.state.things["batcher"]
+    app.state.runtime = object()
 
     @app.get("/recommend", response_model=RecommendationsOut)
     async def bare(user: User, k: K = 20) -> dict[str, Any]:
         return _dict(user, hits[:k])
 
     @app.get("/recommend-deps", response_model=RecommendationsOut)
-    async def with_deps(user: User, s: Annotated[object, Depends(settings)], r: Annotated[object, Depends(recommender)],
-                        b: Annotated[object, Depends(batcher)], k: K = 20) -> dict[str, Any]:
+    async def with_runtime(user: User, runtime: Runtime, k: K = 20) -> dict[str, Any]:
         return _dict(user, hits[:k])
 
     @app.get("/recommend-strings")

@@ -8,7 +8,6 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
 
-from service.api.recommend_batcher import RecommendBatcher
 from service.api.runtime import Runtime
 from service.config import Settings
 from service.core.recommender import Recommender
@@ -50,15 +49,6 @@ def serving(runtime: Runtime) -> Recommender:
     return runtime.recommender
 
 
-async def get_serving(runtime: RuntimeDep) -> Recommender:
-    """The recommender being served, for reads: right with the old or the new one, never waits for a swap."""
-    return serving(runtime)
-
-
-async def get_batcher(runtime: RuntimeDep) -> RecommendBatcher:
-    return runtime.batcher
-
-
 async def get_recommender(request: Request, runtime: RuntimeDep) -> AsyncIterator[Recommender]:
     """The recommender being served; writes hold the swap gate until they return (reads are right
     with either the old or the new recommender, so they never wait for a swap)."""
@@ -72,8 +62,6 @@ async def get_recommender(request: Request, runtime: RuntimeDep) -> AsyncIterato
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
-ServingDep = Annotated[Recommender, Depends(get_serving)]
-BatcherDep = Annotated[RecommendBatcher, Depends(get_batcher)]
 
 
 async def require_api_key(

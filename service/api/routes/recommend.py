@@ -6,25 +6,26 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from service.api.deps import BatcherDep, OutOfBoundsError, ServingDep, SettingsDep
+from service.api.deps import OutOfBoundsError, RuntimeDep, serving
 from service.api.schemas import ID_PATTERN, ErrorOut, RecommendationsOut
 
 router = APIRouter(tags=["recommend"])
 
 
+# One dependency, the runtime (settings, batcher and the serving recommender in one): on the hot
+# route each further dependency costs about as much as the index search (benchmarks/results/serve.md).
 @router.get("/recommend", response_model=RecommendationsOut, responses={503: {"model": ErrorOut}})
 async def recommend(
     user: Annotated[str, Query(pattern=ID_PATTERN, description="user id")],
-    settings: SettingsDep,
-    recommender: ServingDep,
-    batcher: BatcherDep,
+    runtime: RuntimeDep,
     k: Annotated[int, Query(ge=1, description="number of items; at most the configured k_max")] = 20,
 ) -> dict[str, Any]:
-    if k > settings.k_max:
-        raise OutOfBoundsError(f"k={k} is larger than this service's k_max={settings.k_max}; ask for fewer items")
+    if k > runtime.settings.k_max:
+        raise OutOfBoundsError(
+            f"k={k} is larger than this service's k_max={runtime.settings.k_max}; ask for fewer items")
     # answered in a worker thread together with the other requests of this event-loop pass, and
     # counted there, per batch (service/api/recommend_batcher.py)
-    result = await batcher.recommend(recommender, user, k)
+    result = await runtime.batcher.recommend(serving(runtime), user, k)
     version = result.model_version
     # a plain dict: FastAPI validates it against RecommendationsOut and writes the JSON in pydantic-core
     return {"user": user, "model_version": version, "fallback": result.fallback,
