@@ -70,7 +70,7 @@ def open_store(url: str, work: Path, reuse: bool) -> Store:
         if keys:
             store._r.unlink(*keys)
         if reuse:  # what an earlier run posted over HTTP goes: the catalogue is syn:0.. alone again
-            posted: list[bytes] = store._r.zrange(store._items, b"[syn:5", b"(syn:6", bylex=True)
+            posted: list[Any] = store._r.zrange(store._items, b"[syn:5", b"(syn:6", bylex=True)
             for item_id in (m.decode() for m in posted):
                 if int(item_id[4:]) >= INGEST_START:
                     store.delete_item(item_id)
