@@ -30,7 +30,7 @@ class Settings(BaseSettings):
         "auto", description="FAISS index of each population (trained items, new items): auto = exact below "
         "index_ivf_min_rows, IVF-Flat below index_sq8_min_rows, IVF-SQ8 with exact re-ranking above; "
         "ivf / ivf_sq8 = that kind above index_ivf_min_rows")
-    index_nlist: int | None = Field(None, ge=1, description="IVF lists; None = about 4·sqrt(N), set at each training")
+    index_nlist: int | None = Field(None, ge=1, description="IVF lists; None = about 2·sqrt(N), set at each training")
     index_nprobe: int = Field(16, ge=1, description="IVF lists scanned per query (recall vs latency: "
                               "benchmarks/results/serve.md)")
     index_ivf_min_rows: int = Field(50_000, ge=1, description="below this many rows a population stays exact")

@@ -16,7 +16,7 @@ class IndexConfig:
     A loaded snapshot keeps the kinds it was built with until its next rebuild."""
 
     kind: Kind = "auto"
-    nlist: int | None = None  # IVF lists; None: about 4·sqrt(N) at each (re)training
+    nlist: int | None = None  # IVF lists; None: about 2·sqrt(N) at each (re)training
     nprobe: int = 16  # IVF lists scanned per query (recall against latency: benchmarks/results/serve.md)
     ivf_min_rows: int = 50_000  # below this an exact scan is fast enough and needs no training
     sq8_min_rows: int = 2_000_000  # auto: from here codes of 1 byte a dimension (4x less to scan)
@@ -38,4 +38,4 @@ class IndexConfig:
         return "ivf"
 
     def nlist_for(self, rows: int) -> int:
-        return max(1, min(self.nlist or round(4 * math.sqrt(rows)), rows // 8 or 1))
+        return max(1, min(self.nlist or round(2 * math.sqrt(rows)), rows // 8 or 1))

@@ -49,10 +49,10 @@ class IdTable:
             self._live -= 1
         return iid
 
-    def item(self, iid: int) -> str | None:
-        """The live item of `iid`, read without a lock (a slot is read atomically)."""
-        chunk = iid // _CHUNK
-        return self._items[chunk][iid % _CHUNK] if chunk < len(self._items) else None
+    def items_of(self, iids: list[int]) -> list[str | None]:
+        """The live items of `iids` (None: dead), read without a lock (a slot is read atomically)."""
+        items, chunks = self._items, len(self._items)
+        return [items[i // _CHUNK][i % _CHUNK] if 0 <= i // _CHUNK < chunks else None for i in iids]
 
     def items(self) -> tuple[list[int], list[str]]:
         """Every live (internal id, item id), ascending by internal id."""
@@ -77,10 +77,7 @@ class Liveness:
 
     def set(self, iids: npt.NDArray[np.int64], live: bool) -> None:
         masks = (1 << (iids & 7)).astype(np.uint8)
-        if live:
-            np.bitwise_or.at(self.bits, iids >> 3, masks)
-        else:
-            np.bitwise_and.at(self.bits, iids >> 3, ~masks)
+        (np.bitwise_or if live else np.bitwise_and).at(self.bits, iids >> 3, masks if live else ~masks)
 
     def of(self, iids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         inside = (iids >> 3) < len(self.bits)

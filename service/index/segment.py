@@ -87,7 +87,7 @@ class Segment:
         if selector is not None:
             params.sel = selector
         if self.kind == "exact":
-            scores, ids = self.index.search(queries, k, params=params)
+            scores, ids = self.index.search(queries, k, params=params if selector is not None else None)
             return scores, ids
         lifted = np.zeros((len(queries), self.dim + 1), np.float32)  # [q; 0]
         lifted[:, :-1] = queries

@@ -27,7 +27,7 @@ import logging
 import math
 import threading
 from collections.abc import Iterable, Sequence, Set
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -143,10 +143,8 @@ class VectorIndex:
         return iids
 
     def _kill(self, iids: list[int]) -> None:
-        if iids:
-            dead = np.asarray(iids, dtype=np.int64)
-            self._live.set(dead, False)
-            self._base_dead += int((dead < self._merged_upto).sum())
+        self._live.set(dead := np.asarray(iids, dtype=np.int64), False)
+        self._base_dead += int((dead < self._merged_upto).sum())
 
     def _rows(self, ids: Sequence[str], rows: npt.ArrayLike) -> Vectors:
         if (vectors := np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, self.dim)).shape[0] != len(ids):
@@ -189,18 +187,19 @@ class VectorIndex:
             trained_banned[b] = [p for p in positions if p is not None]
             if len(trained_banned[b]) < len(positions):
                 new_banned[b] = self._ids.lookup([i for i, p in zip(items, positions, strict=True) if p is None])
-        trained = self._top([(self._trained, None)], q, k, trained_banned, None, self._trained_ids.__getitem__, False)
+        trained = self._top([(self._trained, None)], q, k, trained_banned, None,
+                            lambda iids: [self._trained_ids[i] for i in iids], False)
         segments: list[tuple[Segment, threading.Lock | None]] = [(s, None) for s in frozen]
         segments.append((buffer, self._buffer_lock))
         if base is not None:
             segments.append((base, self._base_lock))
-        new = self._top(segments, q, k, new_banned, selector, self._ids.item, True)
+        new = self._top(segments, q, k, new_banned, selector, self._ids.items_of, True)
         del bits
         return [Tops(t, n) for t, n in zip(trained, new, strict=True)]
 
     def _top(self, segments: list[tuple[Segment, threading.Lock | None]], q: Vectors, k: int,
-             banned: list[list[int]], selector: Any, name_of: Any, is_cold: bool) -> list[list[Hit]]:
-        """Each query's best k of `segments`, without its banned ids or the dead (`name_of` -> None)."""
+             banned: list[list[int]], selector: Any, names_of: Any, is_cold: bool) -> list[list[Hit]]:
+        """Each query's best k of `segments`, without its banned ids or the dead (`names_of` -> None)."""
         found: list[tuple[Vectors, Ids]] = []
         for segment, lock in segments:
             if segment.ntotal:
@@ -211,35 +210,39 @@ class VectorIndex:
             return [[] for _ in q]
         scores = np.concatenate([f[0] for f in found], axis=1)  # (B, S)
         iids = np.concatenate([f[1] for f in found], axis=1)
-        flat = np.fromiter(chain.from_iterable(banned), np.int64)  # (query, id) keys: one isin for the batch
-        keys = (np.repeat(np.arange(len(q), dtype=np.int64), [len(b) for b in banned]) << 40) | flat
-        scores[(iids < 0) | np.isin((np.arange(len(q), dtype=np.int64)[:, None] << 40) | np.maximum(iids, 0), keys)] \
-            = -np.inf
+        scores[iids < 0] = -np.inf
+        if any(banned):  # (query, id) keys, sorted: one binary search for the whole batch
+            keys = np.sort((np.repeat(np.arange(len(q), dtype=np.int64), [len(b) for b in banned]) << 40)
+                           | np.fromiter(chain.from_iterable(banned), np.int64))
+            found_keys = (np.arange(len(q), dtype=np.int64)[:, None] << 40) | np.maximum(iids, 0)  # (B, S)
+            scores[keys[np.minimum(np.searchsorted(keys, found_keys), len(keys) - 1)] == found_keys] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")
         scores, iids = np.take_along_axis(scores, order, 1), np.take_along_axis(iids, order, 1)
         head = min(k + 8, scores.shape[1])  # enough unless rows died or are being merged (then the whole row)
-        return [self._walk(row_s, row_i, k, name_of, is_cold) or
-                self._walk(scores[b].tolist(), iids[b].tolist(), k, name_of, is_cold, complete=True) or []
+        return [self._walk(row_s, row_i, k, names_of, is_cold) or
+                self._walk(scores[b].tolist(), iids[b].tolist(), k, names_of, is_cold, complete=True) or []
                 for b, (row_s, row_i) in enumerate(zip(scores[:, :head].tolist(), iids[:, :head].tolist(),
                                                        strict=True))]
 
     @staticmethod
-    def _walk(scores: list[float], iids: list[int], k: int, name_of: Any, is_cold: bool,
+    def _walk(scores: list[float], iids: list[int], k: int, names_of: Any, is_cold: bool,
               complete: bool = False) -> list[Hit] | None:
         """The first k live, distinct candidates (sorted best first, dropped ones at -inf), or None
         when these candidates hold fewer than k and more follow (`complete`: none follow)."""
-        hits: list[Hit] = []
-        seen: set[int] = set()  # a row being merged is in the base and a frozen buffer at once
-        for score, iid in zip(scores, iids, strict=True):
-            name = name_of(iid) if score != -math.inf and iid not in seen else None
-            if name is not None:  # None: dropped, a duplicate, or removed since the scan
-                seen.add(iid)
-                hits.append(_hit((name, score, is_cold)))
-                if len(hits) == k:
-                    break
-        if len(hits) < k and not complete and len(scores) and scores[-1] != -math.inf:
-            return None
-        if len(hits) > 1 and len({h.score for h in hits}) < len(hits):  # ties (rare): by item id
+        names = names_of(iids[:k])  # the common case: the first k are live and distinct
+        if len(names) == k and scores[k - 1] != -math.inf and None not in names and len(set(iids[:k])) == k:
+            hits = list(map(_hit, zip(names, scores, repeat(is_cold))))
+        else:
+            hits, seen = [], set()  # a row being merged is in the base and a frozen buffer at once
+            for score, iid, name in zip(scores, iids, names_of(iids), strict=True):
+                if name is not None and score != -math.inf and iid not in seen:  # else dropped, a duplicate,
+                    seen.add(iid)  # or removed since the scan
+                    hits.append(_hit((name, score, is_cold)))
+                    if len(hits) == k:
+                        break
+            if len(hits) < k and not complete and len(scores) and scores[-1] != -math.inf:
+                return None
+        if len({h.score for h in hits}) < len(hits):  # ties (rare): by item id
             hits.sort(key=_rank)
         return hits
 
@@ -251,7 +254,7 @@ class VectorIndex:
         parts = [s.contents() for s in segments]
         rows = np.concatenate([p[1] for p in parts])
         iids, first = np.unique(np.concatenate([p[0] for p in parts]), return_index=True)
-        names = [self._ids.item(i) for i in iids.tolist()]
+        names = self._ids.items_of(iids.tolist())
         keep = [j for j, name in zip(first.tolist(), names, strict=True) if name is not None]
         ids = [self._trained_ids[p] for p in positions.tolist()] + [n for n in names if n is not None]
         return ids, np.concatenate([trained_rows, rows[keep]]), [False] * len(positions) + [True] * len(keep)
