@@ -1,16 +1,22 @@
-"""Large synthetic catalogues with the trained model's real item distribution, and benchmark users.
+"""Large synthetic catalogues built from the real item distribution, and benchmark users.
 
-A synthetic item recombines and perturbs real items: the attribute set of one real item with one
-token swapped for a token of another (30% of items), and a content vector mixing two real items'
-vectors plus Gaussian noise. Its index row is the trained generator's output for those inputs
+Two constructions; an item's index row is always the trained generator's output for its inputs
 (user-neutral gate, the same call the service makes), so the index holds what the model would
 produce for a catalogue of this kind, not random vectors.
+
+- `synthetic_batch` ("recombined"): one real item's attribute set (30% with one token swapped for
+  another item's) and a mix of two real content vectors plus a little noise. A million of them are
+  perturbations of 1,682 real items: ~1.7k tight clusters, which makes IVF look easy.
+- `diverse_batch` ("diverse"): every item is its own draw: as many attribute tokens as a random real
+  item has, drawn from the whole vocabulary by frequency, and a random convex mix of three real
+  content vectors plus noise. No two items share inputs, so the catalogue has as many input clusters
+  as items; benchmarks/results/serve.md measures how hard that makes IVF (recall against nprobe).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +65,30 @@ def synthetic_batch(dataset: Dataset, start: int, n: int, seed: int) -> Syntheti
                           content.astype(np.float32))
 
 
+def diverse_batch(dataset: Dataset, start: int, n: int, seed: int) -> SyntheticBatch:
+    """Items syn:{start}..syn:{start+n-1} drawn independently; the same (start, n, seed) gives the same items."""
+    rng = np.random.default_rng([seed, start, 18])
+    assert dataset.features is not None
+    features = dataset.features  # (I, F)
+    vocabulary = sorted({t for tokens in dataset.item_attributes for t in tokens})
+    position = {t: j for j, t in enumerate(vocabulary)}
+    counts = np.zeros(len(vocabulary))
+    for tokens in dataset.item_attributes:
+        counts[[position[t] for t in tokens]] += 1
+    sizes = np.array([len(a) for a in dataset.item_attributes])[rng.integers(0, len(dataset.item_ids), n)]
+    # tokens by frequency; drawn with replacement, twice as many as needed, the first `size` distinct kept
+    draws = rng.choice(len(vocabulary), size=(n, 2 * int(sizes.max(initial=1))), p=counts / counts.sum())
+    attributes = [[vocabulary[j] for j in list(dict.fromkeys(draws[b, : 2 * sizes[b]].tolist()))[: sizes[b]]]
+                  for b in range(n)]
+    weights = rng.dirichlet(np.ones(3), n).astype(np.float32)  # (B, 3)
+    donors = rng.integers(0, len(features), (n, 3))
+    content = np.einsum("bk,bkf->bf", weights, features[donors])  # (B, F)
+    scale = float(np.linalg.norm(features, axis=1).mean())
+    content += rng.standard_normal(content.shape, dtype=np.float32) * (0.2 * scale / np.sqrt(features.shape[1]))
+    return SyntheticBatch([f"{SYNTHETIC_PREFIX}{start + b}" for b in range(n)], attributes,
+                          content.astype(np.float32))
+
+
 def embed_batch(recommender: Recommender, batch: SyntheticBatch, chunk: int = 1024) -> Rows:
     """Generator rows (B, D+1) under the neutral gate: what POST /items would store for these inputs.
 
@@ -80,7 +110,7 @@ def embed_batch(recommender: Recommender, batch: SyntheticBatch, chunk: int = 10
 
 def fill_store(
     recommender: Recommender, store: Store, dataset: Dataset, start: int, stop: int, seed: int,
-    batch_size: int = 10_000,
+    batch_size: int = 10_000, make: Callable[[Dataset, int, int, int], SyntheticBatch] = synthetic_batch,
 ) -> Rows:
     """Write synthetic items [start, stop) to the store (rows already computed, as the service would
     have stored them) and return their rows (stop-start, D+1) for exact-search oracles."""
@@ -89,7 +119,7 @@ def fill_store(
     with tqdm(total=stop - start, desc=f"catalogue {start:,}->{stop:,}", unit="item") as bar:
         for s in range(start, stop, batch_size):
             n = min(batch_size, stop - s)
-            batch = synthetic_batch(dataset, s, n, seed)
+            batch = make(dataset, s, n, seed)
             rows = embed_batch(recommender, batch)
             records = [
                 ItemRecord(item_id, attrs, content, row, recommender.version, now)

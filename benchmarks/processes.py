@@ -40,7 +40,8 @@ def rss_mb(pid: int) -> tuple[float, float]:
 class Server:
     """One uvicorn worker, pinned to SERVER_CORE from its first instruction."""
 
-    def __init__(self, factory: str, port: int, env: dict[str, str], log: Path) -> None:
+    def __init__(self, factory: str, port: int, env: dict[str, str], log: Path, cwd: Path | None = None) -> None:
+        """`cwd`: the source tree to serve (its `service` package), by default this one."""
         self.port = port
         self.log = log
         cmd = [sys.executable, "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1", "--port", str(port),
@@ -48,7 +49,7 @@ class Server:
         self.command = " ".join(cmd[1:])
         self._log_file = log.open("w")
         self.proc = subprocess.Popen(
-            cmd, env={**os.environ, **env}, stdout=self._log_file, stderr=subprocess.STDOUT,
+            cmd, env={**os.environ, **env}, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=cwd,
             preexec_fn=lambda: os.sched_setaffinity(0, {SERVER_CORE}),
         )
 

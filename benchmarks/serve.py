@@ -1,387 +1,444 @@
-"""Serving benchmark: ingest, /recommend latency and throughput, recall, memory, time to first
-recommendation and insert stalls at 10k, 100k and 1M items; one uvicorn worker.
+"""Serving benchmark at scale: a diverse catalogue of N items (1M, 10M) behind one uvicorn worker.
 
-    .venv/bin/python -m benchmarks.serve --artifact /tmp/m2rec-bench/artifacts [--quick]
+    .venv/bin/python -m benchmarks.serve --artifact /tmp/m2rec-bench/artifacts/current --sizes 1000000 \\
+        --store redis://127.0.0.1:6379/0 [--reference-tree /tmp/main-tree] [--quick]
 
 Make the artifact first: `.venv/bin/python -m benchmarks.make_artifact --out /tmp/m2rec-bench/artifacts`.
 
-Placement: the server is pinned to core 0 from its first instruction and this process (the load
-generator, benchmarks/load.py) to core 1 while a server runs, so client and server never share a
-core. Catalogues grow in one SQLite file (10k -> 100k -> 1M); each size gets a fresh server that
-builds its index from the store at start-up. The HTTP floor (benchmarks/floor_app.py) runs beside it
-on the same core, and /recommend load alternates between the two (`paired_load`): throughput / floor
-is the median of the pairs' ratios. See benchmarks/results/serve.md for the figures.
+Per size, in one run, so every ratio compares neighbouring windows on the same machine:
+1. Catalogue: `benchmarks.catalogue.diverse_batch` items embedded by the generator in batches of
+   10k and written with the store's own API; 600 real ml-100k users (their trained items) with 3
+   registered items each: 300 calibrate nprobe, 300 are measured.
+2. In process, the index the server will build (same settings): build time, recall@20 of the new
+   items' top list against exact for nprobe 1..128, for the calibration users and for random
+   directions of the same norms; nprobe = the smallest reaching `--recall` on the calibration users.
+   Also: exclusions by a per-query IDSelector against over-fetching, and HNSW against IVF on a sample.
+3. The server builds its index from the store (start-up time), then: served recall@20 of the
+   measured users against exact; /recommend at 1 client; at 16 clients in windows alternated with
+   the HTTP floor's three routes (benchmarks/floor_app.py) and, with `--reference-tree`, the same
+   service from another source tree over the same store; RSS.
+4. Ingest: POST /items at 1 and 16 clients, /items/batch of 500; the longest single insert while a
+   background merge runs. 5. A restart from the snapshot the first server wrote at shutdown.
+
+Placement: servers pinned to core 0, this process (the load generator) to core 1 while they run.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faiss
-import httpx
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from benchmarks.catalogue import (
-    SyntheticBatch,
-    benchmark_users,
-    embed_batch,
-    fill_store,
-    synthetic_batch,
-    write_histories,
-)
-from benchmarks.in_process import K, recommend_alone, recommend_batched, search_alone, user_queries
-from benchmarks.load import Connection, request_once, run_load
-from benchmarks.paired import CONCURRENCY, PAIRS, paired_load
+from benchmarks.catalogue import benchmark_users, diverse_batch, fill_store, write_histories
+from benchmarks.in_process import K, user_queries
+from benchmarks.load import LoadResult, run_load
 from benchmarks.processes import CLIENT_CORE, Server, all_cores, pin
-from benchmarks.recall import base_recall
 from benchmarks.report import write_report
 from service.core.recommender import Recommender
 from service.index import IndexConfig, VectorIndex
 from service.model.artifact import load_artifact
-from service.store import SqliteStore
+from service.store import SqliteStore, Store
+from service.store.redis import RedisStore
 from training.dataset import Dataset, load_dataset
 
-INGEST_START = 5_000_000  # ids of items posted over HTTP: syn:5000000 and up, never in the catalogue
-NPROBES = (4, 8, 16, 32, 64, 128)
+CONCURRENCY, ROUNDS = 16, 5
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
+INGEST_START = 50_000_000  # ids of items posted over HTTP, never in the catalogue
+FLOORS = {"floor": "/recommend", "floor_deps": "/recommend-deps", "floor_strings": "/recommend-strings"}
 
 
-@dataclass
-class Bench:
-    args: argparse.Namespace
-    dataset: Dataset
-    recommender: Recommender  # in-process, same artifact and store as the server
-    store: SqliteStore
-    bench_users: dict[str, list[str]]
-    calib_users: dict[str, list[str]]
-    rows: np.ndarray  # (N, D+1) every catalogue row the server indexes, in `ids` order
-    ids: list[str]
-    posted: list[str] = field(default_factory=list)  # ids registered over HTTP (also indexed)
-    posted_at_start: int = 0  # len(posted) when the current server started (its delta was empty)
-    next_post: int = INGEST_START
-
-    def take_items(self, n: int) -> SyntheticBatch:
-        batch = synthetic_batch(self.dataset, self.next_post, n, self.args.seed + 1)
-        self.next_post += n
-        return batch
-
-
-def new_bench(args: argparse.Namespace, dataset: Dataset, recommender: Recommender, store: SqliteStore,
-              smallest: int) -> tuple[Bench, dict[str, list[str]]]:
-    """A bench over the trained rows alone, and its 600 users' histories (real ones plus 3 of the
-    first `smallest` catalogue items each): the first 300 are measured, the other 300 calibrate nprobe."""
-    users = benchmark_users(dataset, recommender, 600, smallest - len(recommender.warm_ids), 3, args.seed)
-    names = list(users)
-    bench = Bench(args, dataset, recommender, store, {u: users[u] for u in names[:300]},
-                  {u: users[u] for u in names[300:]}, recommender.warm_rows.copy(), list(recommender.warm_ids))
-    return bench, users
+def open_store(url: str, work: Path, reuse: bool) -> Store:
+    """The benchmark's store, emptied unless `reuse` (a catalogue written by an earlier run is kept)."""
+    if url.startswith("redis://"):
+        store = RedisStore.from_url(url, namespace="bench18")
+        keys: list[bytes] = []
+        for key in [] if reuse else store._r.scan_iter(match=f"{store.prefix}*", count=10_000):
+            keys.append(key)
+            if len(keys) == 10_000:
+                store._r.unlink(*keys)
+                keys = []
+        if keys:
+            store._r.unlink(*keys)
+        if reuse:  # what an earlier run posted over HTTP goes: the catalogue is syn:0.. alone again
+            posted: list[Any] = store._r.zrange(store.keys.item_sets[0], b"[syn:5", b"(syn:6", bylex=True)
+            for item_id in (m.decode() for m in posted):
+                if int(item_id[4:]) >= INGEST_START:
+                    store.delete_item(item_id)
+        return store
+    if not reuse:
+        (work / "store.sqlite3").unlink(missing_ok=True)
+    return SqliteStore(work / "store.sqlite3")
 
 
-def item_json(batch: SyntheticBatch, b: int) -> dict[str, Any]:
-    return {"id": batch.ids[b], "attributes": batch.attributes[b], "content": batch.content[b].tolist()}
+def stored_rows(store: Store, start: int, stop: int) -> np.ndarray | None:
+    """Rows of syn:start..syn:stop-1 when an earlier run stored them all (--reuse-store), else None."""
+    out = []
+    for s in range(start, stop, 10_000):
+        wanted = [f"syn:{j}" for j in range(s, min(s + 10_000, stop))]
+        found = store.get_items(wanted)
+        if len(found) < len(wanted):
+            return None
+        out.append(np.stack([found[i].embedding for i in wanted]).astype(np.float32))
+    return np.concatenate(out) if out else None
 
 
-def queries(bench: Bench, users: dict[str, list[str]]) -> np.ndarray:
-    return user_queries(bench.recommender, users)  # (U, D+1)
+def store_env(url: str, work: Path) -> dict[str, str]:
+    if url.startswith("redis://"):
+        return {"M2REC_STORE_URL": url, "M2REC_REDIS_NAMESPACE": "bench18"}
+    return {"M2REC_STORE_URL": str(work / "store.sqlite3")}
 
 
-def exact_top(bench: Bench, users: dict[str, list[str]], q: np.ndarray) -> list[list[str]]:
-    """Exact top-K over every indexed row, each user's history excluded: the recall oracle."""
-    position = {item_id: j for j, item_id in enumerate(bench.ids)}
-    out: list[list[str]] = []
-    for s in range(0, len(q), 64):
-        scores = q[s : s + 64] @ bench.rows.T  # (B, N)
-        for b, history in enumerate(list(users.values())[s : s + 64]):
-            seen = [position[i] for i in history if i in position]
-            scores[b, seen] = -np.inf
-            top = np.argpartition(-scores[b], K)[:K]
-            out.append([bench.ids[j] for j in top])
+def exact_tops(q: np.ndarray, rows: np.ndarray, ids: list[str], seen: list[set[str]], k: int = K) -> list[set[str]]:
+    """Exact top-k ids over `rows` (N, D+1) per query (B, D+1), each query's `seen` left out: the recall oracle."""
+    best = np.full((len(q), 0), -np.inf, np.float32), np.zeros((len(q), 0), np.int64)
+    position = {item_id: j for j, item_id in enumerate(ids)}
+    banned = [[position[i] for i in s if i in position] for s in seen]
+    for start in range(0, len(rows), 1 << 20):
+        scores = q @ rows[start : start + (1 << 20)].T  # (B, n)
+        for b, ban in enumerate(banned):
+            local = [j - start for j in ban if start <= j < start + scores.shape[1]]
+            scores[b, local] = -np.inf
+        top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
+        cand_s = np.concatenate([best[0], np.take_along_axis(scores, top, 1)], axis=1)
+        cand_i = np.concatenate([best[1], top + start], axis=1)
+        keep = np.argsort(-cand_s, axis=1)[:, :k]
+        best = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
+    return [{ids[j] for j in row} for row in best[1].tolist()]
+
+
+def recall(truth: list[set[str]], found: list[list[str]]) -> float:
+    return round(float(np.mean([len(t & set(f)) / len(t) for t, f in zip(truth, found, strict=True)])), 4)
+
+
+def random_directions(q: np.ndarray, seed: int) -> np.ndarray:
+    """Queries of the same norms as `q` pointing anywhere: the stress test of the IVF lists."""
+    g = np.random.default_rng(seed).standard_normal(q[:, :-1].shape).astype(np.float32)
+    out = q.copy()
+    out[:, :-1] = g / np.linalg.norm(g, axis=1, keepdims=True) * np.linalg.norm(q[:, :-1], axis=1, keepdims=True)
     return out
 
 
-def index_config(kind: str, nprobe: int) -> IndexConfig:
-    return IndexConfig(kind="ivf" if kind == "ivf" else "exact", nprobe=nprobe)
-
-
-def calibrate(bench: Bench, kind: str) -> tuple[VectorIndex, int, list[dict[str, float]]]:
-    """In-process index like the server's; smallest nprobe with recall@K >= 0.95 on the calibration users
-    (a different set of users from the ones whose served recall is reported)."""
-    faiss.omp_set_num_threads(os.cpu_count() or 1)  # building only; the server and timings use 1
-    cold = [not bench.recommender.is_trained(i) for i in bench.ids]
-    index = VectorIndex.build(bench.rows.shape[1], bench.ids, bench.rows, cold, index_config(kind, 32),
-                              pin_warm=True)  # as Recommender.build_index does
-    faiss.omp_set_num_threads(1)
-    if kind != "ivf":
-        return index, 0, []
-    q = queries(bench, bench.calib_users)
-    truth = exact_top(bench, bench.calib_users, q)
-    sweep: list[dict[str, float]] = []
-    chosen = NPROBES[-1]
-    for nprobe in NPROBES:
+def in_process(rec: Recommender, ids: list[str], rows: np.ndarray, calib: dict[str, list[str]],
+               config: IndexConfig, target: float) -> tuple[dict[str, Any], int]:
+    """Build the server's index here; the recall curve over nprobe; the chosen nprobe."""
+    faiss.omp_set_num_threads(1)  # as the server builds (M2REC_FAISS_THREADS=1)
+    t0 = time.perf_counter()
+    index = VectorIndex.build(rec.dim, list(rec.warm_ids), rec.warm_rows, [(ids, rows)], config)
+    out: dict[str, Any] = {"build_s": round(time.perf_counter() - t0, 1), "kinds": index.kinds}
+    q = user_queries(rec, calib)
+    seen = [set(h) for h in calib.values()]
+    new_truth = exact_tops(q, rows, ids, seen)
+    all_truth = exact_tops(q, np.concatenate([rec.warm_rows, rows]), list(rec.warm_ids) + ids, seen)
+    spread = random_directions(q, 1)
+    spread_truth = exact_tops(spread, rows, ids, [set()] * len(q))
+    sweep, chosen = [], NPROBES[-1]
+    for nprobe in NPROBES if index.kinds[1] != "exact" else (0,):
         index.nprobe = nprobe
         t0 = time.perf_counter()
-        found = index.search(q, K, exclude=[set(h) for h in bench.calib_users.values()])
-        per_query = (time.perf_counter() - t0) / len(q)
-        recall = float(np.mean([len(set(t) & {h.item_id for h in f}) / K for t, f in zip(truth, found, strict=True)]))
-        sweep.append({"nprobe": nprobe, "recall": round(recall, 4), "search_ms": round(1e3 * per_query, 3)})
-        if recall >= 0.95:
+        found = [index.search(q[s : s + 16], K, seen[s : s + 16]) for s in range(0, len(q), 16)]
+        per_batch = (time.perf_counter() - t0) / len(found)
+        tops = [t for batch in found for t in batch]
+        spread_found = [t.new for s in range(0, len(q), 16) for t in index.search(spread[s : s + 16], K)]
+        point = {"nprobe": nprobe, "search_ms_per_16": round(1e3 * per_batch, 3),
+                 "recall_new_real": recall(new_truth, [[h.item_id for h in t.new] for t in tops]),
+                 "recall_served_real": recall(all_truth, [[h.item_id for h in t.merged(K)] for t in tops]),
+                 "recall_new_random": recall(spread_truth, [[h.item_id for h in f] for f in spread_found])}
+        sweep.append(point)
+        if point["recall_served_real"] >= target and point["recall_new_real"] >= target and chosen == NPROBES[-1]:
             chosen = nprobe
-            break
+    out["sweep"] = sweep
     index.nprobe = chosen
-    return index, chosen, sweep
+    out["exclusions"] = exclusion_strategies(index, q, seen)
+    return out, chosen
 
 
-def served_recall(bench: Bench, port: int) -> tuple[float, dict[str, float]]:
-    """Recall@K of what the server returns against the exact oracle, and its unloaded latency."""
-    users = bench.bench_users
-    truth = exact_top(bench, users, queries(bench, users))
+def exclusion_strategies(index: VectorIndex, q: np.ndarray, seen: list[set[str]]) -> dict[str, float]:
+    """ms per batch of 16: the index's over-fetch against one FAISS call per query with its own
+    IDSelector (live ids and not the user's), on the new items' base."""
+    base = index._base
+    if base is None:
+        return {}
+    t0 = time.perf_counter()
+    for s in range(0, len(q), 16):
+        index.search(q[s : s + 16], K, seen[s : s + 16])
+    over = (time.perf_counter() - t0) / (len(q) / 16)
+    t0 = time.perf_counter()
+    for b in range(len(q)):
+        banned = np.asarray(index._ids.lookup(seen[b]), dtype=np.int64)
+        pos = index._trained_pos
+        trained_banned = np.asarray([pos[i] for i in seen[b] if i in pos], dtype=np.int64)
+        for segment, ban, live in ((index._trained, trained_banned, None), (base, banned, index._live.selector)):
+            batch = faiss.IDSelectorBatch(len(ban), faiss.swig_ptr(ban))
+            nope = faiss.IDSelectorNot(batch)
+            sel = faiss.IDSelectorAnd(live, nope) if live is not None else nope
+            segment.search(q[b : b + 1], K, sel, index.nprobe, index.config.rerank)
+    per_query = (time.perf_counter() - t0) / (len(q) / 16)
+    return {"overfetch_ms_per_16": round(1e3 * over, 3), "selector_per_query_ms_per_16": round(1e3 * per_query, 3)}
+
+
+def hnsw_against_ivf(rows: np.ndarray, q: np.ndarray, sample: int) -> dict[str, Any]:
+    """HNSW (FAISS IndexHNSWFlat, inner product) and IVF-Flat over the same sample of new rows, for
+    real users' queries and random directions of the same norms."""
+    rows = rows[np.sort(np.random.default_rng(2).choice(len(rows), min(sample, len(rows)), replace=False))]
+    ids = [str(j) for j in range(len(rows))]
+    spread = random_directions(q, 3)
+    truth = exact_tops(q, rows, ids, [set()] * len(q)), exact_tops(spread, rows, ids, [set()] * len(q))
+    out: dict[str, Any] = {"rows": len(rows)}
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    hnsw = faiss.IndexHNSWFlat(rows.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = 64
+    hnsw.add(rows)
+    out["hnsw_build_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    ivf = VectorIndex.build(rows.shape[1], [], np.zeros((0, rows.shape[1])), [(ids, rows)],
+                            IndexConfig(kind="ivf", ivf_min_rows=1, auto_merge=False))
+    out["ivf_build_s"] = round(time.perf_counter() - t0, 1)
+    faiss.omp_set_num_threads(1)
+    out["hnsw"], out["ivf"] = [], []
+
+    def by_hnsw(x: np.ndarray) -> list[list[Any]]:
+        found: list[list[Any]] = hnsw.search(x, K)[1].tolist()
+        return found
+
+    def by_ivf(x: np.ndarray) -> list[list[Any]]:
+        return [[h.item_id for h in t.new] for t in ivf.search(x, K)]
+
+    for ef, nprobe in ((32, 8), (64, 16), (128, 32), (256, 64)):
+        hnsw.hnsw.efSearch = ef
+        ivf.nprobe = nprobe
+        for name, setting, search in (("hnsw", ef, by_hnsw), ("ivf", nprobe, by_ivf)):
+            t0 = time.perf_counter()
+            found = search(q)
+            ms = 1e3 * (time.perf_counter() - t0) / len(q)
+            out[name].append({"setting": setting, "ms_per_query": round(ms, 3),
+                              "recall": recall(truth[0], [[str(j) for j in f] for f in found]),
+                              "recall_random": recall(truth[1], [[str(j) for j in f] for f in search(spread)])})
+    return out
+
+
+def served_recall(port: int, users: dict[str, list[str]], truth: list[set[str]]) -> tuple[float, dict[str, float]]:
     names = list(users)
     res = run_load(port, lambda j: ("GET", f"/recommend?user={names[j]}&k={K}", None), concurrency=1,
                    total=len(names), warmup=0, keep_bodies=True)
-    recalls = []
-    for t, body in zip(truth, res.bodies, strict=True):
-        got = {item["id"] for item in json.loads(body)["items"]}
-        recalls.append(len(set(t) & got) / K)
-    return float(np.mean(recalls)), res.summary()
+    got = [[item["id"] for item in json.loads(body)["items"]] for body in res.bodies]
+    return recall(truth, got), res.summary()
 
 
-def batch_counts(port: int) -> tuple[float, float]:
-    """(requests, batches) answered by /recommend so far, from the server's own metric."""
-    values = {}
-    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("m2rec_recommend_batch_size_sum", "m2rec_recommend_batch_size_count"):
-            values[name] = float(value)
-    return values.get("m2rec_recommend_batch_size_sum", 0.0), values.get("m2rec_recommend_batch_size_count", 0.0)
+def windows(ports: dict[str, tuple[int, str]], users: list[str], seconds: float) -> dict[str, Any]:
+    """ROUNDS rounds of one window per server/route, in turn: each ratio compares one round's windows."""
+    pooled = {name: LoadResult() for name in ports}
+    rounds: list[dict[str, float]] = []
+    for _ in range(ROUNDS):
+        row = {}
+        for name, (port, path) in ports.items():
+            def request(j: int, p: str = path) -> tuple[str, str, None]:
+                return "GET", f"{p}?user={users[j % len(users)]}&k={K}", None
 
-
-def ingest(bench: Bench, port: int, quick: bool) -> dict[str, Any]:
-    """Single POST /items (alone, and 16 at once) and POST /items/batch of 500, all over HTTP."""
-    out: dict[str, Any] = {}
-    n_single = 300 if quick else 1000
-    batch = bench.take_items(n_single)
-    bodies = [json.dumps(item_json(batch, b)).encode() for b in range(n_single)]
-    res = run_load(port, lambda j: ("POST", "/items", bodies[j]), concurrency=1, total=n_single - 20, warmup=20)
-    out["single_c1"] = res.summary()
-    bench.posted += batch.ids
-    n_conc = 1000 if quick else 4000
-    batch = bench.take_items(n_conc)
-    bodies = [json.dumps(item_json(batch, b)).encode() for b in range(n_conc)]
-    res = run_load(port, lambda j: ("POST", "/items", bodies[j]), concurrency=CONCURRENCY,
-                   total=n_conc - 50, warmup=50)
-    out["single_c16"] = res.summary()
-    bench.posted += batch.ids
-    per, n_batches = 500, (6 if quick else 30)
-    batch = bench.take_items(per * n_batches)
-    payloads = [json.dumps({"items": [item_json(batch, b) for b in range(s, s + per)]}).encode()
-                for s in range(0, per * n_batches, per)]
-    res = run_load(port, lambda j: ("POST", "/items/batch", payloads[j]), concurrency=2,
-                   total=n_batches - 2, warmup=2)
-    out["batch500_c2"] = {**res.summary(), "items_per_s": round(res.throughput * per, 1)}
-    bench.posted += batch.ids
+            res = run_load(port, request, concurrency=CONCURRENCY, seconds=seconds, warmup=100)
+            row[name] = res.throughput
+            pool = pooled[name]
+            pool.latencies += res.latencies
+            pool.errors += res.errors
+            pool.seconds += res.seconds
+            pool.client_cpu += res.client_cpu
+        rounds.append(row)
+    out: dict[str, Any] = {name: pool.summary() for name, pool in pooled.items()}
+    for name in ports:
+        if name != "service":
+            out[f"service_vs_{name}"] = round(float(np.median([r["service"] / r[name] for r in rounds])), 3)
+    out["rounds"] = [{k: round(v, 1) for k, v in r.items()} for r in rounds]
     return out
 
 
-async def _first_recommendation(port: int, user: str, body: bytes, item_id: str) -> tuple[float, int, float]:
-    conn = await Connection.open("127.0.0.1", port)
-    t0 = time.perf_counter()
-    status, _ = await conn.send("POST", "/items", body)
-    posted = time.perf_counter()
-    assert status in (200, 201), status
-    for polls in range(1, 1000):
-        _, payload = await conn.send("GET", f"/recommend?user={user}&k={K}", None)
-        if any(item["id"] == item_id for item in json.loads(payload)["items"]):
-            conn.close()
-            return time.perf_counter() - posted, polls, posted - t0
-    conn.close()
-    raise RuntimeError(f"{item_id} never reached {user}'s top-{K}")
+def post_items(port: int, make: Any, n: int, concurrency: int, per: int = 1, seconds: float | None = None,
+               warmup: int = 0) -> LoadResult:
+    batch = make(n * per)
+    if per == 1:
+        bodies = [json.dumps(_item(batch, b)).encode() for b in range(n)]
+        return run_load(port, lambda j: ("POST", "/items", bodies[j]), concurrency=concurrency,
+                        total=n - warmup, warmup=warmup, seconds=seconds)
+    bodies = [json.dumps({"items": [_item(batch, b) for b in range(s * per, (s + 1) * per)]}).encode()
+              for s in range(n)]
+    return run_load(port, lambda j: ("POST", "/items/batch", bodies[j]), concurrency=concurrency,
+                    total=n - warmup, warmup=warmup)
 
 
-def time_to_first_recommendation(bench: Bench, port: int, trials: int) -> dict[str, Any]:
-    """A near-copy of the user's best registered item (its stored inputs, content perturbed) scores
-    above their current K-th item, checked in-process before posting; then POST and poll."""
-    r = bench.recommender
-    rng = np.random.default_rng(bench.args.seed)
-    names = list(bench.bench_users)
-    times: list[float] = []
-    polls: list[int] = []
-    post_ms: list[float] = []
-    tried = 0
-    while len(times) < trials and tried < 20 * trials:
-        user = names[int(rng.integers(len(names)))]
-        tried += 1
-        _, served, _ = request_once(port, "GET", f"/recommend?user={user}&k={K}")
-        hits = served["items"]  # type: ignore[index]
-        best = next((h for h in hits if h["is_cold"]), None)
-        record = r.store.get_item(best["id"]) if best is not None else None
-        if record is None or record.content is None:
-            continue
-        content = np.asarray(record.content, np.float32)
-        content += rng.standard_normal(content.shape).astype(np.float32) * 0.01 * float(np.abs(content).mean())
-        new = SyntheticBatch([f"syn:{bench.next_post}"], [record.attributes], content[None])
-        bench.next_post += 1
-        q = r.user_query(r.history_rows(bench.bench_users[user]))  # (1, D+1)
-        if float((q @ embed_batch(r, new).T)[0, 0]) <= hits[-1]["score"]:
-            continue  # would not make this user's top-K: not a fair trial
-        body = json.dumps(item_json(new, 0)).encode()
-        elapsed, n, post = asyncio.run(_first_recommendation(port, user, body, new.ids[0]))
-        bench.posted.append(new.ids[0])
-        times.append(elapsed)
-        polls.append(n)
-        post_ms.append(post)
-    a = np.asarray(times) * 1e3
-    return {"trials": len(times), "attempts": tried, "p50_ms": round(float(np.percentile(a, 50)), 3),
-            "p99_ms": round(float(np.percentile(a, 99)), 3), "max_ms": round(float(a.max()), 3),
-            "max_polls": int(max(polls)), "post_p50_ms": round(1e3 * float(np.median(post_ms)), 3)}
+def _item(batch: Any, b: int) -> dict[str, Any]:
+    return {"id": batch.ids[b], "attributes": batch.attributes[b], "content": batch.content[b].tolist()}
 
 
-def insert_stall(bench: Bench, port: int, merge_rows: int, seconds: float) -> dict[str, Any]:
-    """Sequential single inserts for `seconds`, the first few hundred of which push the index's
-    delta past its merge threshold, so a background merge of the whole base runs inside the window."""
-    since_start = len(bench.posted) - bench.posted_at_start
-    top_up = merge_rows - since_start % merge_rows - 300
+def ingest(port: int, dataset: Dataset, seed: int, quick: bool) -> dict[str, Any]:
+    """POST /items alone and 16 at once, /items/batch of 500; then sequential single inserts while
+    the buffer passes its merge threshold, so a background merge runs inside the window."""
+    next_id = [INGEST_START]
+
+    def make(n: int) -> Any:
+        batch = diverse_batch(dataset, next_id[0], n, seed + 1)
+        next_id[0] += n
+        return batch
+
+    out = {"single_c1": post_items(port, make, 300 if quick else 1000, 1, warmup=20).summary(),
+           "single_c16": post_items(port, make, 1000 if quick else 4000, CONCURRENCY, warmup=50).summary()}
+    res = post_items(port, make, 6 if quick else 20, 2, per=500, warmup=2)
+    out["batch500_c2"] = {**res.summary(), "items_per_s": round(res.throughput * 500, 1)}
+    posted = next_id[0] - INGEST_START
+    merge_rows = IndexConfig().merge_rows
+    top_up = merge_rows - posted % merge_rows - 300
     if top_up > 0:
-        per = 500
-        batch = bench.take_items(top_up)
-        payloads = [json.dumps({"items": [item_json(batch, b) for b in range(s, min(s + per, top_up))]}).encode()
-                    for s in range(0, top_up, per)]
-        run_load(port, lambda j: ("POST", "/items/batch", payloads[j]), concurrency=1, total=len(payloads),
-                 warmup=0)
-        bench.posted += batch.ids
-    n = int(seconds * 400)
-    batch = bench.take_items(n)
-    bodies = [json.dumps(item_json(batch, b)).encode() for b in range(n)]
-    res = run_load(port, lambda j: ("POST", "/items", bodies[j]), concurrency=1, total=n, seconds=seconds,
-                   warmup=0)
-    bench.posted += batch.ids[: res.count]
-    return {"topped_up": max(top_up, 0), **res.summary()}
+        post_items(port, make, top_up // 100, 1, per=100)
+    out["insert_stall"] = post_items(port, make, 6000, 1, seconds=10.0).summary()
+    return out
 
 
-def extend_with_posted(bench: Bench) -> None:
-    """Items posted over HTTP at a smaller size are in the store, so the next server indexes them too."""
-    known = set(bench.ids)
-    new = [i for i in bench.posted if i not in known]
-    if new:
-        records = bench.store.get_items(new)
-        bench.ids += [i for i in new if i in records]
-        bench.rows = np.concatenate([bench.rows, np.stack([records[i].embedding for i in new if i in records])])
-
-
-def run_size(bench: Bench, size: int, work: Path) -> dict[str, Any]:
-    args, r = bench.args, bench.recommender
+def run_size(args: argparse.Namespace, rec: Recommender, store: Store, dataset: Dataset, size: int,
+             users: dict[str, list[str]], ids: list[str], rows: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """One size's measurements; `ids` grows in place, the grown rows are returned with the result."""
     pin(os.getpid(), all_cores())
-    n_syn = size - len(r.warm_ids)
-    have = sum(1 for i in bench.ids if i.startswith("syn:") and int(i[4:]) < INGEST_START)
-    if n_syn > have:
-        rows = fill_store(r, bench.store, bench.dataset, have, n_syn, args.seed)
-        bench.ids += [f"syn:{j}" for j in range(have, n_syn)]
-        bench.rows = np.concatenate([bench.rows, rows])
-    extend_with_posted(bench)
-    kind = "ivf" if size >= 50_000 else "exact"
-    t0 = time.perf_counter()
-    index, nprobe, sweep = calibrate(bench, kind)
-    result: dict[str, Any] = {"size": size, "indexed": len(bench.ids), "index": kind, "nprobe": nprobe,
-                              "nprobe_sweep": sweep, "calibration_s": round(time.perf_counter() - t0, 1)}
-    if kind == "ivf":
-        # the IVF alone (registered items; the pinned trained rows are always exact), for the measured users
-        q = queries(bench, bench.bench_users)
-        result["ivf_recall"] = {n: round(base_recall(index._base, q, K, n), 4) for n in sorted({1, nprobe})}
-    torch.set_num_threads(1)
-    with threadpool_limits(1, user_api="blas"):  # as the server runs (service/api/app.py)
-        r.maintainer.index = index
-        users = list(bench.bench_users)
-        result["compute"] = recommend_alone(r, users, 300 if args.quick else 1000)
-        result["compute_batched"] = recommend_batched(r, users, 10, 30 if args.quick else 100)
-        result["compute_search_only"] = search_alone(r, index, bench.bench_users)
-    bench.recommender.maintainer.index = VectorIndex(r.dim)  # free the in-process copy before the server starts
-    del index
-    env = {"M2REC_ARTIFACT_PATH": str(args.artifact), "M2REC_STORE_URL": str(work / "store.sqlite3"),
-           "M2REC_INDEX_KIND": kind, "M2REC_INDEX_NPROBE": str(max(nprobe, 1))}
+    n_new, have = size - len(rec.warm_ids), len(ids)
+    result: dict[str, Any] = {"size": size, "load_before": os.getloadavg()}
+    if n_new > have:
+        t0 = time.perf_counter()
+        more = stored_rows(store, have, n_new) if args.reuse_store else None
+        if more is None:
+            more = fill_store(rec, store, dataset, have, n_new, args.seed, make=diverse_batch)
+            result["catalogue_s"] = round(time.perf_counter() - t0, 1)
+        ids += [f"syn:{j}" for j in range(have, n_new)]
+        rows = np.concatenate([rows, more])
+    names = list(users)
+    calib, measured = {u: users[u] for u in names[300:]}, {u: users[u] for u in names[:300]}
+    config = IndexConfig(nprobe=32)
+    with threadpool_limits(1, user_api="blas"):
+        result["in_process"], nprobe = in_process(rec, ids, rows, calib, config, args.recall)
+        if args.hnsw_sample:
+            result["hnsw_vs_ivf"] = hnsw_against_ivf(rows, user_queries(rec, calib), args.hnsw_sample)
+        q = user_queries(rec, measured)
+    result["nprobe"] = nprobe
+    truth = exact_tops(q, np.concatenate([rec.warm_rows, rows]), list(rec.warm_ids) + ids,
+                       [set(h) for h in measured.values()])
+    work = args.work
+    shutil.rmtree(work / "snapshots", ignore_errors=True)
+    env = {"M2REC_ARTIFACT_PATH": str(args.artifact), "M2REC_INDEX_NPROBE": str(max(nprobe, 1)),
+           "M2REC_INDEX_SNAPSHOT_DIR": str(work / "snapshots"), **store_env(args.store, work)}
     floor = Server("benchmarks.floor_app:create_floor_app", args.port + 1, {}, work / f"floor-{size}.log")
     server = Server("service.api.app:create_app", args.port, env, work / f"server-{size}.log")
+    servers = [floor, server]
+    ports = {"service": (args.port, "/recommend"), **{k: (args.port + 1, p) for k, p in FLOORS.items()}}
     try:
         floor.wait_ready(60)
-        result["startup_s"] = round(server.wait_ready(1800), 1)
+        result["startup_build_s"] = round(server.wait_ready(7200), 1)
+        if args.unbatched:  # the same service answering each request alone: what batching buys
+            alone_env = {k: v for k, v in env.items() if k != "M2REC_INDEX_SNAPSHOT_DIR"}
+            alone = Server("service.api.app:create_app", args.port + 3, {**alone_env, "M2REC_RECOMMEND_BATCH_MAX": "1"},
+                           work / f"unbatched-{size}.log")
+            servers.append(alone)
+            alone.wait_ready(7200)
+            ports["service_unbatched"] = (args.port + 3, "/recommend")
+        if args.reference_tree:
+            ref_env = {**env, "M2REC_INDEX_KIND": "ivf", "M2REC_INDEX_NPROBE": str(max(nprobe // 2, 1))}
+            del ref_env["M2REC_INDEX_SNAPSHOT_DIR"]
+            reference = Server("service.api.app:create_app", args.port + 2, ref_env, work / f"reference-{size}.log",
+                               cwd=args.reference_tree)
+            servers.append(reference)
+            try:
+                result["reference_startup_s"] = round(reference.wait_ready(7200), 1)
+                ports["reference"] = (args.port + 2, "/recommend")
+            except RuntimeError as exc:  # the comparison is optional: the rest of the run still counts
+                result["reference_error"] = str(exc)
         pin(os.getpid(), {CLIENT_CORE})
-        bench.posted_at_start = len(bench.posted)
-        result["served_recall"], result["unloaded"] = served_recall(bench, args.port)
-        before = batch_counts(args.port)
-        ours, floor_result, ratios = paired_load(args.port, args.port + 1, list(bench.bench_users), args.seconds)
-        result["recommend"], result["floor"] = ours.summary(), floor_result.summary()
-        result["throughput_vs_floor_pairs"] = [round(r, 3) for r in ratios]
-        result["throughput_vs_floor"] = round(float(np.median(ratios)), 3)
-        after = batch_counts(args.port)
-        result["batch_mean"] = round((after[0] - before[0]) / max(after[1] - before[1], 1), 2)
+        result["served_recall"], result["unloaded"] = served_recall(args.port, measured, truth)
+        if "reference" in ports:
+            result["reference_recall"], result["reference_unloaded"] = served_recall(args.port + 2, measured, truth)
+        result["load"] = windows(ports, names[:300], args.seconds)
         result["rss_mb"], result["rss_peak_mb"] = server.rss_mb()
-        result["ingest"] = ingest(bench, args.port, args.quick)
-        result["first_recommendation"] = time_to_first_recommendation(bench, args.port, 20 if args.quick else 100)
-        if not args.quick:
-            result["insert_stall"] = insert_stall(bench, args.port, IndexConfig().merge_delta_rows, 15.0)
-        result["rss_end_mb"], result["rss_end_peak_mb"] = server.rss_mb()
+        while len(servers) > 2:  # only the service takes the ingest
+            servers.pop().stop()
+        result["ingest"] = ingest(args.port, dataset, args.seed, args.quick)
+        result["rss_after_ingest_mb"], result["rss_after_ingest_peak_mb"] = server.rss_mb()
     finally:
-        try:
-            server.stop()
-        finally:
-            floor.stop()
-    result["loadavg_after"] = os.getloadavg()
+        for s in reversed(servers):
+            s.stop()
+    restarted = Server("service.api.app:create_app", args.port, env, work / f"server-{size}-restart.log")
+    try:
+        result["startup_snapshot_s"] = round(restarted.wait_ready(3600), 1)
+        result["restart_recall"], _ = served_recall(args.port, measured, truth)
+        result["rss_restart_mb"] = restarted.rss_mb()[0]
+    finally:
+        restarted.stop()
+    result["load_after"] = os.getloadavg()
     print(json.dumps(result, indent=1), flush=True)
-    return result
+    return result, rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, required=True)
     parser.add_argument("--dataset", type=Path, default=Path("data/ml-100k"))
+    parser.add_argument("--store", default="redis://127.0.0.1:6379/0", help="a redis:// URL or 'sqlite'")
     parser.add_argument("--work", type=Path, default=Path("/tmp/m2rec-bench/serve"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--seconds", type=float, default=4.0,
-                        help=f"length of each closed-loop /recommend window ({PAIRS} of them, each followed by one "
-                             f"of the floor)")
-    parser.add_argument("--port", type=int, default=18711)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each load window")
+    parser.add_argument("--recall", type=float, default=0.97, help="recall@20 the calibration users must reach")
+    parser.add_argument("--hnsw-sample", type=int, default=0, help="compare HNSW with IVF on this many rows")
+    parser.add_argument("--reference-tree", type=Path, help="also serve this source tree (e.g. main) and compare")
+    parser.add_argument("--reuse-store", action="store_true", help="keep the catalogue an earlier run stored")
+    parser.add_argument("--unbatched", action="store_true", help="also serve with M2REC_RECOMMEND_BATCH_MAX=1")
+    parser.add_argument("--port", type=int, default=18811)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="10k items, short windows: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="60k items, short windows: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.seconds = [10_000], 1.0
+        args.sizes, args.seconds = [60_000], 1.0
     started = time.time()
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
+    if not args.reuse_store:
+        shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(args.dataset)
-    store = SqliteStore(args.work / "store.sqlite3")
-    recommender = Recommender(load_artifact(args.artifact), store)
-    bench, users = new_bench(args, dataset, recommender, store, min(args.sizes))
+    store = open_store(args.store, args.work, args.reuse_store)
+    rec = Recommender(load_artifact(args.artifact), store)
+    users = benchmark_users(dataset, rec, 600, min(args.sizes) - len(rec.warm_ids), 3, args.seed)
+    ids: list[str] = []
+    rows = np.zeros((0, rec.dim), np.float32)
     results = []
-    for size in args.sizes:
-        if size == args.sizes[0]:
-            n_syn = size - len(recommender.warm_ids)
-            rows = fill_store(recommender, store, dataset, 0, n_syn, args.seed)
-            bench.ids += [f"syn:{j}" for j in range(n_syn)]
-            bench.rows = np.concatenate([bench.rows, rows])
+    catalogue_s: float | None = None
+    for n, size in enumerate(sorted(args.sizes)):
+        if n == 0:  # each user's 3 registered items are among the smallest catalogue's
+            fill_first = size - len(rec.warm_ids)
+            ready = stored_rows(store, 0, fill_first) if args.reuse_store else None
+            if ready is None:
+                t0 = time.perf_counter()
+                ready = fill_store(rec, store, dataset, 0, fill_first, args.seed, make=diverse_batch)
+                catalogue_s = round(time.perf_counter() - t0, 1)
+            ids += [f"syn:{j}" for j in range(fill_first)]
+            rows = ready
             write_histories(store, users)
-        results.append(run_size(bench, size, args.work))
+        result, rows = run_size(args, rec, store, dataset, size, users, ids, rows)
+        if n == 0 and catalogue_s is not None:
+            result["catalogue_s"] = catalogue_s
+        results.append(result)
     store.close()
     meta = {
-        "command": "cd /work/main && .venv/bin/python -m benchmarks.serve " + " ".join(argv or _argv()),
+        "command": "cd /work/wt18 && .venv/bin/python -m benchmarks.serve " + " ".join(argv or _argv()),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"Linux {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
                    f"faiss {faiss.__version__}",
-        "model_version": recommender.version, "model": recommender.model.config.to_dict(),
+        "model_version": rec.version, "model": rec.model.config.to_dict(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "minutes": round((time.time() - started) / 60, 1), "k": K, "concurrency": CONCURRENCY,
-        "seconds_per_window": args.seconds, "pairs": PAIRS, "quick": args.quick,
+        "seconds_per_window": args.seconds, "rounds": ROUNDS, "store": args.store,
     }
-    write_report(meta, results, (args.work / "serve-quick") if args.quick else (args.out / "serve"))
+    write_report(meta, results, args.out)
 
 
 def _argv() -> list[str]:

@@ -31,16 +31,25 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(None, description="when set, writes need header X-API-Key")
 
-    index_kind: Literal["exact", "ivf"] = "exact"
+    index_kind: Literal["auto", "exact", "ivf", "ivf_sq8"] = Field(
+        "auto", description="FAISS index of each population (trained items, new items): auto = exact below "
+        "index_ivf_min_rows, IVF-Flat below index_sq8_min_rows, IVF-SQ8 with exact re-ranking above; "
+        "ivf / ivf_sq8 = that kind above index_ivf_min_rows")
     index_nlist: int | None = Field(None, ge=1, description="IVF lists; None = about 2·sqrt(N), set at each training")
     index_nprobe: int = Field(16, ge=1, description="IVF lists scanned per query (recall vs latency: "
-                              "benchmarks/index_bench.py)")
-    index_ivf_min_rows: int = Field(50_000, ge=1, description="below this many rows IVF stays exact")
+                              "benchmarks/results/serve.md)")
+    index_ivf_min_rows: int = Field(50_000, ge=1, description="below this many rows a population stays exact")
+    index_sq8_min_rows: int = Field(2_000_000, ge=1, description="auto: from this many rows IVF-SQ8")
+    index_rerank: int = Field(4, ge=1, description="IVF-SQ8: rerank·k candidates re-scored from the exact rows")
+    index_rerank_float16: bool = Field(False, description="IVF-SQ8: keep the re-ranking rows in float16 (half "
+                                       "the memory; scores within ~1e-3 relative of exact)")
     index_snapshot_dir: Path | None = Field(
         None, description="save the index here at shutdown and start from it plus later events"
     )
 
     max_batch_size: int = Field(1000, ge=1, description="items or interactions per request")
+    recommend_batch_max: int = Field(16, ge=1, le=19, description="concurrent /recommend requests answered by one "
+                                     "fold-in and index search (1: each alone)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     max_history_length: int = Field(500, ge=1, description="most recent items kept per user and folded in")
     max_seen_items: int = Field(10_000, ge=1, description="most recent items kept per user in the seen set "
@@ -50,9 +59,6 @@ class Settings(BaseSettings):
         180 * 86400, ge=1, description="Redis: a user's history and seen set expire this long after their last "
         "interaction (refreshed on every write), so idle users do not hold memory forever; None keeps them forever")
     k_max: int = Field(200, ge=1, description="largest k a client may ask /recommend for")
-    fallback_cold_share: float = Field(
-        0.2, ge=0.0, le=1.0, description="share of the newest cold items in a fallback list"
-    )
     event_poll_seconds: float = Field(
         0.2, gt=0.0, description="how often the event follower reads the store (bounds replica lag)"
     )
@@ -68,8 +74,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads (embedding new items) and NumPy BLAS "
                                "threads (fold-in); requests already run in parallel")
-    faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads for index builds and background merges "
-                               "(IVF k-means, list assignment); searches never call FAISS")
+    faiss_threads: int = Field(1, ge=1, description="FAISS OpenMP threads per call: searches (requests already run "
+                               "in parallel), builds and background merges (IVF k-means)")
 
     @field_validator("store_url")
     @classmethod

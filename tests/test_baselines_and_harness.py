@@ -59,7 +59,7 @@ def test_implicit_als_ranks_the_users_own_block_first() -> None:
                 cols.append(i)
     train = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(20, 20))
     model = fit_als(train, factors=2, regularization=0.1, alpha=10.0, iterations=10, seed=0)
-    scores = np.asarray(model.recalculate_user(np.arange(20), sp.csr_matrix(train, dtype=np.float32))) \
+    scores = np.asarray(model.recalculate_user(np.arange(20), train.astype(np.float32))) \
         @ np.asarray(model.item_factors).T
     for u in range(20):
         own = slice(0, 10) if u < 10 else slice(10, 20)

@@ -1,4 +1,5 @@
-"""VectorIndex against a NumPy brute-force oracle, with real FAISS."""
+"""VectorIndex against a NumPy brute-force oracle, with real FAISS: both populations, exclusions,
+tombstones, the buffer and its background merge, snapshots."""
 
 from __future__ import annotations
 
@@ -10,296 +11,163 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from service.index import Hit, IndexConfig, VectorIndex
+from service.index import Hit, IndexConfig, Tops, VectorIndex
 
 D = 16  # latent size; index rows are D+1 wide
 Array = npt.NDArray[np.float32]
 
 
-def catalogue(n: int, seed: int = 0) -> tuple[list[str], Array, Array]:
-    """ids, item vectors v (n, D) and biases b (n,)."""
+def rows_of(n: int, seed: int, scale: float = 1.0) -> Array:
+    """Rows [v; b] (n, D+1) with biases large enough to reorder rankings."""
     rng = np.random.default_rng(seed)
-    v = rng.normal(size=(n, D)).astype(np.float32)
-    b = rng.normal(scale=2.0, size=n).astype(np.float32)  # large enough to reorder rankings
-    return [f"item-{j}" for j in range(n)], v, b
-
-
-def rows(v: Array, b: Array) -> Array:
-    return np.hstack([v, b[:, None]]).astype(np.float32)  # (I, D+1): [v; b]
-
-
-def user_queries(h: Array) -> Array:
-    return np.hstack([h, np.ones((len(h), 1))]).astype(np.float32)  # (B, D+1): [h; 1]
-
-
-def oracle(
-    h: Array, ids: Sequence[str], v: Array, b: Array, k: int, exclude: Sequence[Set[str]] | None = None
-) -> list[list[tuple[str, float]]]:
-    """Top-k by h·v + b over the given items, computed without the folded row."""
-    scores = h.astype(np.float64) @ v.T.astype(np.float64) + b  # (B, I)
-    out = []
-    for q, row in enumerate(scores):
-        banned = exclude[q] if exclude else set()
-        order = [j for j in np.argsort(-row, kind="stable") if ids[j] not in banned][:k]
-        out.append([(ids[j], float(row[j])) for j in order])
+    out = rng.normal(size=(n, D + 1)).astype(np.float32) * scale
+    out[:, -1] *= 2.0
     return out
 
 
-def assert_matches(found: list[list[Hit]], expected: list[list[tuple[str, float]]]) -> None:
-    assert [[h.item_id for h in hits] for hits in found] == [[i for i, _ in e] for e in expected]
-    for hits, e in zip(found, expected, strict=True):
-        np.testing.assert_allclose([h.score for h in hits], [s for _, s in e], rtol=1e-4, atol=1e-4)
+def queries(n: int, seed: int) -> Array:
+    h = np.random.default_rng(seed).normal(size=(n, D)).astype(np.float32)
+    return np.hstack([h, np.ones((n, 1), np.float32)])  # (B, D+1): [h; 1]
 
 
-def recall_at_k(index: VectorIndex, queries: Array, k: int) -> float:
-    """Mean share of the exact top-k (brute force over the live rows) that `index.search` returns."""
-    ids, vectors, _ = index.live_vectors()
-    truth = np.argsort(-(queries.astype(np.float64) @ vectors.T.astype(np.float64)), axis=1)[:, :k]
-    found = index.search(queries, k)
-    overlap = [len({ids[r] for r in t} & {hit.item_id for hit in got}) for t, got in zip(truth, found, strict=True)]
-    return float(np.mean(overlap)) / min(k, len(ids))
+def oracle(q: Array, live: dict[str, Array], k: int, exclude: Sequence[Set[str]] | None = None) -> list[list[Hit]]:
+    """Top-k by h·v + b in float64 over `live`, without each query's excluded ids."""
+    ids = sorted(live)
+    scores = q.astype(np.float64) @ np.stack([live[i] for i in ids]).T.astype(np.float64)  # (B, N)
+    out = []
+    for b, row in enumerate(scores):
+        banned = exclude[b] if exclude else set()
+        top = [j for j in np.argsort(-row, kind="stable") if ids[j] not in banned][:k]
+        out.append([Hit(ids[j], float(row[j]), True) for j in top])
+    return out
 
 
-def exact_index(ids: list[str], vectors: Array, cold: Sequence[bool] | None = None) -> VectorIndex:
-    index = VectorIndex(D + 1, IndexConfig(auto_merge=False))
-    index.add(ids, vectors, cold if cold is not None else [False] * len(ids))
-    return index
+def assert_top(found: list[list[Hit]], expected: list[list[Hit]]) -> None:
+    """Same scores (float tolerance) and the same items, ties at the k-th score allowed to differ."""
+    for got, want in zip(found, expected, strict=True):
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], rtol=1e-4, atol=1e-4)
+        cut = want[-1].score if want else 0.0
+        assert {h.item_id for h in got if h.score > cut + 1e-4} == {h.item_id for h in want if h.score > cut + 1e-4}
 
 
-@pytest.fixture
-def data() -> tuple[list[str], Array, Array, Array]:
-    ids, v, b = catalogue(3000)
-    h = np.random.default_rng(1).normal(size=(8, D)).astype(np.float32)
-    return ids, v, b, h
+def new_only(index: VectorIndex, q: Array, k: int, exclude: Sequence[Set[str]] | None = None) -> list[list[Hit]]:
+    return [tops.new for tops in index.search(q, k, exclude)]
 
 
-def test_exact_top_k_equals_brute_force_with_the_bias_folded_in(data: tuple[list[str], Array, Array, Array]) -> None:
-    ids, v, b, h = data
-    index = exact_index(ids[:2000], rows(v[:2000], b[:2000]))
-    index.merge()  # the first 2000 now sit in the FAISS base, the rest in the delta
-    index.add(ids[2000:], rows(v[2000:], b[2000:]), [True] * 1000)
-
-    found = index.search(user_queries(h), 20)
-
-    assert_matches(found, oracle(h, ids, v, b, 20))
-    assert all(hit.is_cold == (int(hit.item_id.split("-")[1]) >= 2000) for hits in found for hit in hits)
-    assert index.count() == (2000, 1000)
+def manual(**overrides: object) -> IndexConfig:
+    return IndexConfig(**{"kind": "exact", "auto_merge": False, **overrides})  # type: ignore[arg-type]
 
 
-def test_excluded_items_are_never_returned(data: tuple[list[str], Array, Array, Array]) -> None:
-    ids, v, b, h = data
-    index = exact_index(ids, rows(v, b))
-    index.merge()
-    top = oracle(h, ids, v, b, 30)
-    exclude = [{i for i, _ in t[::2]} | {"not-in-index"} for t in top]  # every other of the top 30
+def test_each_population_is_its_own_exact_top_k_and_merged_is_the_global_top_k() -> None:
+    trained = {f"t{j}": r for j, r in enumerate(rows_of(400, 1, scale=2.0))}
+    new = {f"n{j}": r for j, r in enumerate(rows_of(3000, 2))}
+    index = VectorIndex.build(D + 1, list(trained), np.stack(list(trained.values())),
+                              [(list(new)[:2000], np.stack(list(new.values())[:2000]))], manual())
+    index.add(list(new)[2000:], np.stack(list(new.values())[2000:]))  # these stay in the buffer
+    q = queries(8, 3)
 
-    found = index.search(user_queries(h), 10, exclude=exclude)
+    found = index.search(q, 12)
 
-    assert_matches(found, oracle(h, ids, v, b, 10, exclude))
-
-
-def test_removed_items_are_never_returned_before_or_after_a_merge(
-    data: tuple[list[str], Array, Array, Array],
-) -> None:
-    ids, v, b, h = data
-    index = exact_index(ids[:2000], rows(v[:2000], b[:2000]))
-    index.merge()
-    index.add(ids[2000:], rows(v[2000:], b[2000:]), [False] * 1000)
-    # the current winners, from both the base and the delta: many tombstones ahead of live rows
-    gone = sorted({i for t in oracle(h, ids, v, b, 120) for i, _ in t})
-    assert index.remove([*gone, "never-added"]) == len(gone)
-    keep = [j for j, i in enumerate(ids) if i not in set(gone)]
-    expected = oracle(h, [ids[j] for j in keep], v[keep], b[keep], 10)
-
-    assert_matches(index.search(user_queries(h), 10), expected)
-    index.merge()
-    assert_matches(index.search(user_queries(h), 10), expected)
-    assert not any(index.contains(i) for i in gone)
-    assert index.count() == (3000 - len(gone), 0)
+    assert_top([t.trained for t in found], [[h._replace(is_cold=False) for h in e] for e in oracle(q, trained, 12)])
+    assert_top([t.new for t in found], oracle(q, new, 12))
+    assert all(not h.is_cold for t in found for h in t.trained) and all(h.is_cold for t in found for h in t.new)
+    everything = oracle(q, {**trained, **new}, 12)
+    assert_top([t.merged(12) for t in found], everything)
+    assert index.count() == (400, 3000) and index.contains("t3") and index.contains("n2999")
 
 
-def test_upsert_replaces_the_row_and_cold_flag_without_duplicating(
-    data: tuple[list[str], Array, Array, Array],
-) -> None:
-    ids, v, b, h = data
-    index = exact_index(ids, rows(v, b))
-    index.merge()
-    winner = oracle(h[:1], ids, v, b, 1)[0][0][0]
-    j = ids.index(winner)
-    b_new = b.copy()
-    b_new[j] = -100.0  # sinks it
-    index.add([winner], rows(v[j : j + 1], b_new[j : j + 1]), [True])
-
-    found = index.search(user_queries(h), 10)
-
-    assert_matches(found, oracle(h, ids, v, b_new, 10))
-    assert index.count() == (2999, 1)
-    assert len(index.live_vectors()[0]) == 3000
+def test_merged_ranks_ties_by_item_id() -> None:
+    tops = Tops([Hit("b", 1.0, False), Hit("z", 0.5, False)], [Hit("a", 1.0, True), Hit("c", 2.0, True)])
+    assert [h.item_id for h in tops.merged(3)] == ["c", "a", "b"]
 
 
-def test_an_item_is_searchable_as_soon_as_add_returns(data: tuple[list[str], Array, Array, Array]) -> None:
-    ids, v, b, h = data
-    index = exact_index(ids, rows(v, b))
-    index.merge()
+def test_excluded_items_are_never_returned_in_either_population() -> None:
+    trained = {f"t{j}": r for j, r in enumerate(rows_of(300, 4))}
+    new = {f"n{j}": r for j, r in enumerate(rows_of(2000, 5))}
+    index = VectorIndex.build(D + 1, list(trained), np.stack(list(trained.values())),
+                              [(list(new), np.stack(list(new.values())))], manual())
+    q = queries(6, 6)
+    best = [t.merged(30) for t in index.search(q, 30)]
+    exclude = [{h.item_id for h in hits[b::2]} for b, hits in enumerate(best)]  # every other of each top-30
 
-    index.add(["fresh"], user_queries(h[:1]) * 50, [True])  # aligned with the query, large
+    found = index.search(q, 10, exclude)
 
-    assert index.search(user_queries(h[:1]), 1)[0][0][::2] == ("fresh", True)
-
-
-def test_approximate_index_recall_at_10_is_at_least_0_9_on_clustered_data() -> None:
-    N = 12_000
-    rng = np.random.default_rng(7)
-    centers = rng.normal(scale=3.0, size=(64, D)).astype(np.float32)
-    members = rng.integers(0, 64, size=N)
-    v = (centers[members] + rng.normal(scale=0.5, size=(N, D))).astype(np.float32)
-    b = rng.normal(scale=0.5, size=N).astype(np.float32)
-    h = (centers[rng.integers(0, 64, size=200)] + rng.normal(size=(200, D))).astype(np.float32)
-    config = IndexConfig(kind="ivf", ivf_min_rows=5_000, nlist=128, nprobe=4, auto_merge=False)
-
-    index = VectorIndex.build(D + 1, [f"i{j}" for j in range(N)], rows(v, b), [False] * N, config)
-
-    assert index.is_approximate
-    assert recall_at_k(index, user_queries(h), 10) >= 0.9
+    assert_top([t.new for t in found], oracle(q, new, 10, exclude))
+    assert_top([t.merged(10) for t in found], oracle(q, {**trained, **new}, 10, exclude))
 
 
-def test_adds_during_a_background_merge_are_kept_and_searches_stay_exact() -> None:
-    ids, v, b = catalogue(200_000, seed=3)
-    h = np.random.default_rng(4).normal(size=(4, D)).astype(np.float32)
-    index = exact_index(ids, rows(v, b))
-    expected = oracle(h, ids, v, b, 10)
-    # new rows point along axis 0 with a bias that keeps them out of these queries' top 10
-    new_row = np.zeros((1, D + 1), np.float32)
-    new_row[0, 0], new_row[0, D] = 10.0, -1000.0
+@pytest.mark.parametrize("merge", [False, True])
+def test_removed_and_replaced_items_are_never_returned(merge: bool) -> None:
+    rows = rows_of(3000, 7)
+    live = {f"n{j}": rows[j] for j in range(2500)}
+    index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [(list(live), np.stack(list(live.values())))],
+                              manual())
+    q = queries(5, 8)
+    top = {h.item_id for hits in new_only(index, q, 20) for h in hits}
+    gone = sorted(top)[::2]
+    assert index.remove([*gone, "never-there"]) == len(gone)
+    upserted = sorted(top)[1::2]
+    index.add(upserted, rows[2500 : 2500 + len(upserted)] * 0.01)  # same ids, rows that no longer win
+    for item_id in gone:
+        del live[item_id]
+    live.update(zip(upserted, rows[2500 : 2500 + len(upserted)] * 0.01, strict=True))
+    if merge:
+        index.merge()
+
+    assert_top(new_only(index, q, 20), oracle(q, live, 20))
+    assert index.count() == (0, len(live)) and not index.contains(gone[0])
+
+
+def test_an_item_is_searchable_as_soon_as_add_returns() -> None:
+    index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [([f"n{j}" for j in range(500)], rows_of(500, 9))])
+    q = queries(1, 10)
+
+    index.add(["fresh"], q * 50)  # aligned with the query, large
+
+    assert new_only(index, q, 1)[0][0].item_id == "fresh"
+
+
+def test_a_background_merge_starts_when_the_buffer_fills_up_and_keeps_every_row() -> None:
+    index = VectorIndex(D + 1, IndexConfig(kind="exact", merge_rows=1000))
+    rows = rows_of(3000, 11)
+    for start in range(0, 3000, 500):
+        index.add([f"n{j}" for j in range(start, start + 500)], rows[start : start + 500])
+    assert index.wait_for_merge(timeout=30)
+
+    assert index._base is not None and index._base.ntotal >= 1000  # a merge moved rows into the base
+    q = queries(4, 12)
+    assert_top(new_only(index, q, 10), oracle(q, {f"n{j}": rows[j] for j in range(3000)}, 10))
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_adds_during_a_background_merge_are_never_lost(kind: str) -> None:
+    """A merge moves the frozen buffer into the base while adds keep arriving in a new buffer."""
+    rows = rows_of(60_000, 13)
+    config = IndexConfig(kind=kind, ivf_min_rows=10_000, nprobe=10_000, auto_merge=False, merge_slice_rows=256)  # type: ignore[arg-type]
+    index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [([f"b{j}" for j in range(20_000)], rows[:20_000])],
+                              config)
+    index.add([f"f{j}" for j in range(20_000)], rows[20_000:40_000])  # the buffer the merge will move
+    probe = np.zeros((1, D + 1), np.float32)
+    probe[0, 0], probe[0, D] = 1e4, 1.0  # the added rows below score ~1e5, every other row far less
     added: list[str] = []
-    overlapped = 0
     merge = threading.Thread(target=index.merge)
     merge.start()
     while merge.is_alive() or not added:
         added.append(f"new-{len(added)}")
-        index.add([added[-1]], new_row, [True])
-        overlapped += index.merging
-        assert_matches(index.search(user_queries(h), 10), expected)
+        index.add([added[-1]], np.eye(1, D + 1, 0, np.float32) * 10)
     merge.join()
 
-    assert overlapped > 0, "no add overlapped the merge: the test proved nothing"
-    assert index.count() == (200_000, len(added))
-    probe = np.zeros((1, D + 1), np.float32)
-    probe[0, 0], probe[0, D] = 1e4, 1.0  # new rows score 1e5 - 1000, old ones at most ~6e4
-    assert {hit.item_id for hit in index.search(probe, len(added))[0]} == set(added)
+    assert index._frozen == () and index._base is not None and index._base.ntotal == 40_000
+    assert index.count() == (0, 40_000 + len(added))
+    assert {h.item_id for h in new_only(index, probe, len(added))[0]} == set(added)
     index.merge()
-    assert {hit.item_id for hit in index.search(probe, len(added))[0]} == set(added)
+    assert {h.item_id for h in new_only(index, probe, len(added))[0]} == set(added)
+    ids, _, _ = index.live_vectors()
+    assert len(ids) == len(set(ids)) == 40_000 + len(added)
 
 
-def test_a_background_merge_starts_when_the_delta_fills_up(data: tuple[list[str], Array, Array, Array]) -> None:
-    ids, v, b, h = data
-    index = VectorIndex(D + 1, IndexConfig(merge_delta_rows=1000))
-
-    for start in range(0, 3000, 500):
-        index.add(ids[start : start + 500], rows(v[start : start + 500], b[start : start + 500]), [False] * 500)
-    assert index.wait_for_merge(timeout=30)
-
-    assert index._base.ntotal >= 1000  # at least one merge moved rows into the base
-    assert_matches(index.search(user_queries(h), 10), oracle(h, ids, v, b, 10))
-
-
-@pytest.mark.parametrize("kind", ["exact", "ivf"])
-def test_save_then_load_gives_identical_results(
-    kind: str, tmp_path: Path, data: tuple[list[str], Array, Array, Array]
-) -> None:
-    ids, v, b, h = data
-    config = IndexConfig(
-        kind="ivf" if kind == "ivf" else "exact", ivf_min_rows=1000, nlist=32, nprobe=4, auto_merge=False
-    )
-    cold = [j % 2 == 0 for j in range(2500)]
-    index = VectorIndex.build(D + 1, ids[:2500], rows(v[:2500], b[:2500]), cold, config)
-    index.add(ids[2500:], rows(v[2500:], b[2500:]), [True] * 500)  # stays in the delta
-    index.remove(ids[::7])
-    exclude = [{ids[1], ids[2]}] * len(h)
-    before = index.search(user_queries(h), 25, exclude)
-
-    index.save(tmp_path / "snapshot", event_id="1700000000000-5")
-    loaded, event_id = VectorIndex.load(tmp_path / "snapshot", config)
-
-    assert event_id == "1700000000000-5"
-    assert loaded.is_approximate == (kind == "ivf")
-    assert loaded.search(user_queries(h), 25, exclude) == before
-    assert loaded.count() == index.count()
-    loaded.add(["after-load"], rows(v[:1], b[:1]), [True])  # internal ids continue, no collision
-    assert loaded.count() == (index.count()[0], index.count()[1] + 1)
-
-
-def test_saving_again_swaps_the_snapshot_and_drops_the_old_one(tmp_path: Path) -> None:
-    ids, v, b = catalogue(50)
-    index = exact_index(ids, rows(v, b))
-    index.save(tmp_path / "snapshot", event_id="1")
-    first = (tmp_path / "snapshot").resolve()
-    index.remove(ids[:10])
-
-    index.save(tmp_path / "snapshot", event_id="2")
-
-    assert not first.exists()
-    loaded, event_id = VectorIndex.load(tmp_path / "snapshot")
-    assert (event_id, len(loaded)) == ("2", 40)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("snapshot.")) == ["snapshot"]
-
-
-def test_search_rejects_queries_of_the_wrong_width() -> None:
-    index = VectorIndex(D + 1)
-    with pytest.raises(ValueError, match="queries must be"):
-        index.search(np.zeros((2, D), np.float32), 5)
-    assert index.search(np.zeros((2, D + 1), np.float32), 5) == [[], []]
-
-
-# -- pinned trained rows: build(pin_warm=True) keeps warm rows in an exact segment ----------------
-
-
-def _warm_heavy_catalogue(n_warm: int, n_cold: int) -> tuple[list[str], Array, list[bool]]:
-    """Warm rows of about 4x the norm of cold ones, as trained vs generated rows of a real model."""
-    rng = np.random.default_rng(3)
-    vectors = rng.normal(size=(n_warm + n_cold, D + 1)).astype(np.float32)
-    vectors[:n_warm] *= 4.0
-    return [f"item-{j}" for j in range(n_warm + n_cold)], vectors, [j >= n_warm for j in range(n_warm + n_cold)]
-
-
-def test_pinned_warm_rows_are_found_exactly_whatever_lists_ivf_probes() -> None:
-    ids, vectors, cold = _warm_heavy_catalogue(200, 3000)
-    config = IndexConfig(kind="ivf", ivf_min_rows=1000, nlist=64, nprobe=1, auto_merge=False)
-    index = VectorIndex.build(D + 1, ids, vectors, cold, config, pin_warm=True)
-    assert index.is_approximate and index._base.ntotal == 3000  # only the cold rows went to IVF
-    assert index.count() == (200, 3000)
-    h = np.random.default_rng(4).normal(size=(30, D)).astype(np.float32)
-    q = user_queries(h)
-    warm_only = [[(ids[j], float(s)) for j, s in hits] for hits in _brute(q, vectors[:200], 10)]
-    found = index.search(q, 10)
-    # these queries' exact top-10 are all warm rows, and pinned rows need no probing
-    assert [[i for i, _ in e] for e in warm_only] == [[h.item_id for h in f] for f in found]
-    assert recall_at_k(index, q, 10) == 1.0
-    index.remove([ids[0]])
-    assert all(hit.item_id != ids[0] for hits in index.search(q, 10) for hit in hits)
-
-
-def test_pinned_rows_survive_a_snapshot_round_trip(tmp_path: Path) -> None:
-    ids, vectors, cold = _warm_heavy_catalogue(50, 1500)
-    config = IndexConfig(kind="ivf", ivf_min_rows=1000, nlist=16, nprobe=2, auto_merge=False)
-    index = VectorIndex.build(D + 1, ids, vectors, cold, config, pin_warm=True)
-    q = user_queries(np.random.default_rng(5).normal(size=(10, D)).astype(np.float32))
-    before = index.search(q, 15)
-    index.save(tmp_path / "snapshot", event_id="7")
-    loaded, _ = VectorIndex.load(tmp_path / "snapshot", config)
-    assert loaded.search(q, 15) == before
-    assert loaded._pinned.size == 50 and loaded.count() == index.count()
-
-
-def _brute(q: Array, vectors: Array, k: int) -> list[list[tuple[int, float]]]:
-    scores = q @ vectors.T
-    return [[(int(j), float(row[j])) for j in np.argsort(-row, kind="stable")[:k]] for row in scores]
-
-
-def test_no_row_is_lost_when_merges_swap_the_delta_under_concurrent_adds() -> None:
-    # A merge swaps in a new delta; an add that had already picked up the old one must not append
-    # to it after the merge froze it (those rows were in neither the merge nor the new delta).
-    index = VectorIndex(D + 1, IndexConfig(merge_delta_rows=64, delta_chunk_rows=32))
+def test_concurrent_adds_and_merges_lose_no_row() -> None:
+    index = VectorIndex(D + 1, IndexConfig(kind="exact", merge_rows=64))
     added: list[str] = []
     lock = threading.Lock()
 
@@ -307,7 +175,7 @@ def test_no_row_is_lost_when_merges_swap_the_delta_under_concurrent_adds() -> No
         local = np.random.default_rng(w)
         for n in range(300):
             ids = [f"w{w}-{n}-{j}" for j in range(4)]
-            index.add(ids, local.normal(size=(4, D + 1)).astype(np.float32), [True] * 4)
+            index.add(ids, local.normal(size=(4, D + 1)).astype(np.float32))
             with lock:
                 added.extend(ids)
 
@@ -320,6 +188,57 @@ def test_no_row_is_lost_when_merges_swap_the_delta_under_concurrent_adds() -> No
         t.join()
     assert index.wait_for_merge(timeout=30)
     live_ids, vectors, _ = index.live_vectors()
-    assert len(live_ids) == len(set(live_ids)) == len(added) == 4 * 300 * 4
-    assert set(live_ids) == set(added)
-    assert len(vectors) == len(added)
+    assert len(live_ids) == len(set(live_ids)) == len(added) == len(vectors) == 4 * 300 * 4
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf", "ivf_sq8"])
+def test_save_then_load_gives_the_same_answers(kind: str, tmp_path: Path) -> None:
+    config = IndexConfig(kind=kind, ivf_min_rows=1000, nlist=32, nprobe=4, auto_merge=False)  # type: ignore[arg-type]
+    rows = rows_of(3000, 14)
+    ids = [f"n{j}" for j in range(3000)]
+    index = VectorIndex.build(D + 1, ["t0", "t1"], rows_of(2, 15), [(ids[:2500], rows[:2500])], config)
+    index.add(ids[2500:], rows[2500:])  # stays in the buffer
+    index.remove(ids[::7])
+    q = queries(6, 16)
+    exclude = [{ids[1], ids[2], "t0"}] * len(q)
+    before = index.search(q, 25, exclude)
+
+    index.save(tmp_path / "snapshot", event_id="1700000000000-5")
+    loaded, event_id = VectorIndex.load(tmp_path / "snapshot", config)
+
+    assert event_id == "1700000000000-5"
+    assert loaded.kinds == index.kinds == ("exact", kind)
+    assert loaded.search(q, 25, exclude) == before
+    assert loaded.count() == index.count()
+    loaded.add(["after-load"], rows[:1])  # internal ids continue, no collision
+    assert loaded.count() == (2, index.count()[1] + 1)
+
+
+def test_saving_again_swaps_the_snapshot_and_drops_the_old_one(tmp_path: Path) -> None:
+    index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [([f"n{j}" for j in range(50)], rows_of(50, 17))])
+    index.save(tmp_path / "snapshot", event_id="1")
+    first = (tmp_path / "snapshot").resolve()
+    index.remove([f"n{j}" for j in range(10)])
+
+    index.save(tmp_path / "snapshot", event_id="2")
+
+    assert not first.exists()
+    loaded, event_id = VectorIndex.load(tmp_path / "snapshot")
+    assert (event_id, len(loaded)) == ("2", 40)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("snapshot.")) == ["snapshot"]
+
+
+def test_a_snapshot_in_another_format_is_refused_by_name(tmp_path: Path) -> None:
+    index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [(["a"], rows_of(1, 18))])
+    index.save(tmp_path / "snapshot", event_id=None)
+    meta = (tmp_path / "snapshot").resolve() / "meta.json"
+    meta.write_text(meta.read_text().replace("m2rec-index/4", "m2rec-index/3"))
+    with pytest.raises(ValueError, match="snapshot format 'm2rec-index/3' is not 'm2rec-index/4'"):
+        VectorIndex.load(tmp_path / "snapshot")
+
+
+def test_search_rejects_queries_of_the_wrong_width() -> None:
+    index = VectorIndex(D + 1)
+    with pytest.raises(ValueError, match="queries must be"):
+        index.search(np.zeros((2, D), np.float32), 5)
+    assert index.search(np.zeros((2, D + 1), np.float32), 5) == [Tops([], []), Tops([], [])]

@@ -14,7 +14,7 @@ from training.evaluate import paired
 from training.metrics import list_metrics, user_metrics
 from training.mixing import Tops, choose_policy, merge
 from training.protocol import cold_only, evaluate_tops, hybrid, tops, warm_only
-from training.split import cold_start_split, hold_out, holdout_count, production_split, validation_split
+from training.split import ColdStartSplit, cold_start_split, hold_out, holdout_count, production_split, validation_split
 
 
 def _dataset(n_users: int = 60, n_items: int = 80, seed: int = 0) -> Dataset:
@@ -94,8 +94,11 @@ class _Fixed:
     def __init__(self, table: np.ndarray) -> None:
         self.table = table
 
+    def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
+        pass
+
     def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
-        return self.table[np.ix_(users, candidates)]
+        return np.asarray(self.table[np.ix_(users, candidates)])
 
 
 def _brute_force(table: np.ndarray, task: object, policy: Calibrated) -> list[dict[str, float]]:

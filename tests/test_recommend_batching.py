@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,39 @@ def test_concurrent_requests_share_batches_and_get_what_each_gets_alone(
     served = sum(len(body["items"]) for body in together)
     counted = [a - b for a, b in zip(_served(after), _served(before), strict=True)]
     assert counted == [USERS, 1, cold, served - cold], "each batch counts what it served"
+
+
+def test_the_fold_in_and_search_never_run_on_the_event_loop_whatever_the_store(
+    trained_artifact: TrainedArtifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite included: a batch is computed in a worker thread, so the loop keeps accepting requests."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from service.api.recommend_batcher import RecommendBatcher
+    from service.core.recommender import Recommender
+    from service.model.artifact import load_artifact
+    from service.store import Interaction, SqliteStore
+
+    recommender = Recommender(load_artifact(trained_artifact.root), SqliteStore(tmp_path / "s.sqlite3"))
+    recommender.maintainer.build_index()
+    recommender.store.add_interactions([Interaction("u", recommender.warm_ids[0], 0.0)])
+    threads: list[int] = []
+    compute = recommender.recommend_many
+
+    def recorded(requests: list[tuple[str, int]]) -> list[Any]:
+        threads.append(threading.get_ident())
+        return compute(requests)
+
+    monkeypatch.setattr(recommender, "recommend_many", recorded)
+    sizes = Histogram("batch", "batch sizes", registry=CollectorRegistry())
+
+    async def ask() -> list[Any]:
+        batcher = RecommendBatcher(sizes, lambda answers: None)
+        return await asyncio.gather(*(batcher.recommend(recommender, user, 5) for user in ("u", "u", "nobody")))
+
+    answers = asyncio.run(ask())
+
+    assert threads and threading.get_ident() not in threads
+    assert [a.fallback for a in answers] == [False, False, True] and answers[0] == answers[1]
+    with pytest.raises(ValueError, match="max_batch"):
+        RecommendBatcher(sizes, lambda answers: None, max_batch=20)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from service.core.recommender import Recommender
 from service.core.types import InvalidItemError, NewItem, TrainedItemConflictError
 from service.model import M2Rec
 from service.model.artifact import load_artifact
+from service.model.mixing import Calibrated, Policy, Quota
 from service.store import Interaction, ItemRecord, SqliteStore
 from tests.conftest import TrainedArtifact
 
@@ -32,15 +32,34 @@ def recommender(trained_artifact: TrainedArtifact, tmp_path: Path) -> Recommende
     return rec
 
 
-def _brute_force(rec: Recommender, history: list[str], k: int) -> list[tuple[str, float]]:
-    ids, vectors, _ = rec.index.live_vectors()
+def _brute_force(rec: Recommender, history: list[str], k: int, policy: Policy | None = None
+                 ) -> list[tuple[str, float]]:
+    """Every live item scored with the torch fold-in, then ranked by the policy, in plain Python:
+    calibrated, new items' scores mapped and one list by score; quota, slot p holds a new item when
+    floor((p+1)·share) > floor(p·share), a population that runs out handing its slots to the other."""
+    policy = policy or rec.policy
+    ids, vectors, cold = rec.index.live_vectors()
     rows = rec.history_rows(history)
     with torch.inference_mode():
         h = rec.model.fold_in(torch.from_numpy(rows)[None], torch.ones(1, len(rows), dtype=torch.bool))
     scores = vectors[:, :-1].astype(np.float64) @ h[0].numpy().astype(np.float64) + vectors[:, -1]
-    ranked = sorted((s, i) for i, s in zip(ids, scores.tolist(), strict=True) if i not in set(history))
-    ranked.sort(key=lambda p: -p[0])
-    return [(i, s) for s, i in ranked[:k]]
+    ranked = [(s, i, c) for i, s, c in zip(ids, scores.tolist(), cold, strict=True) if i not in set(history)]
+    if isinstance(policy, Calibrated):
+        ranked = [(policy.scale * s + policy.offset if c else s, i, c) for s, i, c in ranked]
+        ranked.sort(key=lambda p: -p[0])
+        return [(i, s) for s, i, _ in ranked[:k]]
+    trained = sorted((p for p in ranked if not p[2]), key=lambda p: -p[0])
+    new = sorted((p for p in ranked if p[2]), key=lambda p: -p[0])
+    out: list[tuple[str, float]] = []
+    for p in range(k):
+        first, second = (new, trained) if int((p + 1) * policy.share + 1e-9) > int(p * policy.share + 1e-9) \
+            else (trained, new)
+        source = first or second
+        if not source:
+            break
+        s, i, _ = source.pop(0)
+        out.append((i, s))
+    return out
 
 
 def test_recommend_equals_brute_force_over_warm_and_registered_rows(
@@ -99,26 +118,44 @@ def test_trained_item_ids_cannot_be_registered_or_deleted(recommender: Recommend
         recommender.delete(recommender.warm_ids[0])
 
 
-def test_fallback_puts_newest_cold_items_among_the_most_popular_trained_items(
+@pytest.mark.parametrize("policy", [None, Quota(0.25), Quota(0.0), Quota(1.0), Calibrated(2.0, -0.5)])
+def test_recommend_mixes_new_and_trained_items_by_the_policy_asked_for(
+    recommender: Recommender, trained_artifact: TrainedArtifact, policy: Policy | None
+) -> None:
+    recommender.register([_cold_item(trained_artifact, n) for n in range(30)])
+    history = [recommender.warm_ids[5], recommender.warm_ids[17]]
+    recommender.store.add_interactions([Interaction("u2", i, float(t)) for t, i in enumerate(history)])
+    got = recommender.recommend("u2", 20, policy=policy)
+    expected = _brute_force(recommender, history, 20, policy)
+    assert [h.item_id for h in got.hits] == [i for i, _ in expected]
+    np.testing.assert_allclose([h.score for h in got.hits], [s for _, s in expected], rtol=1e-4, atol=1e-4)
+    assert got.policy == (policy or recommender.policy)
+    if isinstance(policy, Quota):
+        assert got.cold_share == pytest.approx(int(20 * policy.share + 1e-9) / 20)
+
+
+def test_an_unknown_user_gets_the_list_of_a_user_folded_in_from_nothing_under_the_same_policy(
     recommender: Recommender, trained_artifact: TrainedArtifact
 ) -> None:
-    for n in range(3):  # distinct created_at, so "newest" is well defined
-        recommender.register([_cold_item(trained_artifact, n)])
-        time.sleep(0.002)
-    got = recommender.recommend("nobody", 10)
-    assert got.fallback
-    assert [h.is_cold for h in got.hits] == [False] * 4 + [True] + [False] * 4 + [True]
-    cold = [h.item_id for h in got.hits if h.is_cold]
-    assert cold == [_cold_item(trained_artifact, 2).item_id, _cold_item(trained_artifact, 1).item_id]
-    biases = recommender.warm_rows[:, -1]
-    top = [recommender.warm_ids[j] for j in np.argsort(-biases, kind="stable")[:8]]
-    assert [h.item_id for h in got.hits if not h.is_cold] == top
+    recommender.register([_cold_item(trained_artifact, n) for n in range(30)])
+    for policy in (None, Quota(0.5)):
+        got = recommender.recommend("nobody", 10, policy=policy)
+        assert got.fallback and got.policy == (policy or recommender.policy)
+        assert [h.item_id for h in got.hits] == [i for i, _ in _brute_force(recommender, [], 10, policy)]
+    assert recommender.recommend("nobody", 10, policy=Quota(0.5)).cold_share == 0.5
 
 
-def test_fallback_leaves_out_what_the_user_has(recommender: Recommender) -> None:
-    biases = recommender.warm_rows[:, -1]
-    best = recommender.warm_ids[int(np.argmax(biases))]
-    assert best not in {h.item_id for h in recommender.fallback(5, {best})}
+def test_a_user_whose_history_is_gone_gets_the_fallback_without_their_items(
+    recommender: Recommender, trained_artifact: TrainedArtifact
+) -> None:
+    gone, kept = _cold_item(trained_artifact, 0), _cold_item(trained_artifact, 1)
+    recommender.register([gone, kept])
+    recommender.store.add_interactions([Interaction("u3", gone.item_id, 0.0)])
+    recommender.delete(gone.item_id)
+    got = recommender.recommend("u3", 10, policy=Quota(0.5))
+    assert got.fallback  # nothing usable left to fold in
+    nobody = recommender.recommend("nobody", 10, policy=Quota(0.5))
+    assert [h.item_id for h in got.hits] == [h.item_id for h in nobody.hits]
 
 
 def test_stored_row_from_another_model_version_is_re_embedded(
@@ -183,7 +220,9 @@ def test_service_ranking_matches_the_offline_evaluation_table(
     recommender: Recommender, trained_artifact: TrainedArtifact
 ) -> None:
     """Offline/online parity: registering every non-trained item and posting a user's training
-    history gives the ranking training.train.ItemTable scores offline (all-items protocol)."""
+    history gives the ranking training.item_rows.ItemTable scores offline, merged by the artifact's
+    policy (the hybrid protocol's ranking)."""
+    from service.model.mixing import merge_order
     from training.item_rows import ItemTable
     from training.train_data import prepare
 
@@ -200,11 +239,16 @@ def test_service_ranking_matches_the_offline_evaluation_table(
         recommender.store.add_interactions([Interaction(str(u), ds.item_ids[j], 0.0) for j in history])
         got = recommender.recommend(str(u), k)
         candidates = np.array([j for j in range(ds.n_items) if j not in set(history)])
-        scores = table.score(np.array([u]), candidates)[0]
-        top = candidates[np.argsort(-scores, kind="stable")[:k]]
-        np.testing.assert_allclose([h.score for h in got.hits], np.sort(scores)[::-1][:k], rtol=1e-4, atol=1e-4)
-        overlap = {h.item_id for h in got.hits} & {ds.item_ids[j] for j in top}
-        assert len(overlap) >= k - 1  # at most a near-tie at the cut differs
+        scores = table.score(np.array([u]), candidates, split.train)[0]
+        lists = [candidates[(~np.isin(candidates, split.warm_items)) == new] for new in (False, True)]
+        ranked = [c[np.argsort(-scores[np.isin(candidates, c)], kind="stable")[:k]] for c in lists]
+        by_item = dict(zip(candidates.tolist(), scores.tolist(), strict=True))
+        heads = np.array([[[by_item[j] for j in r] for r in ranked]])  # (1, 2, k)
+        order, _ = merge_order(recommender.policy, heads)
+        expected = [ds.item_ids[ranked[p // k][p % k]] for p in order[0].tolist()]
+        got_ids = [h.item_id for h in got.hits]
+        assert len(set(got_ids) & set(expected)) >= k - 1  # at most a near-tie at the cut differs
+        assert got_ids[:10] == expected[:10]
 
 
 def test_embedding_a_batch_equals_embedding_its_items_one_by_one_in_the_callers_order(

@@ -155,7 +155,7 @@ class _ALSScorer:
     def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         with threadpool_limits(1, "blas"):
             X = self.als_model.recalculate_user(users, sp.csr_matrix(history[users], dtype=np.float32))
-        s = np.asarray(X, dtype=np.float64) @ self.item_rows[candidates].T  # (B, C)
+        s: np.ndarray = np.asarray(X, dtype=np.float64) @ self.item_rows[candidates].T  # (B, C)
         s[:, ~self.rankable[candidates]] = -np.inf
         return s
 

@@ -119,9 +119,9 @@ def tops(model: Recommender, task: Task, k: int = K_MAX) -> Tops:
 
 def mean_metrics(per_user: dict[str, np.ndarray], mixed: bool) -> dict[str, float]:
     """Means over the users who have truth in each part; parts and shares only for mixed tasks."""
-    keep = (lambda key: True) if mixed else (lambda key: not key.startswith(("cold_", "warm_", "truth_")))
+    parts = ("cold_", "warm_", "truth_")
     return {key: float(np.nanmean(v)) for key, v in per_user.items()
-            if keep(key) and np.isfinite(v).any()}
+            if (mixed or not key.startswith(parts)) and np.isfinite(v).any()}
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,8 @@ def cold_start_split(
 
 
 def _empty(n_users: int, n_items: int) -> sp.csr_matrix:
-    return sp.csr_matrix((n_users, n_items), dtype=np.float32)
+    none = np.zeros(0, np.int64)
+    return sp.csr_matrix((np.zeros(0, np.float32), (none, none)), shape=(n_users, n_items))
 
 
 def validation_split(dataset: Dataset, seed: int, val_fraction: float = 0.2, val_warm_holdout: float = 0.2

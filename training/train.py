@@ -280,6 +280,7 @@ def validate(model: M2Rec, data: TrainingData, split: ColdStartSplit) -> Validat
     """The hybrid validation task (pseudo-cold items and the warm holdout) under the policy that
     mixes them best; without validation items (a production refit), the warm holdout alone."""
     table = ItemTable(model, data)
+    policy: Policy
     if split.val_items.size == 0:
         task, policy = warm_only(split, validation=True), RAW
         t = tops(table, task)

@@ -70,13 +70,13 @@ def open_store(settings: Settings) -> Store:
 
 def index_config(settings: Settings) -> IndexConfig:
     return IndexConfig(kind=settings.index_kind, nlist=settings.index_nlist, nprobe=settings.index_nprobe,
-                       ivf_min_rows=settings.index_ivf_min_rows)
+                       ivf_min_rows=settings.index_ivf_min_rows, sq8_min_rows=settings.index_sq8_min_rows,
+                       rerank=settings.index_rerank, rerank_float16=settings.index_rerank_float16)
 
 
 def new_recommender(artifact: Artifact, store: Store, settings: Settings) -> Recommender:
     """Model loaded, index still empty: start_index or a reload fills it."""
-    return Recommender(artifact, store, index_config(settings), fallback_cold_share=settings.fallback_cold_share,
-                       newest_kept=settings.k_max, max_history=settings.max_history_length)
+    return Recommender(artifact, store, index_config(settings), max_history=settings.max_history_length)
 
 
 def start_index(recommender: Recommender, settings: Settings, metrics: Metrics) -> str | None:
@@ -134,7 +134,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = await run_in_threadpool(open_store, settings)
     runtime.store = store
     runtime.gate = SwapGate()  # asyncio state belongs to the loop running this lifespan
-    runtime.batcher = RecommendBatcher(runtime.metrics.recommend_batch, runtime.served.count)
+    runtime.batcher = RecommendBatcher(runtime.metrics.recommend_batch, runtime.served.count,
+                                       settings.recommend_batch_max)
     reloader = app.state.reloader = Reloader(runtime, lambda a: new_recommender(a, store, settings))
     tasks: list[asyncio.Task[None]] = []
     try:

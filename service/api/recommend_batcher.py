@@ -1,9 +1,9 @@
 """Micro-batching of /recommend: the requests that reach the route in one event-loop pass are
-answered by one `Recommender.recommend_many` call.
+answered by one `Recommender.recommend_many` call, in a worker thread, whatever the store.
 
-Under concurrent load most of a request's own time is fixed cost per call (a store read, a FAISS
-call per index segment, a dozen NumPy dispatches), not work per user: one call for the 5-15 users
-that arrive together pays it once (benchmarks/results/serve.md).
+A batch pays once what is fixed cost per call (a store read, one FAISS search per index segment,
+NumPy dispatches), and the event loop never runs the fold-in, the search or a store read: it keeps
+accepting requests meanwhile (benchmarks/results/serve.md measures batches of 1 against 16).
 Nothing waits for a batch to fill: the flush is scheduled with `call_soon` when the first request
 arrives and runs after one more pass of the loop (which polls the sockets once more, without a
 timer), so a lone request waits for two passes of an otherwise idle loop: microseconds.
@@ -20,10 +20,11 @@ from prometheus_client import Histogram
 
 from service.core.recommender import Recommender
 from service.core.types import Recommendations
+from service.model.mixing import Policy
 
 # Passes of the event loop a batch waits for more requests before it is answered. One more pass
 # polls the sockets once more (no timer), so requests that arrive together share a batch; more
-# passes only delay the first request (benchmarks/results/notes-from-code.md).
+# passes only delay the first request.
 _EXTRA_PASSES = 1
 
 
@@ -32,18 +33,20 @@ class _Pending(NamedTuple):  # a NamedTuple: one per request, cheaper to build t
     user_id: str
     k: int
     explain: bool
+    policy: Policy | None  # None: the artifact's
     answer: asyncio.Future[Recommendations]
 
 
 class RecommendBatcher:
-    """One per event loop (the app's lifespan makes it). `max_batch` bounds one call's work, so a
-    burst is answered in several calls rather than one long pause of the loop. A user's scores
-    never depend on which other requests share the batch, at any batch size: exact rows, IVF
-    centroids and IVF lists are scored by service.index._scoring (each sum in a fixed order), and the
-    fold-in runs one product per user."""
+    """One per event loop (the app's lifespan makes it). `max_batch` bounds one call's work. A user's
+    answer does not depend on which other requests share the batch: the fold-in runs one product per
+    user, and FAISS scores batches of fewer than 20 queries one query at a time (its BLAS path starts
+    at `faiss.cvar.distance_compute_blas_threshold`, 20), so `max_batch` stays below that."""
 
     def __init__(self, batch_sizes: Histogram, count: Callable[[list[Recommendations]], None],
                  max_batch: int = 16) -> None:
+        if not 1 <= max_batch < 20:
+            raise ValueError("max_batch must be 1..19: FAISS scores larger batches with BLAS, whose sums vary")
         self._batch_sizes = batch_sizes
         self._count = count  # the served-recommendation counters, once per batch
         self._max_batch = max_batch
@@ -51,11 +54,11 @@ class RecommendBatcher:
         self._flush_scheduled = False
         self._in_threads: set[asyncio.Task[None]] = set()
 
-    async def recommend(self, recommender: Recommender, user_id: str, k: int, explain: bool = False
-                        ) -> Recommendations:
+    async def recommend(self, recommender: Recommender, user_id: str, k: int, explain: bool = False,
+                        policy: Policy | None = None) -> Recommendations:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Recommendations] = loop.create_future()
-        self._pending.append(_Pending(recommender, user_id, k, explain, answer))
+        self._pending.append(_Pending(recommender, user_id, k, explain, policy, answer))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush, _EXTRA_PASSES)
@@ -74,14 +77,9 @@ class RecommendBatcher:
                 by_model.setdefault(id(p.recommender), []).append(p)
             for group in by_model.values():
                 self._batch_sizes.observe(len(group))
-                if group[0].recommender.store.inline_reads:
-                    # a local store never waits for a writer: its read is a short stretch of CPU,
-                    # to which a thread would add switches and GIL hand-offs and nothing else
-                    self._settle(group, _outcome(group))
-                else:  # a network store may take up to its timeout: never on the event loop
-                    task = asyncio.ensure_future(self._settle_from_thread(group))
-                    self._in_threads.add(task)  # held until done: the loop keeps only weak references
-                    task.add_done_callback(self._in_threads.discard)
+                task = asyncio.ensure_future(self._settle_from_thread(group))
+                self._in_threads.add(task)  # held until done: the loop keeps only weak references
+                task.add_done_callback(self._in_threads.discard)
 
     async def _settle_from_thread(self, group: list[_Pending]) -> None:
         self._settle(group, await run_in_threadpool(_outcome, group))
@@ -100,6 +98,7 @@ class RecommendBatcher:
 
 def _outcome(group: list[_Pending]) -> list[Recommendations] | Exception:
     try:
-        return group[0].recommender.recommend_many([(p.user_id, p.k) for p in group], [p.explain for p in group])
+        return group[0].recommender.recommend_many([(p.user_id, p.k) for p in group], [p.explain for p in group],
+                                                   [p.policy for p in group])
     except Exception as exc:  # each request of the batch gets the error its own call would have raised
         return exc

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
@@ -190,7 +190,8 @@ class ExplanationOut(BaseModel):
 
 class RecommendedItem(BaseModel):
     id: str
-    score: float = Field(description="h·v + b; comparable within one response")
+    score: float = Field(description="what the item was ranked by: h·v + b; a new item's on the trained items' "
+                         "scale under a calibrated policy (scale·(h·v + b) + offset)")
     is_cold: bool
     model_version: str
 
@@ -201,9 +202,21 @@ class ExplainedItem(RecommendedItem):
     explanation: ExplanationOut
 
 
+class CalibratedPolicyOut(BaseModel):
+    policy: Literal["calibrated"]
+    scale: float
+    offset: float
+
+
+class QuotaPolicyOut(BaseModel):
+    policy: Literal["quota"]
+    cold_share: float
+
+
 class RecommendationsOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "user": "user:42", "model_version": "20260101T000000Z-0123abcd", "fallback": False,
+        "policy": {"policy": "calibrated", "scale": 1.0, "offset": 1.24}, "cold_share": 1.0,
         "items": [{"id": "movie:1683", "score": 3.2, "is_cold": True,
                    "model_version": "20260101T000000Z-0123abcd"}],
     }]})
@@ -211,9 +224,13 @@ class RecommendationsOut(BaseModel):
     user: str
     model_version: str
     fallback: bool = Field(
-        description="true when the user has no usable history: popular trained items mixed with the newest "
-        "registered ones, not a personal ranking"
+        description="true when the user has no usable history: the list of a user folded in from nothing "
+        "(popular trained items and the new items most people would take), under the same policy"
     )
+    policy: CalibratedPolicyOut | QuotaPolicyOut = Field(
+        description="how new items were mixed with trained ones: `calibrated` (the model's validation-chosen "
+        "calibration of new items' scores, one list by score) or `quota` (the share asked for with cold_share)")
+    cold_share: float = Field(ge=0.0, le=1.0, description="the share of new items in this list")
     items: list[RecommendedItem | ExplainedItem] = Field(description="ExplainedItem with explain=true")
 
 

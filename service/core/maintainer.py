@@ -1,16 +1,13 @@
 """Keeps one model version's index in step with the store: a full build, snapshots, the store's
 event stream (writes made through any replica) and this replica's own writes.
 
-The index is derived state, and so are the two structures that move with it: the newest registered
-items (the cold half of a fallback list) and the row cache (registered rows for fold-ins). Each is
-rebuilt from the store, or loaded from a snapshot and brought up to date by the events after it.
+The index is derived state, and so is the row cache (registered rows for fold-ins) that moves with
+it: rebuilt from the store, or loaded from a snapshot and brought up to date by the events after it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from service.core.embedder import Embedder
-from service.core.newest_items import NewestItems
 from service.core.progress import ProgressLog
 from service.core.row_cache import RowCache
 from service.core.types import Followed, Rows
@@ -32,13 +28,12 @@ ROW_CACHE_ITEMS = 65_536  # registered rows kept in memory for fold-ins (~34 MB 
 class IndexMaintainer:
     def __init__(
         self, embedder: Embedder, store: Store, index_config: IndexConfig | None = None, *,
-        newest_kept: int = 1000, row_cache_items: int = ROW_CACHE_ITEMS,
+        row_cache_items: int = ROW_CACHE_ITEMS,
     ) -> None:
         self.embedder = embedder
         self.store = store
         self.index_config = index_config or IndexConfig()
         self.index = VectorIndex(embedder.dim, self.index_config)  # empty until build_index
-        self.newest = NewestItems(newest_kept)
         self.rows = RowCache(row_cache_items)  # registered items' rows for history fold-ins
         # id -> (created_at, index) of this replica's own writes: the follower skips re-adding them
         self._own_writes: dict[str, tuple[float, VectorIndex]] = {}
@@ -47,39 +42,31 @@ class IndexMaintainer:
         """A fresh index from the artifact's rows and every stored item; returns the event id to
         follow from (taken before reading, so events racing the build are applied again)."""
         cursor = self.store.last_event_id()
-        progress = ProgressLog(log, f"index build, model {self.embedder.version}: stored items embedded",
+        embedder = self.embedder
+        progress = ProgressLog(log, f"index build, model {embedder.version}: stored items embedded",
                                self.store.count_items())
-        self.index = VectorIndex.build_from(self._index_batches(progress), self.embedder.dim, self.index_config,
-                                            pin_warm=True)
+        self.index = VectorIndex.build(embedder.dim, list(embedder.warm_ids), embedder.warm_rows,
+                                       self._index_batches(progress), self.index_config)
         progress.finish()
         self._own_writes.clear()
         return cursor
 
-    def _index_batches(self, progress: ProgressLog) -> Iterator[tuple[list[str], Rows, list[bool]]]:
-        """The trained rows, then stored items a batch at a time: the index copies each batch into
-        its own storage, so the catalogue is never held twice (nor as one small array per item)."""
+    def _index_batches(self, progress: ProgressLog) -> Iterator[tuple[list[str], Rows]]:
+        """Stored items a batch at a time: the index copies each batch into its own storage, so the
+        catalogue is never held twice (nor as one small array per item)."""
         embedder = self.embedder
-        yield list(embedder.warm_ids), embedder.warm_rows, [False] * len(embedder.warm_ids)
         for batch in self.store.iter_items():
             batch = [r for r in batch if not embedder.is_trained(r.item_id)]
             rows = embedder.record_rows(batch)
             ids = [r.item_id for r in batch if r.item_id in rows]
-            for record in batch:
-                if record.item_id in rows:
-                    self.newest.add(record.item_id, record.created_at, float(rows[record.item_id][-1]))
             if ids:
-                yield ids, np.stack([rows[i] for i in ids]).astype(np.float32), [True] * len(ids)
+                yield ids, np.stack([rows[i] for i in ids]).astype(np.float32)
             progress.advance(len(batch))
 
     def save_snapshot(self, directory: Path, cursor: str | None) -> None:
-        """Index files plus the fallback's newest items, for a restart that skips re-embedding."""
-        version = self.embedder.version
+        """The index files, for a restart that skips re-embedding."""
         directory.mkdir(parents=True, exist_ok=True)
-        self.index.save(directory / f"index-{version}", cursor)
-        newest = directory / f"newest-{version}.json"
-        tmp = newest.with_name(f".{newest.name}.tmp")
-        tmp.write_text(json.dumps(self.newest.dump()))
-        os.replace(tmp, newest)
+        self.index.save(directory / f"index-{self.embedder.version}", cursor)
 
     def load_snapshot(self, directory: Path) -> tuple[bool, str | None]:
         """(loaded, event id it reflects); snapshots are per model version, others are ignored."""
@@ -88,10 +75,6 @@ class IndexMaintainer:
         if not link.exists():
             return False, None
         self.index, cursor = VectorIndex.load(link, self.index_config)
-        newest = directory / f"newest-{version}.json"
-        if newest.is_file():
-            for item_id, (created_at, bias) in json.loads(newest.read_text()).items():
-                self.newest.add(item_id, created_at, bias)
         return True, cursor
 
     def follow(self, cursor: str | None, batch: int = 1000) -> Followed:
@@ -120,8 +103,6 @@ class IndexMaintainer:
         self.rows.discard(ids)  # before the index changes: a fold-in never mixes old and new rows
         if gone:
             self.index.remove(gone)
-            for item_id in gone:
-                self.newest.remove(item_id)
         fresh = []
         for record in records.values():
             own = self._own_writes.pop(record.item_id, None)
@@ -129,27 +110,23 @@ class IndexMaintainer:
                 fresh.append(record)
         rows = self.embedder.record_rows(fresh)
         if rows:
-            self.index.add(list(rows), np.stack(list(rows.values())), [True] * len(rows))
+            self.index.add(list(rows), np.stack(list(rows.values())))
             self.rows.put(rows)
         now = time.time()
-        for item_id, row in rows.items():
-            self.newest.add(item_id, records[item_id].created_at, float(row[-1]))
         return [now - at[i] for i in rows]
 
     def added(self, records: Sequence[ItemRecord], rows: Rows) -> None:
         """Items this replica has just written to the store: searchable now, and not added again
         when their events come back through the stream."""
         index = self.index
-        index.add([r.item_id for r in records], rows, [True] * len(records))
+        index.add([r.item_id for r in records], rows)
         self.rows.put({r.item_id: row for r, row in zip(records, rows, strict=True)})
         if len(self._own_writes) > 100_000:  # the follower is not draining them: stop remembering
             self._own_writes.clear()
-        for record, row in zip(records, rows, strict=True):
+        for record in records:
             self._own_writes[record.item_id] = (record.created_at, index)
-            self.newest.add(record.item_id, record.created_at, float(row[-1]))
 
     def removed(self, item_id: str) -> None:
         """An item this replica has just deleted from the store."""
         self.rows.discard([item_id])
         self.index.remove([item_id])
-        self.newest.remove(item_id)

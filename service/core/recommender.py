@@ -23,6 +23,7 @@ from service.core.embedder import Embedder
 from service.core.explainer import Explainer
 from service.core.fold_in import FoldIn
 from service.core.maintainer import ROW_CACHE_ITEMS, IndexMaintainer
+from service.core.merge import merge_hits
 from service.core.types import (
     Explanation,
     ItemView,
@@ -33,8 +34,9 @@ from service.core.types import (
     TrainedItemConflictError,
     UnknownItemsError,
 )
-from service.index import Hit, IndexConfig, VectorIndex
+from service.index import IndexConfig, Tops, VectorIndex
 from service.model.artifact import Artifact
+from service.model.mixing import Policy
 from service.store import DEFAULT_MAX_HISTORY, Interaction, ItemRecord, Store
 
 log = logging.getLogger(__name__)
@@ -47,24 +49,21 @@ class Recommender:
 
     def __init__(
         self, artifact: Artifact, store: Store, index_config: IndexConfig | None = None, *,
-        fallback_cold_share: float = 0.2, newest_kept: int = 1000, row_cache_items: int = ROW_CACHE_ITEMS,
-        max_history: int = DEFAULT_MAX_HISTORY,
+        row_cache_items: int = ROW_CACHE_ITEMS, max_history: int = DEFAULT_MAX_HISTORY,
     ) -> None:
         """`max_history`: the store's history cap (M2REC_MAX_HISTORY_LENGTH); only users whose history
         is full can have seen more than it holds."""
         self.artifact = artifact
         self.max_history = max_history
         self.embedder = embedder = Embedder(artifact)
-        self.maintainer = IndexMaintainer(embedder, store, index_config, newest_kept=newest_kept,
-                                          row_cache_items=row_cache_items)
+        self.maintainer = IndexMaintainer(embedder, store, index_config, row_cache_items=row_cache_items)
         self.store = store
         self.version, self.model = embedder.version, embedder.model
         self.content_dim, self.dim = embedder.content_dim, embedder.dim
         self.warm_rows, self.warm_ids = embedder.warm_rows, embedder.warm_ids
         self._fold_in = FoldIn(self.model)  # the request path's fold-in, without torch dispatch
         self._explainer = Explainer(embedder, self._fold_in)
-        self._popular = np.argsort(-self.warm_rows[:, -1], kind="stable")  # by trained bias b
-        self.fallback_cold_share = fallback_cold_share
+        self.policy = artifact.manifest.policy  # how new items mix with trained ones, unless a request says
         self._reported: set[str] = set()  # items logged for a non-finite row
 
     @property
@@ -174,19 +173,23 @@ class Recommender:
         `M2Rec.query(model.fold_in(rows))` (service.core.fold_in runs it in NumPy)."""
         return self._fold_in.query(rows)
 
-    def recommend(self, user_id: str, k: int, explain: bool = False) -> Recommendations:
-        return self.recommend_many([(user_id, k)], [explain])[0]
+    def recommend(self, user_id: str, k: int, explain: bool = False, policy: Policy | None = None
+                  ) -> Recommendations:
+        return self.recommend_many([(user_id, k)], [explain], [policy])[0]
 
-    def recommend_many(self, requests: Sequence[tuple[str, int]], explain: Sequence[bool] | None = None
-                       ) -> list[Recommendations]:
+    def recommend_many(self, requests: Sequence[tuple[str, int]], explain: Sequence[bool] | None = None,
+                       policies: Sequence[Policy | None] | None = None) -> list[Recommendations]:
         """`recommend` for many (user, k) at once: one read of the histories and one of the seen
         items, one fold-in pass and one index search for all of them. Each answer is the one
         `recommend` alone would give.
 
         Users are folded in from their history (the newest max_history items) but never offered
         anything they have seen, which reaches further back (`Store.get_seen`, read for the users whose
-        history is full: nothing has left a shorter one, so it is all they have seen). `explain[b]`: add
-        request b's explanations (service/core/explainer.py) from the history already read."""
+        history is full: nothing has left a shorter one, so it is all they have seen). A user with no
+        usable history is folded in from nothing, the encoder's answer for "knows nothing", and gets
+        that list (`fallback`). The two populations' best items are merged by `policies[b]` (None: the
+        artifact's validation-chosen policy, service/model/mixing.py), the same way for everyone.
+        `explain[b]`: add request b's explanations (service/core/explainer.py) from the history read."""
         users = [user for user, _ in requests]
         histories = self.store.get_histories(users)
         full = [user for user in dict.fromkeys(users) if len(histories[user]) >= self.max_history]
@@ -196,19 +199,13 @@ class Recommender:
                 seen[user] = set(histories[user])
         asked = [histories[user] for user in users]
         rows, lengths = self.histories_rows(asked)  # (sum L, D+1), rows per request
-        out: list[Recommendations | None] = [None] * len(requests)
-        personal = [at for at, n in enumerate(lengths) if n > 0]
-        for at, n in enumerate(lengths):
-            if n == 0:
-                out[at] = self._fallback_answer(requests[at][1], seen[users[at]])
-        if personal:
-            k_max = max(requests[at][1] for at in personal)  # a top-k is the first k of the top-k_max
-            queries = self._fold_in.queries(rows, [n for n in lengths if n > 0])  # (B', D+1)
-            found, skipped = self._search(queries, k_max, [seen[users[at]] for at in personal])
-            for at, hits, n_skipped in zip(personal, found, skipped, strict=True):
-                out[at] = Recommendations(hits[: requests[at][1]], False, self.version, n_skipped)
-        answered = [r for r in out if r is not None]
-        assert len(answered) == len(requests)  # every request is personal or a fallback
+        queries = self._fold_in.queries(rows, lengths)  # (B, D+1); an empty history folds in from nothing
+        k_max = max(k for _, k in requests)  # a top-k is the first k of the top-k_max
+        found, skipped = self._search(queries, k_max, [seen[user] for user in users])
+        chosen = [self.policy if p is None else p for p in (policies or [None] * len(requests))]
+        answered = [Recommendations(merge_hits(tops, policy, k), n == 0, self.version, n_skipped, policy=policy)
+                    for tops, policy, (_, k), n, n_skipped in zip(found, chosen, requests, lengths, skipped,
+                                                                  strict=True)]
         held = self.embedder.held_out
         if held:  # only artifacts that name held-out items pay for the count
             answered = [replace(a, held_out=sum(h.is_cold and h.item_id in held for h in a.hits)) for a in answered]
@@ -217,7 +214,7 @@ class Recommender:
                         for at, (a, wanted) in enumerate(zip(answered, explain, strict=True))]
         return answered
 
-    def _search(self, queries: Rows, k: int, exclude: list[set[str]]) -> tuple[list[list[Hit]], list[int]]:
+    def _search(self, queries: Rows, k: int, exclude: list[set[str]]) -> tuple[list[Tops], list[int]]:
         """Index search whose answers hold finite scores only. An item row that is not finite (the
         store and the embedder refuse them; this is the last line) is taken out of the index, logged
         once, counted per answer, and the query searched again without it: one item never makes an
@@ -225,7 +222,8 @@ class Recommender:
         found = self.index.search(queries, k, exclude=exclude)
         skipped = [0] * len(found)
         for _ in range(_RESEARCHES):
-            broken = {b: [h.item_id for h in hits if not math.isfinite(h.score)] for b, hits in enumerate(found)}
+            broken = {b: [h.item_id for h in chain(*tops) if not math.isfinite(h.score)]
+                      for b, tops in enumerate(found)}
             broken = {b: ids for b, ids in broken.items() if ids}
             if not broken:
                 break
@@ -234,16 +232,18 @@ class Recommender:
             for b in again:
                 skipped[b] += len(broken[b])
                 exclude[b] = exclude[b] | set(broken[b])
-            for b, hits in zip(again, self.index.search(queries[again], k, exclude=[exclude[b] for b in again]),
+            for b, tops in zip(again, self.index.search(queries[again], k, exclude=[exclude[b] for b in again]),
                                strict=True):
-                found[b] = hits
-        finite = [[h for h in hits if math.isfinite(h.score)] for hits in found]
-        return finite, [n + len(a) - len(b) for n, a, b in zip(skipped, found, finite, strict=True)]
+                found[b] = tops
+        finite = [Tops([h for h in t.trained if math.isfinite(h.score)], [h for h in t.new if math.isfinite(h.score)])
+                  for t in found]
+        return finite, [n + len(a.trained) + len(a.new) - len(b.trained) - len(b.new)
+                        for n, a, b in zip(skipped, found, finite, strict=True)]
 
     def _quarantine(self, item_ids: set[str]) -> None:
-        """Items whose row turned out not finite leave this replica's index and fallback (logged once:
-        they are gone afterwards). The store keeps them; a re-registration with usable inputs, or a
-        model that embeds them finitely, serves them again."""
+        """Items whose row turned out not finite leave this replica's index (logged once: they are gone
+        afterwards). The store keeps them; a re-registration with usable inputs, or a model that embeds
+        them finitely, serves them again."""
         registered = sorted(i for i in item_ids if not self.is_trained(i))
         first_time = sorted(item_ids - self._reported)
         if first_time:  # trained rows cannot leave the index: they are skipped at every answer, logged once
@@ -254,14 +254,6 @@ class Recommender:
             self._reported.update(first_time)
         for item_id in registered:
             self.maintainer.removed(item_id)
-
-    def _fallback_answer(self, k: int, exclude: set[str]) -> Recommendations:
-        hits = self.fallback(k, exclude)
-        broken = {h.item_id for h in hits if not math.isfinite(h.score)}
-        if not broken:
-            return Recommendations(hits, True, self.version)
-        self._quarantine(broken)
-        return Recommendations(self.fallback(k, exclude | broken), True, self.version, len(broken))
 
     def _explain(self, result: Recommendations, history: Sequence[str]) -> list[Explanation]:
         """One explanation per item of `result`, for the user folded in from `history` (empty: a
@@ -285,19 +277,3 @@ class Recommender:
             if row is not None:
                 item_rows[j] = row
         return self._explainer.explain(hits, item_rows, used, rows, by_id, self.store.get_items)
-
-    def fallback(self, k: int, exclude: set[str]) -> list[Hit]:
-        """Most popular trained items (largest bias b) with the newest registered items mixed in:
-        position p is cold when floor((p+1)·share) > floor(p·share)."""
-        share = self.fallback_cold_share
-        cold = iter(self.maintainer.newest.newest(k, exclude))
-        warm = (Hit(self.warm_ids[j], float(self.warm_rows[j, -1]), False)
-                for j in self._popular.tolist() if self.warm_ids[j] not in exclude)
-        out: list[Hit] = []
-        for p in range(k):
-            first, second = (cold, warm) if int((p + 1) * share) > int(p * share) else (warm, cold)
-            hit = next(first, None) or next(second, None)
-            if hit is None:
-                break
-            out.append(hit)
-        return out

@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.index import Hit
+from service.model.mixing import Policy
 from service.store import ItemRecord
 
 Rows = npt.NDArray[np.float32]  # (N, D+1): item rows [v; b], or index queries [h; 1]
@@ -62,6 +63,12 @@ class Recommendations:
     skipped: int = 0  # items left out because their score was not finite (counted by the caller)
     held_out: int = 0  # hits that are the model's held-out items: registered, but not new (counted apart)
     explanations: list[Explanation] | None = None  # one per hit, when asked for
+    policy: Policy | None = None  # how new items were mixed with trained ones in this list
+
+    @property
+    def cold_share(self) -> float:
+        """The share of new items in the list."""
+        return sum(h.is_cold for h in self.hits) / len(self.hits) if self.hits else 0.0
 
 
 @dataclass(frozen=True)

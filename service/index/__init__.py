@@ -1,11 +1,11 @@
-"""The item index: max inner product over rows [v; b], exact or IVF, sharded, with snapshots.
+"""The item index on FAISS: each query's best k trained items and best k new items, by h·v + b.
 
-`VectorIndex` (vector_index.py) is the interface; base.py, storage.py, search.py, ivf_lists.py and
-snapshot.py are its parts, and _scoring.c / _ivf_scan.c its C kernels (`service.index._scoring`).
+`VectorIndex` (vector_index.py) is the interface; `IndexConfig` (config.py) chooses each population's
+FAISS index by size; segment.py builds and searches one FAISS index, ids.py is the id side table,
+snapshot.py the files.
 """
 
-from service.index.search import Hit
-from service.index.storage import IndexConfig
-from service.index.vector_index import VectorIndex
+from service.index.config import IndexConfig
+from service.index.vector_index import Hit, Tops, VectorIndex
 
-__all__ = ["Hit", "IndexConfig", "VectorIndex"]
+__all__ = ["Hit", "IndexConfig", "Tops", "VectorIndex"]

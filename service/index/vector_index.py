@@ -1,337 +1,312 @@
-"""Max-inner-product item index: external string ids, warm/cold flags, exact or IVF, snapshots.
+"""The item index: two populations, each answered by FAISS, each query's best k of each.
 
-Rows are x_j = [v_j; b_j] and queries q = [h; 1], so q·x = h·v_j + b_j: the bias rides along.
+Rows are x = [v; b] (D+1) and queries q = [h; 1], so q·x = h·v + b: the bias rides along.
 
-Writes never wait on a rebuild. The index is four kinds of segment: an immutable *base* of shards
-(`service.index.base`: exact FAISS shards, or IVF lists chosen through the MIPS->L2 reduction and
-scanned by service/index/_ivf_scan.c), zero or more *frozen* deltas
-being merged into the next base, the live *delta* that takes every add (`service.index.storage`),
-and the exact *pinned* rows. An add appends to the delta's chunks (no reallocation) and is
-searchable as soon as it returns. Removes and upserts leave tombstones: internal ids are never
-reused, and a row is live only while `_item_of` holds its id, so stale rows are filtered at search
-time until a merge, run in a background thread, builds a new base without them and swaps it in
-under the lock. Searches hold the lock only to take the segments; the scoring kernels and NumPy then
-run without the GIL, so many threads search at once. How a batch of queries is answered from the segments
-(exclusions, over-fetching, the best k live items) is `service.index.search`.
+- Trained items (rows from the artifact) are one FAISS segment, built once and never written
+  again: exact below `ivf_min_rows`, IVF above (`IndexConfig.kind_for`).
+- New (registered) items live in three places: the *base* (a FAISS segment of the kind their count
+  calls for), *frozen* buffers being merged into it, and the *buffer*, an exact FAISS index that
+  takes every add and is searchable when `add` returns. Once the buffer holds `merge_rows` rows a
+  background thread freezes it and moves its rows into the base a slice at a time (the IVF list
+  assignment outside every lock), so an add never waits for a merge. The base is rebuilt, off the
+  locks, when its kind must change, it has grown `retrain_growth` times since its lists were
+  trained, or too many of its rows are tombstones.
 
-`build(..., pin_warm=True)` keeps the trained (warm) rows out of the base in a small exact
-*pinned* segment that every search scans. Trained rows [V; b] are few, carry most of a user's
-exact top-k, and are much longer than generated rows (benchmarks/results/serve.md): pinned, they are
-found exactly whatever lists IVF probes, and they do not set the M of the L2 reduction.
-
-`search` never calls FAISS: every segment is scored by the kernels of `service.index._scoring`.
-FAISS works in builds and background merges (IVF k-means, assigning rows to lists), with as many
-OpenMP threads as the caller sets (`faiss.omp_set_num_threads`; the service: M2REC_FAISS_THREADS).
+Removes and upserts leave tombstones: the old internal id goes dead in `Liveness`, which FAISS
+consults through an `IDSelector` while it scans, so dead rows never take a place in a top-k. A user's
+own items (`exclude`) differ per query: one FAISS call asks each segment for k plus the most any
+query of the batch excludes, and they are dropped after (against a call per query with its own
+selector: benchmarks/results/serve.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import threading
 from collections.abc import Iterable, Sequence, Set
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-from service.index.base import Base, build_base, is_dead, merged_base
-from service.index.search import Hit, base_found, collect, exact_found, floors_of, head_hits, prepare_segments
-from service.index.snapshot import SNAPSHOT_FORMAT, read_snapshot, write_snapshot
-from service.index.storage import (
-    Banned,
-    DeltaSegment,
-    DeltaView,
-    IdMap,
-    Ids,
-    IndexConfig,
-    Item,
-    ItemTable,
-    Vectors,
-    release_freed_memory,
-    take_rows,
-)
+from service.index.config import IndexConfig
+from service.index.ids import IdTable, Liveness
+from service.index.segment import Ids, RowStore, Segment, Vectors, build_segment, empty_exact, release_memory
+from service.index.snapshot import Snapshot, read_snapshot, write_snapshot
 
-__all__ = ["SNAPSHOT_FORMAT", "Hit", "IndexConfig", "VectorIndex"]
-
-_GIL_SLICE = 16_384  # ids per Python-level pass, so other threads get the GIL between passes
 log = logging.getLogger(__name__)
-Batch = tuple[Sequence[str], npt.ArrayLike, Sequence[bool]]  # ids, rows (N, D+1), cold flags
-HEAD_SLACK = 8  # candidates converted past the k-th: room for ties at the k-th score
+Batch = tuple[Sequence[str], npt.ArrayLike]  # item ids, rows (N, D+1)
+
+
+class Hit(NamedTuple):
+    item_id: str
+    score: float
+    is_cold: bool
+
+
+_hit = functools.partial(tuple.__new__, Hit)  # a Hit from a tuple without a Python-level __new__
+_rank = lambda h: (-h.score, h.item_id)  # noqa: E731  # best first, ties by item id
+
+
+class Tops(NamedTuple):
+    """One query's best k trained items and best k new items, each best first."""
+
+    trained: list[Hit]
+    new: list[Hit]
+
+    def merged(self, k: int) -> list[Hit]:
+        """The best k of both by raw score h·v + b: the exact top-k over every item."""
+        return sorted([*self.trained, *self.new], key=_rank)[:k]
 
 
 class VectorIndex:
     def __init__(self, dim: int, config: IndexConfig | None = None) -> None:
-        """`dim` is D+1: the item row with its bias."""
-        self.dim = dim
+        self.dim = dim  # D+1: rows [v; b]
         self.config = config or IndexConfig()
-        self.nprobe = self.config.nprobe  # IVF lists scanned per query; may be retuned live
-        self._lock = threading.Lock()  # guards every field below; held only for bookkeeping
-        self._merge_lock = threading.Lock()  # one merge at a time
-        self._base = Base(dim)
-        self._frozen: tuple[DeltaView, ...] = ()
-        self._delta = DeltaSegment(dim, self.config.delta_chunk_rows)
-        self._pinned = DeltaSegment(dim, 1).view()  # exact, set once by build(pin_warm=True)
-        self._iid_of = IdMap()  # item id -> its live internal id
-        self._item_of = ItemTable()  # live internal id -> (item id, is cold)
+        self.nprobe = self.config.nprobe  # may be retuned live
+        self._lock = threading.Lock()  # ids, liveness and which segments exist; held briefly
+        self._buffer_lock = threading.Lock()  # the buffer's FAISS index: appends vs searches
+        self._base_lock = threading.Lock()  # the base: rows moved in by a merge vs searches
+        self._merge_lock = threading.Lock()
+        self._trained_ids: list[str] = []
+        self._trained_pos: dict[str, int] = {}
+        self._trained: Segment = empty_exact(dim)
+        self._ids = IdTable()
+        self._live = Liveness()
         self._next_iid = 0
-        self._cold = 0
-        # tombstones: killed internal ids whose rows still sit in some segment (a merge drops them)
-        self._killed: set[int] = set()
+        self._buffer = empty_exact(dim)
+        self._frozen: tuple[Segment, ...] = ()
+        self._base: Segment | None = None
+        self._base_dead = 0  # tombstones in the base: a rebuild drops them
+        self._merged_upto = 0  # every internal id below it is in the base or was dead when merged
         self._merge_thread: threading.Thread | None = None
 
     @classmethod
-    def build(
-        cls, dim: int, ids: Sequence[str], vectors: npt.ArrayLike, cold: Sequence[bool],
-        config: IndexConfig | None = None, *, pin_warm: bool = False,
-    ) -> VectorIndex:
-        """Bulk load, then the base built in the calling thread (IVF trained here when configured).
-
-        `pin_warm`: rows with cold=False go to the exact pinned segment, never into the base.
-        """
-        return cls.build_from([(ids, vectors, cold)], dim, config, pin_warm=pin_warm)
-
-    @classmethod
-    def build_from(
-        cls, batches: Iterable[Batch], dim: int, config: IndexConfig | None = None, *, pin_warm: bool = False,
-    ) -> VectorIndex:
-        """`build` from batches, so a caller streaming from a store never holds the catalogue twice:
-        rows are copied into the delta's chunks, and each chunk is freed once the base has it."""
+    def build(cls, dim: int, trained_ids: Sequence[str], trained_rows: npt.ArrayLike,
+              new: Iterable[Batch] = (), config: IndexConfig | None = None) -> VectorIndex:
+        """Both populations built in the calling thread; `new` is read once, a batch at a time, so a
+        caller streaming from a store never holds the catalogue twice."""
         index = cls(dim, config)
-        pinned = DeltaSegment(dim, index.config.delta_chunk_rows)
-        for ids, vectors, cold in batches:
-            rows = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D+1)
-            is_cold = np.asarray(cold, dtype=bool)
-            if pin_warm and not is_cold.all():
-                warm, rest = np.flatnonzero(~is_cold), np.flatnonzero(is_cold)
-                index._append([ids[j] for j in warm.tolist()], rows[warm], [False] * len(warm), pinned)
-                index._append([ids[j] for j in rest.tolist()], rows[rest], [True] * len(rest))
-            else:
-                index._append(ids, rows, cold)
-        with index._lock:  # nothing else holds the index yet
-            killed = np.sort(np.fromiter(index._killed, np.int64, len(index._killed)))
-            parts = [(iids[live], rows[live]) for iids, rows in index._delta.take()
-                     for live in [~is_dead(iids, killed)]]
-            index._pinned = pinned.view()
-            index._base = build_base(parts, dim, index.config)
-            prepare_segments(index._base, index._pinned)
-            index._killed = set(killed[is_dead(killed, index._pinned.sorted_iids)].tolist())
-            index._iid_of.freeze(hot=index._pinned_ids())
-        release_freed_memory()  # the delta's chunks and the build's temporaries
+        rows = np.ascontiguousarray(trained_rows, dtype=np.float32).reshape(-1, dim)
+        index._trained_ids = list(trained_ids)
+        index._trained_pos = {item_id: j for j, item_id in enumerate(index._trained_ids)}
+        positions = np.arange(len(rows), dtype=np.int64)
+        store = RowStore(dim)
+        store.put(positions, rows)
+        index._trained = build_segment(index.config.kind_for(len(rows)), dim, positions, store, index.config)
+        store = RowStore(dim)
+        for ids, batch in new:
+            vectors = index._rows(ids, batch)
+            store.put(index._register(ids), vectors)
+        live = np.flatnonzero(np.unpackbits(index._live.bits, bitorder="little")[: index._next_iid]).astype(np.int64)
+        if len(live):
+            index._base = build_segment(index.config.kind_for(len(live)), dim, live, store, index.config)
+        index._merged_upto = index._next_iid
+        del store  # the staging rows: handed back to the OS below
+        release_memory()
         return index
 
-    # -- writes -------------------------------------------------------------------------------
-
-    def add(self, ids: Sequence[str], vectors: npt.ArrayLike, cold: Sequence[bool]) -> None:
-        """Insert or replace; searchable when this returns. `vectors` is (N, D+1)."""
-        if self._append(ids, vectors, cold):
+    def add(self, ids: Sequence[str], rows: npt.ArrayLike) -> None:
+        """Insert or replace new items; searchable when this returns."""
+        vectors = self._rows(ids, rows)
+        with self._lock:
+            iids = self._register(ids)
+            with self._buffer_lock:
+                self._buffer.add(iids, vectors)
+            wants_merge = self.config.auto_merge and self._buffer.ntotal >= self.config.merge_rows
+        if wants_merge:
             self._start_background_merge()
 
     def remove(self, ids: Sequence[str]) -> int:
         """Number of ids that were present."""
-        removed = 0
         with self._lock:
-            for item_id in ids:
-                iid = self._iid_of.pop(item_id)
-                if iid is not None:
-                    self._kill(iid)
-                    removed += 1
-            wants_merge = self._wants_merge()
-        if wants_merge:
+            dead = [iid for iid in map(self._ids.pop, ids) if iid is not None]
+            self._kill(dead)
+            wants_rebuild = self.config.auto_merge and self._stale(self._base, len(self._ids))
+        if wants_rebuild:
             self._start_background_merge()
-        return removed
+        return len(dead)
 
-    def _append(self, ids: Sequence[str], vectors: npt.ArrayLike, cold: Sequence[bool],
-                into: DeltaSegment | None = None) -> bool:
-        """Append to `into` (default: the current delta, resolved under the lock: a merge may swap
-        the delta between the caller's read of it and this append, and rows appended to a delta
-        the merge already froze would be in neither the merge nor the new delta)."""
-        rows = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D+1)
-        if rows.shape != (len(ids), self.dim) or len(cold) != len(ids):
-            raise ValueError(f"expected {len(ids)} rows of {self.dim} and {len(ids)} cold flags")
-        with self._lock:
-            if into is None:
-                into = self._delta
-            iids = np.arange(self._next_iid, self._next_iid + len(ids), dtype=np.int64)
-            self._next_iid += len(ids)
-            into.append(iids, rows)
-            for item_id, iid, is_cold in zip(ids, iids.tolist(), cold, strict=True):
-                old = self._iid_of.get(item_id)
-                if old is not None:
-                    self._kill(old)  # an upsert: the old row becomes a tombstone
-                self._iid_of.set(item_id, iid)
-                self._item_of.set(iid, (item_id, bool(is_cold)))
-                self._cold += bool(is_cold)
-            return self._wants_merge()
+    def _register(self, ids: Sequence[str]) -> Ids:
+        """New internal ids for `ids`, marked live; the ids they replace die (under `_lock` after build)."""
+        iids = np.arange(self._next_iid, self._next_iid + len(ids), dtype=np.int64)
+        self._next_iid += len(ids)
+        self._live.grow(self._next_iid)
+        replaced = [self._ids.set(item_id, iid) for item_id, iid in zip(ids, iids.tolist(), strict=True)]
+        self._live.set(iids, True)
+        self._kill([iid for iid in replaced if iid is not None])
+        return iids
 
-    def _kill(self, iid: int) -> None:
-        _, was_cold = self._item_of.pop(iid)
-        self._cold -= was_cold
-        self._killed.add(iid)
+    def _kill(self, iids: list[int]) -> None:
+        self._live.set(dead := np.asarray(iids, dtype=np.int64), False)
+        self._base_dead += int((dead < self._merged_upto).sum())
 
-    def _wants_merge(self) -> bool:
-        cfg = self.config
-        return cfg.auto_merge and (
-            self._delta.size >= cfg.merge_delta_rows
-            or len(self._killed) > cfg.merge_dead_fraction * max(len(self._iid_of), 1)
-        )
-
-    # -- reads --------------------------------------------------------------------------------
+    def _rows(self, ids: Sequence[str], rows: npt.ArrayLike) -> Vectors:
+        if (vectors := np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, self.dim)).shape[0] != len(ids):
+            raise ValueError(f"expected {len(ids)} rows of {self.dim}")
+        return vectors
 
     def contains(self, item_id: str) -> bool:
-        return item_id in self._iid_of
+        return item_id in self._trained_pos or bool(self._ids.lookup([item_id]))
 
     def count(self) -> tuple[int, int]:
-        """(warm, cold) live items."""
-        with self._lock:
-            return len(self._iid_of) - self._cold, self._cold
+        """(trained, new) live items."""
+        return len(self._trained_ids), len(self._ids)
 
     def __len__(self) -> int:
-        return len(self._iid_of)
+        return len(self._trained_ids) + len(self._ids)
 
     @property
-    def is_approximate(self) -> bool:
-        return self._base.is_ivf
+    def kinds(self) -> tuple[str, str]:
+        """The FAISS kinds serving (trained, new) items."""
+        return self._trained.kind, self._base.kind if self._base is not None else "exact"
 
-    def search(
-        self, queries: npt.ArrayLike, k: int, exclude: Sequence[Set[str]] | None = None
-    ) -> list[list[Hit]]:
-        """Top-k live items per query (B, D+1), best first, ties by item id; `exclude[b]` never returned.
-
-        Exact segments score every row and drop the excluded ones before choosing; the IVF scan
-        skips them as it goes. Every segment is over-fetched by the tombstones
-        and re-asked for more (x4) until each query's k-th kept score is at least every
-        non-exhausted segment's last score. Python then walks only the ~k best candidates.
-        """
+    def search(self, queries: npt.ArrayLike, k: int, exclude: Sequence[Set[str]] | None = None) -> list[Tops]:
+        """Per query (B, D+1): its best k trained and best k new items; `exclude[b]` never returned."""
         if k < 1:
             raise ValueError("k must be >= 1")
-        q = self._queries(queries)  # (B, D+1)
-        excluded: list[Set[str]] = list(exclude) if exclude is not None else [frozenset()] * len(q)
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (B, {self.dim}), got {q.shape}")
+        excluded = list(exclude) if exclude is not None else [frozenset()] * len(q)
         if len(excluded) != len(q):
             raise ValueError("one exclusion set per query")
         with self._lock:
-            base = self._base
-            exact = [self._pinned, *self._frozen]
-            delta = self._delta.view()
-            dead = len(self._killed)
-        banned = self._banned(excluded)  # may miss a racing upsert: collect re-checks
-        nprobe = self.nprobe
-        results: list[list[Hit]] = [[] for _ in q]
-        todo = list(range(len(q)))
-        fetch = k + min(dead, 4 * k)
-        while todo:
-            ban = banned if len(todo) == len(q) else banned.subset(todo)
-            found = exact_found([*exact, *base.exact_views()], q[todo], fetch, ban, once=delta)
-            # the exact rows first: their k-th scores spare the IVF scan most of its selection
-            found += base_found(base, q[todo], fetch, ban, nprobe, floors_of(found))
-            if not found:
-                break
-            all_scores = np.concatenate([f.scores for f in found], axis=1)  # (B', S): every segment's candidates
-            all_iids = np.concatenate([f.iids for f in found], axis=1)
-            bound = np.maximum.reduce(np.array([f.bound for f in found]), axis=0).tolist()  # (B',)
-            order = (-all_scores).argsort(axis=1, kind="stable")  # (B', S) best first
-            all_scores, all_iids = take_rows(all_scores, order), take_rows(all_iids, order)
-            head = min(all_scores.shape[1], k + HEAD_SLACK)  # one conversion for the batch
-            head_scores, head_iids = all_scores[:, :head].tolist(), all_iids[:, :head].tolist()
-            unfinished = []
-            for row, b in enumerate(todo):
-                hits = head_hits(self._item_of, head_scores[row], head_iids[row], k, excluded[b],
-                                 head < all_scores.shape[1])
-                if hits is None:
-                    hits = collect(self._item_of, all_scores[row], all_iids[row], k, excluded[b])
-                results[b] = hits
-                if bound[row] > -math.inf and (len(hits) < k or hits[-1].score < bound[row]):
-                    unfinished.append(b)
-            todo = unfinished
-            fetch *= 4
-        return results
+            live, base, frozen, buffer = self._live, self._base, self._frozen, self._buffer
+            bits, selector = live.bits, live.selector  # held: FAISS reads them during the scans
+        pos = self._trained_pos
+        trained_banned: list[list[int]] = [[] for _ in excluded]
+        new_banned: list[list[int]] = [[] for _ in excluded]
+        for b, items in enumerate(excluded):  # most of a history is trained items: one lookup each
+            positions = list(map(pos.get, items))
+            trained_banned[b] = [p for p in positions if p is not None]
+            if len(trained_banned[b]) < len(positions):
+                new_banned[b] = self._ids.lookup([i for i, p in zip(items, positions, strict=True) if p is None])
+        trained = self._top([(self._trained, None)], q, k, trained_banned, None,
+                            lambda iids: [self._trained_ids[i] for i in iids], False)
+        segments: list[tuple[Segment, threading.Lock | None]] = [(s, None) for s in frozen]
+        segments.append((buffer, self._buffer_lock))
+        if base is not None:
+            segments.append((base, self._base_lock))
+        new = self._top(segments, q, k, new_banned, selector, self._ids.items_of, True)
+        del bits
+        return [Tops(t, n) for t, n in zip(trained, new, strict=True)]
 
-    def _pinned_ids(self) -> list[str]:
-        """Item ids of the live pinned rows."""
-        iids = self._pinned.arrays()[0].tolist()
-        return [i for i in self._item_of.items_at(iids)[0] if i is not None]
+    def _top(self, segments: list[tuple[Segment, threading.Lock | None]], q: Vectors, k: int,
+             banned: list[list[int]], selector: Any, names_of: Any, is_cold: bool) -> list[list[Hit]]:
+        """Each query's best k of `segments`, without its banned ids or the dead (`names_of` -> None)."""
+        found: list[tuple[Vectors, Ids]] = []
+        for segment, lock in segments:
+            if segment.ntotal:
+                with lock or contextlib.nullcontext():
+                    fetch = k + max(map(len, banned), default=0)
+                    found.append(segment.search(q, fetch, selector, self.nprobe, self.config.rerank))
+        if not found:
+            return [[] for _ in q]
+        scores = np.concatenate([f[0] for f in found], axis=1)  # (B, S)
+        iids = np.concatenate([f[1] for f in found], axis=1)
+        scores[iids < 0] = -np.inf
+        if any(banned):  # (query, id) keys, sorted: one binary search for the whole batch
+            keys = np.sort((np.repeat(np.arange(len(q), dtype=np.int64), [len(b) for b in banned]) << 40)
+                           | np.fromiter(chain.from_iterable(banned), np.int64))
+            found_keys = (np.arange(len(q), dtype=np.int64)[:, None] << 40) | np.maximum(iids, 0)  # (B, S)
+            scores[keys[np.minimum(np.searchsorted(keys, found_keys), len(keys) - 1)] == found_keys] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")
+        scores, iids = np.take_along_axis(scores, order, 1), np.take_along_axis(iids, order, 1)
+        head = min(k + 8, scores.shape[1])  # enough unless rows died or are being merged (then the whole row)
+        return [self._walk(row_s, row_i, k, names_of, is_cold) or
+                self._walk(scores[b].tolist(), iids[b].tolist(), k, names_of, is_cold, complete=True) or []
+                for b, (row_s, row_i) in enumerate(zip(scores[:, :head].tolist(), iids[:, :head].tolist(),
+                                                       strict=True))]
 
-    def _banned(self, excluded: list[Set[str]]) -> Banned:
-        """Every query's excluded items that the index holds, as internal ids, in one lookup."""
-        flat = list(chain.from_iterable(excluded))
-        iids = self._iid_of.lookup(flat)  # (n,), -1 where absent
-        owner = np.arange(len(excluded)).repeat([len(e) for e in excluded])
-        present = iids >= 0
-        return Banned(owner[present], iids[present], len(excluded))
-
-    def _queries(self, queries: npt.ArrayLike) -> Vectors:
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        q = q[None] if q.ndim == 1 else q
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"queries must be (B, {self.dim}), got {q.shape}")
-        return q
+    @staticmethod
+    def _walk(scores: list[float], iids: list[int], k: int, names_of: Any, is_cold: bool,
+              complete: bool = False) -> list[Hit] | None:
+        """The first k live, distinct candidates (sorted best first, dropped ones at -inf), or None
+        when these candidates hold fewer than k and more follow (`complete`: none follow)."""
+        names = names_of(iids[:k])  # the common case: the first k are live and distinct
+        if len(names) == k and scores[k - 1] != -math.inf and None not in names and len(set(iids[:k])) == k:
+            hits = list(map(_hit, zip(names, scores, repeat(is_cold))))
+        else:
+            hits, seen = [], set()  # a row being merged is in the base and a frozen buffer at once
+            for score, iid, name in zip(scores, iids, names_of(iids), strict=True):
+                if name is not None and score != -math.inf and iid not in seen:  # else dropped, a duplicate,
+                    seen.add(iid)  # or removed since the scan
+                    hits.append(_hit((name, score, is_cold)))
+                    if len(hits) == k:
+                        break
+            if len(hits) < k and not complete and len(scores) and scores[-1] != -math.inf:
+                return None
+        if len({h.score for h in hits}) < len(hits):  # ties (rare): by item id
+            hits.sort(key=_rank)
+        return hits
 
     def live_vectors(self) -> tuple[list[str], Vectors, list[bool]]:
-        """Every live item with its row: for exact baselines and rebuilding elsewhere."""
+        """Every live item, its row and whether it is new: for exact oracles."""
         with self._lock:
-            base, views = self._base, [self._pinned, *self._frozen, self._delta.view()]
-        parts = [*base.parts(), *(view.arrays() for view in views)]
-        iids = np.concatenate([p[0] for p in parts])
-        keep, items = self._lookup(iids)
-        return [i[0] for i in items], np.concatenate([p[1] for p in parts])[keep], [i[1] for i in items]
-
-    def _lookup(self, iids: Ids) -> tuple[npt.NDArray[np.bool_], list[Item]]:
-        """Which of `iids` are live, and their (item id, is cold), without holding the lock.
-
-        In slices: one `tolist()` of a million ids would hold the GIL, and stall adds, throughout.
-        """
-        keep = np.zeros(len(iids), dtype=bool)
-        items: list[Item] = []
-        item_of = self._item_of
-        for start in range(0, len(iids), _GIL_SLICE):
-            for offset, iid in enumerate(iids[start : start + _GIL_SLICE].tolist()):
-                item = item_of.get(iid)
-                if item is not None:
-                    keep[start + offset] = True
-                    items.append(item)
-        return keep, items
-
-    # -- merging ------------------------------------------------------------------------------
+            segments = [s for s in (self._base, *self._frozen, self._buffer) if s is not None]
+        positions, trained_rows = self._trained.contents()
+        parts = [s.contents() for s in segments]
+        rows = np.concatenate([p[1] for p in parts])
+        iids, first = np.unique(np.concatenate([p[0] for p in parts]), return_index=True)
+        names = self._ids.items_of(iids.tolist())
+        keep = [j for j, name in zip(first.tolist(), names, strict=True) if name is not None]
+        ids = [self._trained_ids[p] for p in positions.tolist()] + [n for n in names if n is not None]
+        return ids, np.concatenate([trained_rows, rows[keep]]), [False] * len(positions) + [True] * len(keep)
 
     def merge(self) -> None:
-        """Fold the delta and tombstones into a new base, in the calling thread."""
+        """Move the buffer into the base (rebuilding the base when due), in the calling thread."""
         with self._merge_lock:
             with self._lock:
-                if self._delta.size == 0 and not self._killed and not self._frozen:
-                    return
-                if self._delta.size:
-                    self._frozen = (*self._frozen, self._delta.view())
-                    self._delta = DeltaSegment(self.dim, self.config.delta_chunk_rows)
-                base, frozen, pinned = self._base, self._frozen, self._pinned
-                killed = np.sort(np.fromiter(self._killed, np.int64, len(self._killed)))
-            # from here on adds go to the new delta; the base and frozen views are read-only
-            parts = [view.arrays() for view in frozen]
-            new: tuple[Ids, Vectors] = (
-                np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64),
-                np.concatenate([p[1] for p in parts]) if parts else np.empty((0, self.dim), np.float32),
-            )
-            new_base = merged_base(base, new, killed, self.config)
-            pinned_iids, pinned_rows = pinned.arrays()
-            pinned_dead = is_dead(pinned_iids, killed)
-            if pinned_dead.any():
-                segment = DeltaSegment(self.dim, max(len(pinned_iids), 1))
-                segment.append(pinned_iids[~pinned_dead], pinned_rows[~pinned_dead])
-                pinned = segment.view()
-            # tombstones the new segments still hold stay; the rest are gone for good
-            kept = np.zeros(len(killed), dtype=bool)
-            for shard in new_base.shards:
-                kept |= is_dead(killed, shard.iids)
-            if new_base.overflow is not None:
-                kept |= is_dead(killed, np.sort(new_base.overflow.arrays()[0]))
-            dropped = set(killed[~kept].tolist())
-            prepare_segments(new_base, pinned)  # here, in the merge's thread, not in the first search after the swap
+                if self._buffer.ntotal:
+                    self._frozen, self._buffer = (*self._frozen, self._buffer), empty_exact(self.dim)
+                frozen, base, upto, live = self._frozen, self._base, self._next_iid, len(self._ids)
+            if not frozen and not self._stale(base, live):
+                return
+            parts = [s.contents() for s in frozen]
+            iids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+            rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.dim), np.float32)
+            iids, rows = iids[alive := self._live.of(iids)], rows[alive]  # rows removed since are left behind
+            kind = self.config.kind_for(live)
+            if base is None or base.kind != kind or self._stale(base, live):
+                base = self._rebuilt(base, iids, rows, kind)
+            else:
+                step = self.config.merge_slice_rows
+                for s in range(0, len(iids), step):
+                    part, part_rows = iids[s : s + step], rows[s : s + step]
+                    assigned = base.assign(part_rows) if base.kind != "exact" else None  # outside the lock
+                    with self._base_lock:
+                        base.add(part, part_rows, assigned)
+            dead = int((~self._live.of(base.ids())).sum()) if base is not self._base else None  # outside the lock
             with self._lock:
-                self._base, self._pinned = new_base, pinned
-                self._frozen = self._frozen[len(frozen) :]
-                self._killed -= dropped
-            del base, frozen, parts, new, new_base
-        release_freed_memory()
+                self._base_dead = self._base_dead if dead is None else dead
+                self._base, self._frozen, self._merged_upto = base, self._frozen[len(frozen):], upto
+        release_memory()
+
+    def _rebuilt(self, base: Segment | None, iids: Ids, rows: Vectors, kind: Any) -> Segment:
+        """A new base over the base's live rows plus (`iids`, `rows`), built outside every lock."""
+        store = RowStore(self.dim) if base is None or base.rows is None else base.rows  # IVF-SQ8's rows: shared
+        store.put(iids, rows)
+        if base is not None:
+            old_iids, old_rows = base.contents() if base.rows is None else (base.ids(), None)
+            alive = self._live.of(old_iids)
+            if old_rows is not None:
+                store.put(old_iids[alive], old_rows[alive])
+            iids = np.concatenate([old_iids[alive], iids])
+        log.info("rebuilding the index base: %d rows, %s", len(iids), kind)
+        return build_segment(kind, self.dim, np.sort(iids), store, self.config)
+
+    def _stale(self, base: Segment | None, live: int) -> bool:
+        if base is None:
+            return False
+        cfg = self.config
+        return (base.kind != "exact" and live > cfg.retrain_growth * base.trained_rows) or \
+            self._base_dead > cfg.rebuild_dead_fraction * max(base.ntotal, 1)
 
     def _start_background_merge(self) -> None:
         with self._lock:
@@ -343,54 +318,46 @@ class VectorIndex:
     def _merge_logged(self) -> None:
         try:
             self.merge()
-        except Exception:  # a failed merge keeps its frozen rows searchable and is retried later
+        except Exception:  # a failed merge leaves its frozen rows searchable; the next add retries
             log.exception("index merge failed")
 
     def wait_for_merge(self, timeout: float | None = None) -> bool:
         """True when no background merge is running (any more)."""
-        thread = self._merge_thread
-        if thread is not None:
+        if (thread := self._merge_thread) is not None:
             thread.join(timeout)
-            return not thread.is_alive()
-        return True
-
-    @property
-    def merging(self) -> bool:
-        return self._merge_lock.locked()
-
-    # -- snapshots ----------------------------------------------------------------------------
+        return thread is None or not thread.is_alive()
 
     def save(self, path: str | Path, event_id: str | None) -> None:
-        """Write a snapshot that reflects at least the store's events up to `event_id`.
-
-        Read `event_id` from the store before calling: changes applied while the snapshot is
-        written may be partly in it, and replaying the events after `event_id` on load (upserts
-        and removes by item id are idempotent) makes the loaded index whole.
-
-        The files go to a fresh versioned directory beside `path`; `path` is a symlink swapped
-        to it with one rename, so readers see the old snapshot or the new one, never half of one.
-        """
-        with self._lock:
-            base, views, pinned = self._base, [*self._frozen, self._delta.view()], self._pinned
-            next_iid = self._next_iid
-        write_snapshot(Path(path), base=base, pinned=pinned, deltas=views, next_iid=next_iid,
-                       event_id=event_id, lookup=self._lookup)
+        """A snapshot reflecting at least the store's events up to `event_id` (read it before calling:
+        replaying later events on load, idempotent upserts and removes by id, makes it whole)."""
+        with self._merge_lock:  # no rows move between segments while they are written
+            with self._lock:
+                segments = [s for s in (*self._frozen, self._buffer) if s.ntotal]
+                iids, items = self._ids.items()
+                base, next_iid = self._base, self._next_iid
+            parts = [s.contents() for s in segments]
+            buffer_iids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+            buffer_rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.dim), np.float32)
+            with self._base_lock:
+                write_snapshot(Path(path), Snapshot(self.dim, self._trained, self._trained_ids, base, buffer_iids,
+                                                    buffer_rows, iids, items, next_iid, event_id))
 
     @classmethod
     def load(cls, path: str | Path, config: IndexConfig | None = None) -> tuple[VectorIndex, str | None]:
         """The index and the event id it reflects; apply the store's later events to catch up."""
-        snapshot = read_snapshot(Path(path))
-        index = cls(snapshot.dim, config)
-        with index._lock:
-            index._pinned, index._base = snapshot.pinned, snapshot.base
-            prepare_segments(index._base, index._pinned)
-            index._next_iid = snapshot.next_iid
-            index._delta.append(*snapshot.delta)
-            for iid, item_id, is_cold in zip(snapshot.iids, snapshot.item_ids, snapshot.cold, strict=True):
-                index._iid_of.set(item_id, iid)
-                index._item_of.set(iid, (item_id, is_cold))
-                index._cold += is_cold
-            stored = np.concatenate([snapshot.base.iids(), snapshot.delta[0], snapshot.pinned.arrays()[0]])
-            index._killed = set(np.setdiff1d(stored, np.asarray(snapshot.iids, dtype=np.int64)).tolist())
-            index._iid_of.freeze(hot=index._pinned_ids())
-        return index, snapshot.event_id
+        snap = read_snapshot(Path(path))
+        index = cls(snap.dim, config)
+        index._trained, index._trained_ids = snap.trained, snap.trained_ids
+        index._trained_pos = {item_id: j for j, item_id in enumerate(snap.trained_ids)}
+        index._base, index._next_iid, index._merged_upto = snap.base, snap.next_iid, snap.next_iid
+        index._live.grow(snap.next_iid)
+        for iid, item_id in zip(snap.iids, snap.items, strict=True):
+            index._ids.set(item_id, iid)
+        index._live.set(np.asarray(snap.iids, dtype=np.int64), True)
+        alive = index._live.of(snap.buffer_iids)
+        if alive.any():
+            index._buffer.add(snap.buffer_iids[alive], snap.buffer_rows[alive])
+        if snap.base is not None:
+            index._base_dead = int((~index._live.of(snap.base.ids())).sum())
+        release_memory()
+        return index, snap.event_id

@@ -1,73 +1,52 @@
-"""GET /recommend?user=&k=: fold the user in, search, drop what they have; a fallback when there is no history."""
+"""GET /recommend: the user's list, new and trained items mixed by the model's policy or `cold_share`."""
 
 from __future__ import annotations
 
-import math
-from json.encoder import encode_basestring as _string  # a JSON string literal, non-ASCII kept as is
-from typing import Annotated
+from typing import Annotated, Any
 
-import pydantic_core
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query
 
-from service.api.deps import OutOfBoundsError, runtime_of, serving
+from service.api.deps import OutOfBoundsError, RuntimeDep, serving
 from service.api.schemas import ID_PATTERN, ErrorOut, RecommendationsOut
-from service.core.types import Explanation, Recommendations
+from service.core.types import Recommendations
+from service.model.mixing import Quota
 
 router = APIRouter(tags=["recommend"])
 
 
-# async and without dependencies (the Request is FastAPI's own parameter): each dependency, and a
-# sync route's thread-pool round trip, cost about as much server time as the fold-in itself
-# (benchmarks/results/serve.md).
 @router.get("/recommend", response_model=RecommendationsOut, responses={503: {"model": ErrorOut}})
 async def recommend(
     user: Annotated[str, Query(pattern=ID_PATTERN, description="user id")],
-    request: Request,
+    runtime: RuntimeDep,
     k: Annotated[int, Query(ge=1, description="number of items; at most the configured k_max")] = 20,
+    cold_share: Annotated[float | None, Query(
+        ge=0.0, le=1.0, description="share of new items in the list, 0..1 (every 1/share-th slot holds the next "
+        "best new item; a population that runs out hands its slots to the other). Absent: the model's "
+        "validation-chosen policy, stated in the response")] = None,
     explain: Annotated[bool, Query(description="add to every item why it is there (new items: the weights of "
                                    "their views for this user and their most influential attributes; "
                                    "personal lists: the history items that pulled each item up)")] = False,
-) -> Response:
-    runtime = runtime_of(request)
+) -> dict[str, Any]:
     if k > runtime.settings.k_max:
         raise OutOfBoundsError(
             f"k={k} is larger than this service's k_max={runtime.settings.k_max}; ask for fewer items")
-    # answered together with the other requests of this event-loop pass (service/api/recommend_batcher.py)
-    # (and counted there, per batch)
-    result = await runtime.batcher.recommend(serving(runtime), user, k, explain)
-    return Response(_body(user, result), media_type="application/json")
+    # answered in a worker thread together with the other requests of this event-loop pass, and
+    # counted there, per batch (service/api/recommend_batcher.py)
+    policy = None if cold_share is None else Quota(cold_share)
+    result = await runtime.batcher.recommend(serving(runtime), user, k, explain, policy)
+    return _body(user, result)
 
 
-def _explained_body(user: str, result: Recommendations, explanations: list[Explanation]) -> bytes:
-    """explain=true: the ExplainedItem shape, encoded by pydantic_core in one call (the standard library's
-    encoder took as long as computing the explanations)."""
+def _body(user: str, result: Recommendations) -> dict[str, Any]:
+    """A plain dict: FastAPI validates it against RecommendationsOut and writes the JSON in pydantic-core."""
     version = result.model_version
-    items = []
-    for hit, e in zip(result.hits, explanations, strict=True):
+    items: list[dict[str, Any]] = [{"id": h.item_id, "score": h.score, "is_cold": h.is_cold, "model_version": version}
+                                   for h in result.hits]
+    for item, e in zip(items, result.explanations or [], strict=False):
         views = None if e.views is None else {"attributes": e.views.attributes, "content": e.views.content,
                                               "common": e.views.common}
-        items.append({"id": hit.item_id, "score": float(hit.score), "is_cold": hit.is_cold, "model_version": version,
-                      "explanation": {"views": views,
-                                      "attributes": [{"token": t, "weight": w} for t, w in e.attributes],
-                                      "because": [{"item": i, "contribution": c} for i, c in e.because]}})
-    body = {"user": user, "model_version": version, "fallback": result.fallback, "items": items}
-    return pydantic_core.to_json(body, inf_nan_mode="null")  # never a body clients cannot parse
-
-
-def _body(user: str, result: Recommendations) -> bytes:
-    """The RecommendationsOut shape, serialised directly: building and re-validating k pydantic
-    models per request cost more than the JSON itself, and joining pre-encoded parts is faster
-    than json.dumps of the equivalent dict (the OpenAPI document still names the model)."""
-    if result.explanations is not None:
-        return _explained_body(user, result, result.explanations)
-    version = _string(result.model_version)
-    tail = ',"model_version":' + version + "}"
-    items = []
-    for hit in result.hits:
-        score = float(hit.score)  # repr of a NumPy scalar is not a JSON number
-        if not math.isfinite(score):  # JSON has no NaN: a bug upstream, never a body clients cannot parse
-            raise ValueError(f"non-finite score {score} for item {hit.item_id}")
-        items.append('{"id":' + _string(hit.item_id) + ',"score":' + repr(score)
-                     + (',"is_cold":true' if hit.is_cold else ',"is_cold":false') + tail)
-    return ('{"user":' + _string(user) + ',"model_version":' + version + ',"fallback":'
-            + ("true" if result.fallback else "false") + ',"items":[' + ",".join(items) + "]}").encode()
+        item["explanation"] = {"views": views, "attributes": [{"token": t, "weight": w} for t, w in e.attributes],
+                               "because": [{"item": i, "contribution": c} for i, c in e.because]}
+    assert result.policy is not None  # the recommender states the policy of every list
+    return {"user": user, "model_version": version, "fallback": result.fallback, "policy": result.policy.to_dict(),
+            "cold_share": result.cold_share, "items": items}
