@@ -1,180 +1,160 @@
-"""Offline/online parity (DESIGN.md, "Evaluation protocol"): replaying the test split through the
-running service gives the offline harness's all-items Recall@20.
+"""Offline/online parity on the hybrid protocol (DESIGN.md, "Evaluation protocol"): replaying a hybrid
+split of real data through the running service gives the offline harness's figures.
 
-Both sides use the session's tiny real artifact (trained on ml-100k, cold_start_split seed 0) and
-rank the same candidates: the artifact's warm items plus the test-cold items, each user's training
-items removed. The validation items are neither registered nor ranked offline.
+The model is the shipped one (the TrainConfig defaults: the full generator, the validation-chosen
+mixing policy and new-item bias weight), trained for real on ml-100k's hybrid split (seed 0) with
+the epochs capped so the test stays a few minutes, and exported in the one artifact format.
 
-    offline  training.protocol.evaluate(ItemTable(model from the artifact, prepare(dataset, split)))
+    offline  training.protocol.evaluate_full(the harness's m2rec scorer, hybrid(split)): every warm
+             and test-cold item ranked together for each user, folded in from their history
+             (training interactions plus the validation holdout), merged by the artifact's policy
     online   `python -m service` (uvicorn, exact index) on real Redis and on SQLite: POST /items/batch
-             the test-cold items (attributes + content), POST /interactions every test user's
-             training history, GET /recommend?k=20, Recall@20 by training.metrics
+             the test-cold items (attributes + content), POST /interactions every user's history,
+             GET /recommend?k=50, the same metric code on the served lists
 
-Users: test users with at least one training interaction. A test user whose every positive is a
-cold or validation item has an empty history, which the service answers with its fallback by
-design (DESIGN.md, "Service"); offline would fold in an empty input instead, so they are left out
-of both sides (their number is asserted small).
+Both sides rank the same candidates: the artifact's trained items and the test-cold items; the
+validation items are neither registered nor ranked offline.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
-from service.core.embedder import load_model
 from service.model.artifact import load_artifact
-from tests.conftest import StoreSpec, TrainedArtifact
+from service.model.mixing import merge_order
+from tests.conftest import StoreSpec
 from tests.live_server import LiveServer
-from training.item_rows import ItemTable
-from training.metrics import rank_top_k_batch, user_metrics
-from training.protocol import Task, all_items, evaluate
-from training.train_data import prepare
+from tests.shared_data import ml100k
+from training.dataset import Dataset
+from training.export import export_artifact
+from training.m2rec_recommender import M2RecRecommender
+from training.metrics import list_metrics
+from training.protocol import Task, evaluate_full, hybrid
+from training.split import ColdStartSplit, cold_start_split
+from training.train import TrainConfig, train
 
-K = 20
-# Absolute tolerance on mean Recall@20. Both sides compute the same float32 arithmetic in a
-# different order (EmbeddingBag sum vs masked sum in the fold-in; numpy matmul vs FAISS inner
-# product), so scores differ by ~1e-6 and only a near-tie at the 20th place can swap an item in or
-# out of one user's list; each such swap moves the mean by at most 1/(20·users) ≈ 6e-5. Exact ties
-# (ranked against the truth offline, arbitrarily by FAISS) are the other source. 0.002 allows ~30
-# such swaps across ~900 users; a real divergence (wrong rows, lost history, wrong exclusion, a
-# different candidate set) moves Recall@20 by far more than that.
-TOLERANCE = 0.002
-ITEM_CHUNK = 200  # items per POST /items/batch (~8 KB of JSON each with 384-d content)
+K = 50
+FIGURES = ("recall@20", "ndcg@20", "recall@50", "cold_recall@20", "warm_recall@20", "cold_share@20")
+# Both sides compute the same float32 arithmetic in a different order (torch vs NumPy fold-in, NumPy vs
+# FAISS inner products), so scores differ by ~1e-6 and only a near-tie at a cut can swap an item in or
+# out of a list; each swap moves a mean by at most 1/(20·users). The acceptance allows 0.005; a real
+# divergence (wrong rows, lost history, wrong exclusion, another policy) moves them by far more.
+TOLERANCE = 0.005
+ITEM_CHUNK = 200  # items per POST /items/batch
 INTERACTION_CHUNK = 1000  # the service's default max_batch_size
-# Users whose whole ranking is fetched for the cold-only comparison: a full list (~1,450 items) costs
-# ~30-40 ms per request, so a seeded sample keeps the test well under a minute.
-DEEP_USERS = 100
 
 
 @dataclass(frozen=True)
-class Protocol:
-    recall: float  # training.protocol.evaluate's Recall@20
-    top: dict[int, list[int]]  # user index -> top-20 item indices
-
-
-@dataclass(frozen=True)
-class Offline:
-    users: np.ndarray  # test users with a training history
-    all_items: Protocol
-    cold_only: Protocol
-    n_without_history: int
-
-
-def _offline_protocol(table: ItemTable, task: Task, train: sp.csr_matrix) -> Protocol:
-    recall = evaluate(table, task)["recall@20"]
-    scores = table.score(task.users, task.candidates)  # (U, C)
-    scores[train[task.users][:, task.candidates].toarray() > 0] = -np.inf
-    truth = task.truth[task.users][:, task.candidates].toarray() > 0  # (U, C)
-    tops = task.candidates[rank_top_k_batch(scores, truth, K)]  # (U, K) item indices
-    return Protocol(recall, {int(u): tops[b].tolist() for b, u in enumerate(task.users)})
+class Trained:
+    root: Path
+    dataset: Dataset
+    split: ColdStartSplit
+    model: M2RecRecommender  # the harness's scorer of the exported model, with its policy
 
 
 @pytest.fixture(scope="module")
-def offline(trained_artifact: TrainedArtifact) -> Offline:
-    dataset, split = trained_artifact.dataset, trained_artifact.split
-    artifact = load_artifact(trained_artifact.root)
-    data = prepare(dataset, split)
-    # the artifact's rows are the training rows of exactly these items, in this order
-    assert list(artifact.item_ids) == [dataset.item_ids[j] for j in data.warm]
-    table = ItemTable(load_model(artifact), data)
-    full = all_items(split)
-    has_history = np.asarray(split.train[full.users].getnnz(axis=1)) > 0
-    users = full.users[has_history]
-    return Offline(
-        users,
-        _offline_protocol(table, Task(users, full.candidates, full.truth, full.exclude, full.cold), split.train),
-        _offline_protocol(table, Task(users, split.cold_items, split.test_truth), split.train),
-        int((~has_history).sum()),
-    )
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    dataset = ml100k()
+    split = cold_start_split(dataset, seed=0)
+    result = train(dataset, split, replace(TrainConfig(progress=False), epochs=12))
+    root = tmp_path_factory.mktemp("parity-artifact")
+    export_artifact(result, dataset, "ml-100k:parity", root, {"validation": result.best_val})
+    # the artifact's rows are the training rows of exactly these items, in this order, with its policy
+    artifact = load_artifact(root)
+    assert list(artifact.item_ids) == [dataset.item_ids[j] for j in result.data.warm]
+    assert artifact.manifest.policy == result.policy
+    return Trained(root, dataset, split, M2RecRecommender.trained(result))
 
 
-def _item_payload(trained: TrainedArtifact, j: int) -> dict[str, Any]:
-    ds = trained.dataset
+def _offline_lists(t: Trained, task: Task) -> dict[int, list[int]]:
+    """Each user's top-K item indices offline: both populations ranked by the harness's scorer and
+    merged by the artifact's policy (service.model.mixing, as the service does)."""
+    policy = t.model.policy
+    assert policy is not None
+    cand = task.candidates
+    out: dict[int, list[int]] = {}
+    for start in range(0, task.users.size, 256):
+        users = task.users[start : start + 256]
+        scores = t.model.score(users, cand, task.history)  # (B, C)
+        scores[task.history[users][:, cand].toarray() > 0] = -np.inf
+        heads = np.full((users.size, 2, K), -np.inf)
+        index = np.zeros((users.size, 2, K), np.int64)
+        for population, cols in enumerate((np.flatnonzero(~task.cold), np.flatnonzero(task.cold))):
+            order = np.argsort(-scores[:, cols], axis=1, kind="stable")[:, :K]
+            heads[:, population, : order.shape[1]] = np.take_along_axis(scores[:, cols], order, axis=1)
+            index[:, population, : order.shape[1]] = cand[cols][order]
+        order, filled = merge_order(policy, heads)
+        flat = index.reshape(users.size, 2 * K)
+        for b, u in enumerate(users.tolist()):
+            out[u] = flat[b, order[b][filled[b]]].tolist()
+    return out
+
+
+def _metrics(lists: dict[int, list[int]], task: Task, cold_items: np.ndarray) -> dict[str, float]:
+    """The harness's metric code on given lists."""
+    users = np.array(sorted(lists))
+    truth = task.truth[users].toarray() > 0  # (U, I)
+    is_cold_item = np.zeros(truth.shape[1], dtype=bool)
+    is_cold_item[cold_items] = True
+    hit = np.zeros((users.size, K), bool)
+    cold = np.zeros((users.size, K), bool)
+    filled = np.zeros((users.size, K), bool)
+    for b, u in enumerate(users.tolist()):
+        top = np.asarray(lists[u][:K], dtype=np.int64)
+        hit[b, : top.size], cold[b, : top.size], filled[b, : top.size] = truth[b, top], is_cold_item[top], True
+    n_truth = np.stack([(truth & ~is_cold_item).sum(axis=1), (truth & is_cold_item).sum(axis=1)], axis=1)
+    per_user = list_metrics(hit, cold, filled, n_truth)
+    return {key: float(np.nanmean(per_user[key])) for key in FIGURES}
+
+
+def _item_payload(ds: Dataset, j: int) -> dict[str, Any]:
     assert ds.features is not None
     return {"id": ds.item_ids[j], "attributes": ds.item_attributes[j], "content": ds.features[j].tolist()}
 
 
-def _register_cold_items(client: httpx.Client, trained: TrainedArtifact) -> None:
-    cold = trained.split.cold_items.tolist()
-    for s in range(0, len(cold), ITEM_CHUNK):
-        batch = [_item_payload(trained, j) for j in cold[s : s + ITEM_CHUNK]]
-        response = client.post("/items/batch", json={"items": batch})
-        assert response.status_code == 200, response.text
-        assert all(item["created"] and item["is_cold"] for item in response.json()["items"])
-
-
-def _post_training_histories(client: httpx.Client, trained: TrainedArtifact, users: np.ndarray) -> int:
-    """Every (user, warm item) of the users' training histories, with the dataset's timestamps."""
-    ds, split = trained.dataset, trained.split
-    assert ds.timestamps is not None
-    ts = {(int(u), int(i)): float(t) for (u, i), t in zip(ds.interactions, ds.timestamps, strict=True)}
-    events = []
-    for u in users.tolist():
-        row = split.train[u]
-        events += [{"user": ds.user_ids[u], "item": ds.item_ids[i], "timestamp": ts[(u, int(i))]}
-                   for i in row.indices[row.data > 0].tolist()]
-    for s in range(0, len(events), INTERACTION_CHUNK):
-        response = client.post("/interactions", json={"interactions": events[s : s + INTERACTION_CHUNK]})
-        assert response.status_code == 200, response.text
-    return len(events)
-
-
-def _online(server: LiveServer, trained: TrainedArtifact, users: np.ndarray, deep_users: np.ndarray
-            ) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-    """(all-items top-20 per user from /recommend?k=20, cold-only top-20 per deep user read off
-    their whole served ranking)."""
-    ds, split = trained.dataset, trained.split
+def _online_lists(server: LiveServer, t: Trained, task: Task) -> dict[int, list[int]]:
+    ds, split = t.dataset, t.split
     cold = set(split.cold_items.tolist())
     with httpx.Client(base_url=server.url, timeout=60.0) as client:
-        _register_cold_items(client, trained)
-        n_index = client.get("/readyz").json()["index_items"]
-        assert n_index == split.warm_items.size + split.cold_items.size
-        _post_training_histories(client, trained, users)
-
-        def ranking(u: int, k: int) -> list[tuple[int, bool]]:
-            response = client.get("/recommend", params={"user": ds.user_ids[u], "k": k})
+        items = split.cold_items.tolist()
+        for s in range(0, len(items), ITEM_CHUNK):
+            batch = [_item_payload(ds, j) for j in items[s : s + ITEM_CHUNK]]
+            response = client.post("/items/batch", json={"items": batch})
+            assert response.status_code == 200, response.text
+        assert client.get("/readyz").json()["index_items"] == split.warm_items.size + split.cold_items.size
+        events = []
+        for u in task.users.tolist():
+            row = task.history[u]
+            events += [{"user": ds.user_ids[u], "item": ds.item_ids[i], "timestamp": float(n)}
+                       for n, i in enumerate(row.indices.tolist())]
+        for s in range(0, len(events), INTERACTION_CHUNK):
+            response = client.post("/interactions", json={"interactions": events[s : s + INTERACTION_CHUNK]})
+            assert response.status_code == 200, response.text
+        out: dict[int, list[int]] = {}
+        for u in task.users.tolist():
+            response = client.get("/recommend", params={"user": ds.user_ids[u], "k": K})
             assert response.status_code == 200, response.text
             body = response.json()
-            assert body["fallback"] is False, f"user {ds.user_ids[u]} has a history but got the fallback"
-            ranked = [(ds.item_index(item["id"]), bool(item["is_cold"])) for item in body["items"]]
-            assert all(is_cold == (j in cold) for j, is_cold in ranked)
-            return ranked
-
-        top = {u: [j for j, _ in ranking(u, K)] for u in users.tolist()}
-        cold_top = {}
-        for u in deep_users.tolist():
-            ranked = ranking(u, n_index)
-            # everything but the user's training items: the offline candidate set
-            assert len(ranked) == n_index - split.train[u].nnz
-            cold_top[u] = [j for j, is_cold in ranked if is_cold][:K]
-    return top, cold_top
-
-
-def _recall(tops: dict[int, list[int]], trained: TrainedArtifact) -> float:
-    truth = trained.split.test_truth
-    per_user = []
-    for u, top in tops.items():
-        is_truth = truth[u].toarray().ravel() > 0  # (I,)
-        per_user.append(user_metrics(np.asarray(top, dtype=np.int64), is_truth, int(is_truth.sum()), (K,))
-                        [f"recall@{K}"])
-    return float(np.mean(per_user))
+            assert t.model.policy is not None and body["policy"] == t.model.policy.to_dict()
+            ranked = [ds.item_index(item["id"]) for item in body["items"]]
+            assert all(item["is_cold"] == (j in cold) for j, item in zip(ranked, body["items"], strict=True))
+            out[u] = ranked
+    return out
 
 
 @pytest.fixture
-def live_service(trained_artifact: TrainedArtifact, store_spec: StoreSpec) -> Iterator[LiveServer]:
+def live_service(trained: Trained, store_spec: StoreSpec) -> Iterator[LiveServer]:
     env = {
-        "M2REC_ARTIFACT_PATH": str(trained_artifact.root), "M2REC_STORE_URL": store_spec.location,
+        "M2REC_ARTIFACT_PATH": str(trained.root), "M2REC_STORE_URL": store_spec.location,
         "M2REC_INDEX_KIND": "exact",
-        # no truncation: the offline fold-in reads the whole training history
-        "M2REC_MAX_HISTORY_LENGTH": "100000",
-        # whole rankings, so the cold-only ranking can be read off the served one
-        "M2REC_K_MAX": "100000",
+        "M2REC_MAX_HISTORY_LENGTH": "100000",  # no truncation: the offline fold-in reads the whole history
     }
     if store_spec.backend == "redis":
         env["M2REC_REDIS_NAMESPACE"] = store_spec.namespace
@@ -185,33 +165,22 @@ def live_service(trained_artifact: TrainedArtifact, store_spec: StoreSpec) -> It
         server.stop()
 
 
-def _compare(name: str, online_tops: dict[int, list[int]], offline: Protocol, trained: TrainedArtifact) -> str:
-    online = _recall(online_tops, trained)
-    # the same metric code on the offline lists reproduces the harness's number, so the two sides
-    # differ only in how their lists were produced
-    assert _recall(offline.top, trained) == pytest.approx(offline.recall, abs=1e-12)
-    n = len(online_tops)
-    same_lists = sum(online_tops[u] == offline.top[u] for u in online_tops)
-    same_sets = sum(set(online_tops[u]) == set(offline.top[u]) for u in online_tops)
-    summary = (f"{name}: offline Recall@20 {offline.recall:.6f}, online {online:.6f} (|diff| "
-               f"{abs(online - offline.recall):.1e}); identical top-20 lists {same_lists}/{n}, sets {same_sets}/{n}")
-    assert abs(online - offline.recall) <= TOLERANCE, summary
-    # a tolerance on the mean could hide compensating errors: users must get the very same items
-    assert same_sets >= 0.95 * n, summary
-    return summary
-
-
-def test_replaying_the_test_split_through_the_service_gives_the_offline_recall(
-    live_service: LiveServer, trained_artifact: TrainedArtifact, offline: Offline
+def test_replaying_a_hybrid_split_through_the_service_gives_the_offline_figures(
+    live_service: LiveServer, trained: Trained
 ) -> None:
-    users = offline.users
-    assert users.size > 500 and offline.n_without_history < 0.05 * (users.size + offline.n_without_history)
-    deep = np.sort(np.random.default_rng(0).choice(users, size=DEEP_USERS, replace=False))
-    top, cold_top = _online(live_service, trained_artifact, users, deep)
-    # all-items, every test user: exactly what /recommend?k=20 serves
-    print(_compare("all-items", top, offline.all_items, trained_artifact))
-    # cold-only: each served ranking restricted to the registered items (training items are warm,
-    # so the exclusion never touches them); compared with the offline cold-only lists of the same users
-    cold_offline = Protocol(_recall({u: offline.cold_only.top[u] for u in cold_top}, trained_artifact),
-                            {u: offline.cold_only.top[u] for u in cold_top})
-    print(_compare(f"cold-only ({DEEP_USERS} users)", cold_top, cold_offline, trained_artifact))
+    task = hybrid(trained.split)
+    harness = evaluate_full(trained.model, task).metrics
+    offline_lists = _offline_lists(trained, task)
+    offline = _metrics(offline_lists, task, trained.split.cold_items)
+    # the metric code on these lists reproduces the harness's own figures (ties aside: the harness
+    # breaks them against the truth), so the two sides differ only in how their lists were made
+    for key in FIGURES:
+        assert offline[key] == pytest.approx(harness[key], abs=2e-3), key
+    online_lists = _online_lists(live_service, trained, task)
+    online = _metrics(online_lists, task, trained.split.cold_items)
+    same = sum(set(online_lists[u][:20]) == set(offline_lists[u][:20]) for u in offline_lists)
+    summary = ", ".join(f"{k} offline {offline[k]:.4f} online {online[k]:.4f}" for k in FIGURES)
+    print(f"{task.users.size} users; identical top-20 sets {same}; {summary}")
+    for key in FIGURES:
+        assert abs(online[key] - offline[key]) <= TOLERANCE, summary
+    assert same >= 0.95 * len(offline_lists), summary  # a mean could hide compensating errors

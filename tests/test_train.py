@@ -12,7 +12,8 @@ from service.model import M2Rec, item_inputs
 from service.model.generator import M2VAEGenerator
 from training.dataset import Dataset
 from training.m2rec_recommender import M2RecRecommender
-from training.protocol import cold_only, evaluate
+from training.presets import PRESETS
+from training.protocol import evaluate, hybrid
 from training.split import cold_start_split
 from training.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
@@ -75,24 +76,37 @@ def test_checkpoint_reloads_to_identical_outputs(dataset: Dataset, tmp_path: Pat
         assert model.generator.linear.intercept.abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant", ["m2rec", "mdsym-content-vae", "m2rec-no-common", "m2rec-slow-gen-surrogate",
-                                     "m2rec-linear-held-out", "m2rec-linear-only", "m2rec-dense-b",
-                                     "m2rec-linear-d128-gen-nll", "mdsym-content-vae-gen-nll"])
-def test_adapter_scores_every_candidate_finitely(dataset: Dataset, variant: str) -> None:
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_trains_and_scores_every_candidate_finitely(dataset: Dataset, preset: str) -> None:
     split = cold_start_split(dataset, seed=1)
-    rec = M2RecRecommender.variant(variant, **TINY)
+    rec = M2RecRecommender.preset(preset, **TINY)
     rec.fit(dataset, split)
-    scores = rec.score(split.test_users[:5], split.cold_items)
-    assert scores.shape == (min(5, split.test_users.size), split.cold_items.size)
+    task = hybrid(split)
+    scores = rec.score(task.users[:5], task.candidates, task.history)
+    assert scores.shape == (min(5, task.users.size), task.candidates.size)
     assert np.isfinite(scores).all()
-    assert set(evaluate(rec, cold_only(split))) >= {"recall@20", "ndcg@20"}
+    assert set(evaluate(rec, task)) >= {"recall@20", "ndcg@20", "cold_share@20"}
+    assert rec.policy is not None and rec.params["policy"] == rec.policy.to_dict()
+
+
+def test_the_new_bias_weight_is_chosen_on_validation_and_scales_only_new_items_bias(dataset: Dataset) -> None:
+    split = cold_start_split(dataset, seed=0)
+    result = train(dataset, split, TrainConfig(seed=0, **{**TINY, "new_bias_weights": (1.0, 4.0)}))  # type: ignore[arg-type]
+    weight = float(result.model.new_bias_weight)
+    assert weight in (1.0, 4.0) and result.best_val["new_bias_weight"] == weight
+    x = item_inputs(result.data.vocabulary.encode([["g:1"]])[0], torch.ones(1, 5), content_dim=5)
+    with torch.no_grad():
+        row = result.model.embed_items(x)[0]
+        result.model.new_bias_weight.fill_(1.0)
+        plain = result.model.embed_items(x)[0]
+    assert torch.equal(row[:, :-1], plain[:, :-1]) and torch.allclose(row[:, -1], weight * plain[:, -1])
 
 
 def test_b_passes_give_more_user_updates(dataset: Dataset) -> None:
     """b_passes > 1 trains the item table V further in the same number of epochs (nothing else changes)."""
     split = cold_start_split(dataset, seed=0)
     cfg = {**TINY, "epochs": 1, "lr_gen": 0.0, "lambda_v": 0.0}
-    one = train(dataset, split, TrainConfig(seed=0, **cfg))  # type: ignore[arg-type]
+    one = train(dataset, split, TrainConfig(seed=0, b_passes=1, **cfg))  # type: ignore[arg-type]
     three = train(dataset, split, TrainConfig(seed=0, b_passes=3, **cfg))  # type: ignore[arg-type]
     torch.manual_seed(0)  # train() seeds torch the same way before building the model
     init = M2Rec(one.model.config).user.V
@@ -101,21 +115,25 @@ def test_b_passes_give_more_user_updates(dataset: Dataset) -> None:
     assert moved_three > moved_one > 0
 
 
-def test_train_cli_starts_from_a_variant_and_flags_override_it(dataset: Dataset, tmp_path: Path) -> None:
-    """`python -m training.train --variant NAME` trains that harness variant; explicit flags win."""
+def test_train_cli_exports_a_production_model_with_every_item_trained(dataset: Dataset, tmp_path: Path) -> None:
+    """`python -m training.train`: a validation run chooses the policy, a refit on every interaction
+    gives every item with interactions a trained row; a preset and flags override the defaults."""
     import json
 
     from training.dataset import save_dataset
     from training.train import main
 
     data_dir = save_dataset(dataset, tmp_path / "tiny")
-    tiny = ["--epochs", "1", "--eval-every", "1", "--gen-hidden", "8", "--gen-latent", "4", "--batch-users", "16",
-            "--batch-items", "16", "--co-negatives", "4", "--progress", "false"]
-    main(["--dataset", str(data_dir), "--out", str(tmp_path / "a"), "--variant", "m2rec-linear-d128-gen-nll",
-          "--item-dim", "8", *tiny])
+    tiny = ["--epochs", "2", "--eval-every", "1", "--refit-epochs", "1", "--gen-hidden", "8", "--gen-latent", "4",
+            "--batch-users", "16", "--batch-items", "16", "--co-negatives", "4", "--user-latent", "4",
+            "--new-bias-weights", "1,2", "--progress", "false"]
+    main(["--dataset", str(data_dir), "--out", str(tmp_path / "a"), "--preset", "m2rec-no-moe", "--item-dim", "8",
+          *tiny])
     manifest = json.loads(next((tmp_path / "a").glob("2*/manifest.json")).read_text())
-    config = manifest["model_config"]
-    assert config["item_dim"] == 8  # the flag
-    assert config["user_latent"] == 128 and config["linear_path"] is True  # the variant
+    assert manifest["model_config"]["item_dim"] == 8  # the flag
+    assert manifest["model_config"]["moe"] is False  # the preset
+    assert manifest["n_warm_items"] == np.unique(dataset.interactions[:, 1]).size  # every item trained
+    assert manifest["mixing"] == manifest["metrics"]["validation"]["policy"]
+    assert manifest["metrics"]["validation"]["hybrid"]["new_bias_weight"] in (1.0, 2.0)
     with pytest.raises(SystemExit):
-        main(["--dataset", str(data_dir), "--out", str(tmp_path / "b"), "--variant", "no-such-variant"])
+        main(["--dataset", str(data_dir), "--out", str(tmp_path / "b"), "--preset", "no-such-preset"])

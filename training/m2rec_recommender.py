@@ -40,11 +40,22 @@ class M2RecRecommender:
         cfg = dataclasses.replace(cfg, **{**PRESETS[name], **overrides})
         return cls(cfg, name)
 
+    @classmethod
+    def trained(cls, result: TrainResult, name: str = "m2rec") -> M2RecRecommender:
+        """The harness's view of a model trained already."""
+        model = cls(result.config, name)
+        model._use(result)
+        return model
+
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
-        self.result = train(dataset, split, self.config)
-        self._table = ItemTable(self.result.model, self.result.data)
-        self.policy = self.result.policy
-        self.params = {"best_epoch": self.result.best_epoch, "policy": self.policy.to_dict()}
+        self._use(train(dataset, split, self.config))
+
+    def _use(self, result: TrainResult) -> None:
+        self.result = result
+        self._table = ItemTable(result.model, result.data)
+        self.policy = result.policy
+        self.params = {"best_epoch": result.best_epoch, "new_bias_weight": float(result.model.new_bias_weight),
+                       "policy": result.policy.to_dict()}
 
     def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         if self._table is None:
