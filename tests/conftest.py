@@ -170,7 +170,8 @@ def trained_artifact(tmp_path_factory: pytest.TempPathFactory) -> TrainedArtifac
     from training.train import TrainConfig
 
     cfg = TrainConfig(seed=0, epochs=1, eval_every=1, item_dim=16, user_latent=8, gen_hidden=16,
-                      gen_latent=8, batch_users=128, batch_items=256, new_bias_weights=(1.0,), progress=False)
+                      gen_latent=8, batch_users=128, batch_items=256, new_bias_weights=(1.0,), b_min_steps=1,
+                      progress=False)
     return train_and_export(tmp_path_factory.mktemp("artifacts"), cfg)
 
 
@@ -218,7 +219,8 @@ def two_artifacts(trained_artifact: TrainedArtifact, tmp_path_factory: pytest.Te
     set_current(root, old.name)
     ds = trained_artifact.dataset
     cfg = TrainConfig(seed=1, epochs=1, eval_every=1, item_dim=16, user_latent=8, gen_hidden=16,
-                      gen_latent=8, batch_users=128, batch_items=256, new_bias_weights=(1.0,), progress=False)
+                      gen_latent=8, batch_users=128, batch_items=256, new_bias_weights=(1.0,), b_min_steps=1,
+                      progress=False)
     result = train(ds, trained_artifact.split, cfg)
     new = export_artifact(result, ds, f"ml-100k:{ds.n_items}:{len(ds.interactions)}", root,
                           {"validation": result.best_val}, activate=False)

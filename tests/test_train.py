@@ -17,7 +17,7 @@ from training.protocol import evaluate, hybrid
 from training.split import cold_start_split
 from training.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
-TINY = {"item_dim": 8, "user_latent": 4, "gen_hidden": 8, "gen_latent": 4, "batch_users": 16,
+TINY = {"b_min_steps": 1, "item_dim": 8, "user_latent": 4, "gen_hidden": 8, "gen_latent": 4, "batch_users": 16,
         "batch_items": 16, "epochs": 2, "eval_every": 1, "progress": False, "co_negatives": 4}
 
 

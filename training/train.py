@@ -82,7 +82,10 @@ class TrainConfig:
     # b-step (Multi-VAE)
     batch_users: int = 128
     lr_user: float = 3e-3
-    b_passes: int = 4  # b-step passes over the users per epoch (small datasets: few updates per pass)
+    b_passes: int = 1  # b-step passes over the users per epoch, at least
+    # ...and at least this many b-step updates per epoch: a small user base (ml-100k: 8 batches a pass)
+    # otherwise leaves V under-trained against the generator (benchmarks/results/model-tuning.md, round 3)
+    b_min_steps: int = 32
     input_dropout: float = 0.5
     beta_cap: float = 0.2
     anneal_epochs: float = 10.0  # β reaches its cap after this many epochs
@@ -318,7 +321,9 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: Trai
         if isinstance(gen, M2VAEGenerator) and gen.linear is not None else None
     patterns = linear.path.patterns(data.inputs(data.warm)) \
         if linear is not None and cfg.generated_likelihood > 0 else None  # (J,) warm items' modality patterns
-    steps_per_epoch = cfg.b_passes * -(-data.train_users.size // cfg.batch_users)
+    batches = -(-data.train_users.size // cfg.batch_users)
+    b_passes = max(cfg.b_passes, -(-cfg.b_min_steps // batches))
+    steps_per_epoch = b_passes * batches
     step, best_epoch, best = 0, -1, None
     best_state: dict[str, torch.Tensor] = {}
     history: list[dict[str, float]] = []
@@ -328,7 +333,7 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: Trai
         t0 = time.perf_counter()
         shift = linear.held_out_shift(patterns) if linear is not None and patterns is not None else None
         target = generated_rows(model, data, data.warm)  # the generator is unchanged until the t-step
-        for _ in range(cfg.b_passes):
+        for _ in range(b_passes):
             b_parts, step = b_step(model, data, opt_user, cfg, rng, step, steps_per_epoch, target, shift)
         for _ in range(cfg.t_passes):
             t_parts = t_step(model, data, opt_gen, cfg, rng, linear)
