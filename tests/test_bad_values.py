@@ -147,7 +147,7 @@ def test_a_stored_item_with_a_non_finite_row_is_skipped_counted_and_logged_once(
     store = store_spec.open()
     dim = trained_artifact_dim(trained_artifact)
     store.put_items([ItemRecord("movie:nan", ["genre:Drama"], None, np.full(dim, np.nan, np.float32), version,
-                                time.time() + 10)])  # the newest item: first in every fallback list
+                                time.time() + 10)])
     store.close()
     with TestClient(create_app(settings)) as c, caplog.at_level("ERROR", logger="service.core.recommender"):
         # the rebuild from the store leaves it out already; the follower's path is the same function
@@ -158,8 +158,10 @@ def test_a_stored_item_with_a_non_finite_row_is_skipped_counted_and_logged_once(
     # a row that is in the index when it turns out broken: skipped at answer time, quarantined, counted once
     with TestClient(create_app(settings)) as c, caplog.at_level("ERROR", logger="service.core.recommender"):
         recommender = c.app.state.runtime.recommender  # type: ignore[attr-defined]
-        recommender.maintainer.index.add(["movie:nan"], np.full((1, dim), np.nan, np.float32), [True])
-        recommender.maintainer.newest.add("movie:nan", time.time() + 20, float("nan"))
+        # an infinite bias: the row outranks everything (a NaN row FAISS never returns at all)
+        broken = np.zeros((1, dim), np.float32)
+        broken[0, -1] = np.inf
+        recommender.maintainer.index.add(["movie:nan"], broken)
         c.post("/interactions", json={"user": "fan", "item": "movie:good"}, headers=HEADERS)
         before = _skipped(c)
         for user in ("somebody-new", "fan", "somebody-new"):

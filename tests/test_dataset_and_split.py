@@ -10,7 +10,7 @@ import pytest
 from tests.shared_data import real_dataset, shared_data
 from training.convert import build_amazon, build_citeulike
 from training.dataset import Dataset, DatasetError, fingerprint, load_dataset, save_dataset
-from training.split import cold_start_split
+from training.split import cold_start_split, holdout_count
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +111,14 @@ def test_split_keeps_cold_and_validation_items_out_of_training(real: Dataset) ->
     # every interaction lands in exactly one of train / the two warm holdouts / validation / test items
     parts = (split.train, split.val_warm_truth, split.test_warm_truth, split.val_truth, split.test_truth)
     assert sum(p.nnz for p in parts) == len(real.interactions)
-    # about a fifth of each history is the test holdout, a fifth of the rest the validation holdout
-    warm_total = split.history.nnz + split.test_warm_truth.nnz
-    assert 0.18 < split.test_warm_truth.nnz / warm_total < 0.24
-    assert 0.18 < split.val_warm_truth.nnz / split.history.nnz < 0.24
+    # per user, a fifth of their warm history is the test holdout (at least 1 from 5 on), a fifth of the
+    # rest the validation holdout
+    warm = split.history.getnnz(axis=1) + split.test_warm_truth.getnnz(axis=1)
+    expected_test = np.array([holdout_count(int(n), 0.2) for n in warm])
+    assert np.array_equal(split.test_warm_truth.getnnz(axis=1), expected_test)
+    kept = split.train.getnnz(axis=1) + split.val_warm_truth.getnnz(axis=1)
+    assert np.array_equal(split.val_warm_truth.getnnz(axis=1), [holdout_count(int(n), 0.2) for n in kept])
+    assert 0.15 < split.test_warm_truth.nnz / warm.sum() < 0.25
     assert all(split.test_truth[u].nnz > 0 for u in split.test_users[:200])
     assert np.setdiff1d(np.flatnonzero(split.test_truth.getnnz(axis=1)), split.test_users).size == 0
 

@@ -62,8 +62,9 @@ def test_item_without_any_modality_still_gets_a_finite_row() -> None:
     assert rows.shape == (1, D + 1) and torch.isfinite(rows).all()
 
 
-@pytest.mark.parametrize("overrides", [{"common_view": False}, {"moe": False}, {"generator": "content-vae"},
-                                       {"decoder_features": False}, {"gate_norm": True}])
+@pytest.mark.parametrize("overrides", [{"common_view": False}, {"moe": False},
+                                       {"generator": "content-vae", "linear_path": False},
+                                       {"decoder_features": False}, {"gate_norm": False}])
 def test_ablated_generators_embed_items(overrides: dict[str, object]) -> None:
     model = tiny_model(**overrides)
     rows, _ = model.embed_items(items([[1, 2], [3], []]))

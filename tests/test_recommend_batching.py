@@ -106,9 +106,9 @@ def test_the_fold_in_and_search_never_run_on_the_event_loop_whatever_the_store(
     threads: list[int] = []
     compute = recommender.recommend_many
 
-    def recorded(requests: list[tuple[str, int]]) -> list[Any]:
+    def recorded(requests: list[tuple[str, int]], explain: Any = None, policies: Any = None) -> list[Any]:
         threads.append(threading.get_ident())
-        return compute(requests)
+        return compute(requests, explain, policies)
 
     monkeypatch.setattr(recommender, "recommend_many", recorded)
     sizes = Histogram("batch", "batch sizes", registry=CollectorRegistry())

@@ -24,5 +24,5 @@ PRESETS: dict[str, dict[str, Any]] = {
     "m2rec": {},
     **ABLATIONS,
     # the MD-CVAE paper's model: the same user auto-encoder with its plain content VAE as the generator
-    "mdsym-content-vae": {"generator": "content-vae"},
+    "mdsym-content-vae": {"generator": "content-vae", "linear_path": False},
 }
