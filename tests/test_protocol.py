@@ -81,9 +81,13 @@ def test_production_splits_keep_every_item_warm_or_validation() -> None:
     v = validation_split(data, seed=0)
     assert v.cold_items.size == 0 and v.test_truth.nnz == 0
     assert set(v.warm_items) | set(v.val_items) == set(np.unique(data.interactions[:, 1]))
-    p = production_split(data, seed=0)
+    p = production_split(data, seed=0, unseen=v.val_warm_truth)
     assert set(p.warm_items) == set(np.unique(data.interactions[:, 1])) and p.val_items.size == 0
     assert p.train.nnz + p.val_warm_truth.nnz == len(data.interactions)
+    # the stopping slice is part of what the validation run never trained on, and the refit skips it
+    assert p.val_warm_truth.nnz > 0 and p.val_warm_truth.multiply(v.train).nnz == 0
+    assert p.val_warm_truth.multiply(v.val_warm_truth).nnz == p.val_warm_truth.nnz
+    assert p.train.multiply(p.val_warm_truth).nnz == 0
 
 
 class _Fixed:

@@ -191,14 +191,20 @@ def validation_split(dataset: Dataset, seed: int, val_fraction: float = 0.2, val
                           test_truth=empty)
 
 
-def production_split(dataset: Dataset, seed: int, holdout: float = 0.1) -> ColdStartSplit:
-    """Every item with interactions is warm (gets a trained row); a seeded per-user slice of the
-    interactions is held out, only to stop training."""
-    rng = np.random.default_rng(seed)
+def production_split(dataset: Dataset, seed: int, unseen: sp.csr_matrix, holdout: float = 0.5) -> ColdStartSplit:
+    """Every item with interactions is warm (gets a trained row); a seeded per-user `holdout` of
+    `unseen` is held out, only to stop training. `unseen` must be interactions the run this one starts
+    from never trained on (its validation warm holdout): a slice of what it fitted would score best
+    before the refit and fall as the refit goes on, so stopping would always take the first epoch."""
     matrix = dataset.interaction_matrix()
     matrix.data[:] = 1.0
+    if unseen.shape != matrix.shape:
+        raise ValueError(f"unseen has shape {unseen.shape}, the dataset's interactions {matrix.shape}")
     active = np.flatnonzero(np.asarray(matrix.getnnz(axis=0)) > 0)
-    train, held = hold_out(matrix, holdout, rng)
+    _, held = hold_out(unseen, holdout, np.random.default_rng(seed))
+    held.data[:] = 1.0
+    train = sp.csr_matrix(matrix - matrix.multiply(held))
+    train.eliminate_zeros()
     empty = _empty(*matrix.shape)
     none = np.empty(0, np.int64)
     return ColdStartSplit(seed=seed, n_users=dataset.n_users, n_items=dataset.n_items, warm_items=active,

@@ -409,12 +409,15 @@ def train_production(dataset: Dataset, cfg: TrainConfig) -> tuple[TrainResult, T
     """(validation run, production model). The validation run trains on everything but a carve-out
     (pseudo-cold items and a per-user warm holdout, training/split.py) and chooses the epoch and the
     mixing policy there; the production model then continues from it on every interaction, so that
-    every item with interactions gets a trained row, stopping on a held-out slice of interactions."""
-    first = train(dataset, validation_split(dataset, cfg.seed), cfg)
+    every item with interactions gets a trained row, stopping on a slice of interactions that neither
+    run trains on."""
+    carve = validation_split(dataset, cfg.seed)
+    first = train(dataset, carve, cfg)
     log.info("validation run: best epoch %d, %s, policy %s", first.best_epoch, json.dumps(first.best_val),
              first.policy.to_dict())
     refit = replace(cfg, epochs=cfg.refit_epochs, eval_every=1, patience=cfg.refit_patience)
-    final = train(dataset, production_split(dataset, cfg.seed), refit, init=first)
+    # stopped on half of the validation run's warm holdout, which neither run trains on
+    final = train(dataset, production_split(dataset, cfg.seed, carve.val_warm_truth), refit, init=first)
     final.model.new_bias_weight.copy_(first.model.new_bias_weight)
     return first, replace(final, policy=first.policy)
 
