@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -267,7 +268,8 @@ def leave_out_vectors(model: M2Rec, data: TrainingData, users: np.ndarray, rows:
 
 def seed_everything(seed: int) -> np.random.Generator:
     torch.manual_seed(seed)
-    torch.set_num_threads(2)
+    if "OMP_NUM_THREADS" not in os.environ:  # the environment decides (one per process when they share cores)
+        torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     return np.random.default_rng(seed)
 
