@@ -20,7 +20,6 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from training import distributed
@@ -60,7 +59,7 @@ def main() -> None:
         result = train(dataset, split, cfg)
         mine = {
             "rank": distributed.rank(),
-            "threads": torch.get_num_threads(),
+            "threads": distributed.threads_per_process(),
             "epoch_seconds": [round(row["seconds"], 2) for row in result.history[:-1]],
             "last_epoch_with_validation_seconds": round(result.history[-1]["seconds"], 2),
             "train_seconds": round(time.perf_counter() - t1, 1),
