@@ -13,7 +13,9 @@ which writes the JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import logging
 import resource
 import time
 from dataclasses import fields, replace
@@ -26,6 +28,21 @@ from training import distributed
 from training.dataset import load_dataset
 from training.split import validation_split
 from training.train import TrainConfig, train
+
+
+class EpochClock(logging.Handler):
+    """This process's CPU seconds (user + system, every thread) at each of the trainer's epoch log lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks = [time.process_time()]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("epoch "):
+            self.marks.append(time.process_time())
+
+    def cpu_between(self) -> list[float]:
+        return [b - a for a, b in itertools.pairwise(self.marks)]
 
 
 def _value(name: str, text: str) -> Any:
@@ -55,14 +72,21 @@ def main() -> None:
         cfg = replace(TrainConfig(seed=args.seed, epochs=args.epochs, eval_every=args.epochs, progress=False,
                                   new_bias_weights=(1.0,)),
                       **{k: _value(k, v) for k, v in overrides.items()})
+        clock = EpochClock()
+        trainer_log = logging.getLogger("m2rec.train")
+        trainer_log.setLevel(logging.INFO)
+        trainer_log.addHandler(clock)
         t1 = time.perf_counter()
         result = train(dataset, split, cfg)
+        trainer_log.removeHandler(clock)
         mine = {
             "rank": distributed.rank(),
             "threads": distributed.threads_per_process(),
             "epoch_seconds": [round(row["seconds"], 2) for row in result.history[:-1]],
             "last_epoch_with_validation_seconds": round(result.history[-1]["seconds"], 2),
             "train_seconds": round(time.perf_counter() - t1, 1),
+            # between two epochs' log lines, unvalidated epochs only (the first also holds the set-up)
+            "epoch_cpu_seconds": [round(c, 2) for c in clock.cpu_between()[1 : len(result.history) - 1]],
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
         ranks: list[Any] = [mine]
