@@ -45,15 +45,17 @@ class ItemTable:
 
 
 @torch.no_grad()
-def user_vectors(model: M2Rec, data: TrainingData, batch: int = 2048) -> torch.Tensor:
-    """h (U, D) of every user, deterministic fold-in (decoder of the posterior mean)."""
+def user_vectors(model: M2Rec, data: TrainingData, users: np.ndarray | None = None, batch: int = 2048
+                 ) -> torch.Tensor:
+    """h (len(users), D) of `users` (default: every user), deterministic fold-in (decoder of the
+    posterior mean)."""
+    every = np.arange(data.history.shape[0]) if users is None else users
     out = []
-    for start in range(0, data.history.shape[0], batch):
-        users = np.arange(start, min(start + batch, data.history.shape[0]))
-        items, offsets, lengths = data.flat_histories(users)
+    for start in range(0, every.size, batch):
+        items, offsets, lengths = data.flat_histories(every[start : start + batch])
         mu, _ = model.user.encode_sparse(items, offsets, lengths, None)
         out.append(model.user.decode(mu))
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, model.config.item_dim)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from service.model.linear_path import ATTRIBUTES, BOTH, CONTENT, NOTHING, LinearPath
+from training import distributed
 from training.train_data import TrainingData
 
 
@@ -142,6 +143,24 @@ class LinearFit:
             if self.leverage:
                 self.fitted[pattern] = np.asarray(self._design(pattern, np.arange(Y.shape[0])) @ W.double().numpy())
         self.targets = Y
+
+    def refit_shared(self, targets: torch.Tensor) -> None:
+        """`refit`, solved once on rank 0 and broadcast: the map written into the path and the
+        fitted rows the leave-one-out shifts read (single process: `refit` itself). Every rank
+        then holds rank 0's solution bit for bit, whatever its own BLAS would have summed."""
+        if not distributed.active():
+            self.refit(targets)
+            return
+        if distributed.is_main():
+            self.refit(targets)
+        else:
+            shape = tuple(targets.shape)
+            self.targets = np.empty(shape)
+            self.fitted = {pattern: np.empty(shape) for pattern in self.leverage}
+        assert self.targets is not None
+        p = self.path
+        distributed.broadcast_tensors([p.content_map, p.attribute_map, p.intercept, torch.from_numpy(self.targets),
+                                       *(torch.from_numpy(self.fitted[k]) for k in sorted(self.fitted))])
 
     def held_out(self, rows: np.ndarray, patterns: torch.Tensor) -> torch.Tensor:
         """Leave-one-out linear rows (B, D+1) of warm rows (B,) under each row's pattern (B,)."""
