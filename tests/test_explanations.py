@@ -103,6 +103,38 @@ def test_leave_one_out_fold_in_equals_folding_in_without_each_item(trained_artif
         np.testing.assert_allclose(without[left_out], oracle[0], rtol=1e-5, atol=1e-6)
 
 
+def test_leave_one_out_of_several_users_at_once_is_each_users_own(trained_artifact: TrainedArtifact) -> None:
+    model = load_model(load_artifact(trained_artifact.root))
+    fold_in = FoldIn(model)
+    table = model.item_rows().detach().numpy()
+    histories = [table[:12], table[40:41], table[100:107]]  # (L_b, D+1) each; one of a single item
+    together = fold_in.without_each(np.concatenate(histories), [len(h) for h in histories])
+    alone = np.concatenate([fold_in.without_each(h) for h in histories])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_of_explained_lists_is_each_list_explained_alone(client: TestClient) -> None:
+    """The explainer serves a batch of requests in shared passes: no list may depend on its batch-mates."""
+    recommender = client.app.state.runtime.recommender  # type: ignore[attr-defined]
+    requests = [("ann", 25), ("nobody-yet", 10), ("bob", 25), ("ann", 7)]
+    together = recommender.recommend_many(requests, [True, True, True, False])
+    for (user, k), batched, wanted in zip(requests, together, [True, True, True, False], strict=True):
+        alone = recommender.recommend(user, k, wanted)
+        assert [h.item_id for h in batched.hits] == [h.item_id for h in alone.hits]
+        if not wanted:
+            assert batched.explanations is None
+            continue
+        assert len(batched.explanations) == len(alone.explanations) == k
+        for a, b in zip(batched.explanations, alone.explanations, strict=True):
+            assert [i for i, _ in a.because] == [i for i, _ in b.because]
+            np.testing.assert_allclose([c for _, c in a.because], [c for _, c in b.because], rtol=1e-4, atol=1e-6)
+            assert (a.views is None) == (b.views is None) and a.attributes == b.attributes
+            if a.views is not None and b.views is not None:
+                np.testing.assert_allclose([a.views.attributes, a.views.content, a.views.common],
+                                           [b.views.attributes, b.views.content, b.views.common], rtol=1e-5)
+    assert any(e.views is not None for e in together[2].explanations or [])  # bob's list holds new items
+
+
 def test_the_openapi_document_names_the_explain_parameter(client: TestClient) -> None:
     parameters = client.get("/openapi.json").json()["paths"]["/recommend"]["get"]["parameters"]
     assert "explain" in {p["name"] for p in parameters}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from service.model import M2Rec, ModelConfig
@@ -228,3 +229,34 @@ def test_surrogate_ranking_loss_ranks_generated_rows_among_trained_ones() -> Non
     plain.backward()  # type: ignore[no-untyped-call]
     assert torch.allclose(loss, plain) and rows.grad is not None and plain_rows.grad is not None
     assert torch.allclose(rows.grad, plain_rows.grad)
+
+
+def test_sampled_softmax_is_the_full_one_when_every_item_is_drawn() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)  # (B, J)
+    rows = torch.tensor([0, 0, 1, 2, 3, 3, 3])
+    items = torch.tensor([3, 7, 7, 49, 0, 1, 2])
+    full = losses.multinomial_nll(logits, rows, items)
+    candidates, places, log_weight = losses.sampled_softmax_weights(items.numpy(), np.arange(50), 50)
+    assert candidates.tolist() == list(range(50)) and not log_weight.any()
+    sampled = losses.multinomial_nll(logits[:, candidates] + torch.from_numpy(log_weight), rows,
+                                     torch.from_numpy(places))
+    assert torch.allclose(sampled, full)
+
+
+def test_sampled_softmax_weights_the_drawn_items_up_to_the_rest_of_the_catalogue() -> None:
+    items = np.array([5, 9, 5])
+    candidates, places, log_weight = losses.sampled_softmax_weights(items, np.array([1, 9, 30, 30]), 100)
+    assert candidates.tolist() == [1, 5, 9, 30]
+    assert candidates[places].tolist() == items.tolist()
+    # 98 items are not the batch's; 2 distinct of them were drawn: each stands for 49
+    np.testing.assert_allclose(log_weight, [math.log(49), 0, 0, math.log(49)], rtol=1e-6)
+    # its expected denominator is the full one's: uniform draws of the rest, scaled
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=100)
+    full = np.exp(logits).sum()
+    estimates = []
+    for _ in range(2000):
+        c, _, w = losses.sampled_softmax_weights(items, rng.choice(100, 20, replace=False), 100)
+        estimates.append((np.exp(logits[c] + w)).sum())
+    assert abs(np.mean(estimates) / full - 1) < 0.02

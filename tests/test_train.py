@@ -137,3 +137,12 @@ def test_train_cli_exports_a_production_model_with_every_item_trained(dataset: D
     assert manifest["metrics"]["validation"]["hybrid"]["new_bias_weight"] in (1.0, 2.0)
     with pytest.raises(SystemExit):
         main(["--dataset", str(data_dir), "--out", str(tmp_path / "b"), "--preset", "no-such-preset"])
+
+
+def test_a_sampled_softmax_trains_and_draws_its_own_candidates(dataset: Dataset) -> None:
+    split = cold_start_split(dataset, seed=0)
+    full = train(dataset, split, TrainConfig(seed=3, **TINY))  # type: ignore[arg-type]
+    sampled = train(dataset, split, TrainConfig(seed=3, sampled_items=8, **TINY))  # type: ignore[arg-type]
+    assert all(np.isfinite(row["nll"]) for row in sampled.history)
+    V_full, V_sampled = full.model.user.V.detach(), sampled.model.user.V.detach()
+    assert torch.isfinite(V_sampled).all() and not torch.equal(V_full, V_sampled)

@@ -7,6 +7,7 @@ its positive in the denominator, so it is a proper cross-entropy (>= 0).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,16 +25,35 @@ def multinomial_nll(logits: torch.Tensor, rows: torch.Tensor, items: torch.Tenso
 
 
 def generated_row_nll(h: torch.Tensor, generated: torch.Tensor, rows: torch.Tensor,
-                      items: torch.Tensor) -> torch.Tensor:
+                      items: torch.Tensor, log_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The Multi-VAE likelihood of the users' items scored the way a cold item is served: by their
     generated rows [ê; b̂] (J, D+1), held fixed (no gradient reaches the generator from here).
 
     h (B, D) user vectors; (rows, items) (N,) as in `multinomial_nll`. It trains the user side
-    for the scores it gives to items it knows only from their content.
+    for the scores it gives to items it knows only from their content. `log_weight` (J,): as in
+    `sampled_logits`, when `generated` holds a sample of the rows.
     """
     fixed = generated.detach()
     logits = h @ fixed[:, :-1].T + fixed[:, -1]  # (B, J)
-    return multinomial_nll(logits, rows, items)
+    return multinomial_nll(logits if log_weight is None else logits + log_weight, rows, items)
+
+
+def sampled_softmax_weights(positives: np.ndarray, drawn: np.ndarray, n_items: int
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The candidates of a sampled softmax: every item of the batch's histories (`positives`) and
+    items drawn uniformly at random (`drawn`). Returns the sorted candidates (C,), each positive's
+    place among them, and each candidate's log weight (C,): 0 for a batch item, log((J - P) / S)
+    for the S drawn others, so that the softmax's denominator estimates the full one's (the batch
+    items exactly, the rest by importance sampling from a uniform proposal)."""
+    candidates = np.union1d(positives, drawn)  # (C,) sorted
+    places = np.searchsorted(candidates, positives)
+    is_batch = np.zeros(candidates.size, dtype=bool)
+    is_batch[places] = True
+    others = int((~is_batch).sum())
+    log_weight = np.zeros(candidates.size, dtype=np.float32)
+    if others:
+        log_weight[~is_batch] = np.log((n_items - int(is_batch.sum())) / others)
+    return candidates, places, log_weight
 
 
 def kl_standard_normal(g: Gaussian, mask: torch.Tensor | None = None) -> torch.Tensor:

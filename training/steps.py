@@ -14,6 +14,7 @@ prepared outside the forward, in the order the draws have always been made.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,21 @@ from training.train_config import TrainConfig
 from training.train_data import TrainingData
 
 
+@dataclass
+class Sample:
+    """A sampled softmax's candidates for one b-step batch (losses.sampled_softmax_weights)."""
+
+    candidates: torch.Tensor  # (C,) trained rows
+    places: torch.Tensor  # (N,) each history item's place among them
+    log_weight: torch.Tensor  # (C,)
+
+    @classmethod
+    def draw(cls, items: torch.Tensor, n_items: int, size: int, rng: np.random.Generator) -> Sample:
+        candidates, places, log_weight = losses.sampled_softmax_weights(
+            items.numpy(), rng.integers(0, n_items, size), n_items)
+        return cls(torch.from_numpy(candidates), torch.from_numpy(places), torch.from_numpy(log_weight))
+
+
 class UserStep(nn.Module):
     """The b-step's loss parts for one batch of users."""
 
@@ -40,21 +56,27 @@ class UserStep(nn.Module):
         self.cfg = cfg
 
     def forward(self, items: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor | None,
-                beta: float, target: torch.Tensor, as_new: torch.Tensor) -> dict[str, torch.Tensor]:
+                beta: float, target: torch.Tensor, as_new: torch.Tensor, sample: Sample | None = None
+                ) -> dict[str, torch.Tensor]:
         mu, logvar = self.user.encode_sparse(items, offsets, lengths, keep)
         u = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         h = self.user.decode(u)  # (B, D)
-        logits = self.user.logits(h)  # (B, J)
         rows_in_batch = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        if sample is None:  # the full softmax over the J trained items
+            logits, targets, log_weight = self.user.logits(h), items, None  # (B, J)
+        else:  # over C candidates: the batch's items and the drawn ones
+            rows = sample.candidates
+            logits = h @ self.user.V[rows].T + self.user.b[rows] + sample.log_weight  # (B, C)
+            targets, log_weight, as_new = sample.places, sample.log_weight, as_new[rows]
         parts = {
-            "nll": losses.multinomial_nll(logits, rows_in_batch, items),
+            "nll": losses.multinomial_nll(logits, rows_in_batch, targets),
             "kl_u": beta * losses.kl_standard_normal(Gaussian(mu, logvar)),
             # the whole table on every rank: its gradient, averaged over identical copies, is itself
             "pull": losses.pull_to_generated(self.user.item_rows(), target, self.cfg.lambda_v),
         }
         if self.cfg.generated_likelihood > 0:  # the same items scored as cold items are: by Ê
             parts["nll_gen"] = self.cfg.generated_likelihood * losses.generated_row_nll(
-                h, as_new, rows_in_batch, items)
+                h, as_new, rows_in_batch, targets, log_weight)
         return parts
 
 
@@ -79,7 +101,8 @@ def b_step(step_loss: nn.Module, data: TrainingData, opt: torch.optim.Optimizer,
             keep = torch.from_numpy((rng.random(items.numel()) >= cfg.input_dropout).astype(np.float32))
             keep = keep / (1.0 - cfg.input_dropout)
         beta = min(cfg.beta_cap, cfg.beta_cap * step / max(1.0, cfg.anneal_epochs * steps_per_epoch))
-        parts: dict[str, torch.Tensor] = step_loss(items, offsets, lengths, keep, beta, target, as_new)
+        sample = Sample.draw(items, target.shape[0], cfg.sampled_items, rng) if cfg.sampled_items > 0 else None
+        parts: dict[str, torch.Tensor] = step_loss(items, offsets, lengths, keep, beta, target, as_new, sample)
         loss = sum(parts.values())
         opt.zero_grad()
         loss.backward()  # type: ignore[union-attr]
@@ -153,10 +176,11 @@ class GeneratorStep(nn.Module):
 
 def t_step(step_loss: nn.Module, model: M2Rec, data: TrainingData, opt: torch.optim.Optimizer, cfg: TrainConfig,
            rng: np.random.Generator, linear: LinearFit | None = None, order: np.ndarray | None = None,
-           batch_items: int | None = None) -> dict[str, float]:
+           batch_items: int | None = None, clock: dict[str, float] | None = None) -> dict[str, float]:
     """One pass over the warm items (`order`: this rank's rows in this pass's order; None: every
     trained row, shuffled by `rng`). `step_loss` is a GeneratorStep over `model.generator`, or the
-    DDP wrapper of one."""
+    DDP wrapper of one. `clock["batches_seconds"]` gets the time of the batches alone (the pass
+    also holds full-table work: the ridge refit, every user's vector)."""
     targets = model.item_rows().detach()  # (J, D+1): [V_j; b_j] fixed for the step
     if linear is not None:  # the ridge path follows V in closed form; the decoder learns the residual
         linear.refit_shared(targets)
@@ -169,6 +193,7 @@ def t_step(step_loss: nn.Module, model: M2Rec, data: TrainingData, opt: torch.op
     rows = rng.permutation(data.trained_rows) if order is None else order
     size = cfg.batch_items if batch_items is None else batch_items
     sums: dict[str, float] = {}
+    started = time.perf_counter()
     for start in range(0, rows.size, size):
         r = rows[start : start + size]
         x = data.inputs(data.warm[r])
@@ -206,6 +231,8 @@ def t_step(step_loss: nn.Module, model: M2Rec, data: TrainingData, opt: torch.op
         opt.step()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) * r.size / rows.size
+    if clock is not None:
+        clock["batches_seconds"] = clock.get("batches_seconds", 0.0) + time.perf_counter() - started
     return sums
 
 

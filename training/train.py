@@ -94,19 +94,22 @@ def validate(model: M2Rec, data: TrainingData, split: ColdStartSplit) -> Validat
     return Validation(metrics.get("recall@20", 0.0) + metrics.get("ndcg@20", 0.0), metrics, policy)
 
 
-def train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: TrainResult | None = None
-          ) -> TrainResult:
+def train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: TrainResult | None = None,
+          batches_per_pass: int | None = None) -> TrainResult:
     """Train with fixed seeds (from `init`'s weights when given: a refit); the process-wide torch
-    settings are restored afterwards."""
+    settings are restored afterwards. `batches_per_pass` stops every b-step and t-step pass after
+    that many batches of this process: a partial epoch, to time training at sizes where a whole
+    one takes hours (benchmarks/ddp_scaling.py); None trains on everything."""
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     try:
-        return _train(dataset, split, cfg, init)
+        return _train(dataset, split, cfg, init, batches_per_pass)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
 
 
-def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: TrainResult | None) -> TrainResult:
+def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: TrainResult | None,
+           batches_per_pass: int | None) -> TrainResult:
     rng = seed_everything(cfg.seed)
     data = prepare(dataset, split)
     model = M2Rec(cfg.model_config(data.warm.size, len(data.vocabulary), data.content_dim))
@@ -156,17 +159,29 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: Trai
         shift = linear.held_out_shift(patterns) if linear is not None and patterns is not None else None
         # the generator is unchanged until the t-step; every warm row, split over the ranks
         target = distributed.gather_rows(lambda rows: generated_rows(model, data, data.warm[rows]), data.warm.size)
+        t_b = time.perf_counter()
         for p in range(b_passes):
             order = users_order(epoch * b_passes + p) if users_order is not None else None
+            if batches_per_pass is not None:  # the same draws b_step makes, cut short
+                users = rng.permutation(data.train_users) if order is None else order
+                order = users[: batches_per_pass * batch_users]
             b_parts, step = b_step(user_step, data, opt_user, cfg, rng, step, steps_per_epoch, target, shift,
                                    order, batch_users)
+        t_t = time.perf_counter()
+        t_clock: dict[str, float] = {}
         for p in range(cfg.t_passes):
             order = items_order(epoch * cfg.t_passes + p) if items_order is not None else None
-            t_parts = t_step(gen_step, model, data, opt_gen, cfg, rng, linear, order, batch_items)
-        row: dict[str, float] = {"epoch": epoch, **distributed.mean_over_ranks({**b_parts, **t_parts})}
+            if batches_per_pass is not None:
+                rows = rng.permutation(data.trained_rows) if order is None else order
+                order = rows[: batches_per_pass * batch_items]
+            t_parts = t_step(gen_step, model, data, opt_gen, cfg, rng, linear, order, batch_items, t_clock)
+        row: dict[str, float] = {"epoch": epoch, **distributed.mean_over_ranks({**b_parts, **t_parts}),
+                                 "b_step_seconds": t_t - t_b, "t_step_seconds": time.perf_counter() - t_t,
+                                 "t_batches_seconds": t_clock.get("batches_seconds", 0.0)}
         stop = False
         if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
             improved = False
+            t_val = time.perf_counter()
             if distributed.is_main():  # the others wait for the decision: every rank stops at the same epoch
                 val = validate(model, data, split)
                 row["val_recall@20"] = val.metrics.get("recall@20", 0.0)
@@ -178,6 +193,7 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: Trai
                 best_epoch = epoch
                 best_state = copy.deepcopy(model.state_dict())
             stop = epoch - best_epoch >= cfg.patience * cfg.eval_every
+            row["validation_seconds"] = time.perf_counter() - t_val
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         bar.set_postfix({k: round(v, 4) for k, v in row.items() if k.startswith("val") or k == "nll"})

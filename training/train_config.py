@@ -51,6 +51,10 @@ class TrainConfig:
     lambda_v: float = 10.0
     # b-step: the user's items also scored by their generated rows Ê (the cold-start scoring), weight (0 = off)
     generated_likelihood: float = 1.0
+    # b-step softmaxes over the batch's own items plus this many items drawn at random (0: over every
+    # trained item, the shipped model): for catalogues whose full softmax dominates an epoch
+    # (benchmarks/results/distributed.md)
+    sampled_items: int = 0
     # t-step (generator)
     batch_items: int = 256
     lr_gen: float = 1e-3

@@ -24,12 +24,15 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from service.core.embedder import Embedder
 from service.core.fold_in import FoldIn
-from service.core.fusion_gate import FusionGate, ItemFactors
+from service.core.fusion_gate import FusionGate
 from service.core.types import Explanation, NewItem, Rows, ViewWeights
 from service.index import Hit
 from service.model.generator import M2VAEGenerator
@@ -38,7 +41,8 @@ from service.store import ItemRecord
 TOP = 3  # attribute tokens and history items named per item
 FACTORS_KEPT = 16_384  # items whose gate factors are kept (~1 KB each at Z = 64)
 
-_Factors = tuple[ItemFactors, list[tuple[str, float]]]
+# per item: its gate terms (2, Z) and modalities (2,) (FusionGate.terms), and its top attribute tokens
+_Factors = tuple[Rows, npt.NDArray[np.bool_], list[tuple[str, float]]]
 
 
 class Explainer:
@@ -65,41 +69,80 @@ class Explainer:
             items = [NewItem(r.item_id, r.attributes, r.content) for r in records.values()]
             items = [item for item in items if self.embedder.problem(item) is None]
             made = self.embedder.fusion_factors(items, self.top)
-            with self._lock:
-                for item, factors in zip(items, made, strict=True):
-                    found[item.item_id] = self._factors[keys[item.item_id]] = factors
+            if made and self.gate is not None:
+                terms, has = self.gate.terms([factors for factors, _ in made])  # (n, 2, Z), (n, 2)
+                with self._lock:
+                    for b, (item, (_, attributes)) in enumerate(zip(items, made, strict=True)):
+                        found[item.item_id] = self._factors[keys[item.item_id]] = (terms[b], has[b], attributes)
                 while len(self._factors) > FACTORS_KEPT:
                     self._factors.popitem(last=False)
         return found
 
-    def explain(self, hits: Sequence[Hit], item_rows: Rows, history: Sequence[str], history_rows: Rows,
-                new_rows: Mapping[str, Rows], fetch: Callable[[list[str]], dict[str, ItemRecord]]
-                ) -> list[Explanation]:
-        """One explanation per hit. `item_rows` (k, D+1) are the hits' rows; `history` the ids of the
-        rows `history_rows` (L, D+1) the user was folded in from (empty: a fallback list); `new_rows`
-        the rows of the new items among the hits, and `fetch` reads their stored inputs."""
+    def explain_many(self, lists: Sequence[Listed], fetch: Callable[[list[str]], dict[str, ItemRecord]]
+                     ) -> list[list[Explanation]]:
+        """One explanation per hit of each list; `fetch` reads new items' stored inputs. The lists of a
+        batch of requests share the passes: the leave-one-out fold-ins of every personal list in one
+        MLP pass, the gate of every (user, new item) pair in one."""
         D = self.fold_in.dim
-        because: list[list[tuple[str, float]]] = [[] for _ in hits]
-        h: Rows | None = None
-        if len(history_rows):
-            h = self.fold_in.user_vector(history_rows)  # (1, D)
-            drops = (h - self.fold_in.without_each(history_rows)) @ item_rows[:, :D].T  # (L, k)
-            order = np.argsort(-drops, axis=0, kind="stable")[: self.top]  # (top, k) history rows, largest first
-            best = np.take_along_axis(drops, order, axis=0).T.tolist()  # (k, top)
-            for j, (rows_j, drops_j) in enumerate(zip(order.T.tolist(), best, strict=True)):
-                because[j] = [(history[r], d) for r, d in zip(rows_j, drops_j, strict=True) if d > 0]
-        fused: dict[int, tuple[ViewWeights, list[tuple[str, float]]]] = {}
+        because: list[list[list[tuple[str, float]]]] = [[[] for _ in listed.hits] for listed in lists]
+        personal = [b for b, listed in enumerate(lists) if len(listed.history_rows)]
+        users = np.tile(self.neutral, (len(lists), 1))  # (B, D): fallback lists are gated by the neutral user
+        if personal:
+            rows = np.concatenate([lists[b].history_rows for b in personal])  # (sum L, D+1)
+            lengths = [len(lists[b].history_rows) for b in personal]
+            users[personal] = self.fold_in.queries(rows, lengths)[:, :D]  # the service's own h
+            without = self.fold_in.without_each(rows, lengths)  # (sum L, D)
+            at = 0
+            for b, n in zip(personal, lengths, strict=True):
+                listed = lists[b]
+                drops = (users[b] - without[at : at + n]) @ listed.item_rows[:, :D].T  # (L, k)
+                at += n
+                order = _top_rows(drops, self.top)  # (top, k) history rows, largest first
+                best = np.take_along_axis(drops, order, axis=0).T.tolist()  # (k, top)
+                because[b] = [[(listed.history[r], d) for r, d in zip(rows_j, drops_j, strict=True) if d > 0]
+                              for rows_j, drops_j in zip(order.T.tolist(), best, strict=True)]
+        fused: list[dict[int, tuple[ViewWeights, list[tuple[str, float]]]]] = [{} for _ in lists]
+        new_rows = {item_id: row for listed in lists for item_id, row in listed.new_rows.items()}
         if new_rows and self.gate is not None:
             factors = self._factors_of(new_rows, fetch)
-            known = [(j, factors[hit.item_id]) for j, hit in enumerate(hits) if hit.item_id in factors]
-            if known:
-                user = self.neutral if h is None else h[0]
-                weights = self.gate.weights(user, [f[0] for _, f in known]).tolist()  # (k', 3): g_a, g_c, α
-                for (j, (_, attributes)), (g_a, g_c, alpha) in zip(known, weights, strict=True):
-                    fused[j] = (ViewWeights(attributes=(1 - alpha) * g_a, content=(1 - alpha) * g_c, common=alpha),
-                                attributes)
+            pairs = [(b, j, factors[hit.item_id]) for b, listed in enumerate(lists)
+                     for j, hit in enumerate(listed.hits) if hit.item_id in factors]
+            if pairs:
+                parts, alpha = self.gate.users(users)  # (B, 2, Z), (B,)
+                owner = np.fromiter((b for b, _, _ in pairs), np.int64, len(pairs))
+                weights = self.gate.pair_weights(np.stack([f[0] for _, _, f in pairs]),
+                                                 np.stack([f[1] for _, _, f in pairs]),
+                                                 parts[owner], alpha[owner]).tolist()  # (P, 3): g_a, g_c, α
+                for (b, j, (_, _, attributes)), (g_a, g_c, a) in zip(pairs, weights, strict=True):
+                    fused[b][j] = (ViewWeights(attributes=(1 - a) * g_a, content=(1 - a) * g_c, common=a), attributes)
         out = []
-        for j in range(len(hits)):
-            views, attributes = fused.get(j, (None, []))
-            out.append(Explanation(views=views, attributes=attributes, because=because[j]))
+        for listed, why, views_of in zip(lists, because, fused, strict=True):
+            explained = []
+            for j in range(len(listed.hits)):
+                views, attributes = views_of.get(j, (None, []))
+                explained.append(Explanation(views=views, attributes=attributes, because=why[j]))
+            out.append(explained)
         return out
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One list to explain: its hits and their rows (k, D+1) (zeros: gone since the answer), the ids
+    of the history rows (L, D+1) the user was folded in from (none: a fallback list), and the rows of
+    the new items among the hits."""
+
+    hits: Sequence[Hit]
+    item_rows: Rows
+    history: Sequence[str]
+    history_rows: Rows
+    new_rows: Mapping[str, Rows]
+
+
+def _top_rows(x: npt.NDArray[np.floating[Any]], top: int) -> npt.NDArray[np.intp]:
+    """Row indices of each column's `top` largest entries (top, k), largest first, ties by lower row."""
+    if len(x) <= top:
+        return np.argsort(-x, axis=0, kind="stable")
+    near = np.argpartition(-x, top - 1, axis=0)[:top]  # (top, k), unordered: a partition, not a sort of L rows
+    near.sort(axis=0)
+    by_value = np.argsort(-np.take_along_axis(x, near, axis=0), axis=0, kind="stable")
+    return np.take_along_axis(near, by_value, axis=0)

@@ -48,7 +48,7 @@ def _layers(mlp: nn.Sequential, keep_out: int | None = None) -> list[_Layer]:
 
 
 def _run(layers: list[_Layer], x: Array) -> Array:
-    """x (B, 1, in) -> (B, 1, out). A stacked matmul runs one BLAS product per user, (1, in) x
+    """x (B, 1, in) -> (B, 1, out), or (B, in) -> (B, out). A stacked matmul runs one BLAS product per user, (1, in) x
     (in, out), so each user's result is bit-identical to their own call, whatever B; one
     (B, in) x (in, out) product would round each row differently with B."""
     for layer in layers:
@@ -75,14 +75,20 @@ class FoldIn:
     def query(self, rows: Array) -> Array:
         return self.queries(rows, [len(rows)])
 
-    def without_each(self, rows: Array) -> Array:
+    def without_each(self, rows: Array, lengths: list[int] | None = None) -> Array:
         """h (L, D) of one user folded in from their history rows (L, D+1) without row l, for each l:
         the first layer is a sum, so each leave-one-out input is (S - v_l) / sqrt(L-1), and the L
-        variants cost one MLP pass over L rows instead of L fold-ins."""
-        n = len(rows)
-        total = rows[:, : self.dim].sum(axis=0)  # (D,)
-        first = (total - rows[:, : self.dim]) / np.float32(np.sqrt(max(n - 1, 1))) + self.enc_bias  # (L, D)
-        return _run(self.decoder, _run(self.encoder, np.tanh(first)[:, None, :]))[:, 0]
+        variants cost one MLP pass over L rows instead of L fold-ins. With `lengths`, `rows` stacks
+        the histories of several users (as in `queries`), all passed through the MLPs at once."""
+        lengths = [len(rows)] if lengths is None else lengths
+        starts = np.fromiter(accumulate(lengths[:-1], initial=0), np.int64, len(lengths))
+        totals = np.add.reduceat(rows[:, : self.dim], starts, axis=0)  # (B, D); every length >= 1
+        sizes = np.asarray(lengths)
+        owner = np.repeat(np.arange(len(lengths)), sizes)  # (sum L,)
+        scale = (1 / np.sqrt(np.maximum(sizes - 1, 1))).astype(np.float32)  # (B,)
+        first = (totals[owner] - rows[:, : self.dim]) * scale[owner, None] + self.enc_bias  # (sum L, D)
+        # one (sum L, in) x (in, out) product a layer: explanations need no batch-independent rounding
+        return _run(self.decoder, _run(self.encoder, np.tanh(first)))
 
     def queries(self, rows: Array, lengths: list[int]) -> Array:
         """[h; 1] (B, D+1) of B users whose history rows are stacked in `rows` (sum L_b, D+1), user b

@@ -60,41 +60,62 @@ class FusionGate:
         assert isinstance(first, torch.nn.Linear) and isinstance(last, torch.nn.Linear)
         self.view_gate = (_np(first.weight).T, _np(first.bias), _np(last.weight).T, _np(last.bias))
 
+    def terms(self, items: list[ItemFactors]) -> tuple[Array, npt.NDArray[np.bool_]]:
+        """What the gate needs of k items, computed once per item (the explainer keeps it): T (k, 2, Z)
+        with view v's logit = T[:, v] · u_v, and which modalities each has (k, 2). The logit of view v
+        is Σ_z μ_v,z · u_v,z · common_z · w_v,z (M2VAE's gated interaction), linear in u_v."""
+        k = len(items)
+        has = np.array([it.has for it in items], dtype=bool).reshape(k, 2)  # (k, 2)
+        if not self.moe:
+            return np.zeros((k, 2, 0), np.float32), has
+        views = [np.stack([it.mu_a for it in items]), np.stack([it.mu_c for it in items])]  # (k, Z) each
+        common = np.stack([it.mu_common for it in items if it.mu_common is not None]) if self.common else None
+        if self.gate_norm:
+            views = [_rms(v) for v in views]
+            common = None if common is None else _rms(common)
+        if common is not None:
+            views = [v * common for v in views]
+        return np.stack([v * w for v, w in zip(views, self.w, strict=True)], axis=1).astype(np.float32), has
+
     def weights(self, h: Array, items: list[ItemFactors]) -> Array:
         """(k, 3) gate weights of k items for one user h (D,): modality gates g_a, g_c (zero for a missing
         modality) and the common view's share α, exactly as `M2VAEGenerator._fuse` reports them."""
-        k = len(items)
-        up = h.astype(np.float32) @ self.user_proj  # (Z,)
-        avail = np.array([it.has for it in items], dtype=bool).reshape(k, 2)  # (k, 2)
-        none = ~avail.any(axis=1)  # (k,)
+        terms, has = self.terms(items)
+        users, alpha = self.users(h[None, :])
+        owner = np.zeros(len(items), np.int64)
+        return self.pair_weights(terms, has, users[owner], alpha[owner])
+
+    def users(self, h: Array) -> tuple[Array, Array]:
+        """What the gate needs of B users h (B, D): u_v per view (B, 2, Z), as `terms` multiplies them,
+        and the common view's share α (B,)."""
+        up = h.astype(np.float32) @ self.user_proj  # (B, Z)
         if self.moe:
-            logits = []
-            views = (np.stack([it.mu_a for it in items]), np.stack([it.mu_c for it in items]))  # (k, Z) each
-            common = np.stack([it.mu_common for it in items if it.mu_common is not None]) if self.common else None
-            if self.gate_norm:
-                views = (_rms(views[0]), _rms(views[1]))
-                common = None if common is None else _rms(common)
-            for mu, (weight, bias), w in zip(views, self.self_gate, self.w, strict=True):
-                u_v = up * _sigmoid(up @ weight + bias)  # (Z,)
-                if self.gate_norm:
-                    u_v = _rms(u_v)
-                inter = mu * u_v if common is None else mu * u_v * common  # (k, Z)
-                logits.append(inter @ w)  # (k,)
-            scores = np.stack(logits, axis=1) / self.tau  # (k, 2)
+            views = []
+            for weight, bias in self.self_gate:
+                u_v = up * _sigmoid(up @ weight + bias)  # (B, Z)
+                views.append(_rms(u_v) if self.gate_norm else u_v)
+            users = np.stack(views, axis=1)  # (B, 2, Z)
         else:
-            scores = np.zeros((k, 2), np.float32)
-        scores = np.where(avail, scores, -np.inf)
+            users = np.zeros((len(h), 2, 0), np.float32)
+        if not self.common:
+            alpha = np.zeros(len(h), np.float32)
+        elif self.moe:
+            w1, b1, w2, b2 = self.view_gate
+            alpha = _sigmoid(np.tanh((up * self.v_com) @ w1 + b1) @ w2 + b2)[:, 0].astype(np.float32)  # (B,)
+        else:
+            alpha = np.full(len(h), 0.5, np.float32)
+        return users, alpha
+
+    def pair_weights(self, terms: Array, has: npt.NDArray[np.bool_], users: Array, alpha: Array) -> Array:
+        """(P, 3) gate weights g_a, g_c, α of P (item, user) pairs: the items' `terms` (P, 2, Z) and
+        modalities (P, 2), their users' `users` parts (P, 2, Z) and α (P,)."""
+        scores = (terms * users).sum(axis=2) / self.tau  # (P, 2); without the MoE Z = 0: all zero
+        none = ~has.any(axis=1)  # (P,)
+        scores = np.where(has, scores, -np.inf)
         scores[none] = 0.0
         scores = scores - scores.max(axis=1, keepdims=True)
         gates = np.exp(scores)
-        gates = gates / gates.sum(axis=1, keepdims=True) * avail  # (k, 2)
-        if not self.common:
-            alpha = np.zeros(k, np.float32)
-        else:
-            if self.moe:
-                w1, b1, w2, b2 = self.view_gate
-                alpha_user = float(_sigmoid(np.tanh((up * self.v_com) @ w1 + b1) @ w2 + b2)[0])
-            else:
-                alpha_user = 0.5
-            alpha = np.where(none, 1.0, alpha_user).astype(np.float32)
-        return np.column_stack([gates, alpha]).astype(np.float32)  # (k, 3): g_a, g_c, α
+        gates = gates / gates.sum(axis=1, keepdims=True) * has  # (P, 2)
+        if self.common:
+            alpha = np.where(none, np.float32(1.0), alpha)
+        return np.column_stack([gates, alpha]).astype(np.float32)  # (P, 3): g_a, g_c, α

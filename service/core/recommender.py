@@ -15,12 +15,12 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from itertools import chain, repeat
+from itertools import accumulate, chain, repeat
 
 import numpy as np
 
 from service.core.embedder import Embedder
-from service.core.explainer import Explainer
+from service.core.explainer import Explainer, Listed
 from service.core.fold_in import FoldIn
 from service.core.maintainer import ROW_CACHE_ITEMS, IndexMaintainer
 from service.core.merge import merge_hits
@@ -210,8 +210,11 @@ class Recommender:
         if held:  # only artifacts that name held-out items pay for the count
             answered = [replace(a, held_out=sum(h.is_cold and h.item_id in held for h in a.hits)) for a in answered]
         if explain is not None and any(explain):
-            answered = [replace(a, explanations=self._explain(a, [] if a.fallback else asked[at])) if wanted else a
-                        for at, (a, wanted) in enumerate(zip(answered, explain, strict=True))]
+            wanted = [at for at, w in enumerate(explain) if w]
+            made = self._explain([answered[at] for at in wanted],
+                                 [[] if answered[at].fallback else asked[at] for at in wanted])
+            for at, explanations in zip(wanted, made, strict=True):
+                answered[at] = replace(answered[at], explanations=explanations)
         return answered
 
     def _search(self, queries: Rows, k: int, exclude: list[set[str]]) -> tuple[list[Tops], list[int]]:
@@ -255,25 +258,43 @@ class Recommender:
         for item_id in registered:
             self.maintainer.removed(item_id)
 
-    def _explain(self, result: Recommendations, history: Sequence[str]) -> list[Explanation]:
-        """One explanation per item of `result`, for the user folded in from `history` (empty: a
-        fallback list). Reads new items' raw inputs only the first time one is explained."""
-        hits = result.hits
-        rows, (kept,) = self.histories_rows([history])  # (L', D+1): the rows the user was folded in from
-        if kept == len(history):
-            used = list(history)
-        else:  # some history items are gone or unusable: which ones, item by item (rare)
-            rows, each = self.histories_rows([[item_id] for item_id in history])
-            used = [item_id for item_id, n in zip(history, each, strict=True) if n]
-        cold = [hit.item_id for hit in hits if not self.is_trained(hit.item_id)]
-        by_id = self.maintainer.rows.get_many(cold)  # the row cache, then the store
+    def _explain(self, results: Sequence[Recommendations], histories: Sequence[Sequence[str]]
+                 ) -> list[list[Explanation]]:
+        """One explanation per item of each result, for the user folded in from its history (empty: a
+        fallback list), all in one pass (service/core/explainer.py). Reads new items' raw inputs only
+        the first time one is explained."""
+        rows, kept = self.histories_rows(histories)  # (sum L', D+1): the rows the users were folded in from
+        starts = [0, *accumulate(kept)]
+        used: list[Sequence[str]] = []
+        per_user: list[Rows] = []
+        for b, history in enumerate(histories):
+            mine = rows[starts[b] : starts[b + 1]]
+            if kept[b] == len(history):
+                used.append(history)
+            else:  # some history items are gone or unusable: which ones, item by item (rare)
+                mine, each = self.histories_rows([[item_id] for item_id in history])
+                used.append([item_id for item_id, n in zip(history, each, strict=True) if n])
+            per_user.append(mine)
+        cold = list(dict.fromkeys(hit.item_id for result in results for hit in result.hits
+                                  if not self.is_trained(hit.item_id)))
+        cache = self.maintainer.rows
+        by_id = cache.get_many(cold)  # the row cache, then the store (and the cache keeps what was read)
         missing = [item_id for item_id in cold if item_id not in by_id]
         if missing:
-            by_id.update(self.embedder.record_rows(list(self.store.get_items(missing).values())))
-        item_rows = np.zeros((len(hits), self.dim), np.float32)  # (k, D+1); zeros: gone since the answer
-        for j, hit in enumerate(hits):
-            at = self.embedder.warm_pos.get(hit.item_id)
-            row = self.warm_rows[at] if at is not None else by_id.get(hit.item_id)
-            if row is not None:
-                item_rows[j] = row
-        return self._explainer.explain(hits, item_rows, used, rows, by_id, self.store.get_items)
+            generation = cache.generation  # read first: a write racing the store read wins
+            fetched = self.embedder.record_rows(list(self.store.get_items(missing).values()))
+            cache.fill(fetched, generation)
+            by_id.update(fetched)
+        lists = []
+        for result, history, mine in zip(results, used, per_user, strict=True):
+            item_rows = np.zeros((len(result.hits), self.dim), np.float32)  # (k, D+1); 0: gone since the answer
+            new_rows = {}
+            for j, hit in enumerate(result.hits):
+                at = self.embedder.warm_pos.get(hit.item_id)
+                row = self.warm_rows[at] if at is not None else by_id.get(hit.item_id)
+                if row is not None:
+                    item_rows[j] = row
+                    if at is None:
+                        new_rows[hit.item_id] = row
+            lists.append(Listed(result.hits, item_rows, history, mine, new_rows))
+        return self._explainer.explain_many(lists, self.store.get_items)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+import orjson
+from fastapi import APIRouter, Query, Response
 
 from service.api.deps import OutOfBoundsError, RuntimeDep, serving
 from service.api.schemas import ID_PATTERN, ErrorOut, RecommendationsOut
@@ -26,7 +27,7 @@ async def recommend(
     explain: Annotated[bool, Query(description="add to every item why it is there (new items: the weights of "
                                    "their views for this user and their most influential attributes; "
                                    "personal lists: the history items that pulled each item up)")] = False,
-) -> dict[str, Any]:
+) -> Response:
     if k > runtime.settings.k_max:
         raise OutOfBoundsError(
             f"k={k} is larger than this service's k_max={runtime.settings.k_max}; ask for fewer items")
@@ -34,11 +35,15 @@ async def recommend(
     # counted there, per batch (service/api/recommend_batcher.py)
     policy = None if cold_share is None else Quota(cold_share)
     result = await runtime.batcher.recommend(serving(runtime), user, k, explain, policy)
-    return _body(user, result)
+    # RecommendationsOut is the contract (OpenAPI, and tests/test_api.py checks answers against it); the
+    # body is written by orjson, not validated again by pydantic on its way out: that costs more than
+    # the answer's own compute with explain=true (benchmarks/results/explain.md)
+    return Response(orjson.dumps(_body(user, result), option=orjson.OPT_SERIALIZE_NUMPY),
+                    media_type="application/json")
 
 
 def _body(user: str, result: Recommendations) -> dict[str, Any]:
-    """A plain dict: FastAPI validates it against RecommendationsOut and writes the JSON in pydantic-core."""
+    """The answer as RecommendationsOut describes it."""
     version = result.model_version
     items: list[dict[str, Any]] = [{"id": h.item_id, "score": h.score, "is_cold": h.is_cold, "model_version": version}
                                    for h in result.hits]
