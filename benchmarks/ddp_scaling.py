@@ -112,7 +112,7 @@ def main() -> None:
             "threads": distributed.threads_per_process(),
             "epoch_seconds": [round(row["seconds"], 2) for row in result.history[:-1]],
             "last_epoch_with_validation_seconds": round(result.history[-1]["seconds"], 2),
-            "validation_seconds": round(result.history[-1]["validation_seconds"], 2),
+            "validation_seconds": round(result.history[-1]["eval_seconds"], 2),
             # where each epoch's time went: the b-step, the t-step, the rest (the generated rows, the ridge refit)
             "b_step_seconds": [round(row["b_step_seconds"], 2) for row in result.history],
             "t_step_seconds": [round(row["t_step_seconds"], 2) for row in result.history],
@@ -127,7 +127,7 @@ def main() -> None:
             b_per_batch = last["b_step_seconds"] / min(args.batches * cfg.b_passes, b_batches)
             t_per_batch = last["t_batches_seconds"] / min(args.batches * cfg.t_passes, t_batches)
             t_full_table = last["t_step_seconds"] - last["t_batches_seconds"]
-            rest = last["seconds"] - last["validation_seconds"] - last["b_step_seconds"] - last["t_step_seconds"]
+            rest = last["seconds"] - last["eval_seconds"] - last["b_step_seconds"] - last["t_step_seconds"]
             mine["partial_epoch"] = {
                 "batches_per_pass": args.batches, "b_batches_per_epoch": b_batches, "t_batches_per_epoch": t_batches,
                 "b_seconds_per_batch": round(b_per_batch, 4), "t_seconds_per_batch": round(t_per_batch, 4),

@@ -193,7 +193,7 @@ def _train(dataset: Dataset, split: ColdStartSplit, cfg: TrainConfig, init: Trai
                 best_epoch = epoch
                 best_state = copy.deepcopy(model.state_dict())
             stop = epoch - best_epoch >= cfg.patience * cfg.eval_every
-            row["validation_seconds"] = time.perf_counter() - t_val
+            row["eval_seconds"] = time.perf_counter() - t_val
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         bar.set_postfix({k: round(v, 4) for k, v in row.items() if k.startswith("val") or k == "nll"})
