@@ -317,7 +317,7 @@ def run_size(args: argparse.Namespace, rec: Recommender, store: Store, dataset: 
         rows = np.concatenate([rows, more])
     names = list(users)
     calib, measured = {u: users[u] for u in names[300:]}, {u: users[u] for u in names[:300]}
-    config = IndexConfig(nprobe=32)
+    config = IndexConfig(nprobe=32, rerank=args.rerank, rerank_float16=args.rerank_float16)  # as the server's
     with threadpool_limits(1, user_api="blas"):
         result["in_process"], nprobe = in_process(rec, ids, rows, calib, config, args.recall)
         if args.hnsw_sample:
@@ -329,6 +329,7 @@ def run_size(args: argparse.Namespace, rec: Recommender, store: Store, dataset: 
     work = args.work
     shutil.rmtree(work / "snapshots", ignore_errors=True)
     env = {"M2REC_ARTIFACT_PATH": str(args.artifact), "M2REC_INDEX_NPROBE": str(max(nprobe, 1)),
+           "M2REC_INDEX_RERANK": str(args.rerank), "M2REC_INDEX_RERANK_FLOAT16": str(args.rerank_float16).lower(),
            "M2REC_INDEX_SNAPSHOT_DIR": str(work / "snapshots"), **store_env(args.store, work)}
     floor = Server("benchmarks.floor_app:create_floor_app", args.port + 1, {}, work / f"floor-{size}.log")
     server = Server("service.api.app:create_app", args.port, env, work / f"server-{size}.log")
@@ -394,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-tree", type=Path, help="also serve this source tree (e.g. main) and compare")
     parser.add_argument("--reuse-store", action="store_true", help="keep the catalogue an earlier run stored")
     parser.add_argument("--unbatched", action="store_true", help="also serve with M2REC_RECOMMEND_BATCH_MAX=1")
+    parser.add_argument("--rerank", type=int, default=4, help="IVF-SQ8 re-ranking (M2REC_INDEX_RERANK); 0: no rows kept")
+    parser.add_argument("--rerank-float16", action="store_true", help="M2REC_INDEX_RERANK_FLOAT16")
     parser.add_argument("--port", type=int, default=18811)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="60k items, short windows: a smoke test")
@@ -429,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(result)
     store.close()
     meta = {
-        "command": "cd /work/wt18 && .venv/bin/python -m benchmarks.serve " + " ".join(argv or _argv()),
+        "command": "python -m benchmarks.serve " + " ".join(argv or _argv()),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"Linux {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
                    f"faiss {faiss.__version__}",

@@ -40,7 +40,8 @@ class Settings(BaseSettings):
                               "benchmarks/results/serve.md)")
     index_ivf_min_rows: int = Field(50_000, ge=1, description="below this many rows a population stays exact")
     index_sq8_min_rows: int = Field(2_000_000, ge=1, description="auto: from this many rows IVF-SQ8")
-    index_rerank: int = Field(4, ge=1, description="IVF-SQ8: rerank·k candidates re-scored from the exact rows")
+    index_rerank: int = Field(4, ge=0, description="IVF-SQ8: rerank·k candidates re-scored from the exact rows; "
+                              "0: no rows kept, scores from the 8-bit codes (the memory of very large catalogues)")
     index_rerank_float16: bool = Field(False, description="IVF-SQ8: keep the re-ranking rows in float16 (half "
                                        "the memory; scores within ~1e-3 relative of exact)")
     index_snapshot_dir: Path | None = Field(

@@ -12,7 +12,7 @@ import pytest
 
 from service.core.recommender import Recommender
 from service.core.types import NewItem
-from service.index import IndexConfig, VectorIndex
+from service.index import Hit, IndexConfig, VectorIndex
 from service.index.config import Kind
 from service.model.artifact import load_artifact
 from service.store import SqliteStore
@@ -182,3 +182,36 @@ def test_ivf_sq8_with_float16_rows_keeps_its_answers_close_to_exact_and_its_rows
     loaded, _ = VectorIndex.load(tmp_path / "snapshot", config)
     assert loaded._base is not None and loaded._base.rows is not None and loaded._base.rows.dtype == np.float16
     assert new_only(loaded, q, 15) == found
+
+
+def test_ivf_sq8_without_rows_answers_from_its_codes_and_rebuilds_from_them(tmp_path: Path) -> None:
+    """rerank=0 keeps no rows (the memory of a 10M catalogue): scores from the 8-bit codes stay close to
+    exact, and a rebuild (here after growth) starts from the decoded codes."""
+    rows = spread_rows(5000, seed=11)
+    live = {f"i{j}": rows[j] for j in range(3000)}
+    config = all_lists("ivf_sq8", rerank=0, retrain_growth=1.5, train_points_per_list=1000)  # codes span every row
+    index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [(list(live), rows[:3000])], config)
+    q = spread_rows(8, seed=12) * 8
+
+    def close_to_exact(found: list[list[Hit]]) -> None:
+        expected = oracle(q, live, 15)
+        scale = max(abs(h.score) for t in expected for h in t)
+        for b, got in enumerate(found):  # each answer's score is its exact score up to the codes' step
+            exact = q[b].astype(np.float64) @ np.stack([live[h.item_id] for h in got]).T.astype(np.float64)
+            np.testing.assert_allclose([h.score for h in got], exact, atol=0.02 * scale)
+        assert np.mean([len({h.item_id for h in f} & {h.item_id for h in e}) / 15
+                        for f, e in zip(found, expected, strict=True)]) >= 0.9
+
+    assert index._base is not None and index._base.rows is None
+    close_to_exact(new_only(index, q, 15))
+    trained_on = index._base.trained_rows
+    more = {f"n{j}": rows[3000 + j] for j in range(2000)}
+    index.add(list(more), rows[3000:])
+    live.update(more)
+    index.merge()  # 5000 > 1.5 x 3000: rebuilt and retrained, the old rows from their codes
+    assert index._base is not None and index._base.trained_rows > trained_on and index._base.rows is None
+    close_to_exact(new_only(index, q, 15))
+    index.save(tmp_path / "snapshot", event_id=None)
+    loaded, _ = VectorIndex.load(tmp_path / "snapshot", config)
+    assert loaded._base is not None and loaded._base.rows is None
+    assert new_only(loaded, q, 15) == new_only(index, q, 15)

@@ -25,6 +25,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -84,23 +85,29 @@ class Explainer:
         batch of requests share the passes: the leave-one-out fold-ins of every personal list in one
         MLP pass, the gate of every (user, new item) pair in one."""
         D = self.fold_in.dim
+        top = self.top
         because: list[list[list[tuple[str, float]]]] = [[[] for _ in listed.hits] for listed in lists]
         personal = [b for b, listed in enumerate(lists) if len(listed.history_rows)]
         users = np.tile(self.neutral, (len(lists), 1))  # (B, D): fallback lists are gated by the neutral user
         if personal:
             rows = np.concatenate([lists[b].history_rows for b in personal])  # (sum L, D+1)
             lengths = [len(lists[b].history_rows) for b in personal]
-            users[personal] = self.fold_in.queries(rows, lengths)[:, :D]  # the service's own h
+            users[personal] = [lists[b].user for b in personal]  # the service's own h
             without = self.fold_in.without_each(rows, lengths)  # (sum L, D)
             at = 0
             for b, n in zip(personal, lengths, strict=True):
                 listed = lists[b]
-                drops = (users[b] - without[at : at + n]) @ listed.item_rows[:, :D].T  # (L, k)
+                drops = listed.item_rows[:, :D] @ (users[b] - without[at : at + n]).T  # (k, L)
                 at += n
-                order = _top_rows(drops, self.top)  # (top, k) history rows, largest first
-                best = np.take_along_axis(drops, order, axis=0).T.tolist()  # (k, top)
-                because[b] = [[(listed.history[r], d) for r, d in zip(rows_j, drops_j, strict=True) if d > 0]
-                              for rows_j, drops_j in zip(order.T.tolist(), best, strict=True)]
+                order = _top_columns(drops, top)  # (k, top') history rows, largest first
+                names = itemgetter(*order.ravel().tolist())(listed.history) if order.size > 1 else \
+                    tuple(listed.history[r] for r in order.ravel().tolist())
+                best = np.take_along_axis(drops, order, axis=1)  # (k, top')
+                named = list(zip(names, best.ravel().tolist(), strict=True))
+                width = order.shape[1]
+                because[b] = [named[s : s + width] for s in range(0, len(named), width)]
+                if not (best > 0).all():  # a history item that does not pull an item up is not named
+                    because[b] = [[p for p in why if p[1] > 0] for why in because[b]]
         fused: list[dict[int, tuple[ViewWeights, list[tuple[str, float]]]]] = [{} for _ in lists]
         new_rows = {item_id: row for listed in lists for item_id, row in listed.new_rows.items()}
         if new_rows and self.gate is not None:
@@ -114,15 +121,12 @@ class Explainer:
                                                  np.stack([f[1] for _, _, f in pairs]),
                                                  parts[owner], alpha[owner]).tolist()  # (P, 3): g_a, g_c, α
                 for (b, j, (_, _, attributes)), (g_a, g_c, a) in zip(pairs, weights, strict=True):
-                    fused[b][j] = (ViewWeights(attributes=(1 - a) * g_a, content=(1 - a) * g_c, common=a), attributes)
-        out = []
-        for listed, why, views_of in zip(lists, because, fused, strict=True):
-            explained = []
-            for j in range(len(listed.hits)):
-                views, attributes = views_of.get(j, (None, []))
-                explained.append(Explanation(views=views, attributes=attributes, because=why[j]))
-            out.append(explained)
-        return out
+                    fused[b][j] = (ViewWeights((1 - a) * g_a, (1 - a) * g_c, a), attributes)
+        no_views: tuple[ViewWeights | None, list[tuple[str, float]]] = (None, [])
+        return [[Explanation(views, attributes, why_j)
+                 for (views, attributes), why_j in zip([views_of.get(j, no_views) for j in range(len(why))], why,
+                                                       strict=True)]
+                for why, views_of in zip(because, fused, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -136,13 +140,15 @@ class Listed:
     history: Sequence[str]
     history_rows: Rows
     new_rows: Mapping[str, Rows]
+    user: Rows  # (D,) h the list was answered for (ignored for a fallback list)
 
 
-def _top_rows(x: npt.NDArray[np.floating[Any]], top: int) -> npt.NDArray[np.intp]:
-    """Row indices of each column's `top` largest entries (top, k), largest first, ties by lower row."""
-    if len(x) <= top:
-        return np.argsort(-x, axis=0, kind="stable")
-    near = np.argpartition(-x, top - 1, axis=0)[:top]  # (top, k), unordered: a partition, not a sort of L rows
-    near.sort(axis=0)
-    by_value = np.argsort(-np.take_along_axis(x, near, axis=0), axis=0, kind="stable")
-    return np.take_along_axis(near, by_value, axis=0)
+def _top_columns(x: npt.NDArray[np.floating[Any]], top: int) -> npt.NDArray[np.intp]:
+    """Column indices of each row's `top` largest entries (k, min(top, L)), largest first, ties by lower
+    column."""
+    if x.shape[1] <= top:
+        return np.argsort(-x, axis=1, kind="stable")
+    near = np.argpartition(-x, top - 1, axis=1)[:, :top]  # (k, top), unordered: a partition, not a sort of L
+    near.sort(axis=1)
+    by_value = np.argsort(-np.take_along_axis(x, near, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(near, by_value, axis=1)

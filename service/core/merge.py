@@ -9,6 +9,8 @@ interleaved, not compared, and new items keep h·v̂ + b̂.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from service.index import Hit, Tops
@@ -16,16 +18,31 @@ from service.model.mixing import NEW, TRAINED, Calibrated, Policy, merge_order
 
 
 def merge_hits(tops: Tops, policy: Policy, k: int) -> list[Hit]:
-    lists = (tops.trained[:k], tops.new[:k])
-    scores = np.full((1, 2, k), -np.inf)
-    for population, hits in ((TRAINED, lists[0]), (NEW, lists[1])):
-        scores[0, population, : len(hits)] = [h.score for h in hits]
-    order, filled = merge_order(policy, scores)
-    out = []
-    for position in order[0][filled[0]].tolist():
-        population, rank = divmod(position, k)
-        hit = lists[population][rank]
-        if population == NEW and isinstance(policy, Calibrated):
-            hit = hit._replace(score=float(policy.new_scores(np.asarray([hit.score]))[0]))
-        out.append(hit)
+    return merge_many([tops], [policy], [k])[0]
+
+
+def merge_many(tops: Sequence[Tops], policies: Sequence[Policy], ks: Sequence[int]) -> list[list[Hit]]:
+    """`merge_hits` of a batch of requests: the requests that share a policy and a k are merged by one
+    `merge_order` call (a request's list does not depend on the others)."""
+    groups: dict[tuple[Policy, int], list[int]] = {}
+    for b, key in enumerate(zip(policies, ks, strict=True)):
+        groups.setdefault(key, []).append(b)
+    out: list[list[Hit]] = [[] for _ in tops]
+    for (policy, k), members in groups.items():
+        lists = [(tops[b].trained[:k], tops[b].new[:k]) for b in members]
+        scores = np.full((len(members), 2, k), -np.inf)  # (G, 2, k)
+        for g, pair in enumerate(lists):
+            for population in (TRAINED, NEW):
+                scores[g, population, : len(pair[population])] = [h.score for h in pair[population]]
+        order, filled = merge_order(policy, scores)  # (G, k), (G, k)
+        new_scores = policy.new_scores(scores[:, NEW]).tolist() if isinstance(policy, Calibrated) else None  # (G, k)
+        for g, b in enumerate(members):
+            merged = []
+            for position in order[g][filled[g]].tolist():
+                population, rank = divmod(position, k)
+                hit = lists[g][population][rank]
+                if population == NEW and new_scores is not None:
+                    hit = Hit(hit.item_id, new_scores[g][rank], hit.is_cold)
+                merged.append(hit)
+            out[b] = merged
     return out

@@ -23,7 +23,7 @@ from service.core.embedder import Embedder
 from service.core.explainer import Explainer, Listed
 from service.core.fold_in import FoldIn
 from service.core.maintainer import ROW_CACHE_ITEMS, IndexMaintainer
-from service.core.merge import merge_hits
+from service.core.merge import merge_many
 from service.core.types import (
     Explanation,
     ItemView,
@@ -203,16 +203,16 @@ class Recommender:
         k_max = max(k for _, k in requests)  # a top-k is the first k of the top-k_max
         found, skipped = self._search(queries, k_max, [seen[user] for user in users])
         chosen = [self.policy if p is None else p for p in (policies or [None] * len(requests))]
-        answered = [Recommendations(merge_hits(tops, policy, k), n == 0, self.version, n_skipped, policy=policy)
-                    for tops, policy, (_, k), n, n_skipped in zip(found, chosen, requests, lengths, skipped,
-                                                                  strict=True)]
+        merged = merge_many(found, chosen, [k for _, k in requests])
         held = self.embedder.held_out
-        if held:  # only artifacts that name held-out items pay for the count
-            answered = [replace(a, held_out=sum(h.is_cold and h.item_id in held for h in a.hits)) for a in answered]
+        answered = [Recommendations(hits, n == 0, self.version, n_skipped, policy=policy,
+                                    held_out=sum(h.is_cold and h.item_id in held for h in hits) if held else 0)
+                    for hits, policy, n, n_skipped in zip(merged, chosen, lengths, skipped, strict=True)]
         if explain is not None and any(explain):
             wanted = [at for at, w in enumerate(explain) if w]
-            made = self._explain([answered[at] for at in wanted],
-                                 [[] if answered[at].fallback else asked[at] for at in wanted])
+            starts = [0, *accumulate(lengths)]
+            made = self._explain([answered[at] for at in wanted], [asked[at] for at in wanted],
+                                 [rows[starts[at] : starts[at + 1]] for at in wanted], queries[wanted])
             for at, explanations in zip(wanted, made, strict=True):
                 answered[at] = replace(answered[at], explanations=explanations)
         return answered
@@ -258,23 +258,19 @@ class Recommender:
         for item_id in registered:
             self.maintainer.removed(item_id)
 
-    def _explain(self, results: Sequence[Recommendations], histories: Sequence[Sequence[str]]
-                 ) -> list[list[Explanation]]:
-        """One explanation per item of each result, for the user folded in from its history (empty: a
-        fallback list), all in one pass (service/core/explainer.py). Reads new items' raw inputs only
-        the first time one is explained."""
-        rows, kept = self.histories_rows(histories)  # (sum L', D+1): the rows the users were folded in from
-        starts = [0, *accumulate(kept)]
+    def _explain(self, results: Sequence[Recommendations], histories: Sequence[Sequence[str]],
+                 history_rows: Sequence[Rows], queries: Rows) -> list[list[Explanation]]:
+        """One explanation per item of each result, for the user folded in (queries (B, D+1)) from the
+        rows (L'_b, D+1) of its history that the model could use (none: a fallback list), all in one
+        pass (service/core/explainer.py). Reads new items' raw inputs only the first time one is
+        explained."""
         used: list[Sequence[str]] = []
-        per_user: list[Rows] = []
-        for b, history in enumerate(histories):
-            mine = rows[starts[b] : starts[b + 1]]
-            if kept[b] == len(history):
-                used.append(history)
+        for result, history, mine in zip(results, histories, history_rows, strict=True):
+            if result.fallback or len(mine) == len(history):
+                used.append([] if result.fallback else history)
             else:  # some history items are gone or unusable: which ones, item by item (rare)
-                mine, each = self.histories_rows([[item_id] for item_id in history])
+                _, each = self.histories_rows([[item_id] for item_id in history])
                 used.append([item_id for item_id, n in zip(history, each, strict=True) if n])
-            per_user.append(mine)
         cold = list(dict.fromkeys(hit.item_id for result in results for hit in result.hits
                                   if not self.is_trained(hit.item_id)))
         cache = self.maintainer.rows
@@ -286,7 +282,7 @@ class Recommender:
             cache.fill(fetched, generation)
             by_id.update(fetched)
         lists = []
-        for result, history, mine in zip(results, used, per_user, strict=True):
+        for result, history, mine, query in zip(results, used, history_rows, queries, strict=True):
             item_rows = np.zeros((len(result.hits), self.dim), np.float32)  # (k, D+1); 0: gone since the answer
             new_rows = {}
             for j, hit in enumerate(result.hits):
@@ -296,5 +292,5 @@ class Recommender:
                     item_rows[j] = row
                     if at is None:
                         new_rows[hit.item_id] = row
-            lists.append(Listed(result.hits, item_rows, history, mine, new_rows))
+            lists.append(Listed(result.hits, item_rows, history, mine, new_rows, query[: self._fold_in.dim]))
         return self._explainer.explain_many(lists, self.store.get_items)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -71,8 +71,7 @@ class Recommendations:
         return sum(h.is_cold for h in self.hits) / len(self.hits) if self.hits else 0.0
 
 
-@dataclass(frozen=True)
-class ViewWeights:
+class ViewWeights(NamedTuple):
     """How much each view of a new item's generated row counts for one user (M2VAE's two-level fusion):
     common = α, attributes = (1 - α)·g_a, content = (1 - α)·g_c; they sum to 1."""
 
@@ -81,15 +80,15 @@ class ViewWeights:
     common: float
 
 
-@dataclass(frozen=True)
-class Explanation:
+class Explanation(NamedTuple):
     """Why an item is in a list. New items: `views` for this user and `attributes`, the item's own
     tokens with their attention weights (largest first). Personal lists: `because`, the history items
-    whose removal from the fold-in lowers the item's score most, with that drop (largest first)."""
+    whose removal from the fold-in lowers the item's score most, with that drop (largest first).
+    (Tuples, not dataclasses: an explained batch makes thousands of them.)"""
 
-    views: ViewWeights | None = None
-    attributes: list[tuple[str, float]] = field(default_factory=list)
-    because: list[tuple[str, float]] = field(default_factory=list)
+    views: ViewWeights | None
+    attributes: list[tuple[str, float]]
+    because: list[tuple[str, float]]
 
 
 class Followed(NamedTuple):

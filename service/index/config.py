@@ -20,7 +20,7 @@ class IndexConfig:
     nprobe: int = 16  # IVF lists scanned per query (recall against latency: benchmarks/results/serve.md)
     ivf_min_rows: int = 50_000  # below this an exact scan is fast enough and needs no training
     sq8_min_rows: int = 2_000_000  # auto: from here codes of 1 byte a dimension (4x less to scan)
-    rerank: int = 4  # IVF-SQ8: the best rerank·k codes are re-scored from the exact rows
+    rerank: int = 4  # IVF-SQ8: the best rerank·k codes are re-scored from the exact rows; 0: no rows kept
     rerank_float16: bool = False  # IVF-SQ8: keep those rows in float16 (half the memory, scores to ~1e-3)
     train_points_per_list: int = 40  # k-means sample per list: bounds training time
     train_iterations: int = 10

@@ -8,7 +8,10 @@ training) gets 0 in the lift column, still scores right and is only filed less w
 
 IVF-SQ8 keeps a byte a dimension and re-scores its best `rerank`·k candidates from the rows
 (`RowStore`): the order it returns is exact within the shortlist. Its codes span the trained rows'
-range plus a margin: a row far outside is clamped and may miss the shortlist until a rebuild.
+range plus a margin: a row far outside is clamped and may miss the shortlist until a rebuild. With
+`rerank` 0 it keeps no rows at all and answers with the codes' scores: the memory of a catalogue whose
+rows do not fit (at D = 128, float16 rows alone are 2.6 GB at 10M items); a rebuild then starts from
+the decoded codes.
 """
 
 from __future__ import annotations
@@ -95,8 +98,10 @@ class Segment:
         if self.kind == "ivf":
             scores, ids = self.index.search(lifted, k, params=params)
             return scores, ids
-        assert self.rows is not None
-        _, short = self.index.search(lifted, min(k * rerank, self.ntotal), params=params)  # (B, S) by SQ8 score
+        if self.rows is None:  # IVF-SQ8 without re-ranking: the codes' scores
+            scores, ids = self.index.search(lifted, k, params=params)
+            return scores, ids
+        _, short = self.index.search(lifted, min(k * max(rerank, 1), self.ntotal), params=params)  # (B, S) by SQ8 score
         exact = np.einsum("bsd,bd->bs", self.rows.get(np.maximum(short, 0)), queries)  # (B, S) exact scores
         exact[short < 0] = -np.inf
         best = np.argsort(-exact, axis=1, kind="stable")[:, :k]
@@ -137,10 +142,20 @@ class Segment:
         if self.rows is not None:
             return ids, self.rows.get(ids)
         lists = self.index.invlists
-        rows = [faiss.rev_swig_ptr(lists.get_codes(j), lists.list_size(j) * self.index.code_size)
-                .view(np.float32).reshape(-1, self.dim + 1)[:, :-1] for j in range(self.index.nlist)
-                if lists.list_size(j)]
+        codes = [faiss.rev_swig_ptr(lists.get_codes(j), lists.list_size(j) * self.index.code_size)
+                 for j in range(self.index.nlist) if lists.list_size(j)]
+        if self.kind == "ivf":
+            rows = [c.view(np.float32).reshape(-1, self.dim + 1)[:, :-1] for c in codes]
+        else:  # IVF-SQ8 without rows: decoded codes (residuals from their list's centroid)
+            rows = [self._decoded(j, c) for j, c in zip(
+                [j for j in range(self.index.nlist) if lists.list_size(j)], codes, strict=True)]
         return ids, np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
+
+    def _decoded(self, j: int, codes: npt.NDArray[np.uint8]) -> Vectors:
+        lifted = self.index.sq.decode(codes.reshape(-1, self.index.code_size))  # (n, D+2)
+        if self.index.by_residual:
+            lifted += self.index.quantizer.reconstruct(j)
+        return np.ascontiguousarray(lifted[:, :-1], np.float32)
 
 
 def lift(rows: Vectors, max_sq_norm: float) -> Vectors:
@@ -178,13 +193,14 @@ def _trained_ivf(kind: Built, dim: int, ids: Ids, store: RowStore, config: Index
         # each dimension's code range: the sample's, widened by a quarter each way, so rows a little
         # longer than any trained one are not clamped (much longer ones are, until the next rebuild)
         index.sq.rangestat_arg = 0.25
-        if config.rerank_float16:
+        if config.rerank_float16 and config.rerank:
             store.to_float16()
     index.cp.niter = config.train_iterations
     index.cp.seed = 1234  # the same catalogue gets the same lists
     index.cp.max_points_per_centroid = 1 << 30  # already sampled
     index.train(lift(store.get(ids[sample]), max_sq))  # spherical k-means: the IVF constructor sets it for IP
-    return Segment(kind, index, dim, max_sq, len(ids), store if kind == "ivf_sq8" else None, [quantizer])
+    rows = store if kind == "ivf_sq8" and config.rerank else None
+    return Segment(kind, index, dim, max_sq, len(ids), rows, [quantizer])
 
 
 def release_memory() -> None:
