@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-tree", type=Path, help="also serve this source tree (e.g. main) and compare")
     parser.add_argument("--reuse-store", action="store_true", help="keep the catalogue an earlier run stored")
     parser.add_argument("--unbatched", action="store_true", help="also serve with M2REC_RECOMMEND_BATCH_MAX=1")
-    parser.add_argument("--rerank", type=int, default=4, help="IVF-SQ8 re-ranking (M2REC_INDEX_RERANK); 0: no rows kept")
+    parser.add_argument("--rerank", type=int, default=4, help="IVF-SQ8 re-ranking (M2REC_INDEX_RERANK); 0: no rows")
     parser.add_argument("--rerank-float16", action="store_true", help="M2REC_INDEX_RERANK_FLOAT16")
     parser.add_argument("--port", type=int, default=18811)
     parser.add_argument("--seed", type=int, default=0)

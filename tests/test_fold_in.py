@@ -71,3 +71,23 @@ def test_recommend_response_is_the_declared_contract_and_equals_the_recommender(
     assert set(body) == set(RecommendationsOut.model_fields) and not parsed.fallback
     assert [(i.id, i.score, i.is_cold) for i in parsed.items] == [tuple(h) for h in expected.hits]
     assert all(i.model_version == expected.model_version for i in parsed.items)
+
+
+@pytest.mark.parametrize("user_hidden", [0, 24])
+def test_score_drops_equal_the_scores_of_folding_in_without_each_history_row(user_hidden: int) -> None:
+    """FoldIn.drops: without a hidden layer the affine shortcut (no MLP pass over the L variants), with
+    one the MLP path; both against folding each user in again without each row."""
+    torch.manual_seed(3)
+    model = M2Rec(ModelConfig(n_warm=600, n_attributes=5, content_dim=3, item_dim=16, user_latent=8,
+                              user_hidden=user_hidden)).eval()
+    fold_in = FoldIn(model)
+    assert (fold_in.linear is None) == (user_hidden > 0)
+    table = model.item_rows().detach().numpy().astype(np.float32)
+    histories = [table[:9], table[50:51], table[200:230]]  # (L_b, D+1)
+    targets = [table[300:305], table[310:311], table[320:340]]  # (k_b, D+1)
+    users = np.concatenate([fold_in.user_vector(h) for h in histories])  # (B, D)
+    drops = fold_in.drops(np.concatenate(histories), [len(h) for h in histories], users, targets)
+    for h, target, user, got in zip(histories, targets, users, drops, strict=True):
+        oracle = np.stack([target[:, :16] @ (user - fold_in.user_vector(np.delete(h, left_out, axis=0))[0])
+                           for left_out in range(len(h))], axis=1)  # (k, L)
+        np.testing.assert_allclose(got, oracle, rtol=1e-4, atol=1e-5)

@@ -84,7 +84,6 @@ class Explainer:
         """One explanation per hit of each list; `fetch` reads new items' stored inputs. The lists of a
         batch of requests share the passes: the leave-one-out fold-ins of every personal list in one
         MLP pass, the gate of every (user, new item) pair in one."""
-        D = self.fold_in.dim
         top = self.top
         because: list[list[list[tuple[str, float]]]] = [[[] for _ in listed.hits] for listed in lists]
         personal = [b for b, listed in enumerate(lists) if len(listed.history_rows)]
@@ -93,12 +92,9 @@ class Explainer:
             rows = np.concatenate([lists[b].history_rows for b in personal])  # (sum L, D+1)
             lengths = [len(lists[b].history_rows) for b in personal]
             users[personal] = [lists[b].user for b in personal]  # the service's own h
-            without = self.fold_in.without_each(rows, lengths)  # (sum L, D)
-            at = 0
-            for b, n in zip(personal, lengths, strict=True):
+            drops_of = self.fold_in.drops(rows, lengths, users[personal], [lists[b].item_rows for b in personal])
+            for b, drops in zip(personal, drops_of, strict=True):  # drops (k, L)
                 listed = lists[b]
-                drops = listed.item_rows[:, :D] @ (users[b] - without[at : at + n]).T  # (k, L)
-                at += n
                 order = _top_columns(drops, top)  # (k, top') history rows, largest first
                 names = itemgetter(*order.ravel().tolist())(listed.history) if order.size > 1 else \
                     tuple(listed.history[r] for r in order.ravel().tolist())

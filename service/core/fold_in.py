@@ -9,6 +9,7 @@ deterministic fold-in never reads the log-variance.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -67,6 +68,10 @@ class FoldIn:
         self.enc_bias = user.enc_bias.detach().numpy().astype(np.float32)  # (D,)
         self.encoder = _layers(user.encoder, keep_out=model.config.user_latent)  # -> mu (Ku,)
         self.decoder = _layers(user.decoder)  # (Ku,) -> (D,)
+        # without a hidden layer, everything after the first layer's tanh is affine: h = t·M + c
+        layers = self.encoder + self.decoder
+        self.linear: Array | None = None if any(layer.tanh_after for layer in layers) else \
+            functools.reduce(np.matmul, [layer.weight for layer in layers])  # (D, D)
 
     def user_vector(self, rows: Array) -> Array:
         """h (1, D); rows (L, D+1) or (L, D), warm and generated alike; L = 0 folds in "knows nothing"."""
@@ -81,14 +86,38 @@ class FoldIn:
         variants cost one MLP pass over L rows instead of L fold-ins. With `lengths`, `rows` stacks
         the histories of several users (as in `queries`), all passed through the MLPs at once."""
         lengths = [len(rows)] if lengths is None else lengths
+        _, without = self._first_layers(rows, lengths)
+        # one (sum L, in) x (in, out) product a layer: explanations need no batch-independent rounding
+        return _run(self.decoder, _run(self.encoder, without))
+
+    def drops(self, rows: Array, lengths: list[int], users: Array, targets: list[Array]) -> list[Array]:
+        """How much each history row pulls each target up: for user b (history rows stacked in `rows` as
+        in `queries`, h = users[b] (D,)) and its targets[b] (k_b, D+1), the (k_b, L_b) score drops
+        v_j·(h - h without row l). Without a hidden layer h - h_l = (t - t_l)·M, so the L variants need
+        no MLP pass at all; otherwise `without_each`."""
+        D = self.dim
+        starts = [0, *accumulate(lengths)]
+        if self.linear is None:
+            without = self.without_each(rows, lengths)  # (sum L, D)
+            return [target[:, :D] @ (users[b] - without[starts[b] : starts[b + 1]]).T
+                    for b, target in enumerate(targets)]
+        t, t_without = self._first_layers(rows, lengths)
+        delta = np.repeat(t, lengths, axis=0) - t_without  # (sum L, D)
+        pulled = np.concatenate(targets)[:, :D] @ self.linear.T  # (sum k, D): v_j·M^T
+        at = [0, *accumulate(len(target) for target in targets)]
+        return [pulled[at[b] : at[b + 1]] @ delta[starts[b] : starts[b + 1]].T for b in range(len(targets))]
+
+    def _first_layers(self, rows: Array, lengths: list[int]) -> tuple[Array, Array]:
+        """The first layer's outputs t (after its tanh): each user's (B, D), and each user's without
+        each of its rows (sum L, D). Every length >= 1."""
         starts = np.fromiter(accumulate(lengths[:-1], initial=0), np.int64, len(lengths))
-        totals = np.add.reduceat(rows[:, : self.dim], starts, axis=0)  # (B, D); every length >= 1
+        totals = np.add.reduceat(rows[:, : self.dim], starts, axis=0)  # (B, D)
         sizes = np.asarray(lengths)
         owner = np.repeat(np.arange(len(lengths)), sizes)  # (sum L,)
         scale = (1 / np.sqrt(np.maximum(sizes - 1, 1))).astype(np.float32)  # (B,)
-        first = (totals[owner] - rows[:, : self.dim]) * scale[owner, None] + self.enc_bias  # (sum L, D)
-        # one (sum L, in) x (in, out) product a layer: explanations need no batch-independent rounding
-        return _run(self.decoder, _run(self.encoder, np.tanh(first)))
+        without = np.tanh((totals[owner] - rows[:, : self.dim]) * scale[owner, None] + self.enc_bias)  # (sum L, D)
+        users = np.tanh(totals / np.sqrt(sizes).astype(np.float32)[:, None] + self.enc_bias)  # (B, D)
+        return users, without
 
     def queries(self, rows: Array, lengths: list[int]) -> Array:
         """[h; 1] (B, D+1) of B users whose history rows are stacked in `rows` (sum L_b, D+1), user b
