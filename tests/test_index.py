@@ -242,3 +242,49 @@ def test_search_rejects_queries_of_the_wrong_width() -> None:
     with pytest.raises(ValueError, match="queries must be"):
         index.search(np.zeros((2, D), np.float32), 5)
     assert index.search(np.zeros((2, D + 1), np.float32), 5) == [Tops([], []), Tops([], [])]
+
+
+def test_the_id_table_agrees_with_a_dict_through_sets_replacements_pops_joins_and_hash_collisions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The compact side table (sorted hash arrays plus a small dict per shard) against a plain dict, with
+    enough inserts that every shard joins its dict into its arrays many times."""
+    from service.index import ids as ids_module
+
+    monkeypatch.setattr(ids_module, "_RECENT", 8)  # joins every 8 inserts a shard
+    rng = np.random.default_rng(0)
+    table, oracle_map = ids_module.IdTable(), dict[str, int]()
+    loaded = [f"snap:{j}" for j in range(3000)]
+    table.set_many(loaded, list(range(3000)))
+    oracle_map.update({item_id: j for j, item_id in enumerate(loaded)})
+    next_iid = 3000
+    for step in range(20_000):
+        item_id = f"i{rng.integers(0, 5000)}" if rng.random() < 0.9 else f"snap:{rng.integers(0, 3000)}"
+        if rng.random() < 0.3:
+            assert table.pop(item_id) == oracle_map.pop(item_id, None)
+        else:
+            assert table.set(item_id, next_iid) == oracle_map.get(item_id)
+            oracle_map[item_id] = next_iid
+            next_iid += 1
+        if step % 2000 == 0:
+            probe = [f"i{j}" for j in range(0, 5000, 7)] + ["absent", *loaded[::97]]
+            assert table.lookup(probe) == [oracle_map[i] for i in probe if i in oracle_map]
+    assert len(table) == len(oracle_map)
+    iids, items = table.items()
+    assert dict(zip(items, iids, strict=True)) == oracle_map and iids == sorted(iids)
+    assert table.items_of([oracle_map.get("snap:5", -1), next_iid + 5]) == \
+        (["snap:5"] if "snap:5" in oracle_map else [None]) + [None]
+
+
+def test_ids_that_share_a_hash_are_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.index import ids as ids_module
+
+    monkeypatch.setattr(ids_module, "hash", lambda item_id: len(item_id), raising=False)  # many collisions
+    monkeypatch.setattr(ids_module, "_RECENT", 2)
+    table = ids_module.IdTable()
+    names = ["ab", "cd", "ef", "gh", "abc", "xyz"]
+    for iid, name in enumerate(names):
+        assert table.set(name, iid) is None
+    assert table.lookup(names) == list(range(6))
+    assert table.pop("cd") == 1 and table.lookup(["cd", "ef"]) == [2]
+    assert table.set("ef", 10) == 2 and table.lookup(["ab", "ef", "gh"]) == [0, 10, 3]

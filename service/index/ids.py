@@ -1,13 +1,18 @@
 """The side table of the new items: external string ids <-> internal int64 ids, and which ids are live.
 
-Sized for 10M items without a stall: nothing here grows by copying the whole catalogue inside an add
-(a dict of 10M keys rehashes ~300 MB at once; 256 small dicts each 1/256 of it). Internal ids are never
-reused: a removed or replaced id stays dead (a tombstone) in its FAISS segment, skipped via `Liveness`.
+Sized for 10M items in little memory and without a stall. Internal id -> item id: the item id strings
+in fixed chunks of a list (a read is one list index, no lock). Item id -> internal id: per shard, a
+sorted array of the ids' hashes beside their internal ids (16 B an item, where a dict costs ~80 B
+with its int objects), plus a small dict of the latest inserts that joins the arrays every
+`_RECENT` inserts (a shard is 1/256 of the catalogue: the join copies ~0.3 MB at 10M items, never the
+whole table). Hashes are Python's own, so the arrays are rebuilt at load, never saved. Internal ids
+are never reused: a removed or replaced id stays dead (a tombstone) in its FAISS segment, skipped via
+`Liveness`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from itertools import chain
 from typing import Any
 
@@ -17,11 +22,23 @@ import numpy.typing as npt
 
 _SHARDS = 256
 _CHUNK = 1 << 16
+_RECENT = 1024  # inserts a shard's dict holds before they join its sorted arrays
+
+
+class _Shard:
+    __slots__ = ("arrays", "recent")
+
+    def __init__(self) -> None:
+        # (hashes, internal ids) sorted by hash, swapped whole so a lock-free reader sees one version;
+        # a removed entry keeps its hash with internal id -1 until the next join drops it
+        self.arrays: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] = (np.zeros(0, np.int64),
+                                                                           np.zeros(0, np.int64))
+        self.recent: dict[str, int] = {}
 
 
 class IdTable:
     def __init__(self) -> None:
-        self._iid_of: list[dict[str, int]] = [{} for _ in range(_SHARDS)]
+        self._shards = [_Shard() for _ in range(_SHARDS)]
         self._items: list[list[str | None]] = []  # internal id -> item id, in chunks; None once dead
         self._live = 0
 
@@ -29,25 +46,79 @@ class IdTable:
         return self._live
 
     def lookup(self, item_ids: Iterable[str]) -> list[int]:
-        shards = self._iid_of
-        return [i for i in (shards[hash(x) % _SHARDS].get(x) for x in item_ids) if i is not None]
+        """The live internal ids of those of `item_ids` that are present."""
+        return [i for i in map(self._find, item_ids) if i is not None]
+
+    def _find(self, item_id: str) -> int | None:
+        h = hash(item_id)
+        shard = self._shards[h % _SHARDS]
+        iid = shard.recent.get(item_id)
+        if iid is not None:
+            return iid
+        keys, iids = shard.arrays
+        at = int(np.searchsorted(keys, h))
+        while at < len(keys) and keys[at] == h:  # a hash shared by other ids: compare the ids themselves
+            candidate = int(iids[at])
+            if candidate >= 0 and self._items[candidate // _CHUNK][candidate % _CHUNK] == item_id:
+                return candidate
+            at += 1
+        return None
 
     def set(self, item_id: str, iid: int) -> int | None:
         """Returns the internal id `iid` replaces (now dead), if any."""
         old = self.pop(item_id)
-        self._iid_of[hash(item_id) % _SHARDS][item_id] = iid
+        self._name(iid, item_id)
+        shard = self._shards[hash(item_id) % _SHARDS]
+        shard.recent[item_id] = iid
+        if len(shard.recent) >= _RECENT:
+            self._join(shard)
+        return old
+
+    def set_many(self, item_ids: Sequence[str], iids: Sequence[int]) -> None:
+        """`set` of many ids that are all absent and distinct (a snapshot's): the arrays built at once."""
+        for item_id, iid in zip(item_ids, iids, strict=True):
+            self._name(iid, item_id)
+        hashes = np.fromiter(map(hash, item_ids), np.int64, len(item_ids))
+        values = np.asarray(iids, dtype=np.int64)
+        owner = hashes % _SHARDS
+        order = np.lexsort((hashes, owner))
+        bounds = np.searchsorted(owner[order], np.arange(_SHARDS + 1))
+        for s, shard in enumerate(self._shards):
+            mine = order[bounds[s] : bounds[s + 1]]
+            if len(mine):
+                shard.arrays = _merged(shard.arrays, hashes[mine], values[mine])
+
+    def pop(self, item_id: str) -> int | None:
+        shard = self._shards[hash(item_id) % _SHARDS]
+        iid = shard.recent.pop(item_id, None)
+        if iid is None:
+            iid = self._find(item_id)
+            if iid is None:
+                return None
+            keys, iids = shard.arrays
+            at = int(np.searchsorted(keys, hash(item_id)))
+            while iids[at] != iid:  # among the entries of its hash, where _find met it
+                at += 1
+            iids[at] = -1
+        self._items[iid // _CHUNK][iid % _CHUNK] = None
+        self._live -= 1
+        return iid
+
+    def _name(self, iid: int, item_id: str) -> None:
         while len(self._items) <= iid // _CHUNK:
             self._items.append([None] * _CHUNK)
         self._items[iid // _CHUNK][iid % _CHUNK] = item_id
         self._live += 1
-        return old
 
-    def pop(self, item_id: str) -> int | None:
-        iid = self._iid_of[hash(item_id) % _SHARDS].pop(item_id, None)
-        if iid is not None:
-            self._items[iid // _CHUNK][iid % _CHUNK] = None
-            self._live -= 1
-        return iid
+    @staticmethod
+    def _join(shard: _Shard) -> None:
+        recent = list(shard.recent.items())
+        hashes = np.fromiter((hash(item_id) for item_id, _ in recent), np.int64, len(recent))
+        values = np.fromiter((iid for _, iid in recent), np.int64, len(recent))
+        order = np.argsort(hashes, kind="stable")
+        shard.arrays = _merged(shard.arrays, hashes[order], values[order])  # readers find them here now
+        for item_id, _ in recent:
+            del shard.recent[item_id]
 
     def items_of(self, iids: list[int]) -> list[str | None]:
         """The live items of `iids` (None: dead), read without a lock (a slot is read atomically)."""
@@ -59,6 +130,16 @@ class IdTable:
         flat = list(chain.from_iterable(self._items))  # references only: no tuple per item, no sort
         iids = [iid for iid, item in enumerate(flat) if item is not None]
         return iids, [flat[iid] for iid in iids]  # type: ignore[misc]
+
+
+def _merged(arrays: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]], hashes: npt.NDArray[np.int64],
+            iids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The sorted arrays with (hashes, iids) (sorted by hash) inserted and removed entries dropped."""
+    keys, values = arrays
+    kept = values >= 0
+    keys, values = keys[kept], values[kept]
+    at = np.searchsorted(keys, hashes)
+    return np.insert(keys, at, hashes), np.insert(values, at, iids)
 
 
 class Liveness:

@@ -351,8 +351,7 @@ class VectorIndex:
         index._trained_pos = {item_id: j for j, item_id in enumerate(snap.trained_ids)}
         index._base, index._next_iid, index._merged_upto = snap.base, snap.next_iid, snap.next_iid
         index._live.grow(snap.next_iid)
-        for iid, item_id in zip(snap.iids, snap.items, strict=True):
-            index._ids.set(item_id, iid)
+        index._ids.set_many(snap.items, snap.iids)
         index._live.set(np.asarray(snap.iids, dtype=np.int64), True)
         alive = index._live.of(snap.buffer_iids)
         if alive.any():
