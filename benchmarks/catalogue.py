@@ -132,6 +132,20 @@ def fill_store(
     return np.concatenate(out) if out else np.zeros((0, recommender.dim), np.float32)
 
 
+def catalogue_rows(recommender: Recommender, dataset: Dataset, start: int, stop: int, seed: int,
+                   batch_size: int = 10_000, make: Callable[[Dataset, int, int, int], SyntheticBatch] = synthetic_batch,
+                   ) -> Rows:
+    """The rows `fill_store` wrote for items [start, stop), computed again instead of read back (a 10M
+    catalogue in SQLite is ~47 GB, read back in key order at random-I/O speed)."""
+    out: list[Rows] = []
+    with tqdm(total=stop - start, desc=f"catalogue rows {start:,}->{stop:,}", unit="item") as bar:
+        for s in range(start, stop, batch_size):
+            n = min(batch_size, stop - s)
+            out.append(embed_batch(recommender, make(dataset, s, n, seed)))
+            bar.update(n)
+    return np.concatenate(out) if out else np.zeros((0, recommender.dim), np.float32)
+
+
 def _rows_as_lists(content: npt.NDArray[np.float32]) -> Iterator[list[float]]:
     for row in content:
         values: list[float] = row.tolist()

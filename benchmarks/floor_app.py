@@ -29,8 +29,12 @@ User = Annotated[str, Query(pattern=ID_PATTERN)]
 K = Annotated[int, Query(ge=1)]
 
 
+POLICY = {"policy": "calibrated", "scale": 1.0, "offset": 0.0}  # the shape the service states its policy in
+
+
 def _dict(user: str, hits: list[Hit]) -> dict[str, Any]:
-    return {"user": user, "model_version": VERSION, "fallback": False,
+    return {"user": user, "model_version": VERSION, "fallback": False, "policy": POLICY,
+            "cold_share": sum(h.is_cold for h in hits) / max(len(hits), 1),
             "items": [{"id": h.item_id, "score": h.score, "is_cold": h.is_cold, "model_version": VERSION}
                       for h in hits]}
 
@@ -45,7 +49,9 @@ def _strings(user: str, hits: list[Hit]) -> bytes:
             raise ValueError(f"non-finite score {score}")
         items.append('{"id":' + _string(hit.item_id) + ',"score":' + repr(score)
                      + (',"is_cold":true' if hit.is_cold else ',"is_cold":false') + tail)
-    return ('{"user":' + _string(user) + ',"model_version":' + version + ',"fallback":false,"items":['
+    share = sum(h.is_cold for h in hits) / max(len(hits), 1)
+    return ('{"user":' + _string(user) + ',"model_version":' + version + ',"fallback":false,'
+            '"policy":{"policy":"calibrated","scale":1.0,"offset":0.0},"cold_share":' + repr(share) + ',"items":['
             + ",".join(items) + "]}").encode()
 
 

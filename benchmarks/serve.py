@@ -39,13 +39,14 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from benchmarks.catalogue import benchmark_users, diverse_batch, fill_store, write_histories
+from benchmarks.catalogue import benchmark_users, catalogue_rows, diverse_batch, fill_store, write_histories
 from benchmarks.in_process import K, user_queries
 from benchmarks.load import LoadResult, run_load
 from benchmarks.processes import CLIENT_CORE, Server, all_cores, pin
 from benchmarks.report import write_report
+from service.core.merge import merge_many
 from service.core.recommender import Recommender
-from service.index import IndexConfig, VectorIndex
+from service.index import Hit, IndexConfig, Tops, VectorIndex
 from service.model.artifact import load_artifact
 from service.store import SqliteStore, Store
 from service.store.redis import RedisStore
@@ -80,8 +81,13 @@ def open_store(url: str, work: Path, reuse: bool) -> Store:
     return SqliteStore(work / "store.sqlite3")
 
 
-def stored_rows(store: Store, start: int, stop: int) -> np.ndarray | None:
-    """Rows of syn:start..syn:stop-1 when an earlier run stored them all (--reuse-store), else None."""
+def stored_rows(store: Store, start: int, stop: int, rec: Recommender, dataset: Dataset, seed: int,
+                generate: bool) -> np.ndarray | None:
+    """Rows of syn:start..syn:stop-1 when an earlier run stored them all (--reuse-store), else None;
+    `generate`: computed again by the generator rather than read back (the store is trusted to hold them)."""
+    if generate:  # the last item stored: the run that stored it wrote them in order (COUNT(*) would read 47 GB)
+        last = store.get_items([f"syn:{stop - 1}"])
+        return catalogue_rows(rec, dataset, start, stop, seed, make=diverse_batch) if last else None
     out = []
     for s in range(start, stop, 10_000):
         wanted = [f"syn:{j}" for j in range(s, min(s + 10_000, stop))]
@@ -100,6 +106,24 @@ def store_env(url: str, work: Path) -> dict[str, str]:
 
 def exact_tops(q: np.ndarray, rows: np.ndarray, ids: list[str], seen: list[set[str]], k: int = K) -> list[set[str]]:
     """Exact top-k ids over `rows` (N, D+1) per query (B, D+1), each query's `seen` left out: the recall oracle."""
+    return [set(top) for top in exact_ranked(q, rows, ids, seen, k)[0]]
+
+
+def exact_served(rec: Recommender, q: np.ndarray, rows: np.ndarray, ids: list[str], seen: list[set[str]],
+                 k: int = K) -> list[set[str]]:
+    """The list the service would answer from exact searches: each population's exact top-k, merged by
+    the artifact's policy (service/core/merge.py), as /recommend merges its index's answers."""
+    trained = exact_ranked(q, rec.warm_rows, list(rec.warm_ids), seen, k)
+    new = exact_ranked(q, rows, ids, seen, k)
+    tops = [Tops([Hit(i, s, False) for i, s in zip(*t, strict=True)],
+                 [Hit(i, s, True) for i, s in zip(*n, strict=True)])
+            for t, n in zip(zip(*trained, strict=True), zip(*new, strict=True), strict=True)]
+    return [{h.item_id for h in hits} for hits in merge_many(tops, [rec.policy] * len(tops), [k] * len(tops))]
+
+
+def exact_ranked(q: np.ndarray, rows: np.ndarray, ids: list[str], seen: list[set[str]], k: int = K
+                 ) -> tuple[list[list[str]], list[list[float]]]:
+    """Exact top-k per query over `rows`, best first: (ids, scores), each query's `seen` left out."""
     best = np.full((len(q), 0), -np.inf, np.float32), np.zeros((len(q), 0), np.int64)
     position = {item_id: j for j, item_id in enumerate(ids)}
     banned = [[position[i] for i in s if i in position] for s in seen]
@@ -113,7 +137,10 @@ def exact_tops(q: np.ndarray, rows: np.ndarray, ids: list[str], seen: list[set[s
         cand_i = np.concatenate([best[1], top + start], axis=1)
         keep = np.argsort(-cand_s, axis=1)[:, :k]
         best = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
-    return [{ids[j] for j in row} for row in best[1].tolist()]
+    finite = np.isfinite(best[0]).tolist()  # -inf: fewer than k rows left after the exclusions
+    pairs = [[(ids[j], x) for j, x, f in zip(i_row, s_row, ok, strict=True) if f]
+             for i_row, s_row, ok in zip(best[1].tolist(), best[0].tolist(), finite, strict=True)]
+    return [[i for i, _ in row] for row in pairs], [[x for _, x in row] for row in pairs]
 
 
 def recall(truth: list[set[str]], found: list[list[str]]) -> float:
@@ -129,8 +156,10 @@ def random_directions(q: np.ndarray, seed: int) -> np.ndarray:
 
 
 def in_process(rec: Recommender, ids: list[str], rows: np.ndarray, calib: dict[str, list[str]],
-               config: IndexConfig, target: float) -> tuple[dict[str, Any], int]:
-    """Build the server's index here; the recall curve over nprobe; the chosen nprobe."""
+               config: IndexConfig, target: float, snapshot: tuple[Path, str | None] | None = None,
+               ) -> tuple[dict[str, Any], int]:
+    """Build the server's index here; the recall curve over nprobe; the chosen nprobe. `snapshot`: save
+    the index there, reflecting the store up to that event, for the server to start from."""
     faiss.omp_set_num_threads(1)  # as the server builds (M2REC_FAISS_THREADS=1)
     t0 = time.perf_counter()
     index = VectorIndex.build(rec.dim, list(rec.warm_ids), rec.warm_rows, [(ids, rows)], config)
@@ -159,6 +188,10 @@ def in_process(rec: Recommender, ids: list[str], rows: np.ndarray, calib: dict[s
     out["sweep"] = sweep
     index.nprobe = chosen
     out["exclusions"] = exclusion_strategies(index, q, seen)
+    if snapshot is not None:
+        t0 = time.perf_counter()
+        index.save(*snapshot)
+        out["snapshot_save_s"] = round(time.perf_counter() - t0, 1)
     return out, chosen
 
 
@@ -309,7 +342,8 @@ def run_size(args: argparse.Namespace, rec: Recommender, store: Store, dataset: 
     result: dict[str, Any] = {"size": size, "load_before": os.getloadavg()}
     if n_new > have:
         t0 = time.perf_counter()
-        more = stored_rows(store, have, n_new) if args.reuse_store else None
+        more = stored_rows(store, have, n_new, rec, dataset, args.seed, args.rows_from_generator) if args.reuse_store \
+            else None
         if more is None:
             more = fill_store(rec, store, dataset, have, n_new, args.seed, make=diverse_batch)
             result["catalogue_s"] = round(time.perf_counter() - t0, 1)
@@ -318,16 +352,17 @@ def run_size(args: argparse.Namespace, rec: Recommender, store: Store, dataset: 
     names = list(users)
     calib, measured = {u: users[u] for u in names[300:]}, {u: users[u] for u in names[:300]}
     config = IndexConfig(nprobe=32, rerank=args.rerank, rerank_float16=args.rerank_float16)  # as the server's
+    work = args.work
+    shutil.rmtree(work / "snapshots", ignore_errors=True)
+    snapshot = (work / "snapshots" / f"index-{rec.version}", store.last_event_id()) if args.start_from_snapshot \
+        else None
     with threadpool_limits(1, user_api="blas"):
-        result["in_process"], nprobe = in_process(rec, ids, rows, calib, config, args.recall)
+        result["in_process"], nprobe = in_process(rec, ids, rows, calib, config, args.recall, snapshot)
         if args.hnsw_sample:
             result["hnsw_vs_ivf"] = hnsw_against_ivf(rows, user_queries(rec, calib), args.hnsw_sample)
         q = user_queries(rec, measured)
     result["nprobe"] = nprobe
-    truth = exact_tops(q, np.concatenate([rec.warm_rows, rows]), list(rec.warm_ids) + ids,
-                       [set(h) for h in measured.values()])
-    work = args.work
-    shutil.rmtree(work / "snapshots", ignore_errors=True)
+    truth = exact_served(rec, q, rows, ids, [set(h) for h in measured.values()])
     env = {"M2REC_ARTIFACT_PATH": str(args.artifact), "M2REC_INDEX_NPROBE": str(max(nprobe, 1)),
            "M2REC_INDEX_RERANK": str(args.rerank), "M2REC_INDEX_RERANK_FLOAT16": str(args.rerank_float16).lower(),
            "M2REC_INDEX_SNAPSHOT_DIR": str(work / "snapshots"), **store_env(args.store, work)}
@@ -337,7 +372,8 @@ def run_size(args: argparse.Namespace, rec: Recommender, store: Store, dataset: 
     ports = {"service": (args.port, "/recommend"), **{k: (args.port + 1, p) for k, p in FLOORS.items()}}
     try:
         floor.wait_ready(60)
-        result["startup_build_s"] = round(server.wait_ready(7200), 1)
+        startup = "startup_from_in_process_snapshot_s" if args.start_from_snapshot else "startup_build_s"
+        result[startup] = round(server.wait_ready(7200), 1)
         if args.unbatched:  # the same service answering each request alone: what batching buys
             alone_env = {k: v for k, v in env.items() if k != "M2REC_INDEX_SNAPSHOT_DIR"}
             alone = Server("service.api.app:create_app", args.port + 3, {**alone_env, "M2REC_RECOMMEND_BATCH_MAX": "1"},
@@ -397,6 +433,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unbatched", action="store_true", help="also serve with M2REC_RECOMMEND_BATCH_MAX=1")
     parser.add_argument("--rerank", type=int, default=4, help="IVF-SQ8 re-ranking (M2REC_INDEX_RERANK); 0: no rows")
     parser.add_argument("--rerank-float16", action="store_true", help="M2REC_INDEX_RERANK_FLOAT16")
+    parser.add_argument("--rows-from-generator", action="store_true",
+                        help="--reuse-store: compute the catalogue's rows again instead of reading them back")
+    parser.add_argument("--start-from-snapshot", action="store_true",
+                        help="the server starts from the index built in process (saved as its snapshot), not from "
+                             "a scan of the store")
     parser.add_argument("--port", type=int, default=18811)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="60k items, short windows: a smoke test")
@@ -418,7 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     for n, size in enumerate(sorted(args.sizes)):
         if n == 0:  # each user's 3 registered items are among the smallest catalogue's
             fill_first = size - len(rec.warm_ids)
-            ready = stored_rows(store, 0, fill_first) if args.reuse_store else None
+            ready = stored_rows(store, 0, fill_first, rec, dataset, args.seed, args.rows_from_generator) \
+                if args.reuse_store else None
             if ready is None:
                 t0 = time.perf_counter()
                 ready = fill_store(rec, store, dataset, 0, fill_first, args.seed, make=diverse_batch)

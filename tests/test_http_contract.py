@@ -147,3 +147,18 @@ def test_the_write_docs_say_a_503_may_have_been_applied_and_retrying_is_safe(cli
         assert "may or may not have been applied" in text and "retrying is safe" in text, (path, text)
         assert "nothing was written" not in text
 
+
+
+def test_the_benchmarks_http_floor_answers_in_the_recommend_contract() -> None:
+    """benchmarks/serve.py divides the service's throughput by this floor's: its routes must answer the
+    same shape (RecommendationsOut) as /recommend, or the ratio measures an error page."""
+    from fastapi.testclient import TestClient
+
+    from benchmarks.floor_app import create_floor_app
+    from service.api.schemas import RecommendationsOut
+
+    with TestClient(create_floor_app()) as client:
+        for route in ("/recommend", "/recommend-deps", "/recommend-strings"):
+            r = client.get(route, params={"user": "bench:1", "k": 20})
+            assert r.status_code == 200, (route, r.text)
+            assert len(RecommendationsOut.model_validate(r.json()).items) == 20
