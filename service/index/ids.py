@@ -47,15 +47,26 @@ class IdTable:
 
     def lookup(self, item_ids: Iterable[str]) -> list[int]:
         """The live internal ids of those of `item_ids` that are present."""
-        return [i for i in map(self._find, item_ids) if i is not None]
+        shards, out = self._shards, []
+        for item_id in item_ids:  # the recent dicts inline: most lookups of a request end there or miss
+            h = hash(item_id)
+            iid = shards[h % _SHARDS].recent.get(item_id)
+            if iid is None:
+                iid = self._in_arrays(shards[h % _SHARDS], item_id, h)
+            if iid is not None:
+                out.append(iid)
+        return out
 
     def _find(self, item_id: str) -> int | None:
         h = hash(item_id)
         shard = self._shards[h % _SHARDS]
         iid = shard.recent.get(item_id)
-        if iid is not None:
-            return iid
+        return iid if iid is not None else self._in_arrays(shard, item_id, h)
+
+    def _in_arrays(self, shard: _Shard, item_id: str, h: int) -> int | None:
         keys, iids = shard.arrays
+        if not len(keys):
+            return None
         at = int(np.searchsorted(keys, h))
         while at < len(keys) and keys[at] == h:  # a hash shared by other ids: compare the ids themselves
             candidate = int(iids[at])
