@@ -39,120 +39,22 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from benchmarks.catalogue import benchmark_users, catalogue_rows, diverse_batch, fill_store, write_histories
+from benchmarks.catalogue import benchmark_users, diverse_batch, fill_store, write_histories
+from benchmarks.exact import exact_served, exact_tops, random_directions, recall
 from benchmarks.in_process import K, user_queries
 from benchmarks.load import LoadResult, run_load
 from benchmarks.processes import CLIENT_CORE, Server, all_cores, pin
 from benchmarks.report import write_report
-from service.core.merge import merge_many
+from benchmarks.serve_store import INGEST_START, open_store, store_env, stored_rows
 from service.core.recommender import Recommender
-from service.index import Hit, IndexConfig, Tops, VectorIndex
+from service.index import IndexConfig, VectorIndex
 from service.model.artifact import load_artifact
-from service.store import SqliteStore, Store
-from service.store.redis import RedisStore
+from service.store import Store
 from training.dataset import Dataset, load_dataset
 
 CONCURRENCY, ROUNDS = 16, 5
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
-INGEST_START = 50_000_000  # ids of items posted over HTTP, never in the catalogue
 FLOORS = {"floor": "/recommend", "floor_deps": "/recommend-deps", "floor_strings": "/recommend-strings"}
-
-
-def open_store(url: str, work: Path, reuse: bool) -> Store:
-    """The benchmark's store, emptied unless `reuse` (a catalogue written by an earlier run is kept)."""
-    if url.startswith("redis://"):
-        store = RedisStore.from_url(url, namespace="bench18")
-        keys: list[bytes] = []
-        for key in [] if reuse else store._r.scan_iter(match=f"{store.prefix}*", count=10_000):
-            keys.append(key)
-            if len(keys) == 10_000:
-                store._r.unlink(*keys)
-                keys = []
-        if keys:
-            store._r.unlink(*keys)
-        if reuse:  # what an earlier run posted over HTTP goes: the catalogue is syn:0.. alone again
-            posted: list[Any] = store._r.zrange(store.keys.item_sets[0], b"[syn:5", b"(syn:6", bylex=True)
-            for item_id in (m.decode() for m in posted):
-                if int(item_id[4:]) >= INGEST_START:
-                    store.delete_item(item_id)
-        return store
-    if not reuse:
-        (work / "store.sqlite3").unlink(missing_ok=True)
-    return SqliteStore(work / "store.sqlite3")
-
-
-def stored_rows(store: Store, start: int, stop: int, rec: Recommender, dataset: Dataset, seed: int,
-                generate: bool) -> np.ndarray | None:
-    """Rows of syn:start..syn:stop-1 when an earlier run stored them all (--reuse-store), else None;
-    `generate`: computed again by the generator rather than read back (the store is trusted to hold them)."""
-    if generate:  # the last item stored: the run that stored it wrote them in order (COUNT(*) would read 47 GB)
-        last = store.get_items([f"syn:{stop - 1}"])
-        return catalogue_rows(rec, dataset, start, stop, seed, make=diverse_batch) if last else None
-    out = []
-    for s in range(start, stop, 10_000):
-        wanted = [f"syn:{j}" for j in range(s, min(s + 10_000, stop))]
-        found = store.get_items(wanted)
-        if len(found) < len(wanted):
-            return None
-        out.append(np.stack([found[i].embedding for i in wanted]).astype(np.float32))
-    return np.concatenate(out) if out else None
-
-
-def store_env(url: str, work: Path) -> dict[str, str]:
-    if url.startswith("redis://"):
-        return {"M2REC_STORE_URL": url, "M2REC_REDIS_NAMESPACE": "bench18"}
-    return {"M2REC_STORE_URL": str(work / "store.sqlite3")}
-
-
-def exact_tops(q: np.ndarray, rows: np.ndarray, ids: list[str], seen: list[set[str]], k: int = K) -> list[set[str]]:
-    """Exact top-k ids over `rows` (N, D+1) per query (B, D+1), each query's `seen` left out: the recall oracle."""
-    return [set(top) for top in exact_ranked(q, rows, ids, seen, k)[0]]
-
-
-def exact_served(rec: Recommender, q: np.ndarray, rows: np.ndarray, ids: list[str], seen: list[set[str]],
-                 k: int = K) -> list[set[str]]:
-    """The list the service would answer from exact searches: each population's exact top-k, merged by
-    the artifact's policy (service/core/merge.py), as /recommend merges its index's answers."""
-    trained = exact_ranked(q, rec.warm_rows, list(rec.warm_ids), seen, k)
-    new = exact_ranked(q, rows, ids, seen, k)
-    tops = [Tops([Hit(i, s, False) for i, s in zip(*t, strict=True)],
-                 [Hit(i, s, True) for i, s in zip(*n, strict=True)])
-            for t, n in zip(zip(*trained, strict=True), zip(*new, strict=True), strict=True)]
-    return [{h.item_id for h in hits} for hits in merge_many(tops, [rec.policy] * len(tops), [k] * len(tops))]
-
-
-def exact_ranked(q: np.ndarray, rows: np.ndarray, ids: list[str], seen: list[set[str]], k: int = K
-                 ) -> tuple[list[list[str]], list[list[float]]]:
-    """Exact top-k per query over `rows`, best first: (ids, scores), each query's `seen` left out."""
-    best = np.full((len(q), 0), -np.inf, np.float32), np.zeros((len(q), 0), np.int64)
-    position = {item_id: j for j, item_id in enumerate(ids)}
-    banned = [[position[i] for i in s if i in position] for s in seen]
-    for start in range(0, len(rows), 1 << 20):
-        scores = q @ rows[start : start + (1 << 20)].T  # (B, n)
-        for b, ban in enumerate(banned):
-            local = [j - start for j in ban if start <= j < start + scores.shape[1]]
-            scores[b, local] = -np.inf
-        top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
-        cand_s = np.concatenate([best[0], np.take_along_axis(scores, top, 1)], axis=1)
-        cand_i = np.concatenate([best[1], top + start], axis=1)
-        keep = np.argsort(-cand_s, axis=1)[:, :k]
-        best = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
-    finite = np.isfinite(best[0]).tolist()  # -inf: fewer than k rows left after the exclusions
-    pairs = [[(ids[j], x) for j, x, f in zip(i_row, s_row, ok, strict=True) if f]
-             for i_row, s_row, ok in zip(best[1].tolist(), best[0].tolist(), finite, strict=True)]
-    return [[i for i, _ in row] for row in pairs], [[x for _, x in row] for row in pairs]
-
-
-def recall(truth: list[set[str]], found: list[list[str]]) -> float:
-    return round(float(np.mean([len(t & set(f)) / len(t) for t, f in zip(truth, found, strict=True)])), 4)
-
-
-def random_directions(q: np.ndarray, seed: int) -> np.ndarray:
-    """Queries of the same norms as `q` pointing anywhere: the stress test of the IVF lists."""
-    g = np.random.default_rng(seed).standard_normal(q[:, :-1].shape).astype(np.float32)
-    out = q.copy()
-    out[:, :-1] = g / np.linalg.norm(g, axis=1, keepdims=True) * np.linalg.norm(q[:, :-1], axis=1, keepdims=True)
-    return out
 
 
 def in_process(rec: Recommender, ids: list[str], rows: np.ndarray, calib: dict[str, list[str]],

@@ -244,16 +244,13 @@ def test_search_rejects_queries_of_the_wrong_width() -> None:
     assert index.search(np.zeros((2, D + 1), np.float32), 5) == [Tops([], []), Tops([], [])]
 
 
-def test_the_id_table_agrees_with_a_dict_through_sets_replacements_pops_joins_and_hash_collisions(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_id_table_agrees_with_a_dict_through_sets_replacements_pops_and_joins() -> None:
     """The compact side table (sorted hash arrays plus a small dict per shard) against a plain dict, with
     enough inserts that every shard joins its dict into its arrays many times."""
     from service.index import ids as ids_module
 
-    monkeypatch.setattr(ids_module, "_RECENT", 8)  # joins every 8 inserts a shard
     rng = np.random.default_rng(0)
-    table, oracle_map = ids_module.IdTable(), dict[str, int]()
+    table, oracle_map = ids_module.IdTable(recent=8), dict[str, int]()  # joins every 8 inserts a shard
     loaded = [f"snap:{j}" for j in range(3000)]
     table.set_many(loaded, list(range(3000)))
     oracle_map.update({item_id: j for j, item_id in enumerate(loaded)})
@@ -279,9 +276,9 @@ def test_the_id_table_agrees_with_a_dict_through_sets_replacements_pops_joins_an
 def test_ids_that_share_a_hash_are_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     from service.index import ids as ids_module
 
-    monkeypatch.setattr(ids_module, "hash", lambda item_id: len(item_id), raising=False)  # many collisions
-    monkeypatch.setattr(ids_module, "_RECENT", 2)
-    table = ids_module.IdTable()
+    # Python's string hashes practically never collide: the module's `hash` is swapped for one that does
+    monkeypatch.setattr(ids_module, "hash", lambda item_id: len(item_id), raising=False)
+    table = ids_module.IdTable(recent=2)
     names = ["ab", "cd", "ef", "gh", "abc", "xyz"]
     for iid, name in enumerate(names):
         assert table.set(name, iid) is None

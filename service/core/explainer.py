@@ -11,7 +11,7 @@ plain one does (benchmarks/results/explain.md).
 Every item of a personal list: the history items that pulled it up, by leave-one-out on the fold-in:
 the score drop s_j(h) - s_j(h without l) for each history item l. It is exact for this model, not a
 linearisation, and cheap: the fold-in's first layer is a sum, so the L leave-one-out users are one
-MLP pass over L rows (FoldIn.without_each) and one (L, D) x (D, k) product. The co-embedding
+pass over L rows, and without a hidden layer not even an MLP pass (FoldIn.drops). The co-embedding
 similarity v_l·v_j would cost less but ignores the encoder: two history items with the same dot
 product can move h very differently.
 
@@ -83,7 +83,7 @@ class Explainer:
                      ) -> list[list[Explanation]]:
         """One explanation per hit of each list; `fetch` reads new items' stored inputs. The lists of a
         batch of requests share the passes: the leave-one-out fold-ins of every personal list in one
-        MLP pass, the gate of every (user, new item) pair in one."""
+        (FoldIn.drops), the gate of every (user, new item) pair in one."""
         top = self.top
         because: list[list[list[tuple[str, float]]]] = [[[] for _ in listed.hits] for listed in lists]
         personal = [b for b, listed in enumerate(lists) if len(listed.history_rows)]

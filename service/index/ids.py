@@ -37,7 +37,8 @@ class _Shard:
 
 
 class IdTable:
-    def __init__(self) -> None:
+    def __init__(self, recent: int = _RECENT) -> None:
+        self._recent = recent  # a shard's dict joins its arrays at this many entries
         self._shards = [_Shard() for _ in range(_SHARDS)]
         self._items: list[list[str | None]] = []  # internal id -> item id, in chunks; None once dead
         self._live = 0
@@ -81,7 +82,7 @@ class IdTable:
         self._name(iid, item_id)
         shard = self._shards[hash(item_id) % _SHARDS]
         shard.recent[item_id] = iid
-        if len(shard.recent) >= _RECENT:
+        if len(shard.recent) >= self._recent:
             self._join(shard)
         return old
 
