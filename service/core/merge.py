@@ -17,13 +17,9 @@ from service.index import Hit, Tops
 from service.model.mixing import NEW, TRAINED, Calibrated, Policy, merge_order
 
 
-def merge_hits(tops: Tops, policy: Policy, k: int) -> list[Hit]:
-    return merge_many([tops], [policy], [k])[0]
-
-
 def merge_many(tops: Sequence[Tops], policies: Sequence[Policy], ks: Sequence[int]) -> list[list[Hit]]:
-    """`merge_hits` of a batch of requests: the requests that share a policy and a k are merged by one
-    `merge_order` call (a request's list does not depend on the others)."""
+    """Each request's list of k from its two populations' tops, by its policy. The requests that share a
+    policy and a k are merged by one `merge_order` call (a request's list does not depend on the others)."""
     groups: dict[tuple[Policy, int], list[int]] = {}
     for b, key in enumerate(zip(policies, ks, strict=True)):
         groups.setdefault(key, []).append(b)
