@@ -16,8 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.core.embedder import Embedder
-from service.core.types import NewItem
+from service.core.embedder import load_model
+from service.model.artifact import load_artifact
+from service.model.artifact_export import save_artifact
 from service.store import ItemRecord
 from tests.conftest import StoreSpec, TrainedArtifact
 from tests.live_server import LiveServer
@@ -104,27 +105,38 @@ def test_a_timestamp_sent_as_a_string_is_refused(api: TestClient, trained_artifa
     assert r.status_code == 422, r.text
 
 
+def _artifact_with_an_overflowing_token(trained: TrainedArtifact, root: Path, token: str) -> Path:
+    """The trained artifact exported again, through the real export, with one attribute token's embedding
+    at 3e38: finite weights that overflow float32 inside the generator, so an item with that token gets a
+    non-finite row while its inputs pass every check (a model fault, not a bad request)."""
+    artifact = load_artifact(trained.root)
+    m = artifact.manifest
+    tensors = {name: t.clone() for name, t in load_model(artifact).state_dict().items()}
+    tensors["generator.attributes.embedding.weight"][list(m.attribute_vocabulary).index(token) + 1] = 3e38
+    save_artifact(root, tensors=tensors, item_ids=list(artifact.item_ids), model_config=m.model_args,
+                  attribute_vocabulary=list(m.attribute_vocabulary), content_dim=m.content_dim,
+                  embedding_dim=m.embedding_dim, metrics=m.metrics, mixing=m.mixing,
+                  data_fingerprint=m.data_fingerprint, dataset=m.dataset, held_out_items=list(m.held_out_items))
+    return root
+
+
 def test_a_non_finite_generated_row_is_refused_at_embedding_and_never_stored(
-    api: TestClient, trained_artifact: TrainedArtifact, monkeypatch: pytest.MonkeyPatch
+    trained_artifact: TrainedArtifact, store_spec: StoreSpec, tmp_path: Path
 ) -> None:
     """Defence in depth: inputs that pass every check but give a non-finite row (a model fault)."""
-    real = Embedder._embed
-
-    def broken(self: Embedder, items: list[NewItem]) -> Any:
-        rows = real(self, items)
-        rows[[k for k, item in enumerate(items) if item.item_id == "movie:nan-row"], 0] = np.nan
-        return rows
-
-    monkeypatch.setattr(Embedder, "_embed", broken)
-    before = api.get("/readyz").json()["index_items"]
-    items = [{"id": "movie:fine", "attributes": ["genre:Drama"]},
-             {"id": "movie:nan-row", "attributes": ["genre:Drama"]}]
-    r = api.post("/items/batch", json={"items": items}, headers=HEADERS)
-    assert r.status_code == 422, r.text
-    assert "movie:nan-row" in r.json()["detail"] and "non-finite" in r.json()["detail"]
-    assert api.get("/items/movie:fine").status_code == 404  # all or nothing
-    assert api.get("/items/movie:nan-row").status_code == 404
-    assert api.get("/readyz").json()["index_items"] == before
+    broken = _artifact_with_an_overflowing_token(trained_artifact, tmp_path / "artifacts", "genre:War")
+    with TestClient(create_app(_settings(trained_artifact, store_spec, artifact_path=broken))) as api:
+        before = api.get("/readyz").json()["index_items"]
+        items = [{"id": "movie:fine", "attributes": ["genre:Drama"]},
+                 {"id": "movie:nan-row", "attributes": ["genre:Drama", "genre:War"]}]
+        r = api.post("/items/batch", json={"items": items}, headers=HEADERS)
+        assert r.status_code == 422, r.text
+        assert "movie:nan-row" in r.json()["detail"] and "non-finite" in r.json()["detail"]
+        assert api.get("/items/movie:fine").status_code == 404  # all or nothing
+        assert api.get("/items/movie:nan-row").status_code == 404
+        assert api.get("/readyz").json()["index_items"] == before
+        fine = api.post("/items", json=items[0], headers=HEADERS)  # the same model embeds other items
+        assert fine.status_code == 201, fine.text
 
 
 def _skipped(client: TestClient) -> float:
