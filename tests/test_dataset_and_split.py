@@ -127,3 +127,31 @@ def test_split_is_seeded(real: Dataset) -> None:
     a, b, c = (cold_start_split(real, s) for s in (0, 0, 1))
     assert np.array_equal(a.cold_items, b.cold_items) and np.array_equal(a.val_items, b.val_items)
     assert not np.array_equal(a.cold_items, c.cold_items)
+
+
+def test_validation_users_mirror_test_and_leave_it(real: Dataset) -> None:
+    """With validation users, a validation user's ranking is a test user's: one holdout of 20% of their
+    warm history as truth, no other held-out interactions hidden among the candidates; and the two
+    groups of users are apart."""
+    plain = cold_start_split(real, seed=0)
+    split = cold_start_split(real, seed=0, validation_users=0.25)
+    assert np.array_equal(split.cold_items, plain.cold_items) and np.array_equal(split.val_items, plain.val_items)
+    parts = (split.train, split.val_warm_truth, split.test_warm_truth, split.val_truth, split.test_truth)
+    val_users = np.flatnonzero((split.val_warm_truth + split.val_truth).getnnz(axis=1))
+    test_users = np.flatnonzero((split.test_warm_truth + split.test_truth).getnnz(axis=1))
+    assert not set(val_users) & set(test_users)
+    assert abs(val_users.size / (val_users.size + test_users.size) - 0.25) < 0.05
+    # every warm interaction of a validation user is fit or validation truth; of a test user, fit or test truth
+    assert split.test_warm_truth[val_users].nnz == 0 and split.test_truth[val_users].nnz == 0
+    assert split.val_warm_truth[test_users].nnz == 0 and split.val_truth[test_users].nnz == 0
+    warm = split.train.getnnz(axis=1) + split.val_warm_truth.getnnz(axis=1) + split.test_warm_truth.getnnz(axis=1)
+    held = split.val_warm_truth.getnnz(axis=1) + split.test_warm_truth.getnnz(axis=1)
+    assert np.array_equal(held, [holdout_count(int(n), 0.2) for n in warm])
+    # a test user's history is all their fit interactions; every warm interaction is fit or held out once
+    assert (split.history[test_users] != split.train[test_users]).nnz == 0
+    matrix = real.interaction_matrix()
+    new_items = matrix[:, np.union1d(split.val_items, split.cold_items)].nnz
+    assert sum(p.nnz for p in parts[:3]) + new_items == len(real.interactions)
+    assert split.val_truth.nnz + split.test_truth.nnz < new_items  # each group's items, its own users only
+    with pytest.raises(ValueError, match="validation_users"):
+        cold_start_split(real, seed=0, validation_users=1.0)

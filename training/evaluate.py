@@ -73,8 +73,10 @@ def _test_tasks(split: Any) -> dict[str, Task]:
     return {"hybrid": hybrid(split), "cold_only": cold_only(split)}
 
 
-def run(dataset: Dataset, models: list[str], seeds: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(report runs, per-user results) for every model and seed."""
+def run(dataset: Dataset, models: list[str], seeds: list[int], validation_users: float = 0.0
+        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(report runs, per-user results) for every model and seed; `validation_users`: see
+    training/split.py."""
     factories = model_factories()
     unknown = [m for m in models if m not in factories]
     if unknown:
@@ -83,7 +85,7 @@ def run(dataset: Dataset, models: list[str], seeds: list[int]) -> tuple[dict[str
     per_user: dict[str, dict[str, Any]] = {m: {} for m in models}
     splits = []
     for seed in seeds:
-        split = cold_start_split(dataset, seed)
+        split = cold_start_split(dataset, seed, validation_users=validation_users)
         splits.append({"seed": seed, **split.summary()})
         tasks = _test_tasks(split)
         for name in models:
@@ -283,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", default=None, help="paired differences against this model")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="REPORT.json",
                         help="join these reports (and their per-user results) into one (no training)")
+    parser.add_argument("--validation-users", type=float, default=0.0, metavar="SHARE",
+                        help="validate on this share of the users only, an exact mirror of test (training/split.py)")
     parser.add_argument("--name", default="baselines", help="results file suffix")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -306,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     dataset = load_dataset(args.dataset)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    result, per_user = run(dataset, models, seeds)
+    result, per_user = run(dataset, models, seeds, args.validation_users)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO_ROOT).stdout.strip() or "unknown"
     report = {

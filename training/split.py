@@ -24,6 +24,14 @@ fitted on them). Items nobody interacted with belong to no set and are never can
 What a model may use when it is asked about a user: at validation, the `fit` history; at test, the
 user's whole training history (`fit` plus the validation holdout), as the service folds a user in
 from everything they did. The validation items play no part in the test tasks.
+
+`validation_users` > 0 makes validation an exact mirror of test, at the cost of test users: that share
+of the users (seeded) are validation users, whose warm interactions are split fit / validation holdout
+in the test's proportions and who take no part in the test tasks; every other user's are split fit /
+test holdout, and only they are tested. Without it, a user's validation ranking holds the items of
+their test holdout as unlabelled negatives and a smaller warm truth (20% of 80%) than their test
+ranking, so trained items look less worth a slot at validation than at test, and a mixing policy
+chosen there over-exposes new items (benchmarks/results/validation-mirror.md).
 """
 
 from __future__ import annotations
@@ -76,6 +84,8 @@ class ColdStartSplit:
             "val_item_interactions": int(self.val_truth.nnz),
             "test_cold_interactions": int(self.test_truth.nnz),
             "cold_only_test_users": int(self.test_users.size),
+            "hybrid_val_users": int(_users_of(self.val_warm_truth + self.val_truth).size),
+            "hybrid_test_users": int(_users_of(self.test_warm_truth + self.test_truth).size),
         }
 
 
@@ -121,12 +131,13 @@ def hold_out(matrix: sp.csr_matrix, fraction: float, rng: np.random.Generator
 
 def cold_start_split(
     dataset: Dataset, seed: int, cold_fraction: float = 0.2, val_fraction: float = 0.2,
-    warm_holdout: float = 0.2, val_warm_holdout: float = 0.2,
+    warm_holdout: float = 0.2, val_warm_holdout: float = 0.2, validation_users: float = 0.0,
 ) -> ColdStartSplit:
     for name, value in (("cold_fraction", cold_fraction), ("warm_holdout", warm_holdout)):
         if not 0.0 < value < 1.0:
             raise ValueError(f"{name} must be in (0, 1), got {value}")
-    for name, value in (("val_fraction", val_fraction), ("val_warm_holdout", val_warm_holdout)):
+    for name, value in (("val_fraction", val_fraction), ("val_warm_holdout", val_warm_holdout),
+                        ("validation_users", validation_users)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     rng = np.random.default_rng(seed)
@@ -149,6 +160,8 @@ def cold_start_split(
     val = np.sort(rng.choice(rest, size=round(val_fraction * rest.size), replace=False))
     warm = np.setdiff1d(rest, val)
 
+    if validation_users > 0.0:
+        return _mirrored(dataset, seed, matrix, warm, val, cold, warm_holdout, validation_users, rng)
     history, test_warm = hold_out(_columns(matrix, warm), warm_holdout, rng)
     train, val_warm = hold_out(history, val_warm_holdout, rng)
     return ColdStartSplit(
@@ -166,6 +179,38 @@ def cold_start_split(
         test_truth=_columns(matrix, cold),
     )
 
+
+
+def _mirrored(dataset: Dataset, seed: int, matrix: sp.csr_matrix, warm: np.ndarray, val: np.ndarray,
+              cold: np.ndarray, holdout: float, validation_users: float, rng: np.random.Generator
+              ) -> ColdStartSplit:
+    """The split with validation users (`cold_start_split(validation_users=...)`): one holdout of
+    `holdout` per user, the validation truth for validation users, the test truth for the others."""
+    n_users = matrix.shape[0]
+    picked = np.zeros(n_users, dtype=bool)
+    picked[rng.choice(n_users, size=round(validation_users * n_users), replace=False)] = True
+    train, held = hold_out(_columns(matrix, warm), holdout, rng)
+
+    def of(users: np.ndarray, m: sp.csr_matrix) -> sp.csr_matrix:
+        out = sp.csr_matrix(sp.diags(users.astype(np.float32)) @ m)
+        out.eliminate_zeros()
+        return out
+
+    val_warm = of(picked, held)
+    return ColdStartSplit(
+        seed=seed,
+        n_users=dataset.n_users,
+        n_items=dataset.n_items,
+        warm_items=warm,
+        val_items=val,
+        cold_items=cold,
+        train=train,
+        history=sp.csr_matrix(train + val_warm),  # a test user's history is their fit interactions
+        val_warm_truth=val_warm,
+        test_warm_truth=of(~picked, held),
+        val_truth=of(picked, _columns(matrix, val)),
+        test_truth=of(~picked, _columns(matrix, cold)),
+    )
 
 def _empty(n_users: int, n_items: int) -> sp.csr_matrix:
     none = np.zeros(0, np.int64)
