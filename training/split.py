@@ -180,7 +180,6 @@ def cold_start_split(
     )
 
 
-
 def _mirrored(dataset: Dataset, seed: int, matrix: sp.csr_matrix, warm: np.ndarray, val: np.ndarray,
               cold: np.ndarray, holdout: float, validation_users: float, rng: np.random.Generator
               ) -> ColdStartSplit:
@@ -211,6 +210,7 @@ def _mirrored(dataset: Dataset, seed: int, matrix: sp.csr_matrix, warm: np.ndarr
         val_truth=of(picked, _columns(matrix, val)),
         test_truth=of(~picked, _columns(matrix, cold)),
     )
+
 
 def _empty(n_users: int, n_items: int) -> sp.csr_matrix:
     none = np.zeros(0, np.int64)
