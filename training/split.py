@@ -161,9 +161,12 @@ def cold_start_split(
     warm = np.setdiff1d(rest, val)
 
     if validation_users > 0.0:
-        return _mirrored(dataset, seed, matrix, warm, val, cold, warm_holdout, validation_users, rng)
-    history, test_warm = hold_out(_columns(matrix, warm), warm_holdout, rng)
-    train, val_warm = hold_out(history, val_warm_holdout, rng)
+        train, parts = _by_users(matrix, warm, val, cold, warm_holdout, validation_users, rng)
+    else:
+        history, test_warm = hold_out(_columns(matrix, warm), warm_holdout, rng)
+        train, val_warm = hold_out(history, val_warm_holdout, rng)
+        parts = (history, val_warm, test_warm, _columns(matrix, val), _columns(matrix, cold))
+    history, val_warm, test_warm, val_truth, test_truth = parts
     return ColdStartSplit(
         seed=seed,
         n_users=dataset.n_users,
@@ -175,19 +178,19 @@ def cold_start_split(
         history=history,
         val_warm_truth=val_warm,
         test_warm_truth=test_warm,
-        val_truth=_columns(matrix, val),
-        test_truth=_columns(matrix, cold),
+        val_truth=val_truth,
+        test_truth=test_truth,
     )
 
 
-def _mirrored(dataset: Dataset, seed: int, matrix: sp.csr_matrix, warm: np.ndarray, val: np.ndarray,
-              cold: np.ndarray, holdout: float, validation_users: float, rng: np.random.Generator
-              ) -> ColdStartSplit:
+def _by_users(matrix: sp.csr_matrix, warm: np.ndarray, val: np.ndarray, cold: np.ndarray, holdout: float,
+              validation_users: float, rng: np.random.Generator
+              ) -> tuple[sp.csr_matrix, tuple[sp.csr_matrix, ...]]:
     """The split with validation users (`cold_start_split(validation_users=...)`): one holdout of
-    `holdout` per user, the validation truth for validation users, the test truth for the others."""
-    n_users = matrix.shape[0]
-    picked = np.zeros(n_users, dtype=bool)
-    picked[rng.choice(n_users, size=round(validation_users * n_users), replace=False)] = True
+    `holdout` per user, the validation truth for validation users, the test truth for the others.
+    Returns train and (history, validation holdout, test holdout, validation truth, test truth)."""
+    picked = np.zeros(matrix.shape[0], dtype=bool)
+    picked[rng.choice(matrix.shape[0], size=round(validation_users * matrix.shape[0]), replace=False)] = True
     train, held = hold_out(_columns(matrix, warm), holdout, rng)
 
     def of(users: np.ndarray, m: sp.csr_matrix) -> sp.csr_matrix:
@@ -196,20 +199,9 @@ def _mirrored(dataset: Dataset, seed: int, matrix: sp.csr_matrix, warm: np.ndarr
         return out
 
     val_warm = of(picked, held)
-    return ColdStartSplit(
-        seed=seed,
-        n_users=dataset.n_users,
-        n_items=dataset.n_items,
-        warm_items=warm,
-        val_items=val,
-        cold_items=cold,
-        train=train,
-        history=sp.csr_matrix(train + val_warm),  # a test user's history is their fit interactions
-        val_warm_truth=val_warm,
-        test_warm_truth=of(~picked, held),
-        val_truth=of(picked, _columns(matrix, val)),
-        test_truth=of(~picked, _columns(matrix, cold)),
-    )
+    # a test user's history is their fit interactions
+    return train, (sp.csr_matrix(train + val_warm), val_warm, of(~picked, held),
+                   of(picked, _columns(matrix, val)), of(~picked, _columns(matrix, cold)))
 
 
 def _empty(n_users: int, n_items: int) -> sp.csr_matrix:
