@@ -13,6 +13,7 @@ from tests.shared_data import ml100k
 from training import evaluate as harness
 from training.baselines import ALS, ALSRidge, ContentKNN, Popularity, content_blocks, fit_als
 from training.dataset import Dataset, save_dataset
+from training.ensemble import standardised
 from training.split import cold_start_split
 
 
@@ -102,7 +103,12 @@ def test_harness_writes_tables_and_content_beats_random_on_real_data(tmp_path: P
     assert 0.0 <= knn["hybrid"]["cold_share@20"] <= 1.0 and 0.0 < knn["hybrid"]["truth_cold_share"] < 1.0
     # paired differences to the reference: random is worse, and the interval says so
     diff = report["paired"]["hybrid"]["random"]["recall@20"]
-    assert diff["high"] < 0 and diff["n"] > 500  # ml-100k: ~940 users with hybrid truth
+    assert diff["high"] < 0 and diff["n"] > 500  # ml-100k: ~750 tested users with hybrid truth
+    # by default a fifth of the users validate and are not tested (an exact mirror of test)
+    split = report["splits"][0]
+    assert split["hybrid_users_in_both"] == 0
+    assert 0.15 < split["hybrid_val_users"] / (split["hybrid_val_users"] + split["hybrid_test_users"]) < 0.25
+    assert "validation users:" in (tmp_path / "results" / "ml-100k-t.md").read_text()
     assert report["splits"][0]["cold_items"] == cold_start_split(data, 0).cold_items.size
 
     # a run split by seed joins into one table; a model and seed found twice must agree
@@ -118,3 +124,12 @@ def test_harness_writes_tables_and_content_beats_random_on_real_data(tmp_path: P
     report["runs"]["content-knn"][0]["hybrid"]["recall@20"] += 0.01
     with pytest.raises(SystemExit, match="disagree"):
         harness.merge([json.loads(Path(parts[0]).read_text()), report])
+
+
+def test_ensemble_standardises_each_population_of_each_user_apart() -> None:
+    s = np.array([[1.0, 3.0, 100.0, 300.0, -np.inf],
+                  [5.0, 5.0, -1.0, 1.0, 0.0]])
+    new = np.array([False, False, True, True, True])
+    z = standardised(s, new)
+    assert np.allclose(z[0, :4], [-1, 1, -1, 1]) and z[0, 4] == -np.inf  # a non-finite score stays out
+    assert np.allclose(z[1, :2], 0.0) and np.allclose(z[1, 2:], np.array([-1, 1, 0]) / np.sqrt(2 / 3))

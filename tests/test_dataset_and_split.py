@@ -140,6 +140,7 @@ def test_validation_users_mirror_test_and_leave_it(real: Dataset) -> None:
     val_users = np.flatnonzero((split.val_warm_truth + split.val_truth).getnnz(axis=1))
     test_users = np.flatnonzero((split.test_warm_truth + split.test_truth).getnnz(axis=1))
     assert not set(val_users) & set(test_users)
+    assert split.summary()["hybrid_users_in_both"] == 0 and plain.summary()["hybrid_users_in_both"] > 500
     assert abs(val_users.size / (val_users.size + test_users.size) - 0.25) < 0.05
     # every warm interaction of a validation user is fit or validation truth; of a test user, fit or test truth
     assert split.test_warm_truth[val_users].nnz == 0 and split.test_truth[val_users].nnz == 0

@@ -9,6 +9,11 @@ validation tasks only; then it is scored on the test tasks:
     hybrid     warm + cold candidates; truth = the warm holdout + the cold interactions (headline)
     cold-only  the test-cold items only
 
+Validation mirrors test exactly by default: a fifth of the users (`--validation-users 0.2`) validate
+and are not tested; `--validation-users 0` is the older validation, where every user validates on a
+carve-out of their own history (the tables made before 2026-12-06; training/split.py says why it
+over-exposes new items).
+
 Writes benchmarks/results/<dataset>-<name>.{md,json,png}; per-user results (for paired differences
 with a 95% confidence interval against `--reference`) go to benchmarks/results/per-user/ (not
 committed: large). Long runs can be split by seed and joined:
@@ -36,11 +41,12 @@ import numpy as np
 
 from training.baselines import ALS, ALSRidge, ContentKNN, Popularity, RandomRecommender
 from training.dataset import Dataset, fingerprint, load_dataset
+from training.ensemble import Ensemble
 from training.m2rec_recommender import M2RecRecommender
 from training.mixing import model_policy
 from training.presets import PRESETS
 from training.protocol import Evaluation, Recommender, Task, cold_only, evaluate_tops, hybrid, tops
-from training.split import cold_start_split
+from training.split import HARNESS_VALIDATION_USERS, cold_start_split
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -63,6 +69,7 @@ def model_factories() -> dict[str, ModelFactory]:
         "als": lambda seed: ALS(seed=seed),
         "als-ridge": lambda seed: ALSRidge(seed=seed),
         "blend": lambda seed: ALSRidge(seed=seed, calibrate=True, name="blend"),
+        "m2rec+blend": lambda seed: Ensemble(seed=seed),
     }
     for name in PRESETS:
         factories[name] = lambda seed, name=name: M2RecRecommender.preset(name, seed)  # type: ignore[misc]
@@ -73,7 +80,7 @@ def _test_tasks(split: Any) -> dict[str, Task]:
     return {"hybrid": hybrid(split), "cold_only": cold_only(split)}
 
 
-def run(dataset: Dataset, models: list[str], seeds: list[int], validation_users: float = 0.0
+def run(dataset: Dataset, models: list[str], seeds: list[int], validation_users: float = HARNESS_VALIDATION_USERS
         ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(report runs, per-user results) for every model and seed; `validation_users`: see
     training/split.py."""
@@ -157,7 +164,10 @@ def markdown(report: dict[str, Any]) -> str:
         "seeds; ties broken against the truth. `cold_`/`warm_` columns: the same list scored against the cold "
         "or the warm part of the truth only (users with truth in that part). `cold_share@20`: new items in the "
         "top-20; `truth_cold_share`: new items in the truth. Hyper-parameters and calibration chosen on "
-        "validation (pseudo-cold items and a warm holdout carved from the training data) only.",
+        "validation (pseudo-cold items and a warm holdout carved from the training data) only; "
+        + ("validation users: a share of the users validate and are not tested (`hybrid_val_users`), the rest "
+           "are tested (`hybrid_test_users`)." if report["splits"][0].get("hybrid_users_in_both") == 0 else
+           "every user validates on a carve-out of their own history (`--validation-users 0`)."),
         "",
         "Dataset: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                 for k, v in report["statistics"].items()) + ".  ",
@@ -285,8 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", default=None, help="paired differences against this model")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="REPORT.json",
                         help="join these reports (and their per-user results) into one (no training)")
-    parser.add_argument("--validation-users", type=float, default=0.0, metavar="SHARE",
-                        help="validate on this share of the users only, an exact mirror of test (training/split.py)")
+    parser.add_argument("--validation-users", type=float, default=HARNESS_VALIDATION_USERS, metavar="SHARE",
+                        help="validate on this share of the users only, an exact mirror of test; 0: every "
+                             "user validates on a carve-out of their own history (training/split.py)")
     parser.add_argument("--name", default="baselines", help="results file suffix")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

@@ -1,0 +1,104 @@
+"""m2rec and the calibrated ALS + ridge blend combined, in the harness only: does the blend know
+something m2rec does not? (an experiment; the service serves m2rec alone)
+
+Each model's scores are standardised per user and per population (trained items, new items: each
+model's two populations sit on scales of their own), then mixed as w·z(m2rec) + (1 - w)·z(blend);
+w and the mixing policy of the two populations are chosen on the hybrid validation task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from service.model.mixing import Policy
+from training.baselines import ALSRidge
+from training.dataset import Dataset
+from training.m2rec_recommender import M2RecRecommender
+from training.mixing import choose_policy
+from training.protocol import Recommender, evaluate_tops, hybrid, tops
+from training.split import ColdStartSplit
+
+WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+
+
+def standardised(s: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """(B, C) scores made z-scores per user within each population (`new` (C,) marks new items)."""
+    out = np.empty_like(s)
+    for cols in (~new, new):
+        if not cols.any():
+            continue
+        part = s[:, cols]
+        finite = np.isfinite(part)
+        n = np.maximum(finite.sum(axis=1, keepdims=True), 1)
+        mean = np.where(finite, part, 0.0).sum(axis=1, keepdims=True) / n
+        var = np.where(finite, (part - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / n
+        out[:, cols] = np.where(finite, (part - mean) / np.sqrt(var + 1e-12), -np.inf)
+    return out
+
+
+@dataclass
+class _Fixed:
+    """Scores computed once for a task's users (the weight search re-reads them, never re-scores)."""
+
+    users: np.ndarray
+    scores: np.ndarray  # (U, C)
+    name: str = "fixed"
+
+    def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
+        raise NotImplementedError
+
+    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        rows = np.searchsorted(self.users, users)
+        if not np.array_equal(self.users[np.minimum(rows, self.users.size - 1)], users):
+            raise ValueError("scores were computed for other users")
+        return self.scores[rows]
+
+
+@dataclass
+class Ensemble:
+    seed: int = 0
+    name: str = "m2rec+blend"
+    weight: float = 0.5
+    policy: Policy | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    new: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (I,) items without a trained row
+    parts: tuple[Recommender, Recommender] | None = None
+
+    def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
+        m2rec = M2RecRecommender.preset("m2rec", self.seed)
+        blend = ALSRidge(seed=self.seed, calibrate=True, name="blend")
+        m2rec.fit(dataset, split)
+        blend.fit(dataset, split)
+        self.parts = (m2rec, blend)
+        self.new = ~np.isin(np.arange(dataset.n_items), split.warm_items)
+        task = hybrid(split, validation=True)
+        z = [self._z(model, task.users, task.candidates, task.history) for model in self.parts]
+        trace = []
+        best: tuple[float, float, Policy] | None = None
+        for w in WEIGHTS:
+            t = tops(_Fixed(task.users, w * z[0] + (1.0 - w) * z[1]), task)
+            policy, _ = choose_policy(t)
+            metrics = evaluate_tops(t, policy, task.mixed).metrics
+            value = metrics.get("recall@20", 0.0) + metrics.get("ndcg@20", 0.0)
+            trace.append((float(w), round(value, 4)))
+            if best is None or value > best[0]:
+                best = (value, float(w), policy)
+        assert best is not None
+        _, self.weight, self.policy = best
+        self.params = {"m2rec_weight": self.weight, "policy": self.policy.to_dict(), "val_r20_plus_n20": trace,
+                       "m2rec": m2rec.params, "blend": blend.params}
+
+    def _z(self, model: Recommender, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix
+           ) -> np.ndarray:
+        return standardised(np.asarray(model.score(users, candidates, history), dtype=np.float64),
+                            self.new[candidates])
+
+    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        if self.parts is None:
+            raise RuntimeError(f"{self.name}: call fit() before score()")
+        a, b = (self._z(model, users, candidates, history) for model in self.parts)
+        return self.weight * a + (1.0 - self.weight) * b
