@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 from benchmarks.catalogue import catalogue_rows, diverse_batch
+from benchmarks.exact import exact_tops, recall
 from benchmarks.in_process import K, user_queries
 from service.core.recommender import Recommender
 from service.index.segment import lift
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         by_user.setdefault(u, []).append(dataset.item_ids[i])
     users = {str(u): [i for i in h if rec.is_trained(i)] for u, h in list(by_user.items())[: args.users]}
     q = user_queries(rec, users).astype(np.float32)  # (U, D+1)
-    truth = [set(np.argpartition(-(q[s : s + 64] @ rows.T), K, axis=1)[:, :K][j].tolist())
-             for s in range(0, len(q), 64) for j in range(min(64, len(q) - s))]
+    names = [str(j) for j in range(len(rows))]  # FAISS ids are row positions
+    truth = exact_tops(q, rows, names, [set()] * len(q))
     lifted = lift(rows, float(np.einsum("nd,nd->n", rows, rows).max()))
     d, nlist = lifted.shape[1], round(2 * np.sqrt(len(rows)))
     sample = lifted[np.sort(np.random.default_rng(1234).choice(len(rows), min(len(rows), 40 * nlist), replace=False))]
@@ -143,17 +144,17 @@ def main(argv: list[str] | None = None) -> None:
             for rerank in (int(x) for x in args.rerank.split(",")):
                 params = faiss.SearchParametersIVF()
                 params.nprobe = nprobe
-                found: list[list[int]] = []
+                found: list[list[str]] = []
                 start = time.perf_counter()
                 for s in range(0, len(q), BATCH):
                     _, short = index.search(queries[s : s + BATCH], K * rerank, params=params)
                     exact = np.einsum("bsd,bd->bs", rows[np.maximum(short, 0)], q[s : s + BATCH])
                     exact[short < 0] = -np.inf
-                    found += np.take_along_axis(short, np.argsort(-exact, axis=1)[:, :K], axis=1).tolist()
+                    best = np.take_along_axis(short, np.argsort(-exact, axis=1)[:, :K], axis=1)
+                    found += [[str(j) for j in row] for row in best.tolist()]
                 ms = 1e3 * (time.perf_counter() - start) / (len(q) / BATCH)
-                recall = float(np.mean([len(t & set(f)) / K for t, f in zip(truth, found, strict=True)]))
-                print(f"| {name} | {index.code_size} | {build:.0f} | {nprobe} | {rerank} | {ms:.2f} | {recall:.4f} |",
-                      flush=True)
+                print(f"| {name} | {index.code_size} | {build:.0f} | {nprobe} | {rerank} | {ms:.2f} | "
+                      f"{recall(truth, found):.4f} |", flush=True)
         del index
 
 
