@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks.processes import rss_mb
 
 
-def measure(kind: str, rows: int, dim: int, float16: bool) -> dict[str, Any]:
+def measure(kind: str, rows: int, dim: int, row_codes: str) -> dict[str, Any]:
     import os
 
     import faiss
@@ -33,7 +33,7 @@ def measure(kind: str, rows: int, dim: int, float16: bool) -> dict[str, Any]:
     from service.index import IndexConfig, VectorIndex
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    config = IndexConfig(kind=kind, rerank_float16=float16, auto_merge=False)  # type: ignore[arg-type]
+    config = IndexConfig(kind=kind, row_codes=row_codes, auto_merge=False)  # type: ignore[arg-type]
     rng = np.random.default_rng(0)
 
     def batches() -> Iterator[tuple[list[str], np.ndarray]]:
@@ -56,7 +56,7 @@ def measure(kind: str, rows: int, dim: int, float16: bool) -> dict[str, Any]:
         load_s = time.perf_counter() - t0
         gc.collect()
         reloaded = rss_mb(os.getpid())[0]
-    return {"kind": kind + ("+float16 rows" if float16 else ""), "rows": rows, "kinds": list(loaded.kinds),
+    return {"kind": kind + (f"+{row_codes} rows" if kind == "ivf_pq4" else ""), "rows": rows, "kinds": list(loaded.kinds),
             "build_s": round(built, 1), "load_s": round(load_s, 1), "rss_growth_mb": round(after[0] - before, 1),
             "bytes_per_item": round((after[0] - before) * 2**20 / rows, 1), "peak_mb": round(after[1], 1),
             "rss_after_snapshot_round_trip_mb": round(reloaded, 1)}
@@ -66,14 +66,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=65, help="D+1")
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # kind, float16: run in this process
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # kind, row codes: run in this process
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.one[0], args.rows, args.dim, args.one[1] == "1")))
+        print(json.dumps(measure(args.one[0], args.rows, args.dim, args.one[1])))
         return
-    for kind, float16 in (("exact", "0"), ("ivf", "0"), ("ivf_sq8", "0"), ("ivf_sq8", "1")):
+    for kind, row_codes in (("exact", "float32"), ("ivf", "float32"), ("ivf_pq4", "float32"), ("ivf_pq4", "float16"),
+                            ("ivf_pq4", "sq8")):
         done = subprocess.run([sys.executable, "-m", "benchmarks.index_memory", "--rows", str(args.rows),
-                               "--dim", str(args.dim), "--one", kind, float16], capture_output=True, text=True)
+                               "--dim", str(args.dim), "--one", kind, row_codes], capture_output=True, text=True)
         print(done.stdout.strip() or done.stderr[-2000:], flush=True)
 
 

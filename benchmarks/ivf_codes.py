@@ -1,5 +1,5 @@
-"""Which FAISS codes should the large new-item index scan? IVF-SQ8 (the service's kind for large
-catalogues) against IVF-PQ with 4-bit fast-scan codes, both re-ranked exactly from the rows, in process.
+"""Which FAISS codes should the large new-item index scan? IVF-Flat and IVF-SQ8 against IVF-PQ with 4-bit
+fast-scan codes (the service's IVF-PQ4), each re-ranked exactly from the rows, in process.
 
     python -m benchmarks.ivf_codes --artifact A --dataset data/ml-100k --rows 1000000 --rows-cache /tmp/rows.npy
 
@@ -51,7 +51,8 @@ def kinds(d: int, nlist: int) -> dict[str, Callable[[Any], Any]]:
             return index
         return make
 
-    return {"ivf-sq8": sq8, f"ivf-pq{d // 2}x4fs": pq4(d // 2, False),
+    return {"ivf-flat": lambda quantizer: faiss.IndexIVFFlat(quantizer, d, nlist, ip), "ivf-sq8": sq8,
+            f"ivf-pq{d // 2}x4fs": pq4(d // 2, False),
             f"ivf-pq{d // 2}x4fs-residual": pq4(d // 2, True), f"ivf-pq{d}x4fs-residual": pq4(d, True)}
 
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=400)
     parser.add_argument("--nprobe", default="8,16,32")
     parser.add_argument("--rerank", default="4,10,25")
+    parser.add_argument("--kinds", help="only these indexes, comma-separated (e.g. ivf-flat,ivf-pq130x4fs-residual)")
     args = parser.parse_args(argv)
     if args.long_rows:
         return long_row_errors()
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = load_dataset(args.dataset)
     rec = Recommender(load_artifact(args.artifact), SqliteStore(Path(tempfile.mkdtemp()) / "ivf_codes.sqlite3"))
     if args.rows_cache is not None and args.rows_cache.exists():
-        rows = np.load(args.rows_cache)[: args.rows]
+        rows = np.ascontiguousarray(np.load(args.rows_cache, mmap_mode="r")[: args.rows])
     else:
         rows = catalogue_rows(rec, dataset, 0, args.rows, 0, make=diverse_batch)
         if args.rows_cache is not None:
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| index | code bytes | build s | nprobe | rerank | ms per 16 queries | recall@20 |")
     print("|---|---|---|---|---|---|---|")
     for name, make in kinds(d, nlist).items():
+        if args.kinds and name not in args.kinds.split(","):
+            continue
         quantizer = faiss.IndexFlatIP(d)
         index = make(quantizer)
         index.cp.niter, index.cp.seed = 10, 1234

@@ -253,7 +253,7 @@ def run_size(args: argparse.Namespace, rec: Recommender, store: Store, dataset: 
         rows = np.concatenate([rows, more])
     names = list(users)
     calib, measured = {u: users[u] for u in names[300:]}, {u: users[u] for u in names[:300]}
-    config = IndexConfig(nprobe=32, rerank=args.rerank, rerank_float16=args.rerank_float16)  # as the server's
+    config = IndexConfig(nprobe=32, rerank=args.rerank, row_codes=args.row_codes)  # as the server's
     work = args.work
     shutil.rmtree(work / "snapshots", ignore_errors=True)
     snapshot = (work / "snapshots" / f"index-{rec.version}", store.last_event_id()) if args.start_from_snapshot \
@@ -266,7 +266,7 @@ def run_size(args: argparse.Namespace, rec: Recommender, store: Store, dataset: 
     result["nprobe"] = nprobe
     truth = exact_served(rec, q, rows, ids, [set(h) for h in measured.values()])
     env = {"M2REC_ARTIFACT_PATH": str(args.artifact), "M2REC_INDEX_NPROBE": str(max(nprobe, 1)),
-           "M2REC_INDEX_RERANK": str(args.rerank), "M2REC_INDEX_RERANK_FLOAT16": str(args.rerank_float16).lower(),
+           "M2REC_INDEX_RERANK": str(args.rerank), "M2REC_INDEX_ROW_CODES": args.row_codes,
            "M2REC_INDEX_SNAPSHOT_DIR": str(work / "snapshots"), **store_env(args.store, work)}
     floor = Server("benchmarks.floor_app:create_floor_app", args.port + 1, {}, work / f"floor-{size}.log")
     server = Server("service.api.app:create_app", args.port, env, work / f"server-{size}.log")
@@ -333,8 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-tree", type=Path, help="also serve this source tree (e.g. main) and compare")
     parser.add_argument("--reuse-store", action="store_true", help="keep the catalogue an earlier run stored")
     parser.add_argument("--unbatched", action="store_true", help="also serve with M2REC_RECOMMEND_BATCH_MAX=1")
-    parser.add_argument("--rerank", type=int, default=4, help="IVF-SQ8 re-ranking (M2REC_INDEX_RERANK); 0: no rows")
-    parser.add_argument("--rerank-float16", action="store_true", help="M2REC_INDEX_RERANK_FLOAT16")
+    parser.add_argument("--rerank", type=int, default=10, help="IVF-PQ4 re-ranking (M2REC_INDEX_RERANK)")
+    parser.add_argument("--row-codes", default="float32", choices=["float32", "float16", "sq8"],
+                        help="IVF-PQ4's rows (M2REC_INDEX_ROW_CODES)")
     parser.add_argument("--rows-from-generator", action="store_true",
                         help="--reuse-store: compute the catalogue's rows again instead of reading them back")
     parser.add_argument("--start-from-snapshot", action="store_true",
@@ -361,12 +362,14 @@ def main(argv: list[str] | None = None) -> None:
     for n, size in enumerate(sorted(args.sizes)):
         if n == 0:  # each user's 3 registered items are among the smallest catalogue's
             fill_first = size - len(rec.warm_ids)
-            ready = stored_rows(store, 0, fill_first, rec, dataset, args.seed, args.rows_from_generator) \
-                if args.reuse_store else None
+            cache = args.work / f"rows-{fill_first}-seed{args.seed}.npy"  # what the run that stored them computed
+            ready = None if not args.reuse_store else np.load(cache) if cache.exists() else \
+                stored_rows(store, 0, fill_first, rec, dataset, args.seed, args.rows_from_generator)
             if ready is None:
                 t0 = time.perf_counter()
                 ready = fill_store(rec, store, dataset, 0, fill_first, args.seed, make=diverse_batch)
                 catalogue_s = round(time.perf_counter() - t0, 1)
+                np.save(cache, ready)
             ids += [f"syn:{j}" for j in range(fill_first)]
             rows = ready
             write_histories(store, users)

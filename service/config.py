@@ -31,19 +31,19 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(None, description="when set, writes need header X-API-Key")
 
-    index_kind: Literal["auto", "exact", "ivf", "ivf_sq8"] = Field(
+    index_kind: Literal["auto", "exact", "ivf", "ivf_pq4"] = Field(
         "auto", description="FAISS index of each population (trained items, new items): auto = exact below "
-        "index_ivf_min_rows, IVF-Flat below index_sq8_min_rows, IVF-SQ8 with exact re-ranking above; "
-        "ivf / ivf_sq8 = that kind above index_ivf_min_rows")
+        "index_ivf_min_rows, IVF-Flat below index_pq4_min_rows, IVF-PQ4 (4-bit fast-scan codes, re-ranked "
+        "from the rows) above; ivf / ivf_pq4 = that kind above index_ivf_min_rows")
     index_nlist: int | None = Field(None, ge=1, description="IVF lists; None = about 2·sqrt(N), set at each training")
     index_nprobe: int = Field(16, ge=1, description="IVF lists scanned per query (recall vs latency: "
                               "benchmarks/results/serve.md)")
     index_ivf_min_rows: int = Field(50_000, ge=1, description="below this many rows a population stays exact")
-    index_sq8_min_rows: int = Field(2_000_000, ge=1, description="auto: from this many rows IVF-SQ8")
-    index_rerank: int = Field(4, ge=0, description="IVF-SQ8: rerank·k candidates re-scored from the exact rows; "
-                              "0: no rows kept, scores from the 8-bit codes (the memory of very large catalogues)")
-    index_rerank_float16: bool = Field(False, description="IVF-SQ8: keep the re-ranking rows in float16 (half "
-                                       "the memory; scores within ~1e-3 relative of exact)")
+    index_pq4_min_rows: int = Field(200_000, ge=1, description="auto: from this many rows IVF-PQ4")
+    index_rerank: int = Field(10, ge=1, description="IVF-PQ4: rerank·k candidates by the codes re-scored from the rows")
+    index_row_codes: Literal["float32", "float16", "sq8"] = Field(
+        "float32", description="IVF-PQ4: the rows it re-ranks from, as float32 (exact), float16 (half the memory) or "
+        "SQ8 codes (a quarter: a catalogue of 10M; scores within a code step)")
     index_snapshot_dir: Path | None = Field(
         None, description="save the index here at shutdown and start from it plus later events"
     )

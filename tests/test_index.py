@@ -191,7 +191,7 @@ def test_concurrent_adds_and_merges_lose_no_row() -> None:
     assert len(live_ids) == len(set(live_ids)) == len(added) == len(vectors) == 4 * 300 * 4
 
 
-@pytest.mark.parametrize("kind", ["exact", "ivf", "ivf_sq8"])
+@pytest.mark.parametrize("kind", ["exact", "ivf", "ivf_pq4"])
 def test_save_then_load_gives_the_same_answers(kind: str, tmp_path: Path) -> None:
     config = IndexConfig(kind=kind, ivf_min_rows=1000, nlist=32, nprobe=4, auto_merge=False)  # type: ignore[arg-type]
     rows = rows_of(3000, 14)
@@ -232,8 +232,8 @@ def test_a_snapshot_in_another_format_is_refused_by_name(tmp_path: Path) -> None
     index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [(["a"], rows_of(1, 18))])
     index.save(tmp_path / "snapshot", event_id=None)
     meta = (tmp_path / "snapshot").resolve() / "meta.json"
-    meta.write_text(meta.read_text().replace("m2rec-index/4", "m2rec-index/3"))
-    with pytest.raises(ValueError, match="snapshot format 'm2rec-index/3' is not 'm2rec-index/4'"):
+    meta.write_text(meta.read_text().replace("m2rec-index/5", "m2rec-index/4"))
+    with pytest.raises(ValueError, match="snapshot format 'm2rec-index/4' is not 'm2rec-index/5'"):
         VectorIndex.load(tmp_path / "snapshot")
 
 

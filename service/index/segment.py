@@ -3,21 +3,23 @@
 IVF lists over the inner-product lift: a row is stored as x' = [x; sqrt(M² - |x|²)] (M the longest
 row when the lists were trained), so every row has norm M and spherical k-means lists are the ones an
 inner-product query should probe (lists over raw rows put long rows, which carry most top-k hits, in
-the wrong lists). A query is [q; 0], so a score is exactly q·x; a row longer than M (arrived after
-training) gets 0 in the lift column, still scores right and is only filed less well until a rebuild.
+the wrong lists). A query is [q; 0], so a score is exactly q·x. A row longer than M (arrived after
+training) has no place in the lift and would be clamped by codes trained on shorter rows: it is kept
+in the segment's small exact index (`long`) until the next rebuild trains on it; so is a row beyond
+the ranges of SQ8-coded rows.
 
-IVF-SQ8 keeps a byte a dimension and re-scores its best `rerank`·k candidates from the rows
-(`RowStore`): the order it returns is exact within the shortlist. Its codes span the trained rows'
-range plus a margin: a row far outside is clamped and may miss the shortlist until a rebuild. With
-`rerank` 0 it keeps no rows at all and answers with the codes' scores: the memory of a catalogue whose
-rows do not fit (at D = 128, float16 rows alone are 2.6 GB at 10M items); a rebuild then starts from
-the decoded codes.
+IVF-PQ4 stores 4-bit fast-scan codes of the lifted row's residual from its list centroid, one per
+dimension (FAISS's `IndexIVFPQFastScan`: a scan reads 16-entry tables from SIMD registers), and
+re-scores its best `rerank`·k candidates from the rows (`RowStore`): the order it returns is that of
+the rows within the shortlist. The rows may be float32 (exact), float16 or SQ8 codes (a quarter of
+float32: the memory of a catalogue of 10M; benchmarks/results/ivf-codes.md and serve-10m.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,62 +27,88 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from service.index.config import Built, IndexConfig
+from service.index.config import Built, IndexConfig, RowCodes
 
 Vectors = npt.NDArray[np.float32]  # (N, D+1)
 Ids = npt.NDArray[np.int64]  # (N,)
 CHUNK_BITS = 16  # rows per RowStore chunk: 2^16, so growing never copies stored rows
+_DTYPE = {"float32": np.float32, "float16": np.float16, "sq8": np.uint8}
 
 
 class RowStore:
     """Rows by id in fixed chunks: appends never move stored rows (no copy, no stall), reads need no lock."""
 
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self.chunks: list[npt.NDArray[np.float32 | np.float16] | None] = []
-        self.dtype: type[np.float32 | np.float16] = np.float32
+    def __init__(self, dim: int, codes: RowCodes = "float32", sq_trained: Vectors | None = None) -> None:
+        self.dim, self.codes = dim, codes
+        self.chunks: list[npt.NDArray[Any] | None] = []
+        self.sq: Any = None  # sq8: FAISS's 8-bit scalar quantizer, a range per dimension
+        if sq_trained is not None:
+            self.sq = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit)
+            faiss.copy_array_to_vector(sq_trained, self.sq.trained)
 
-    def to_float16(self) -> None:  # half the memory; chunk by chunk, so never held twice
-        self.dtype = np.float16
-        for j, chunk in enumerate(self.chunks):
-            self.chunks[j] = None if chunk is None else chunk.astype(np.float16, copy=False)
+    def encode_as(self, codes: RowCodes, bounds: Vectors) -> None:
+        """Keep the rows as `codes` from now on; chunk by chunk, never held twice.
+        `bounds` (2, D+1): the rows' least and greatest value in each dimension, SQ8's ranges."""
+        assert self.codes != "sq8", "SQ8 rows are never re-coded: a rebuild codes them afresh"
+        if codes == "sq8":
+            self.sq = faiss.ScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit)
+            self.sq.rangestat_arg = 0.25  # each range widened a quarter: rows a little longer are not clamped
+            self.sq.train(bounds)
+        self.codes = codes
+        self.chunks = [None if c is None else self._encode(c) for c in self.chunks]
 
-    def put(self, ids: Ids, rows: Vectors) -> None:
+    def fits(self, rows: Vectors) -> npt.NDArray[np.bool_]:
+        """(N,) whether each row is within the codes' ranges (SQ8 clamps the others)."""
+        if self.codes != "sq8":
+            return np.ones(len(rows), bool)
+        low, width = faiss.vector_to_array(self.sq.trained).reshape(2, self.dim)
+        return ((rows >= low) & (rows <= low + width)).all(1)  # type: ignore[no-any-return]
+
+    def _encode(self, rows: Vectors) -> npt.NDArray[Any]:
+        return self.sq.compute_codes(np.ascontiguousarray(rows)) if self.codes == "sq8" else \
+            rows.astype(_DTYPE[self.codes], copy=False)
+
+    def put(self, ids: Ids, rows: Vectors, raw: bool = False) -> None:
+        """`raw`: `rows` are already in this store's codes (from `get(raw=True)`)."""
+        width = self.sq.code_size if self.codes == "sq8" else self.dim
         for c in np.unique(ids >> CHUNK_BITS).tolist():
             while len(self.chunks) <= c:
                 self.chunks.append(None)
             chunk = self.chunks[c]
             if chunk is None:
-                chunk = self.chunks[c] = np.zeros((1 << CHUNK_BITS, self.dim), self.dtype)
+                chunk = self.chunks[c] = np.zeros((1 << CHUNK_BITS, width), _DTYPE[self.codes])
             mine = (ids >> CHUNK_BITS) == c
-            chunk[ids[mine] & ((1 << CHUNK_BITS) - 1)] = rows[mine]
+            chunk[ids[mine] & ((1 << CHUNK_BITS) - 1)] = rows[mine] if raw else self._encode(rows[mine])
 
-    def get(self, ids: Ids) -> Vectors:
-        """Rows of `ids` (any shape S), as (*S, D+1); ids must have been put."""
+    def get(self, ids: Ids, raw: bool = False) -> Vectors:
+        """Rows of `ids` (any shape S), as (*S, D+1) float32 (`raw`: as stored); ids must have been put."""
         flat = ids.ravel()
-        out = np.empty((len(flat), self.dim), np.float32)
+        width = self.sq.code_size if raw and self.codes == "sq8" else self.dim
+        out = np.empty((len(flat), width), _DTYPE[self.codes] if raw else np.float32)
         chunk_of = flat >> CHUNK_BITS
         for c in np.unique(chunk_of).tolist():
             mine = chunk_of == c
             chunk = self.chunks[c]
             assert chunk is not None  # every id was put
-            out[mine] = chunk[flat[mine] & ((1 << CHUNK_BITS) - 1)]
-        return out.reshape(*ids.shape, self.dim)
+            part = chunk[flat[mine] & ((1 << CHUNK_BITS) - 1)]
+            out[mine] = part if raw or self.codes != "sq8" else self.sq.decode(part)
+        return out.reshape(*ids.shape, out.shape[1])
 
 
 @dataclass
 class Segment:
     kind: Built
-    index: Any  # faiss.IndexIDMap(IndexFlatIP) | faiss.IndexIVFFlat | faiss.IndexIVFScalarQuantizer
+    index: Any  # faiss.IndexIDMap(IndexFlatIP) | faiss.IndexIVFFlat | faiss.IndexIVFPQFastScan
     dim: int  # D+1
     max_sq_norm: float = 0.0  # M² of the lift (IVF kinds)
     trained_rows: int = 0  # rows when the IVF lists were trained
-    rows: RowStore | None = None  # IVF-SQ8: the exact rows for re-ranking
+    rows: RowStore | None = None  # IVF-PQ4: the rows its shortlist is re-scored from
+    long: Segment | None = None  # IVF kinds: rows longer than M (or beyond SQ8's ranges), exact until a rebuild
     keep: list[Any] = field(default_factory=list)  # FAISS objects the index points to, kept alive
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.index.ntotal) + (self.long.ntotal if self.long is not None else 0)
 
     def search(self, queries: Vectors, k: int, selector: Any, nprobe: int, rerank: int) -> tuple[Vectors, Ids]:
         """Best k per query (B, D+1): scores and ids (B, k), best first, id -1 past the end; ids the
@@ -95,75 +123,78 @@ class Segment:
         lifted = np.zeros((len(queries), self.dim + 1), np.float32)  # [q; 0]
         lifted[:, :-1] = queries
         params.nprobe = nprobe
-        if self.kind == "ivf":
+        if self.rows is None:  # IVF-Flat: exact scores
             scores, ids = self.index.search(lifted, k, params=params)
-            return scores, ids
-        if self.rows is None:  # IVF-SQ8 without re-ranking: the codes' scores
-            scores, ids = self.index.search(lifted, k, params=params)
-            return scores, ids
-        _, short = self.index.search(lifted, min(k * max(rerank, 1), self.ntotal), params=params)  # (B, S) by SQ8 score
-        exact = np.einsum("bsd,bd->bs", self.rows.get(np.maximum(short, 0)), queries)  # (B, S) exact scores
-        exact[short < 0] = -np.inf
-        best = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(exact, best, 1), np.take_along_axis(short, best, 1)
+        else:
+            _, ids = self.index.search(lifted, k * max(rerank, 1), params=params)  # (B, S) by the codes' scores
+            scores = np.einsum("bsd,bd->bs", self.rows.get(np.maximum(ids, 0)), queries)  # (B, S) by the rows
+            scores[ids < 0] = -np.inf
+        if self.long is not None and self.long.ntotal:
+            long_scores, long_ids = self.long.search(queries, k, selector, nprobe, rerank)
+            scores, ids = np.concatenate([scores, long_scores], 1), np.concatenate([ids, long_ids], 1)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)
 
-    def add(self, ids: Ids, rows: Vectors, assigned: tuple[Vectors, Ids] | None = None, put: bool = True) -> None:
-        """Append rows, under the segment's lock (no search meanwhile). IVF: pass `assign(rows)`,
-        computed outside the lock; `put=False`: the rows are already in the segment's RowStore."""
+    def add(self, ids: Ids, rows: Vectors, put: bool = True) -> None:
+        """Append rows, under the segment's lock (no search meanwhile); `put=False`: the rows are
+        already in the segment's RowStore."""
+        ids = np.ascontiguousarray(ids, np.int64)
         if self.kind == "exact":
             return self.index.add_with_ids(rows, ids)  # type: ignore[no-any-return]
-        lifted, lists = assigned or self.assign(rows)
+        long = np.einsum("nd,nd->n", rows, rows, dtype=np.float64) > self.max_sq_norm
+        if self.rows is not None:
+            long |= ~self.rows.fits(rows)
+        if long.any():
+            self.long = self.long or empty_exact(self.dim)
+            self.long.add(ids[long], rows[long])
+            ids, rows = ids[~long], rows[~long]
         if self.rows is not None and put:
             self.rows.put(ids, rows)
-        ids = np.ascontiguousarray(ids, np.int64)
-        self.index.add_core(len(ids), faiss.swig_ptr(lifted), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
-
-    def assign(self, rows: Vectors) -> tuple[Vectors, Ids]:
-        """(lifted rows, list of each): the costly half of an IVF add, safe beside searches."""
-        lifted = lift(rows, self.max_sq_norm)
-        _, lists = self.index.quantizer.search(lifted, 1)
-        return lifted, np.ascontiguousarray(lists[:, 0])
+        self.index.add_with_ids(lift(rows, self.max_sq_norm), ids)  # list assignment included (fast-scan packs it)
 
     def ids(self) -> Ids:
-        """Every stored id, dead ones included (IVF: list by list)."""
+        """Every stored id, dead ones included (IVF: list by list, then the long rows)."""
         if self.kind == "exact":
             return faiss.vector_to_array(self.index.id_map).astype(np.int64)
         lists = self.index.invlists
         parts = [faiss.rev_swig_ptr(lists.get_ids(j), lists.list_size(j)).copy()
                  for j in range(self.index.nlist) if lists.list_size(j)]
+        parts += [self.long.ids()] if self.long is not None else []
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def contents(self) -> tuple[Ids, Vectors]:
         """Every stored id and its row (N, D+1), in `ids()` order."""
-        ids = self.ids()
         if self.kind == "exact":
             n = self.ntotal
-            return ids, self.index.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim), np.float32)
+            return self.ids(), self.index.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim), np.float32)
+        long_ids, long_rows = self.long.contents() if self.long is not None else \
+            (np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
+        ids = self.ids()[: int(self.index.ntotal)]
         if self.rows is not None:
-            return ids, self.rows.get(ids)
-        lists = self.index.invlists
-        codes = [faiss.rev_swig_ptr(lists.get_codes(j), lists.list_size(j) * self.index.code_size)
-                 for j in range(self.index.nlist) if lists.list_size(j)]
-        if self.kind == "ivf":
-            rows = [c.view(np.float32).reshape(-1, self.dim + 1)[:, :-1] for c in codes]
-        else:  # IVF-SQ8 without rows: decoded codes (residuals from their list's centroid)
-            rows = [self._decoded(j, c) for j, c in zip(
-                [j for j in range(self.index.nlist) if lists.list_size(j)], codes, strict=True)]
-        return ids, np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
-
-    def _decoded(self, j: int, codes: npt.NDArray[np.uint8]) -> Vectors:
-        lifted = self.index.sq.decode(codes.reshape(-1, self.index.code_size))  # (n, D+2)
-        if self.index.by_residual:
-            lifted += self.index.quantizer.reconstruct(j)
-        return np.ascontiguousarray(lifted[:, :-1], np.float32)
+            rows = self.rows.get(ids)
+        else:  # IVF-Flat: the lifted rows are its codes
+            lists = self.index.invlists
+            rows = np.concatenate([np.zeros((0, self.dim), np.float32)] + [
+                faiss.rev_swig_ptr(lists.get_codes(j), lists.list_size(j) * self.index.code_size)
+                .view(np.float32).reshape(-1, self.dim + 1)[:, :-1] for j in range(self.index.nlist)
+                if lists.list_size(j)])
+        return np.concatenate([ids, long_ids]), np.concatenate([rows, long_rows])
 
 
 def lift(rows: Vectors, max_sq_norm: float) -> Vectors:
-    """x' = [x; sqrt(M² - |x|²)] (N, D+2); 0 for rows longer than M."""
+    """x' = [x; sqrt(M² - |x|²)] (N, D+2)."""
     out = np.empty((len(rows), rows.shape[1] + 1), np.float32)
     out[:, :-1] = rows
     out[:, -1] = np.sqrt(np.maximum(max_sq_norm - np.einsum("nd,nd->n", rows, rows, dtype=np.float64), 0.0))
     return out
+
+
+def bounds(parts: Iterable[Vectors]) -> Vectors:
+    """(2, D+1): the least and the greatest value of each dimension over every row of `parts`."""
+    low, high = np.inf, -np.inf
+    for rows in parts:
+        low, high = np.minimum(low, rows.min(0, initial=np.inf)), np.maximum(high, rows.max(0, initial=-np.inf))
+    return np.stack(np.broadcast_arrays(low, high)).astype(np.float32)
 
 
 def empty_exact(dim: int) -> Segment:
@@ -176,7 +207,7 @@ def build_segment(kind: Built, dim: int, ids: Ids, store: RowStore, config: Inde
     segment = empty_exact(dim) if kind == "exact" else _trained_ivf(kind, dim, ids, store, config)
     for start in range(0, len(ids), 1 << CHUNK_BITS):
         part = ids[start : start + (1 << CHUNK_BITS)]
-        segment.add(part, store.get(part), put=False)  # IVF-SQ8 re-ranks from `store` itself
+        segment.add(part, store.get(part), put=False)  # IVF-PQ4 re-ranks from `store` itself
     return segment
 
 
@@ -184,23 +215,22 @@ def _trained_ivf(kind: Built, dim: int, ids: Ids, store: RowStore, config: Index
     max_sq = max(float(np.einsum("nd,nd->n", rows, rows, dtype=np.float64).max(initial=0.0))
                  for rows in (store.get(ids[s : s + (1 << CHUNK_BITS)]) for s in range(0, len(ids), 1 << CHUNK_BITS)))
     nlist = config.nlist_for(len(ids))
-    sample = np.sort(np.random.default_rng(1234).choice(len(ids), min(len(ids), nlist * config.train_points_per_list),
-                                                        replace=False))
+    sample = store.get(ids[np.sort(np.random.default_rng(1234).choice(
+        len(ids), min(len(ids), nlist * config.train_points_per_list), replace=False))])
     quantizer, ip = faiss.IndexFlatIP(dim + 1), faiss.METRIC_INNER_PRODUCT
-    index: Any = faiss.IndexIVFFlat(quantizer, dim + 1, nlist, ip) if kind == "ivf" else \
-        faiss.IndexIVFScalarQuantizer(quantizer, dim + 1, nlist, faiss.ScalarQuantizer.QT_8bit, ip)
-    if kind == "ivf_sq8":
-        # each dimension's code range: the sample's, widened by a quarter each way, so rows a little
-        # longer than any trained one are not clamped (much longer ones are, until the next rebuild)
-        index.sq.rangestat_arg = 0.25
-        if config.rerank_float16 and config.rerank:
-            store.to_float16()
+    if kind == "ivf":
+        index: Any = faiss.IndexIVFFlat(quantizer, dim + 1, nlist, ip)
+    else:  # a 4-bit sub-quantizer per lifted dimension, on residuals: IVF-SQ8's recall (ivf-codes.md)
+        index = faiss.IndexIVFPQFastScan(quantizer, dim + 1, nlist, dim + 1, 4, ip)
+        index.by_residual = True
+        if store.codes != config.row_codes:  # a rebuild's SQ8 rows are coded already
+            store.encode_as(config.row_codes, bounds(store.get(ids[s : s + (1 << CHUNK_BITS)])
+                                                     for s in range(0, len(ids), 1 << CHUNK_BITS)))
     index.cp.niter = config.train_iterations
     index.cp.seed = 1234  # the same catalogue gets the same lists
     index.cp.max_points_per_centroid = 1 << 30  # already sampled
-    index.train(lift(store.get(ids[sample]), max_sq))  # spherical k-means: the IVF constructor sets it for IP
-    rows = store if kind == "ivf_sq8" and config.rerank else None
-    return Segment(kind, index, dim, max_sq, len(ids), rows, [quantizer])
+    index.train(lift(sample, max_sq))  # spherical k-means: the IVF constructor sets it for IP
+    return Segment(kind, index, dim, max_sq, len(ids), None if kind == "ivf" else store, keep=[quantizer])
 
 
 def release_memory() -> None:

@@ -1,6 +1,7 @@
 """The on-disk form of a `VectorIndex`: one directory per snapshot, swapped in by a symlink rename:
 meta.json (format, dim, event id, next internal id, each segment's kind and lift), trained.faiss and
-base.faiss (`faiss.write_index`), {trained,base}_rows.npy + _row_ids.npy (IVF-SQ8's exact rows),
+base.faiss (`faiss.write_index`), {trained,base}_long.faiss (rows longer than the lift's M),
+{trained,base}_rows.npy + _row_ids.npy (IVF-PQ4's rows, as stored) + _sq.npy (their SQ8 ranges),
 buffer_{iids,rows}.npy (rows not merged yet), items.json (trained ids; live new ids by internal id).
 
 Derived state: a snapshot that fails to load, or of another format, is refused and the index rebuilt
@@ -24,7 +25,7 @@ import numpy as np
 from service.durable import fsync_path, write_durably
 from service.index.segment import Ids, RowStore, Segment, Vectors
 
-SNAPSHOT_FORMAT = "m2rec-index/4"  # 4: FAISS segments per population (3 and older: the home-made index)
+SNAPSHOT_FORMAT = "m2rec-index/5"  # 5: IVF-PQ4 (4: IVF-SQ8; 3 and older: the home-made index)
 
 
 @dataclass
@@ -53,13 +54,19 @@ def write_snapshot(path: Path, snap: Snapshot) -> None:
         if segment is None:
             continue
         faiss.write_index(segment.index, str(target / f"{name}.faiss"))
-        meta[name] = {"kind": segment.kind, "max_sq_norm": segment.max_sq_norm, "trained_rows": segment.trained_rows}
-        if segment.rows is not None:  # a chunk at a time: never the rows twice in memory
-            ids = segment.ids()
+        meta[name] = {"kind": segment.kind, "max_sq_norm": segment.max_sq_norm, "trained_rows": segment.trained_rows,
+                      "row_codes": segment.rows.codes if segment.rows is not None else None}
+        if segment.long is not None:
+            faiss.write_index(segment.long.index, str(target / f"{name}_long.faiss"))
+        if (rows := segment.rows) is not None:  # a chunk at a time: never the rows twice in memory
+            ids = segment.ids()[: segment.index.ntotal]
             np.save(target / f"{name}_row_ids.npy", ids)
-            out = np.lib.format.open_memmap(target / f"{name}_rows.npy", "w+", segment.rows.dtype, (len(ids), snap.dim))
+            if rows.sq is not None:
+                np.save(target / f"{name}_sq.npy", faiss.vector_to_array(rows.sq.trained))
+            first = rows.get(ids[:1], raw=True)
+            out = np.lib.format.open_memmap(target / f"{name}_rows.npy", "w+", first.dtype, (len(ids), first.shape[1]))
             for s in range(0, len(ids), 1 << 16):
-                out[s : s + (1 << 16)] = segment.rows.get(ids[s : s + (1 << 16)])
+                out[s : s + (1 << 16)] = rows.get(ids[s : s + (1 << 16)], raw=True)
             out.flush()
     np.save(target / "buffer_iids.npy", snap.buffer_iids)
     np.save(target / "buffer_rows.npy", snap.buffer_rows)
@@ -94,12 +101,13 @@ def read_snapshot(path: Path) -> Snapshot:
 def _segment(root: Path, name: str, meta: dict[str, Any], dim: int) -> Segment:
     about = meta[name]
     index = faiss.read_index(str(root / f"{name}.faiss"))
-    rows = None
+    rows = long = None
+    if (root / f"{name}_long.faiss").exists():
+        long = Segment("exact", faiss.read_index(str(root / f"{name}_long.faiss")), dim)
     if (root / f"{name}_rows.npy").exists():
-        rows, ids = RowStore(dim), np.load(root / f"{name}_row_ids.npy")
-        stored = np.load(root / f"{name}_rows.npy", "r")  # mapped: put a chunk at a time
-        if stored.dtype == np.float16:
-            rows.to_float16()
-        for s in range(0, len(ids), 1 << 16):
-            rows.put(ids[s : s + (1 << 16)], np.asarray(stored[s : s + (1 << 16)]))
-    return Segment(about["kind"], index, dim, float(about["max_sq_norm"]), int(about["trained_rows"]), rows)
+        ids, stored = np.load(root / f"{name}_row_ids.npy"), np.load(root / f"{name}_rows.npy", "r")  # mapped
+        sq = root / f"{name}_sq.npy"
+        rows = RowStore(dim, about["row_codes"], np.load(sq) if sq.exists() else None)
+        for s in range(0, len(ids), 1 << 16):  # a chunk at a time
+            rows.put(ids[s : s + (1 << 16)], np.asarray(stored[s : s + (1 << 16)]), raw=True)
+    return Segment(about["kind"], index, dim, float(about["max_sq_norm"]), int(about["trained_rows"]), rows, long)

@@ -7,8 +7,8 @@ Rows are x = [v; b] (D+1) and queries q = [h; 1], so q·x = h·v + b: the bias r
 - New (registered) items live in three places: the *base* (a FAISS segment of the kind their count
   calls for), *frozen* buffers being merged into it, and the *buffer*, an exact FAISS index that
   takes every add and is searchable when `add` returns. Once the buffer holds `merge_rows` rows a
-  background thread freezes it and moves its rows into the base a slice at a time (the IVF list
-  assignment outside every lock), so an add never waits for a merge. The base is rebuilt, off the
+  background thread freezes it and moves its rows into the base a slice at a time (a search waits
+  for one slice at most), so an add never waits for a merge. The base is rebuilt, off the
   locks, when its kind must change, it has grown `retrain_growth` times since its lists were
   trained, or too many of its rows are tombstones.
 
@@ -26,7 +26,7 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Iterable, Iterator, Sequence, Set
 from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from service.index.config import IndexConfig
 from service.index.ids import IdTable, Liveness
-from service.index.segment import Ids, RowStore, Segment, Vectors, build_segment, empty_exact, release_memory
+from service.index.segment import Ids, RowStore, Segment, Vectors, bounds, build_segment, empty_exact, release_memory
 from service.index.snapshot import Snapshot, read_snapshot, write_snapshot
 
 log = logging.getLogger(__name__)
@@ -278,10 +278,8 @@ class VectorIndex:
             else:
                 step = self.config.merge_slice_rows
                 for s in range(0, len(iids), step):
-                    part, part_rows = iids[s : s + step], rows[s : s + step]
-                    assigned = base.assign(part_rows) if base.kind != "exact" else None  # outside the lock
                     with self._base_lock:
-                        base.add(part, part_rows, assigned)
+                        base.add(iids[s : s + step], rows[s : s + step])
             dead = int((~self._live.of(base.ids())).sum()) if base is not self._base else None  # outside the lock
             with self._lock:
                 self._base_dead = self._base_dead if dead is None else dead
@@ -289,15 +287,34 @@ class VectorIndex:
         release_memory()
 
     def _rebuilt(self, base: Segment | None, iids: Ids, rows: Vectors, kind: Any) -> Segment:
-        """A new base over the base's live rows plus (`iids`, `rows`), built outside every lock."""
-        store = RowStore(self.dim) if base is None or base.rows is None else base.rows  # IVF-SQ8's rows: shared
-        store.put(iids, rows)
-        if base is not None:
-            old_iids, old_rows = base.contents() if base.rows is None else (base.ids(), None)
-            alive = self._live.of(old_iids)
-            if old_rows is not None:
-                store.put(old_iids[alive], old_rows[alive])
-            iids = np.concatenate([old_iids[alive], iids])
+        """A new base over the base's live rows plus (`iids`, `rows`), built outside every lock. Float rows
+        of IVF-PQ4 are shared with the old base (puts only add); SQ8 rows are coded afresh, over every
+        row's range, a chunk at a time."""
+        shared = base is not None and base.rows is not None and base.rows.codes != "sq8"
+        store = base.rows if shared and base is not None else RowStore(self.dim)
+        assert store is not None
+
+        def parts() -> Iterator[tuple[Ids, Vectors]]:
+            yield iids, rows
+            if base is not None and (old := base.rows) is None:
+                yield base.contents()
+            elif base is not None and old is not None:  # IVF-PQ4: the long rows, and its rows unless shared
+                yield from [base.long.contents()] if base.long is not None else []
+                main = np.zeros(0, np.int64) if shared else base.ids()[: base.index.ntotal]
+                for s in range(0, len(main), 1 << 16):
+                    yield main[s : s + (1 << 16)], old.get(main[s : s + (1 << 16)])
+
+        if not shared and kind == "ivf_pq4" and self.config.row_codes == "sq8":
+            store.encode_as("sq8", bounds(part for _, part in parts()))
+        kept = []
+        for part_iids, part_rows in parts():
+            alive = self._live.of(part_iids)
+            store.put(part_iids[alive], part_rows[alive])
+            kept.append(part_iids[alive])
+        if shared and base is not None:
+            main = base.ids()[: base.index.ntotal]
+            kept.append(main[self._live.of(main)])
+        iids = np.concatenate(kept)
         log.info("rebuilding the index base: %d rows, %s", len(iids), kind)
         return build_segment(kind, self.dim, np.sort(iids), store, self.config)
 
