@@ -56,7 +56,8 @@ def measure(kind: str, rows: int, dim: int, row_codes: str) -> dict[str, Any]:
         load_s = time.perf_counter() - t0
         gc.collect()
         reloaded = rss_mb(os.getpid())[0]
-    return {"kind": kind + (f"+{row_codes} rows" if kind == "ivf_pq4" else ""), "rows": rows, "kinds": list(loaded.kinds),
+    return {"kind": kind + (f"+{row_codes} rows" if kind == "ivf_pq4" else ""), "rows": rows,
+            "kinds": list(loaded.kinds),
             "build_s": round(built, 1), "load_s": round(load_s, 1), "rss_growth_mb": round(after[0] - before, 1),
             "bytes_per_item": round((after[0] - before) * 2**20 / rows, 1), "peak_mb": round(after[1], 1),
             "rss_after_snapshot_round_trip_mb": round(reloaded, 1)}

@@ -116,7 +116,7 @@ def exclusion_strategies(index: VectorIndex, q: np.ndarray, seen: list[set[str]]
             batch = faiss.IDSelectorBatch(len(ban), faiss.swig_ptr(ban))
             nope = faiss.IDSelectorNot(batch)
             sel = faiss.IDSelectorAnd(live, nope) if live is not None else nope
-            segment.search(q[b : b + 1], K, sel, index.nprobe, index.config.rerank)
+            segment.search(q[b : b + 1], K, sel, index.nprobe, K * index.config.rerank)
     per_query = (time.perf_counter() - t0) / (len(q) / 16)
     return {"overfetch_ms_per_16": round(1e3 * over, 3), "selector_per_query_ms_per_16": round(1e3 * per_query, 3)}
 

@@ -55,7 +55,8 @@ class RowStore:
             self.sq.rangestat_arg = 0.25  # each range widened a quarter: rows a little longer are not clamped
             self.sq.train(bounds)
         self.codes = codes
-        self.chunks = [None if c is None else self._encode(c) for c in self.chunks]
+        for j, chunk in enumerate(self.chunks):  # in place: the float32 chunks go as their codes arrive
+            self.chunks[j] = None if chunk is None else self._encode(chunk)
 
     def fits(self, rows: Vectors) -> npt.NDArray[np.bool_]:
         """(N,) whether each row is within the codes' ranges (SQ8 clamps the others)."""
@@ -83,15 +84,17 @@ class RowStore:
     def get(self, ids: Ids, raw: bool = False) -> Vectors:
         """Rows of `ids` (any shape S), as (*S, D+1) float32 (`raw`: as stored); ids must have been put."""
         flat = ids.ravel()
-        width = self.sq.code_size if raw and self.codes == "sq8" else self.dim
-        out = np.empty((len(flat), width), _DTYPE[self.codes] if raw else np.float32)
-        chunk_of = flat >> CHUNK_BITS
-        for c in np.unique(chunk_of).tolist():
-            mine = chunk_of == c
+        out = np.empty((len(flat), self.sq.code_size if self.codes == "sq8" else self.dim), _DTYPE[self.codes])
+        order = np.argsort(flat >> CHUNK_BITS, kind="stable")  # grouped by chunk: one pass, not one per chunk
+        chunk_of = flat[order] >> CHUNK_BITS
+        starts = np.flatnonzero(np.diff(chunk_of, prepend=-1))
+        for c, mine in zip(chunk_of[starts].tolist(), np.split(order, starts[1:]), strict=True):
             chunk = self.chunks[c]
             assert chunk is not None  # every id was put
-            part = chunk[flat[mine] & ((1 << CHUNK_BITS) - 1)]
-            out[mine] = part if raw or self.codes != "sq8" else self.sq.decode(part)
+            out[mine] = chunk[flat[mine] & ((1 << CHUNK_BITS) - 1)]
+        if not raw:  # SQ8: one decode for the whole gather
+            out = out.astype(np.float32, copy=False) if self.codes != "sq8" else \
+                self.sq.decode(out) if len(out) else np.zeros((0, self.dim), np.float32)
         return out.reshape(*ids.shape, out.shape[1])
 
 
@@ -110,9 +113,9 @@ class Segment:
     def ntotal(self) -> int:
         return int(self.index.ntotal) + (self.long.ntotal if self.long is not None else 0)
 
-    def search(self, queries: Vectors, k: int, selector: Any, nprobe: int, rerank: int) -> tuple[Vectors, Ids]:
+    def search(self, queries: Vectors, k: int, selector: Any, nprobe: int, shortlist: int) -> tuple[Vectors, Ids]:
         """Best k per query (B, D+1): scores and ids (B, k), best first, id -1 past the end; ids the
-        `selector` rejects are skipped inside the scan."""
+        `selector` rejects are skipped inside the scan. IVF-PQ4 re-scores its best `shortlist` by the codes."""
         k = max(1, min(k, self.ntotal))
         params: Any = faiss.SearchParameters() if self.kind == "exact" else faiss.SearchParametersIVF()
         if selector is not None:
@@ -126,11 +129,11 @@ class Segment:
         if self.rows is None:  # IVF-Flat: exact scores
             scores, ids = self.index.search(lifted, k, params=params)
         else:
-            _, ids = self.index.search(lifted, k * max(rerank, 1), params=params)  # (B, S) by the codes' scores
+            _, ids = self.index.search(lifted, max(shortlist, k), params=params)  # (B, S) by the codes' scores
             scores = np.einsum("bsd,bd->bs", self.rows.get(np.maximum(ids, 0)), queries)  # (B, S) by the rows
             scores[ids < 0] = -np.inf
         if self.long is not None and self.long.ntotal:
-            long_scores, long_ids = self.long.search(queries, k, selector, nprobe, rerank)
+            long_scores, long_ids = self.long.search(queries, k, selector, nprobe, shortlist)
             scores, ids = np.concatenate([scores, long_scores], 1), np.concatenate([ids, long_ids], 1)
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)

@@ -204,8 +204,8 @@ class VectorIndex:
         for segment, lock in segments:
             if segment.ntotal:
                 with lock or contextlib.nullcontext():
-                    fetch = k + max(map(len, banned), default=0)
-                    found.append(segment.search(q, fetch, selector, self.nprobe, self.config.rerank))
+                    fetch = k + max(map(len, banned), default=0)  # re-ranked: k·rerank plus the banned
+                    found.append(segment.search(q, fetch, selector, self.nprobe, fetch + k * (self.config.rerank - 1)))
         if not found:
             return [[] for _ in q]
         scores = np.concatenate([f[0] for f in found], axis=1)  # (B, S)
