@@ -252,7 +252,7 @@ def test_the_id_table_agrees_with_a_dict_through_sets_replacements_pops_and_join
     rng = np.random.default_rng(0)
     table, oracle_map = ids_module.IdTable(recent=8), dict[str, int]()  # joins every 8 inserts a shard
     loaded = [f"snap:{j}" for j in range(3000)]
-    table.set_many(loaded, list(range(3000)))
+    table.set_many(loaded, np.arange(3000, dtype=np.int64))
     oracle_map.update({item_id: j for j, item_id in enumerate(loaded)})
     next_iid = 3000
     for step in range(20_000):

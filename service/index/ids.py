@@ -86,10 +86,11 @@ class IdTable:
             self._join(shard)
         return old
 
-    def set_many(self, item_ids: Sequence[str], iids: Sequence[int]) -> None:
+    def set_many(self, item_ids: Sequence[str], iids: npt.NDArray[np.int64]) -> None:
         """`set` of many ids that are all absent and distinct (a snapshot's): the arrays built at once."""
-        for item_id, iid in zip(item_ids, iids, strict=True):
-            self._name(iid, item_id)
+        for s in range(0, len(iids), _CHUNK):  # Python ints a chunk at a time, not 10M at once
+            for item_id, iid in zip(item_ids[s : s + _CHUNK], iids[s : s + _CHUNK].tolist(), strict=True):
+                self._name(iid, item_id)
         hashes = np.fromiter(map(hash, item_ids), np.int64, len(item_ids))
         values = np.asarray(iids, dtype=np.int64)
         owner = hashes % _SHARDS

@@ -2,7 +2,8 @@
 meta.json (format, dim, event id, next internal id, each segment's kind and lift), trained.faiss and
 base.faiss (`faiss.write_index`), {trained,base}_long.faiss (rows longer than the lift's M),
 {trained,base}_rows.npy + _row_ids.npy (IVF-PQ4's rows, as stored) + _sq.npy (their SQ8 ranges),
-buffer_{iids,rows}.npy (rows not merged yet), items.json (trained ids; live new ids by internal id).
+buffer_{iids,rows}.npy (rows not merged yet), items.json (trained ids; live new ids) beside iids.npy
+(their internal ids).
 
 Derived state: a snapshot that fails to load, or of another format, is refused and the index rebuilt
 from the store (service/core/maintainer.py).
@@ -36,7 +37,7 @@ class Snapshot:
     base: Segment | None
     buffer_iids: Ids
     buffer_rows: Vectors
-    iids: list[int]
+    iids: Ids
     items: list[str]
     next_iid: int
     event_id: str | None
@@ -64,13 +65,15 @@ def write_snapshot(path: Path, snap: Snapshot) -> None:
             if rows.sq is not None:
                 np.save(target / f"{name}_sq.npy", faiss.vector_to_array(rows.sq.trained))
             first = rows.get(ids[:1], raw=True)
-            out = np.lib.format.open_memmap(target / f"{name}_rows.npy", "w+", first.dtype, (len(ids), first.shape[1]))
-            for s in range(0, len(ids), 1 << 16):
-                out[s : s + (1 << 16)] = rows.get(ids[s : s + (1 << 16)], raw=True)
-            out.flush()
+            with open(target / f"{name}_rows.npy", "wb") as out:  # written, not mapped: mapped pages count as RSS
+                np.lib.format.write_array_header_2_0(out, {"descr": np.lib.format.dtype_to_descr(first.dtype),
+                                                           "fortran_order": False, "shape": (len(ids), first.shape[1])})
+                for s in range(0, len(ids), 1 << 16):
+                    out.write(rows.get(ids[s : s + (1 << 16)], raw=True).tobytes())
     np.save(target / "buffer_iids.npy", snap.buffer_iids)
     np.save(target / "buffer_rows.npy", snap.buffer_rows)
-    write_durably(target / "items.json", json.dumps({"trained": snap.trained_ids, "iids": snap.iids,
+    np.save(target / "iids.npy", snap.iids)
+    write_durably(target / "items.json", json.dumps({"trained": snap.trained_ids,
                                                      "ids": snap.items}))
     write_durably(target / "meta.json", json.dumps(meta))
     for file in target.iterdir():
@@ -95,7 +98,7 @@ def read_snapshot(path: Path) -> Snapshot:
     return Snapshot(dim, _segment(root, "trained", meta, dim), items["trained"],
                     _segment(root, "base", meta, dim) if "base" in meta else None,
                     np.load(root / "buffer_iids.npy"), np.load(root / "buffer_rows.npy"),
-                    items["iids"], items["ids"], int(meta["next_iid"]), meta["event_id"])
+                    np.load(root / "iids.npy"), items["ids"], int(meta["next_iid"]), meta["event_id"])
 
 
 def _segment(root: Path, name: str, meta: dict[str, Any], dim: int) -> Segment:
@@ -105,9 +108,12 @@ def _segment(root: Path, name: str, meta: dict[str, Any], dim: int) -> Segment:
     if (root / f"{name}_long.faiss").exists():
         long = Segment("exact", faiss.read_index(str(root / f"{name}_long.faiss")), dim)
     if (root / f"{name}_rows.npy").exists():
-        ids, stored = np.load(root / f"{name}_row_ids.npy"), np.load(root / f"{name}_rows.npy", "r")  # mapped
-        sq = root / f"{name}_sq.npy"
+        ids, sq = np.load(root / f"{name}_row_ids.npy"), root / f"{name}_sq.npy"
         rows = RowStore(dim, about["row_codes"], np.load(sq) if sq.exists() else None)
-        for s in range(0, len(ids), 1 << 16):  # a chunk at a time
-            rows.put(ids[s : s + (1 << 16)], np.asarray(stored[s : s + (1 << 16)]), raw=True)
+        with open(root / f"{name}_rows.npy", "rb") as stored:  # read a chunk at a time, never mapped whole
+            np.lib.format.read_magic(stored)
+            (_, width), _, dtype = np.lib.format.read_array_header_2_0(stored)
+            for s in range(0, len(ids), 1 << 16):
+                part = ids[s : s + (1 << 16)]
+                rows.put(part, np.fromfile(stored, dtype, len(part) * width).reshape(len(part), width), raw=True)
     return Segment(about["kind"], index, dim, float(about["max_sq_norm"]), int(about["trained_rows"]), rows, long)

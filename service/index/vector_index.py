@@ -357,7 +357,8 @@ class VectorIndex:
             buffer_rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.dim), np.float32)
             with self._base_lock:
                 write_snapshot(Path(path), Snapshot(self.dim, self._trained, self._trained_ids, base, buffer_iids,
-                                                    buffer_rows, iids, items, next_iid, event_id))
+                                                    buffer_rows, np.asarray(iids, np.int64), items, next_iid,
+                                                    event_id))
 
     @classmethod
     def load(cls, path: str | Path, config: IndexConfig | None = None) -> tuple[VectorIndex, str | None]:
@@ -369,7 +370,7 @@ class VectorIndex:
         index._base, index._next_iid, index._merged_upto = snap.base, snap.next_iid, snap.next_iid
         index._live.grow(snap.next_iid)
         index._ids.set_many(snap.items, snap.iids)
-        index._live.set(np.asarray(snap.iids, dtype=np.int64), True)
+        index._live.set(snap.iids, True)
         alive = index._live.of(snap.buffer_iids)
         if alive.any():
             index._buffer.add(snap.buffer_iids[alive], snap.buffer_rows[alive])
