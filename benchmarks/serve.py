@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(result)
     store.close()
     meta = {
-        "command": "python -m benchmarks.serve " + " ".join(argv or _argv()),
+        "command": "python -m benchmarks.serve " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"Linux {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
                    f"faiss {faiss.__version__}",
@@ -389,12 +390,6 @@ def main(argv: list[str] | None = None) -> None:
         "seconds_per_window": args.seconds, "rounds": ROUNDS, "store": args.store,
     }
     write_report(meta, results, args.out)
-
-
-def _argv() -> list[str]:
-    import sys
-
-    return sys.argv[1:]
 
 
 if __name__ == "__main__":
