@@ -40,11 +40,13 @@ def rss_mb(pid: int) -> tuple[float, float]:
 class Server:
     """One uvicorn worker, pinned to SERVER_CORE from its first instruction."""
 
-    def __init__(self, factory: str, port: int, env: dict[str, str], log: Path, cwd: Path | None = None) -> None:
-        """`cwd`: the source tree to serve (its `service` package), by default this one."""
+    def __init__(self, factory: str, port: int, env: dict[str, str], log: Path, cwd: Path | None = None,
+                 python: Path | None = None) -> None:
+        """`cwd`: the source tree to serve (its `service` package), by default this one; `python`: the
+        interpreter (and so the installed dependencies), by default this one's."""
         self.port = port
         self.log = log
-        cmd = [sys.executable, "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1", "--port", str(port),
+        cmd = [str(python or sys.executable), "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1", "--no-access-log", "--log-level", "warning"]
         self.command = " ".join(cmd[1:])
         self._log_file = log.open("w")

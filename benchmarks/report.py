@@ -86,7 +86,7 @@ def sweep_table(r: dict[str, Any]) -> str:
                      f"{p['recall_new_random']} | {p['search_ms_per_16']} |")
     h = r.get("hnsw_vs_ivf")
     if h:
-        lines += ["", f"HNSW (M 32, efConstruction 64) against IVF-Flat on a sample of {h['rows']:,} new rows, "
+        lines += ["", f"HNSW (M 32, efConstruction 64) against IVF-PQ4 on a sample of {h['rows']:,} new rows, "
                   f"recall@20 for real users / random directions (build {h['hnsw_build_s']} s against "
                   f"{h['ivf_build_s']} s, 2 threads):", "",
                   "| HNSW efSearch | recall | ms/query | IVF nprobe | recall | ms/query |", "|---|---|---|---|---|---|"]

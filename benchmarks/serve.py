@@ -123,7 +123,7 @@ def exclusion_strategies(index: VectorIndex, q: np.ndarray, seen: list[set[str]]
 
 
 def hnsw_against_ivf(rows: np.ndarray, q: np.ndarray, sample: int) -> dict[str, Any]:
-    """HNSW (FAISS IndexHNSWFlat, inner product) and IVF-Flat over the same sample of new rows, for
+    """HNSW (FAISS IndexHNSWFlat, inner product) and the service's IVF-PQ4 over the same sample of new rows, for
     real users' queries and random directions of the same norms."""
     rows = rows[np.sort(np.random.default_rng(2).choice(len(rows), min(sample, len(rows)), replace=False))]
     ids = [str(j) for j in range(len(rows))]
@@ -138,7 +138,7 @@ def hnsw_against_ivf(rows: np.ndarray, q: np.ndarray, sample: int) -> dict[str, 
     out["hnsw_build_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     ivf = VectorIndex.build(rows.shape[1], [], np.zeros((0, rows.shape[1])), [(ids, rows)],
-                            IndexConfig(kind="ivf", ivf_min_rows=1, auto_merge=False))
+                            IndexConfig(ivf_min_rows=1, auto_merge=False))
     out["ivf_build_s"] = round(time.perf_counter() - t0, 1)
     faiss.omp_set_num_threads(1)
     out["hnsw"], out["ivf"] = [], []
@@ -285,10 +285,9 @@ def run_size(args: argparse.Namespace, rec: Recommender, store: Store, dataset: 
             alone.wait_ready(7200)
             ports["service_unbatched"] = (args.port + 3, "/recommend")
         if args.reference_tree:
-            ref_env = {**env, "M2REC_INDEX_KIND": "ivf", "M2REC_INDEX_NPROBE": str(max(nprobe // 2, 1))}
-            del ref_env["M2REC_INDEX_SNAPSHOT_DIR"]
+            ref_env = {k: v for k, v in env.items() if k != "M2REC_INDEX_SNAPSHOT_DIR"}  # the same settings
             reference = Server("service.api.app:create_app", args.port + 2, ref_env, work / f"reference-{size}.log",
-                               cwd=args.reference_tree)
+                               cwd=args.reference_tree, python=args.reference_python)
             servers.append(reference)
             try:
                 result["reference_startup_s"] = round(reference.wait_ready(7200), 1)
@@ -332,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recall", type=float, default=0.97, help="recall@20 the calibration users must reach")
     parser.add_argument("--hnsw-sample", type=int, default=0, help="compare HNSW with IVF on this many rows")
     parser.add_argument("--reference-tree", type=Path, help="also serve this source tree (e.g. main) and compare")
+    parser.add_argument("--reference-python", type=Path,
+                        help="the reference tree's interpreter (a venv with that tree's own dependencies)")
     parser.add_argument("--reuse-store", action="store_true", help="keep the catalogue an earlier run stored")
     parser.add_argument("--unbatched", action="store_true", help="also serve with M2REC_RECOMMEND_BATCH_MAX=1")
     parser.add_argument("--rerank", type=int, default=10, help="IVF-PQ4 re-ranking (M2REC_INDEX_RERANK)")

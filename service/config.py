@@ -31,15 +31,14 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(None, description="when set, writes need header X-API-Key")
 
-    index_kind: Literal["auto", "exact", "ivf", "ivf_pq4"] = Field(
+    index_kind: Literal["auto", "exact"] = Field(
         "auto", description="FAISS index of each population (trained items, new items): auto = exact below "
-        "index_ivf_min_rows, IVF-Flat below index_pq4_min_rows, IVF-PQ4 (4-bit fast-scan codes, re-ranked "
-        "from the rows) above; ivf / ivf_pq4 = that kind above index_ivf_min_rows")
+        "index_ivf_min_rows, IVF-PQ4 (4-bit fast-scan codes, re-ranked from the rows) above; exact = exact at "
+        "every size")
     index_nlist: int | None = Field(None, ge=1, description="IVF lists; None = about 2·sqrt(N), set at each training")
     index_nprobe: int = Field(16, ge=1, description="IVF lists scanned per query (recall vs latency: "
                               "benchmarks/results/serve.md)")
     index_ivf_min_rows: int = Field(50_000, ge=1, description="below this many rows a population stays exact")
-    index_pq4_min_rows: int = Field(200_000, ge=1, description="auto: from this many rows IVF-PQ4")
     index_rerank: int = Field(10, ge=1, description="IVF-PQ4: rerank·k candidates by the codes re-scored from the rows")
     index_row_codes: Literal["float32", "float16", "sq8"] = Field(
         "float32", description="IVF-PQ4: the rows it re-ranks from, as float32 (exact), float16 (half the memory) or "

@@ -373,7 +373,7 @@ def test_without_an_api_key_setting_writes_are_open(trained_artifact: TrainedArt
 
 
 def test_approximate_index_serves_the_same_contract(trained_artifact: TrainedArtifact, store_spec: StoreSpec) -> None:
-    settings = _settings(trained_artifact, store_spec, index_kind="ivf", index_ivf_min_rows=100, index_nlist=8,
+    settings = _settings(trained_artifact, store_spec, index_ivf_min_rows=100, index_nlist=8,
                          index_nprobe=8)
     with TestClient(create_app(settings)) as c:
         item = _item(trained_artifact, 20)

@@ -20,10 +20,10 @@ from tests.conftest import TrainedArtifact
 def test_settings_come_from_m2rec_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("M2REC_STORE_URL", "redis://10.0.0.1:6379/2")
     monkeypatch.setenv("M2REC_API_KEY", "s3cret")
-    monkeypatch.setenv("M2REC_INDEX_KIND", "ivf")
+    monkeypatch.setenv("M2REC_INDEX_KIND", "exact")
     monkeypatch.setenv("M2REC_K_MAX", "50")
     settings = Settings()
-    assert settings.uses_redis and settings.index_kind == "ivf" and settings.k_max == 50
+    assert settings.uses_redis and settings.index_kind == "exact" and settings.k_max == 50
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "s3cret"
     assert "s3cret" not in repr(settings)
     monkeypatch.delenv("M2REC_STORE_URL")

@@ -1,4 +1,4 @@
-"""The approximate kinds (IVF-Flat and IVF-PQ4 over the inner-product lift): recall on a real
+"""The approximate kind (IVF-PQ4 over the inner-product lift, re-ranked from the rows): recall on a real
 model's rows, and exact bookkeeping (buffer, merges, rebuilds, tombstones, long rows) checked with
 every list probed, against a NumPy brute-force oracle."""
 
@@ -13,7 +13,7 @@ import pytest
 from service.core.recommender import Recommender
 from service.core.types import NewItem
 from service.index import Hit, IndexConfig, VectorIndex
-from service.index.config import Kind, RowCodes
+from service.index.config import RowCodes
 from service.model.artifact import load_artifact
 from service.store import SqliteStore
 from tests.conftest import TrainedArtifact, train_and_export
@@ -31,22 +31,21 @@ def spread_rows(n: int, seed: int) -> Array:
     return rows
 
 
-def all_lists(kind: str, **overrides: object) -> IndexConfig:
-    """IVF that probes every list (and IVF-PQ4 re-ranking a long shortlist): answers (almost) equal brute force."""
-    settings: dict[str, object] = {"kind": kind, "ivf_min_rows": 500, "nlist": 16, "nprobe": 16, "rerank": 20,
+def all_lists(**overrides: object) -> IndexConfig:
+    """IVF-PQ4 that probes every list and re-ranks a long shortlist: answers (almost) equal brute force."""
+    settings: dict[str, object] = {"ivf_min_rows": 500, "nlist": 16, "nprobe": 16, "rerank": 20,
                                    "auto_merge": False}
     return IndexConfig(**{**settings, **overrides})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivf_pq4"])
-def test_ivf_with_every_list_probed_equals_brute_force_through_adds_removes_upserts_and_rebuilds(kind: str) -> None:
+def test_ivf_with_every_list_probed_equals_brute_force_through_adds_removes_upserts_and_rebuilds() -> None:
     rng = np.random.default_rng(0)
     rows = spread_rows(6000, seed=1)
     live = {f"i{j}": rows[j] for j in range(3000)}
     index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [(list(live), np.stack(list(live.values())))],
-                              all_lists(kind, retrain_growth=1.5, rerank=500))  # PQ4: every row re-scored
+                              all_lists(retrain_growth=1.5, rerank=500))  # every row of the lists re-scored
     q = spread_rows(12, seed=2) * 8
-    assert index.kinds == ("exact", kind)
+    assert index.kinds == ("exact", "ivf_pq4")
     assert_top(new_only(index, q, 15), oracle(q, live, 15))
     trained_on = index._base.trained_rows if index._base is not None else 0
     for step in range(6):
@@ -75,22 +74,21 @@ def test_ivf_with_every_list_probed_equals_brute_force_through_adds_removes_upse
 
 
 def test_a_population_gets_the_kind_its_size_calls_for() -> None:
-    config = IndexConfig(ivf_min_rows=1000, pq4_min_rows=3000, nlist=8, auto_merge=False)
-    assert [config.kind_for(n) for n in (999, 1000, 2999, 3000)] == ["exact", "ivf", "ivf", "ivf_pq4"]
-    assert IndexConfig(kind="ivf", ivf_min_rows=1000).kind_for(10**8) == "ivf"
+    config = IndexConfig(ivf_min_rows=1000, nlist=8, auto_merge=False)
+    assert [config.kind_for(n) for n in (999, 1000, 10**8)] == ["exact", "ivf_pq4", "ivf_pq4"]
     assert IndexConfig(kind="exact").kind_for(10**8) == "exact"
     index = VectorIndex.build(D + 1, [f"t{j}" for j in range(1200)], spread_rows(1200, 3),
                               [([f"n{j}" for j in range(800)], spread_rows(800, 4))], config)
-    assert index.kinds == ("ivf", "exact")
+    assert index.kinds == ("ivf_pq4", "exact")
     index.add([f"m{j}" for j in range(2500)], spread_rows(2500, 5))
-    index.merge()  # 3,300 new items: the base is rebuilt as IVF-PQ4
-    assert index.kinds == ("ivf", "ivf_pq4")
+    index.merge()  # 3,300 new items: the exact base is rebuilt as IVF-PQ4
+    assert index.kinds == ("ivf_pq4", "ivf_pq4")
 
 
 def test_many_excluded_items_in_an_ivf_population_are_over_fetched_not_missed() -> None:
     rows = spread_rows(4000, seed=6)
     live = {f"i{j}": rows[j] for j in range(4000)}
-    index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [(list(live), rows)], all_lists("ivf"))
+    index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [(list(live), rows)], all_lists(rerank=500))
     q = spread_rows(4, seed=7) * 8
     exclude = [{h.item_id for h in hits} for hits in new_only(index, q, 300)]  # each query's own top 300
     assert_top(new_only(index, q, 10, exclude), oracle(q, live, 10, exclude))
@@ -143,15 +141,14 @@ def test_ivf_recall_at_20_is_at_least_0_95_on_a_real_models_generated_rows(
     rec, rows, q = generated
     n = len(rows)
     new = {f"g{j}": rows[j] for j in range(n)}
-    kinds: tuple[Kind, ...] = ("ivf", "ivf_pq4")
-    for kind in kinds:
-        config = IndexConfig(kind=kind, ivf_min_rows=10_000, auto_merge=False)  # default nlist and nprobe
+    for row_codes in ("float32", "sq8"):
+        config = IndexConfig(ivf_min_rows=10_000, row_codes=row_codes, auto_merge=False)  # default nlist and nprobe
         index = VectorIndex.build(rec.dim, list(rec.warm_ids), rec.warm_rows, [(list(new), rows)], config)
         assert index._base is not None and index._base.index.nlist > 4 * config.nprobe  # a real subset is probed
         truth = oracle(q, new, 20)
         found = new_only(index, q, 20)
         assert np.mean([len({h.item_id for h in t} & {h.item_id for h in f}) / 20
-                        for t, f in zip(truth, found, strict=True)]) >= 0.95, kind
+                        for t, f in zip(truth, found, strict=True)]) >= 0.95, row_codes
         # Random directions of the same norms: the stress test of the lists themselves (a wrong lift
         # leaves recall low however many lists are probed); their top-20s spread over far more rows.
         g = np.random.default_rng(1).standard_normal(q[:, :-1].shape).astype(np.float32)
@@ -162,7 +159,7 @@ def test_ivf_recall_at_20_is_at_least_0_95_on_a_real_models_generated_rows(
         index.nprobe = 128
         found = new_only(index, spread, 20)
         assert np.mean([len({h.item_id for h in t} & {h.item_id for h in f}) / 20
-                        for t, f in zip(truth, found, strict=True)]) >= 0.95, kind
+                        for t, f in zip(truth, found, strict=True)]) >= 0.95, row_codes
 
 
 @pytest.mark.parametrize("row_codes", ["float16", "sq8"])
@@ -173,7 +170,7 @@ def test_ivf_pq4_with_compressed_rows_keeps_its_answers_close_to_exact_through_a
     codes) and after a snapshot, which restores the codes themselves."""
     rows = spread_rows(5000, seed=11)
     live = {f"i{j}": rows[j] for j in range(3000)}
-    config = all_lists("ivf_pq4", row_codes=row_codes, retrain_growth=1.5)
+    config = all_lists(row_codes=row_codes, retrain_growth=1.5)
     index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [(list(live), rows[:3000])], config)
     q = spread_rows(8, seed=12) * 8
 

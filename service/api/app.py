@@ -70,7 +70,7 @@ def open_store(settings: Settings) -> Store:
 
 def index_config(settings: Settings) -> IndexConfig:
     return IndexConfig(kind=settings.index_kind, nlist=settings.index_nlist, nprobe=settings.index_nprobe,
-                       ivf_min_rows=settings.index_ivf_min_rows, pq4_min_rows=settings.index_pq4_min_rows,
+                       ivf_min_rows=settings.index_ivf_min_rows,
                        rerank=settings.index_rerank, row_codes=settings.index_row_codes)
 
 

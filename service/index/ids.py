@@ -48,15 +48,7 @@ class IdTable:
 
     def lookup(self, item_ids: Iterable[str]) -> list[int]:
         """The live internal ids of those of `item_ids` that are present."""
-        shards, out = self._shards, []
-        for item_id in item_ids:  # the recent dicts inline: most lookups of a request end there or miss
-            h = hash(item_id)
-            iid = shards[h % _SHARDS].recent.get(item_id)
-            if iid is None:
-                iid = self._in_arrays(shards[h % _SHARDS], item_id, h)
-            if iid is not None:
-                out.append(iid)
-        return out
+        return [iid for iid in map(self._find, item_ids) if iid is not None]
 
     def _find(self, item_id: str) -> int | None:
         h = hash(item_id)

@@ -1,6 +1,6 @@
 """One FAISS index over rows x = [v; b] keyed by int64 ids, searched by max inner product with queries [h; 1].
 
-IVF lists over the inner-product lift: a row is stored as x' = [x; sqrt(M² - |x|²)] (M the longest
+IVF-PQ4 lists over the inner-product lift: a row is stored as x' = [x; sqrt(M² - |x|²)] (M the longest
 row when the lists were trained), so every row has norm M and spherical k-means lists are the ones an
 inner-product query should probe (lists over raw rows put long rows, which carry most top-k hits, in
 the wrong lists). A query is [q; 0], so a score is exactly q·x. A row longer than M (arrived after
@@ -8,18 +8,19 @@ training) has no place in the lift and would be clamped by codes trained on shor
 in the segment's small exact index (`long`) until the next rebuild trains on it; so is a row beyond
 the ranges of SQ8-coded rows.
 
-IVF-PQ4 stores 4-bit fast-scan codes of the lifted row's residual from its list centroid, one per
-dimension (FAISS's `IndexIVFPQFastScan`: a scan reads 16-entry tables from SIMD registers), and
-re-scores its best `rerank`·k candidates from the rows (`RowStore`): the order it returns is that of
-the rows within the shortlist. The rows may be float32 (exact), float16 or SQ8 codes (a quarter of
-float32: the memory of a catalogue of 10M; benchmarks/results/ivf-codes.md and serve-10m.md).
+The lists hold 4-bit fast-scan codes of the lifted row's residual from its list centroid, one per
+dimension (FAISS's `IndexIVFPQFastScan`: a scan reads 16-entry tables from SIMD registers); the best
+`rerank`·k candidates by the codes are re-scored from the rows (`RowStore`): the order returned is that
+of the rows within the shortlist. The rows may be float32 (exact), float16 or SQ8 codes (a quarter of
+float32: the memory of a catalogue of 10M). From 50k rows up it matches IVF-Flat's recall at every
+nprobe and scans faster (benchmarks/results/ivf-codes.md), so it is the one approximate kind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,12 +102,12 @@ class RowStore:
 @dataclass
 class Segment:
     kind: Built
-    index: Any  # faiss.IndexIDMap(IndexFlatIP) | faiss.IndexIVFFlat | faiss.IndexIVFPQFastScan
+    index: Any  # faiss.IndexIDMap(IndexFlatIP) | faiss.IndexIVFPQFastScan
     dim: int  # D+1
-    max_sq_norm: float = 0.0  # M² of the lift (IVF kinds)
+    max_sq_norm: float = 0.0  # M² of the lift (IVF-PQ4)
     trained_rows: int = 0  # rows when the IVF lists were trained
     rows: RowStore | None = None  # IVF-PQ4: the rows its shortlist is re-scored from
-    long: Segment | None = None  # IVF kinds: rows longer than M (or beyond SQ8's ranges), exact until a rebuild
+    long: Segment | None = None  # IVF-PQ4: rows longer than M (or beyond SQ8's ranges), exact until a rebuild
     keep: list[Any] = field(default_factory=list)  # FAISS objects the index points to, kept alive
 
     @property
@@ -126,12 +127,10 @@ class Segment:
         lifted = np.zeros((len(queries), self.dim + 1), np.float32)  # [q; 0]
         lifted[:, :-1] = queries
         params.nprobe = nprobe
-        if self.rows is None:  # IVF-Flat: exact scores
-            scores, ids = self.index.search(lifted, k, params=params)
-        else:
-            _, ids = self.index.search(lifted, max(shortlist, k), params=params)  # (B, S) by the codes' scores
-            scores = np.einsum("bsd,bd->bs", self.rows.get(np.maximum(ids, 0)), queries)  # (B, S) by the rows
-            scores[ids < 0] = -np.inf
+        assert self.rows is not None
+        _, ids = self.index.search(lifted, max(shortlist, k), params=params)  # (B, S) by the codes' scores
+        scores = np.einsum("bsd,bd->bs", self.rows.get(np.maximum(ids, 0)), queries)  # (B, S) by the rows
+        scores[ids < 0] = -np.inf
         if self.long is not None and self.long.ntotal:
             long_scores, long_ids = self.long.search(queries, k, selector, nprobe, shortlist)
             scores, ids = np.concatenate([scores, long_scores], 1), np.concatenate([ids, long_ids], 1)
@@ -156,7 +155,7 @@ class Segment:
         self.index.add_with_ids(lift(rows, self.max_sq_norm), ids)  # list assignment included (fast-scan packs it)
 
     def ids(self) -> Ids:
-        """Every stored id, dead ones included (IVF: list by list, then the long rows)."""
+        """Every stored id, dead ones included (IVF-PQ4: list by list, then the long rows)."""
         if self.kind == "exact":
             return faiss.vector_to_array(self.index.id_map).astype(np.int64)
         lists = self.index.invlists
@@ -165,23 +164,22 @@ class Segment:
         parts += [self.long.ids()] if self.long is not None else []
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    def contents(self) -> tuple[Ids, Vectors]:
-        """Every stored id and its row (N, D+1), in `ids()` order."""
+    def parts(self) -> Iterator[tuple[Ids, Vectors]]:
+        """Every stored id and its row (n, D+1), in `ids()` order, a RowStore chunk's worth at a time."""
         if self.kind == "exact":
             n = self.ntotal
-            return self.ids(), self.index.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim), np.float32)
-        long_ids, long_rows = self.long.contents() if self.long is not None else \
-            (np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
+            yield self.ids(), self.index.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim), np.float32)
+            return
+        assert self.rows is not None
         ids = self.ids()[: int(self.index.ntotal)]
-        if self.rows is not None:
-            rows = self.rows.get(ids)
-        else:  # IVF-Flat: the lifted rows are its codes
-            lists = self.index.invlists
-            rows = np.concatenate([np.zeros((0, self.dim), np.float32)] + [
-                faiss.rev_swig_ptr(lists.get_codes(j), lists.list_size(j) * self.index.code_size)
-                .view(np.float32).reshape(-1, self.dim + 1)[:, :-1] for j in range(self.index.nlist)
-                if lists.list_size(j)])
-        return np.concatenate([ids, long_ids]), np.concatenate([rows, long_rows])
+        for s in range(0, len(ids), 1 << CHUNK_BITS):
+            yield ids[s : s + (1 << CHUNK_BITS)], self.rows.get(ids[s : s + (1 << CHUNK_BITS)])
+        yield from self.long.parts() if self.long is not None else ()
+
+    def contents(self) -> tuple[Ids, Vectors]:
+        """Every stored id and its row (N, D+1), in `ids()` order."""
+        ids, rows = zip(*self.parts(), strict=True)
+        return np.concatenate(ids), np.concatenate(rows)
 
 
 def lift(rows: Vectors, max_sq_norm: float) -> Vectors:
@@ -207,33 +205,30 @@ def empty_exact(dim: int) -> Segment:
 
 def build_segment(kind: Built, dim: int, ids: Ids, store: RowStore, config: IndexConfig) -> Segment:
     """A segment over the rows of `ids` in `store`, added a chunk at a time (the catalogue is never copied whole)."""
-    segment = empty_exact(dim) if kind == "exact" else _trained_ivf(kind, dim, ids, store, config)
+    segment = empty_exact(dim) if kind == "exact" else _trained_ivf_pq4(dim, ids, store, config)
     for start in range(0, len(ids), 1 << CHUNK_BITS):
         part = ids[start : start + (1 << CHUNK_BITS)]
         segment.add(part, store.get(part), put=False)  # IVF-PQ4 re-ranks from `store` itself
     return segment
 
 
-def _trained_ivf(kind: Built, dim: int, ids: Ids, store: RowStore, config: IndexConfig) -> Segment:
+def _trained_ivf_pq4(dim: int, ids: Ids, store: RowStore, config: IndexConfig) -> Segment:
     max_sq = max(float(np.einsum("nd,nd->n", rows, rows, dtype=np.float64).max(initial=0.0))
                  for rows in (store.get(ids[s : s + (1 << CHUNK_BITS)]) for s in range(0, len(ids), 1 << CHUNK_BITS)))
     nlist = config.nlist_for(len(ids))
     sample = store.get(ids[np.sort(np.random.default_rng(1234).choice(
         len(ids), min(len(ids), nlist * config.train_points_per_list), replace=False))])
-    quantizer, ip = faiss.IndexFlatIP(dim + 1), faiss.METRIC_INNER_PRODUCT
-    if kind == "ivf":
-        index: Any = faiss.IndexIVFFlat(quantizer, dim + 1, nlist, ip)
-    else:  # a 4-bit sub-quantizer per lifted dimension, on residuals: IVF-SQ8's recall (ivf-codes.md)
-        index = faiss.IndexIVFPQFastScan(quantizer, dim + 1, nlist, dim + 1, 4, ip)
-        index.by_residual = True
-        if store.codes != config.row_codes:  # a rebuild's SQ8 rows are coded already
-            store.encode_as(config.row_codes, bounds(store.get(ids[s : s + (1 << CHUNK_BITS)])
-                                                     for s in range(0, len(ids), 1 << CHUNK_BITS)))
+    quantizer = faiss.IndexFlatIP(dim + 1)  # a 4-bit sub-quantizer per lifted dimension, on residuals
+    index = faiss.IndexIVFPQFastScan(quantizer, dim + 1, nlist, dim + 1, 4, faiss.METRIC_INNER_PRODUCT)
+    index.by_residual = True
+    if store.codes != config.row_codes:  # a rebuild's SQ8 rows are coded already
+        store.encode_as(config.row_codes, bounds(store.get(ids[s : s + (1 << CHUNK_BITS)])
+                                                 for s in range(0, len(ids), 1 << CHUNK_BITS)))
     index.cp.niter = config.train_iterations
     index.cp.seed = 1234  # the same catalogue gets the same lists
     index.cp.max_points_per_centroid = 1 << 30  # already sampled
     index.train(lift(sample, max_sq))  # spherical k-means: the IVF constructor sets it for IP
-    return Segment(kind, index, dim, max_sq, len(ids), None if kind == "ivf" else store, keep=[quantizer])
+    return Segment("ivf_pq4", index, dim, max_sq, len(ids), store, keep=[quantizer])
 
 
 def release_memory() -> None:

@@ -1,7 +1,7 @@
 """The on-disk form of a `VectorIndex`: one directory per snapshot, swapped in by a symlink rename:
 meta.json (format, dim, event id, next internal id, each segment's kind and lift), trained.faiss and
 base.faiss (`faiss.write_index`), {trained,base}_long.faiss (rows longer than the lift's M),
-{trained,base}_rows.npy + _row_ids.npy (IVF-PQ4's rows, as stored) + _sq.npy (their SQ8 ranges),
+{trained,base}_rows_{chunk}.npy (IVF-PQ4's rows, a `RowStore` chunk each, as stored) + _sq.npy (their SQ8 ranges),
 buffer_{iids,rows}.npy (rows not merged yet), items.json (trained ids; live new ids) beside iids.npy
 (their internal ids).
 
@@ -26,7 +26,7 @@ import numpy as np
 from service.durable import fsync_path, write_durably
 from service.index.segment import Ids, RowStore, Segment, Vectors
 
-SNAPSHOT_FORMAT = "m2rec-index/5"  # 5: IVF-PQ4 (4: IVF-SQ8; 3 and older: the home-made index)
+SNAPSHOT_FORMAT = "m2rec-index/6"  # 6: rows by chunk (5: one rows file; 4: IVF-SQ8; older: home-made)
 
 
 @dataclass
@@ -59,17 +59,13 @@ def write_snapshot(path: Path, snap: Snapshot) -> None:
                       "row_codes": segment.rows.codes if segment.rows is not None else None}
         if segment.long is not None:
             faiss.write_index(segment.long.index, str(target / f"{name}_long.faiss"))
-        if (rows := segment.rows) is not None:  # a chunk at a time: never the rows twice in memory
-            ids = segment.ids()[: segment.index.ntotal]
-            np.save(target / f"{name}_row_ids.npy", ids)
+        if (rows := segment.rows) is not None:  # as stored, a file per chunk: never the rows twice in memory
+            meta[name]["row_chunks"] = len(rows.chunks)
             if rows.sq is not None:
                 np.save(target / f"{name}_sq.npy", faiss.vector_to_array(rows.sq.trained))
-            first = rows.get(ids[:1], raw=True)
-            with open(target / f"{name}_rows.npy", "wb") as out:  # written, not mapped: mapped pages count as RSS
-                np.lib.format.write_array_header_2_0(out, {"descr": np.lib.format.dtype_to_descr(first.dtype),
-                                                           "fortran_order": False, "shape": (len(ids), first.shape[1])})
-                for s in range(0, len(ids), 1 << 16):
-                    out.write(rows.get(ids[s : s + (1 << 16)], raw=True).tobytes())
+            for c, chunk in enumerate(rows.chunks):
+                if chunk is not None:
+                    np.save(target / f"{name}_rows_{c}.npy", chunk)
     np.save(target / "buffer_iids.npy", snap.buffer_iids)
     np.save(target / "buffer_rows.npy", snap.buffer_rows)
     np.save(target / "iids.npy", snap.iids)
@@ -107,13 +103,9 @@ def _segment(root: Path, name: str, meta: dict[str, Any], dim: int) -> Segment:
     rows = long = None
     if (root / f"{name}_long.faiss").exists():
         long = Segment("exact", faiss.read_index(str(root / f"{name}_long.faiss")), dim)
-    if (root / f"{name}_rows.npy").exists():
-        ids, sq = np.load(root / f"{name}_row_ids.npy"), root / f"{name}_sq.npy"
+    if about["row_codes"] is not None:  # read whole, a chunk at a time: mapped pages would count as RSS
+        sq = root / f"{name}_sq.npy"
         rows = RowStore(dim, about["row_codes"], np.load(sq) if sq.exists() else None)
-        with open(root / f"{name}_rows.npy", "rb") as stored:  # read a chunk at a time, never mapped whole
-            np.lib.format.read_magic(stored)
-            (_, width), _, dtype = np.lib.format.read_array_header_2_0(stored)
-            for s in range(0, len(ids), 1 << 16):
-                part = ids[s : s + (1 << 16)]
-                rows.put(part, np.fromfile(stored, dtype, len(part) * width).reshape(len(part), width), raw=True)
+        rows.chunks = [np.load(file) if (file := root / f"{name}_rows_{c}.npy").exists() else None
+                       for c in range(about["row_chunks"])]
     return Segment(about["kind"], index, dim, float(about["max_sq_norm"]), int(about["trained_rows"]), rows, long)

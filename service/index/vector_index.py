@@ -3,7 +3,7 @@
 Rows are x = [v; b] (D+1) and queries q = [h; 1], so q·x = h·v + b: the bias rides along.
 
 - Trained items (rows from the artifact) are one FAISS segment, built once and never written
-  again: exact below `ivf_min_rows`, IVF above (`IndexConfig.kind_for`).
+  again: exact below `ivf_min_rows`, IVF-PQ4 above (`IndexConfig.kind_for`).
 - New (registered) items live in three places: the *base* (a FAISS segment of the kind their count
   calls for), *frozen* buffers being merged into it, and the *buffer*, an exact FAISS index that
   takes every add and is searchable when `add` returns. Once the buffer holds `merge_rows` rows a
@@ -16,7 +16,8 @@ Removes and upserts leave tombstones: the old internal id goes dead in `Liveness
 consults through an `IDSelector` while it scans, so dead rows never take a place in a top-k. A user's
 own items (`exclude`) differ per query: one FAISS call asks each segment for k plus the most any
 query of the batch excludes, and they are dropped after (against a call per query with its own
-selector: benchmarks/results/serve.md).
+selector: benchmarks/results/serve.md): trained items by position, new items by item id as the
+answer is walked, so a request never looks its new items up in the id table.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from service.index.config import IndexConfig
+from service.index.config import Built, IndexConfig
 from service.index.ids import IdTable, Liveness
 from service.index.segment import Ids, RowStore, Segment, Vectors, bounds, build_segment, empty_exact, release_memory
 from service.index.snapshot import Snapshot, read_snapshot, write_snapshot
@@ -180,31 +181,32 @@ class VectorIndex:
             live, base, frozen, buffer = self._live, self._base, self._frozen, self._buffer
             bits, selector = live.bits, live.selector  # held: FAISS reads them during the scans
         pos = self._trained_pos
-        trained_banned: list[list[int]] = [[] for _ in excluded]
-        new_banned: list[list[int]] = [[] for _ in excluded]
-        for b, items in enumerate(excluded):  # most of a history is trained items: one lookup each
+        trained_banned: list[list[int]] = []  # positions, dropped before the walk
+        new_skipped: list[set[str]] = []  # item ids, skipped by the walk (no id table lookups)
+        for items in excluded:  # most of a history is trained items: one dict lookup each
             positions = list(map(pos.get, items))
-            trained_banned[b] = [p for p in positions if p is not None]
-            if len(trained_banned[b]) < len(positions):
-                new_banned[b] = self._ids.lookup([i for i, p in zip(items, positions, strict=True) if p is None])
-        trained = self._top([(self._trained, None)], q, k, trained_banned, None,
+            trained_banned.append([p for p in positions if p is not None])
+            new_skipped.append({i for i, p in zip(items, positions, strict=True) if p is None})
+        trained = self._top([(self._trained, None)], q, k, trained_banned, [set()] * len(q), None,
                             lambda iids: [self._trained_ids[i] for i in iids], False)
         segments: list[tuple[Segment, threading.Lock | None]] = [(s, None) for s in frozen]
         segments.append((buffer, self._buffer_lock))
         if base is not None:
             segments.append((base, self._base_lock))
-        new = self._top(segments, q, k, new_banned, selector, self._ids.items_of, True)
+        new = self._top(segments, q, k, [[]] * len(q), new_skipped, selector, self._ids.items_of, True)
         del bits
         return [Tops(t, n) for t, n in zip(trained, new, strict=True)]
 
-    def _top(self, segments: list[tuple[Segment, threading.Lock | None]], q: Vectors, k: int,
-             banned: list[list[int]], selector: Any, names_of: Any, is_cold: bool) -> list[list[Hit]]:
-        """Each query's best k of `segments`, without its banned ids or the dead (`names_of` -> None)."""
+    def _top(self, segments: list[tuple[Segment, threading.Lock | None]], q: Vectors, k: int, banned: list[list[int]],
+             skipped: list[set[str]], selector: Any, names_of: Any, is_cold: bool) -> list[list[Hit]]:
+        """Each query's best k of `segments`, without its banned ids, its skipped items or the dead
+        (`names_of` -> None)."""
         found: list[tuple[Vectors, Ids]] = []
+        extra = max(len(b) + len(s) for b, s in zip(banned, skipped, strict=True))
         for segment, lock in segments:
             if segment.ntotal:
                 with lock or contextlib.nullcontext():
-                    fetch = k + max(map(len, banned), default=0)  # re-ranked: k·rerank plus the banned
+                    fetch = k + extra  # re-ranked: k·rerank plus the dropped
                     found.append(segment.search(q, fetch, selector, self.nprobe, fetch + k * (self.config.rerank - 1)))
         if not found:
             return [[] for _ in q]
@@ -218,25 +220,26 @@ class VectorIndex:
             scores[keys[np.minimum(np.searchsorted(keys, found_keys), len(keys) - 1)] == found_keys] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")
         scores, iids = np.take_along_axis(scores, order, 1), np.take_along_axis(iids, order, 1)
-        head = min(k + 8, scores.shape[1])  # enough unless rows died or are being merged (then the whole row)
-        return [self._walk(row_s, row_i, k, names_of, is_cold) or
-                self._walk(scores[b].tolist(), iids[b].tolist(), k, names_of, is_cold, complete=True) or []
+        head = min(k + 8 + max(map(len, skipped)), scores.shape[1])  # enough unless rows died or are being merged
+        return [self._walk(row_s, row_i, k, names_of, is_cold, skipped[b]) or  # (then the whole row)
+                self._walk(scores[b].tolist(), iids[b].tolist(), k, names_of, is_cold, skipped[b], complete=True) or []
                 for b, (row_s, row_i) in enumerate(zip(scores[:, :head].tolist(), iids[:, :head].tolist(),
                                                        strict=True))]
 
     @staticmethod
-    def _walk(scores: list[float], iids: list[int], k: int, names_of: Any, is_cold: bool,
+    def _walk(scores: list[float], iids: list[int], k: int, names_of: Any, is_cold: bool, skipped: set[str],
               complete: bool = False) -> list[Hit] | None:
-        """The first k live, distinct candidates (sorted best first, dropped ones at -inf), or None
-        when these candidates hold fewer than k and more follow (`complete`: none follow)."""
-        names = names_of(iids[:k])  # the common case: the first k are live and distinct
-        if len(names) == k and scores[k - 1] != -math.inf and None not in names and len(set(iids[:k])) == k:
+        """The first k live, distinct, not skipped candidates (sorted best first, dropped ones at -inf), or
+        None when these candidates hold fewer than k and more follow (`complete`: none follow)."""
+        names = names_of(iids[:k])  # the common case: the first k are live, distinct and wanted
+        if len(names) == k and scores[k - 1] != -math.inf and None not in names and len(set(iids[:k])) == k \
+                and skipped.isdisjoint(names):
             hits = list(map(_hit, zip(names, scores, repeat(is_cold))))
         else:
             hits, seen = [], set()  # a row being merged is in the base and a frozen buffer at once
             for score, iid, name in zip(scores, iids, names_of(iids), strict=True):
-                if name is not None and score != -math.inf and iid not in seen:  # else dropped, a duplicate,
-                    seen.add(iid)  # or removed since the scan
+                if name is not None and score != -math.inf and iid not in seen and name not in skipped:  # else
+                    seen.add(iid)  # dropped, a duplicate, skipped or removed since the scan
                     hits.append(_hit((name, score, is_cold)))
                     if len(hits) == k:
                         break
@@ -286,37 +289,25 @@ class VectorIndex:
                 self._base, self._frozen, self._merged_upto = base, self._frozen[len(frozen):], upto
         release_memory()
 
-    def _rebuilt(self, base: Segment | None, iids: Ids, rows: Vectors, kind: Any) -> Segment:
-        """A new base over the base's live rows plus (`iids`, `rows`), built outside every lock. Float rows
-        of IVF-PQ4 are shared with the old base (puts only add); SQ8 rows are coded afresh, over every
-        row's range, a chunk at a time."""
-        shared = base is not None and base.rows is not None and base.rows.codes != "sq8"
-        store = base.rows if shared and base is not None else RowStore(self.dim)
-        assert store is not None
+    def _rebuilt(self, base: Segment | None, iids: Ids, rows: Vectors, kind: Built) -> Segment:
+        """A new base over the base's live rows plus (`iids`, `rows`), built outside every lock; its rows
+        are coded afresh (SQ8: over every row's range), read from the old base a chunk at a time."""
 
         def parts() -> Iterator[tuple[Ids, Vectors]]:
             yield iids, rows
-            if base is not None and (old := base.rows) is None:
-                yield base.contents()
-            elif base is not None and old is not None:  # IVF-PQ4: the long rows, and its rows unless shared
-                yield from [base.long.contents()] if base.long is not None else []
-                main = np.zeros(0, np.int64) if shared else base.ids()[: base.index.ntotal]
-                for s in range(0, len(main), 1 << 16):
-                    yield main[s : s + (1 << 16)], old.get(main[s : s + (1 << 16)])
+            yield from base.parts() if base is not None else ()
 
-        if not shared and kind == "ivf_pq4" and self.config.row_codes == "sq8":
+        store = RowStore(self.dim)
+        if kind == "ivf_pq4" and self.config.row_codes == "sq8":
             store.encode_as("sq8", bounds(part for _, part in parts()))
         kept = []
         for part_iids, part_rows in parts():
             alive = self._live.of(part_iids)
             store.put(part_iids[alive], part_rows[alive])
             kept.append(part_iids[alive])
-        if shared and base is not None:
-            main = base.ids()[: base.index.ntotal]
-            kept.append(main[self._live.of(main)])
         iids = np.concatenate(kept)
         log.info("rebuilding the index base: %d rows, %s", len(iids), kind)
-        return build_segment(kind, self.dim, np.sort(iids), store, self.config)
+        return build_segment(kind, self.dim, np.unique(iids), store, self.config)  # sorted, once each
 
     def _stale(self, base: Segment | None, live: int) -> bool:
         if base is None:
