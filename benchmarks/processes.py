@@ -46,8 +46,8 @@ class Server:
         interpreter (and so the installed dependencies), by default this one's."""
         self.port = port
         self.log = log
-        cmd = [str(python or sys.executable), "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1", "--no-access-log", "--log-level", "warning"]
+        cmd = [str(python or sys.executable), "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1", "--no-access-log", "--log-level", "warning"]
         self.command = " ".join(cmd[1:])
         self._log_file = log.open("w")
         self.proc = subprocess.Popen(

@@ -21,3 +21,23 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_directory(directory: Path) -> None:
+    """fsync every file in `directory`, then the directory itself."""
+    for file in directory.iterdir():
+        fsync_path(file)
+    fsync_path(directory)
+
+
+def point_link(link: Path, target: str) -> None:
+    """Atomically make the symlink `link` point at `target` (a name beside it), durably: a reader sees
+    the old target or the new one, never neither."""
+    temporary = link.parent / f".{link.name}.{os.getpid()}-{os.urandom(4).hex()}.link"
+    os.symlink(target, temporary)  # relative: the parent can be moved or mounted elsewhere
+    try:
+        os.replace(temporary, link)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_path(link.parent)

@@ -12,7 +12,6 @@ from the store (service/core/maintainer.py).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import uuid
@@ -23,7 +22,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from service.durable import fsync_path, write_durably
+from service.durable import fsync_directory, point_link, write_durably
 from service.index.segment import Ids, RowStore, Segment, Vectors
 
 SNAPSHOT_FORMAT = "m2rec-index/6"  # 6: rows by chunk (5: one rows file; 4: IVF-SQ8; older: home-made)
@@ -72,14 +71,9 @@ def write_snapshot(path: Path, snap: Snapshot) -> None:
     write_durably(target / "items.json", json.dumps({"trained": snap.trained_ids,
                                                      "ids": snap.items}))
     write_durably(target / "meta.json", json.dumps(meta))
-    for file in target.iterdir():
-        fsync_path(file)
-    fsync_path(target)
+    fsync_directory(target)
     previous = path.resolve() if path.is_symlink() else None
-    link = path.parent / f".{path.name}.{uuid.uuid4().hex}.link"
-    os.symlink(target.name, link)
-    os.replace(link, path)
-    fsync_path(path.parent)
+    point_link(path, target.name)
     if previous is not None and previous != target and previous.parent == path.parent:
         shutil.rmtree(previous, ignore_errors=True)
 

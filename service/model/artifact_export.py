@@ -21,7 +21,7 @@ import torch
 from pydantic import JsonValue, ValidationError
 from safetensors.torch import save_file
 
-from service.durable import fsync_path, write_durably
+from service.durable import fsync_path, point_link, write_durably
 from service.model.artifact import (
     CURRENT_POINTER,
     FORMAT,
@@ -129,14 +129,7 @@ def set_current(root: Path, version: str) -> Path:
         raise ArtifactError(f"set_current: {target} is not an artifact version; choose one of "
                             f"{list_versions(root)}")
     load_artifact(target)  # never point the service at something it cannot start from
-    tmp_link = root / f"{TMP_PREFIX}current-{os.getpid()}-{os.urandom(4).hex()}"
-    os.symlink(version, tmp_link)  # relative: the root can be moved or mounted elsewhere
-    try:
-        os.replace(tmp_link, root / CURRENT_POINTER)
-    except BaseException:
-        tmp_link.unlink(missing_ok=True)
-        raise
-    fsync_path(root)
+    point_link(root / CURRENT_POINTER, version)
     return target
 
 
