@@ -176,10 +176,14 @@ class Segment:
             yield ids[s : s + (1 << CHUNK_BITS)], self.rows.get(ids[s : s + (1 << CHUNK_BITS)])
         yield from self.long.parts() if self.long is not None else ()
 
-    def contents(self) -> tuple[Ids, Vectors]:
-        """Every stored id and its row (N, D+1), in `ids()` order."""
-        ids, rows = zip(*self.parts(), strict=True)
-        return np.concatenate(ids), np.concatenate(rows)
+    @staticmethod
+    def joined(segments: Iterable[Segment], dim: int) -> tuple[Ids, Vectors]:
+        """Every id stored in `segments` and its row (N, D+1), segment after segment, each in `ids()` order."""
+        parts = [part for segment in segments for part in segment.parts()]
+        return (np.concatenate([np.zeros(0, np.int64), *(ids for ids, _ in parts)]),
+                np.concatenate([np.zeros((0, dim), np.float32), *(rows for _, rows in parts)]))
+
+
 
 
 def lift(rows: Vectors, max_sq_norm: float) -> Vectors:

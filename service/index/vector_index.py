@@ -253,10 +253,9 @@ class VectorIndex:
         """Every live item, its row and whether it is new: for exact oracles."""
         with self._lock:
             segments = [s for s in (self._base, *self._frozen, self._buffer) if s is not None]
-        positions, trained_rows = self._trained.contents()
-        parts = [s.contents() for s in segments]
-        rows = np.concatenate([p[1] for p in parts])
-        iids, first = np.unique(np.concatenate([p[0] for p in parts]), return_index=True)
+        positions, trained_rows = Segment.joined([self._trained], self.dim)
+        stored, rows = Segment.joined(segments, self.dim)
+        iids, first = np.unique(stored, return_index=True)
         names = self._ids.items_of(iids.tolist())
         keep = [j for j, name in zip(first.tolist(), names, strict=True) if name is not None]
         ids = [self._trained_ids[p] for p in positions.tolist()] + [n for n in names if n is not None]
@@ -271,9 +270,7 @@ class VectorIndex:
                 frozen, base, upto, live = self._frozen, self._base, self._next_iid, len(self._ids)
             if not frozen and not self._stale(base, live):
                 return
-            parts = [s.contents() for s in frozen]
-            iids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-            rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.dim), np.float32)
+            iids, rows = Segment.joined(frozen, self.dim)
             iids, rows = iids[alive := self._live.of(iids)], rows[alive]  # rows removed since are left behind
             kind = self.config.kind_for(live)
             if base is None or base.kind != kind or self._stale(base, live):
@@ -343,9 +340,7 @@ class VectorIndex:
                 segments = [s for s in (*self._frozen, self._buffer) if s.ntotal]
                 iids, items = self._ids.items()
                 base, next_iid = self._base, self._next_iid
-            parts = [s.contents() for s in segments]
-            buffer_iids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-            buffer_rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.dim), np.float32)
+            buffer_iids, buffer_rows = Segment.joined(segments, self.dim)
             with self._base_lock:
                 write_snapshot(Path(path), Snapshot(self.dim, self._trained, self._trained_ids, base, buffer_iids,
                                                     buffer_rows, np.asarray(iids, np.int64), items, next_iid,
