@@ -184,8 +184,6 @@ class Segment:
                 np.concatenate([np.zeros((0, dim), np.float32), *(rows for _, rows in parts)]))
 
 
-
-
 def lift(rows: Vectors, max_sq_norm: float) -> Vectors:
     """x' = [x; sqrt(M² - |x|²)] (N, D+2)."""
     out = np.empty((len(rows), rows.shape[1] + 1), np.float32)
