@@ -98,6 +98,11 @@ class RowStore:
                 self.sq.decode(out) if len(out) else np.zeros((0, self.dim), np.float32)
         return out.reshape(*ids.shape, out.shape[1])
 
+    def get_chunked(self, ids: Ids) -> Iterator[tuple[Ids, Vectors]]:
+        """(ids, their float32 rows) a chunk's worth at a time: a catalogue is never decoded whole."""
+        for s in range(0, len(ids), 1 << CHUNK_BITS):
+            yield ids[s : s + (1 << CHUNK_BITS)], self.get(ids[s : s + (1 << CHUNK_BITS)])
+
 
 @dataclass
 class Segment:
@@ -172,8 +177,7 @@ class Segment:
             return
         assert self.rows is not None
         ids = self.ids()[: int(self.index.ntotal)]
-        for s in range(0, len(ids), 1 << CHUNK_BITS):
-            yield ids[s : s + (1 << CHUNK_BITS)], self.rows.get(ids[s : s + (1 << CHUNK_BITS)])
+        yield from self.rows.get_chunked(ids)
         yield from self.long.parts() if self.long is not None else ()
 
     @staticmethod
@@ -208,15 +212,14 @@ def empty_exact(dim: int) -> Segment:
 def build_segment(kind: Built, dim: int, ids: Ids, store: RowStore, config: IndexConfig) -> Segment:
     """A segment over the rows of `ids` in `store`, added a chunk at a time (the catalogue is never copied whole)."""
     segment = empty_exact(dim) if kind == "exact" else _trained_ivf_pq4(dim, ids, store, config)
-    for start in range(0, len(ids), 1 << CHUNK_BITS):
-        part = ids[start : start + (1 << CHUNK_BITS)]
-        segment.add(part, store.get(part), put=False)  # IVF-PQ4 re-ranks from `store` itself
+    for part, rows in store.get_chunked(ids):
+        segment.add(part, rows, put=False)  # IVF-PQ4 re-ranks from `store` itself
     return segment
 
 
 def _trained_ivf_pq4(dim: int, ids: Ids, store: RowStore, config: IndexConfig) -> Segment:
     max_sq = max(float(np.einsum("nd,nd->n", rows, rows, dtype=np.float64).max(initial=0.0))
-                 for rows in (store.get(ids[s : s + (1 << CHUNK_BITS)]) for s in range(0, len(ids), 1 << CHUNK_BITS)))
+                 for _, rows in store.get_chunked(ids))
     nlist = config.nlist_for(len(ids))
     sample = store.get(ids[np.sort(np.random.default_rng(1234).choice(
         len(ids), min(len(ids), nlist * config.train_points_per_list), replace=False))])
@@ -224,8 +227,7 @@ def _trained_ivf_pq4(dim: int, ids: Ids, store: RowStore, config: IndexConfig) -
     index = faiss.IndexIVFPQFastScan(quantizer, dim + 1, nlist, dim + 1, 4, faiss.METRIC_INNER_PRODUCT)
     index.by_residual = True
     if store.codes != config.row_codes:  # a rebuild's SQ8 rows are coded already
-        store.encode_as(config.row_codes, bounds(store.get(ids[s : s + (1 << CHUNK_BITS)])
-                                                 for s in range(0, len(ids), 1 << CHUNK_BITS)))
+        store.encode_as(config.row_codes, bounds(rows for _, rows in store.get_chunked(ids)))
     index.cp.niter = config.train_iterations
     index.cp.seed = 1234  # the same catalogue gets the same lists
     index.cp.max_points_per_centroid = 1 << 30  # already sampled
