@@ -232,8 +232,8 @@ def test_a_snapshot_in_another_format_is_refused_by_name(tmp_path: Path) -> None
     index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [(["a"], rows_of(1, 18))])
     index.save(tmp_path / "snapshot", event_id=None)
     meta = (tmp_path / "snapshot").resolve() / "meta.json"
-    meta.write_text(meta.read_text().replace("m2rec-index/6", "m2rec-index/5"))
-    with pytest.raises(ValueError, match="snapshot format 'm2rec-index/5' is not 'm2rec-index/6'"):
+    meta.write_text(meta.read_text().replace("m2rec-index/7", "m2rec-index/6"))
+    with pytest.raises(ValueError, match="snapshot format 'm2rec-index/6' is not 'm2rec-index/7'"):
         VectorIndex.load(tmp_path / "snapshot")
 
 

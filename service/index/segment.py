@@ -32,20 +32,39 @@ from service.index.config import Built, IndexConfig, RowCodes
 
 Vectors = npt.NDArray[np.float32]  # (N, D+1)
 Ids = npt.NDArray[np.int64]  # (N,)
-CHUNK_BITS = 16  # rows per RowStore chunk: 2^16, so growing never copies stored rows
+CHUNK_BITS = 20  # rows per RowStore chunk: 2^20, so growing never copies stored rows
+_MASK = (1 << CHUNK_BITS) - 1
+SLICE = 1 << 16  # rows decoded at a time when a catalogue is read whole (rebuilds, snapshots)
 _DTYPE = {"float32": np.float32, "float16": np.float16, "sq8": np.uint8}
 
 
 class RowStore:
-    """Rows by id in fixed chunks: appends never move stored rows (no copy, no stall), reads need no lock."""
+    """Rows by id in fixed chunks: appends never move stored rows (no copy, no stall), reads need no lock.
+    A chunk is allocated whole but zeroed lazily by the OS, so only the rows written take memory, and a
+    catalogue of up to 2^20 rows is one array: a shortlist's gather is one `np.take`."""
 
     def __init__(self, dim: int, codes: RowCodes = "float32", sq_trained: Vectors | None = None) -> None:
         self.dim, self.codes = dim, codes
         self.chunks: list[npt.NDArray[Any] | None] = []
+        self.used: list[int] = []  # per chunk: 1 + the highest row written
         self.sq: Any = None  # sq8: FAISS's 8-bit scalar quantizer, a range per dimension
         if sq_trained is not None:
             self.sq = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit)
             faiss.copy_array_to_vector(sq_trained, self.sq.trained)
+
+    @property
+    def width(self) -> int:
+        return int(self.sq.code_size) if self.codes == "sq8" else self.dim
+
+    def chunk(self, c: int) -> npt.NDArray[Any]:
+        """Chunk `c`, allocated (lazily zeroed) if it is not yet."""
+        while len(self.chunks) <= c:
+            self.chunks.append(None)
+            self.used.append(0)
+        chunk = self.chunks[c]
+        if chunk is None:
+            chunk = self.chunks[c] = np.zeros((1 << CHUNK_BITS, self.width), _DTYPE[self.codes])
+        return chunk
 
     def encode_as(self, codes: RowCodes, bounds: Vectors) -> None:
         """Keep the rows as `codes` from now on; chunk by chunk, never held twice.
@@ -55,9 +74,14 @@ class RowStore:
             self.sq = faiss.ScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit)
             self.sq.rangestat_arg = 0.25  # each range widened a quarter: rows a little longer are not clamped
             self.sq.train(bounds)
-        self.codes = codes
-        for j, chunk in enumerate(self.chunks):  # in place: the float32 chunks go as their codes arrive
-            self.chunks[j] = None if chunk is None else self._encode(chunk)
+        old, self.codes = self.chunks, codes
+        self.chunks = [None] * len(old)
+        for c, chunk in enumerate(old):  # in place: the float32 chunks go as their codes arrive
+            if chunk is not None:
+                for s in range(0, self.used[c], SLICE):
+                    coded = self._encode(chunk[s : min(s + SLICE, self.used[c])])
+                    self.chunk(c)[s : s + len(coded)] = coded
+                old[c] = None
 
     def fits(self, rows: Vectors) -> npt.NDArray[np.bool_]:
         """(N,) whether each row is within the codes' ranges (SQ8 clamps the others)."""
@@ -72,36 +96,36 @@ class RowStore:
 
     def put(self, ids: Ids, rows: Vectors, raw: bool = False) -> None:
         """`raw`: `rows` are already in this store's codes (from `get(raw=True)`)."""
-        width = self.sq.code_size if self.codes == "sq8" else self.dim
         for c in np.unique(ids >> CHUNK_BITS).tolist():
-            while len(self.chunks) <= c:
-                self.chunks.append(None)
-            chunk = self.chunks[c]
-            if chunk is None:
-                chunk = self.chunks[c] = np.zeros((1 << CHUNK_BITS, width), _DTYPE[self.codes])
             mine = (ids >> CHUNK_BITS) == c
-            chunk[ids[mine] & ((1 << CHUNK_BITS) - 1)] = rows[mine] if raw else self._encode(rows[mine])
+            at = ids[mine] & _MASK
+            self.chunk(c)[at] = rows[mine] if raw else self._encode(rows[mine])
+            self.used[c] = max(self.used[c], int(at.max()) + 1)
 
     def get(self, ids: Ids, raw: bool = False) -> Vectors:
         """Rows of `ids` (any shape S), as (*S, D+1) float32 (`raw`: as stored); ids must have been put."""
         flat = ids.ravel()
-        out = np.empty((len(flat), self.sq.code_size if self.codes == "sq8" else self.dim), _DTYPE[self.codes])
-        order = np.argsort(flat >> CHUNK_BITS, kind="stable")  # grouped by chunk: one pass, not one per chunk
-        chunk_of = flat[order] >> CHUNK_BITS
-        starts = np.flatnonzero(np.diff(chunk_of, prepend=-1))
-        for c, mine in zip(chunk_of[starts].tolist(), np.split(order, starts[1:]), strict=True):
-            chunk = self.chunks[c]
-            assert chunk is not None  # every id was put
-            out[mine] = chunk[flat[mine] & ((1 << CHUNK_BITS) - 1)]
+        first = self.chunks[int(flat[0]) >> CHUNK_BITS] if len(flat) else None
+        if first is not None and len(self.chunks) == 1:  # one chunk (up to 2^20 rows): one gather
+            out = np.take(first, flat & _MASK, axis=0)
+        else:
+            out = np.empty((len(flat), self.width), _DTYPE[self.codes])
+            order = np.argsort(flat >> CHUNK_BITS, kind="stable")  # grouped by chunk: one pass, not one per chunk
+            chunk_of = flat[order] >> CHUNK_BITS
+            starts = np.flatnonzero(np.diff(chunk_of, prepend=-1))
+            for c, mine in zip(chunk_of[starts].tolist(), np.split(order, starts[1:]), strict=True):
+                chunk = self.chunks[c]
+                assert chunk is not None  # every id was put
+                out[mine] = np.take(chunk, flat[mine] & _MASK, axis=0)
         if not raw:  # SQ8: one decode for the whole gather
             out = out.astype(np.float32, copy=False) if self.codes != "sq8" else \
                 self.sq.decode(out) if len(out) else np.zeros((0, self.dim), np.float32)
         return out.reshape(*ids.shape, out.shape[1])
 
     def get_chunked(self, ids: Ids) -> Iterator[tuple[Ids, Vectors]]:
-        """(ids, their float32 rows) a chunk's worth at a time: a catalogue is never decoded whole."""
-        for s in range(0, len(ids), 1 << CHUNK_BITS):
-            yield ids[s : s + (1 << CHUNK_BITS)], self.get(ids[s : s + (1 << CHUNK_BITS)])
+        """(ids, their float32 rows) a slice at a time: a catalogue is never decoded whole."""
+        for s in range(0, len(ids), SLICE):
+            yield ids[s : s + SLICE], self.get(ids[s : s + SLICE])
 
 
 @dataclass

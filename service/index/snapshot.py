@@ -1,7 +1,7 @@
 """The on-disk form of a `VectorIndex`: one directory per snapshot, swapped in by a symlink rename:
 meta.json (format, dim, event id, next internal id, each segment's kind and lift), trained.faiss and
 base.faiss (`faiss.write_index`), {trained,base}_long.faiss (rows longer than the lift's M),
-{trained,base}_rows_{chunk}.npy (IVF-PQ4's rows, a `RowStore` chunk each, as stored) + _sq.npy (their SQ8 ranges),
+{trained,base}_rows_{chunk}.npy (IVF-PQ4's rows as stored, the written part of a `RowStore` chunk each) + _sq.npy (their SQ8 ranges),
 buffer_{iids,rows}.npy (rows not merged yet), items.json (trained ids; live new ids) beside iids.npy
 (their internal ids).
 
@@ -25,7 +25,7 @@ import numpy as np
 from service.durable import fsync_directory, point_link, write_durably
 from service.index.segment import Ids, RowStore, Segment, Vectors
 
-SNAPSHOT_FORMAT = "m2rec-index/6"  # 6: rows by chunk (5: one rows file; 4: IVF-SQ8; older: home-made)
+SNAPSHOT_FORMAT = "m2rec-index/7"  # 7: chunks of 2^20 rows (6: of 2^16; 5: one rows file; 4: IVF-SQ8)
 
 
 @dataclass
@@ -63,8 +63,8 @@ def write_snapshot(path: Path, snap: Snapshot) -> None:
             if rows.sq is not None:
                 np.save(target / f"{name}_sq.npy", faiss.vector_to_array(rows.sq.trained))
             for c, chunk in enumerate(rows.chunks):
-                if chunk is not None:
-                    np.save(target / f"{name}_rows_{c}.npy", chunk)
+                if chunk is not None:  # the rows written: the rest of a chunk is untouched zeros
+                    np.save(target / f"{name}_rows_{c}.npy", chunk[: rows.used[c]])
     np.save(target / "buffer_iids.npy", snap.buffer_iids)
     np.save(target / "buffer_rows.npy", snap.buffer_rows)
     np.save(target / "iids.npy", snap.iids)
@@ -97,9 +97,17 @@ def _segment(root: Path, name: str, meta: dict[str, Any], dim: int) -> Segment:
     rows = long = None
     if (root / f"{name}_long.faiss").exists():
         long = Segment("exact", faiss.read_index(str(root / f"{name}_long.faiss")), dim)
-    if about["row_codes"] is not None:  # read whole, a chunk at a time: mapped pages would count as RSS
+    if about["row_codes"] is not None:  # read into each chunk in place: mapped pages would count as RSS
         sq = root / f"{name}_sq.npy"
         rows = RowStore(dim, about["row_codes"], np.load(sq) if sq.exists() else None)
-        rows.chunks = [np.load(file) if (file := root / f"{name}_rows_{c}.npy").exists() else None
-                       for c in range(about["row_chunks"])]
+        for c in range(about["row_chunks"]):
+            if (file := root / f"{name}_rows_{c}.npy").exists():
+                with file.open("rb") as f:
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f) \
+                        if np.lib.format.read_magic(f) == (1, 0) else np.lib.format.read_array_header_2_0(f)
+                    into = rows.chunk(c)[: shape[0]]
+                    if fortran or dtype != into.dtype or shape != into.shape or f.readinto(into.data.cast("B")) \
+                            != into.nbytes:
+                        raise ValueError(f"{file}: not the {into.shape} {into.dtype} rows the snapshot records")
+                    rows.used[c] = shape[0]
     return Segment(about["kind"], index, dim, float(about["max_sq_norm"]), int(about["trained_rows"]), rows, long)
