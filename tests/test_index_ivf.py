@@ -231,5 +231,5 @@ def test_rows_spread_over_several_chunks_read_back_and_survive_a_snapshot(row_co
         np.testing.assert_array_equal(a, b)
     rows_file = (tmp_path / "snapshot").resolve() / "base_rows_5.npy"
     rows_file.write_bytes(rows_file.read_bytes()[:-10])  # a torn file is refused, not read as zeros
-    with pytest.raises(ValueError, match="base_rows_5.npy: not the"):
+    with pytest.raises(ValueError, match=r"base_rows_5\.npy: not the"):
         read_snapshot(tmp_path / "snapshot")

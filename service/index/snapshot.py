@@ -1,7 +1,8 @@
 """The on-disk form of a `VectorIndex`: one directory per snapshot, swapped in by a symlink rename:
 meta.json (format, dim, event id, next internal id, each segment's kind and lift), trained.faiss and
 base.faiss (`faiss.write_index`), {trained,base}_long.faiss (rows longer than the lift's M),
-{trained,base}_rows_{chunk}.npy (IVF-PQ4's rows as stored, the written part of a `RowStore` chunk each) + _sq.npy (their SQ8 ranges),
+{trained,base}_rows_{chunk}.npy (IVF-PQ4's rows as stored, the written part of a `RowStore` chunk each)
++ _sq.npy (their SQ8 ranges),
 buffer_{iids,rows}.npy (rows not merged yet), items.json (trained ids; live new ids) beside iids.npy
 (their internal ids).
 
