@@ -105,9 +105,8 @@ class RowStore:
     def get(self, ids: Ids, raw: bool = False) -> Vectors:
         """Rows of `ids` (any shape S), as (*S, D+1) float32 (`raw`: as stored); ids must have been put."""
         flat = ids.ravel()
-        first = self.chunks[int(flat[0]) >> CHUNK_BITS] if len(flat) else None
-        if first is not None and len(self.chunks) == 1:  # one chunk (up to 2^20 rows): one gather
-            out = np.take(first, flat & _MASK, axis=0)
+        if len(self.chunks) == 1 and (only := self.chunks[0]) is not None:  # up to 2^20 rows: one gather
+            out = np.take(only, flat & _MASK, axis=0)
         else:
             out = np.empty((len(flat), self.width), _DTYPE[self.codes])
             order = np.argsort(flat >> CHUNK_BITS, kind="stable")  # grouped by chunk: one pass, not one per chunk
