@@ -94,12 +94,12 @@ class RowStore:
         return self.sq.compute_codes(np.ascontiguousarray(rows)) if self.codes == "sq8" else \
             rows.astype(_DTYPE[self.codes], copy=False)
 
-    def put(self, ids: Ids, rows: Vectors, raw: bool = False) -> None:
-        """`raw`: `rows` are already in this store's codes (from `get(raw=True)`)."""
+    def put(self, ids: Ids, rows: Vectors) -> None:
+        """Store float32 `rows` (N, D+1) under `ids`, in this store's codes."""
         for c in np.unique(ids >> CHUNK_BITS).tolist():
             mine = (ids >> CHUNK_BITS) == c
             at = ids[mine] & _MASK
-            self.chunk(c)[at] = rows[mine] if raw else self._encode(rows[mine])
+            self.chunk(c)[at] = self._encode(rows[mine])
             self.used[c] = max(self.used[c], int(at.max()) + 1)
 
     def get(self, ids: Ids, raw: bool = False) -> Vectors:
@@ -193,7 +193,7 @@ class Segment:
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def parts(self) -> Iterator[tuple[Ids, Vectors]]:
-        """Every stored id and its row (n, D+1), in `ids()` order, a RowStore chunk's worth at a time."""
+        """Every stored id and its row (n, D+1), in `ids()` order, `SLICE` rows at a time."""
         if self.kind == "exact":
             n = self.ntotal
             yield self.ids(), self.index.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim), np.float32)
@@ -233,7 +233,7 @@ def empty_exact(dim: int) -> Segment:
 
 
 def build_segment(kind: Built, dim: int, ids: Ids, store: RowStore, config: IndexConfig) -> Segment:
-    """A segment over the rows of `ids` in `store`, added a chunk at a time (the catalogue is never copied whole)."""
+    """A segment over the rows of `ids` in `store`, added a slice at a time (the catalogue is never copied whole)."""
     segment = empty_exact(dim) if kind == "exact" else _trained_ivf_pq4(dim, ids, store, config)
     for part, rows in store.get_chunked(ids):
         segment.add(part, rows, put=False)  # IVF-PQ4 re-ranks from `store` itself
