@@ -90,7 +90,7 @@ def diverse_batch(dataset: Dataset, start: int, n: int, seed: int) -> SyntheticB
 
 
 def embed_batch(recommender: Recommender, batch: SyntheticBatch, chunk: int = 1024) -> Rows:
-    """Generator rows (B, D+1) under the neutral gate: what POST /items would store for these inputs.
+    """Rows (B, D+1[+f]) under the neutral gate: what POST /items would store for these inputs.
 
     Chunks of items with similar attribute counts: the generator pads attributes to the longest
     item of a chunk, and padding is most of the work when one item has 100 tokens and most 20.
@@ -102,9 +102,7 @@ def embed_batch(recommender: Recommender, batch: SyntheticBatch, chunk: int = 10
         part = order[s : s + chunk]
         attributes, _ = recommender.embedder.vocabulary.encode([batch.attributes[b] for b in part])  # (B, A)
         content = torch.from_numpy(batch.content[part])  # (B, F)
-        with torch.inference_mode():
-            rows, _ = recommender.model.embed_items(item_inputs(attributes, content, recommender.content_dim))
-        out[part] = rows.numpy()
+        out[part] = recommender.embedder.rows_of(item_inputs(attributes, content, recommender.content_dim))
     return out
 
 

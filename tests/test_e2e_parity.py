@@ -2,8 +2,9 @@
 split of real data through the running service gives the offline harness's figures.
 
 The model is the shipped one (the TrainConfig defaults: the full generator, the validation-chosen
-mixing policy and new-item bias weight), trained for real on ml-100k's hybrid split (seed 0) with
-the epochs capped so the test stays a few minutes, and exported in the one artifact format.
+mixing policy and new-item bias weight, the collaborative part beside it), trained for real on
+ml-100k's hybrid split (seed 0) with the epochs capped so the test stays a few minutes, and exported in
+the one artifact format; and m2rec alone (the same training without the part, as the presets serve).
 
     offline  training.protocol.evaluate_full(the harness's m2rec scorer, hybrid(split)): every warm
              and test-cold item ranked together for each user, folded in from their history
@@ -32,6 +33,7 @@ from service.model.mixing import merge_order
 from tests.conftest import StoreSpec
 from tests.live_server import LiveServer
 from tests.shared_data import ml100k
+from training.collaborative_fit import Joint, fit_with_blend
 from training.dataset import Dataset
 from training.export import export_artifact
 from training.m2rec_recommender import M2RecRecommender
@@ -56,21 +58,37 @@ class Trained:
     root: Path
     dataset: Dataset
     split: ColdStartSplit
-    model: M2RecRecommender  # the harness's scorer of the exported model, with its policy
+    model: M2RecRecommender | Joint  # the harness's scorer of the exported model, with its policy
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+def both(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Trained]:
+    """m2rec trained once, exported alone and with the collaborative part (the shipped model)."""
     dataset = ml100k()
     split = cold_start_split(dataset, seed=0)
     result = train(dataset, split, replace(TrainConfig(progress=False), epochs=12))
-    root = tmp_path_factory.mktemp("parity-artifact")
+    out = {}
+    root = tmp_path_factory.mktemp("parity-m2rec")
     export_artifact(result, dataset, "ml-100k:parity", root, {"validation": result.best_val})
-    # the artifact's rows are the training rows of exactly these items, in this order, with its policy
-    artifact = load_artifact(root)
-    assert list(artifact.item_ids) == [dataset.item_ids[j] for j in result.data.warm]
-    assert artifact.manifest.policy == result.policy
-    return Trained(root, dataset, split, M2RecRecommender.trained(result))
+    out["m2rec"] = Trained(root, dataset, split, M2RecRecommender.trained(result))
+    joint, _ = fit_with_blend(dataset, split, result.model, result.data, seed=0)  # settings chosen on validation
+    assert joint.policy is not None
+    result.model.attach(joint.part)
+    root = tmp_path_factory.mktemp("parity-shipped")
+    export_artifact(replace(result, policy=joint.policy), dataset, "ml-100k:parity", root, {})
+    out["shipped"] = Trained(root, dataset, split, joint)
+    for t in out.values():
+        # the artifact's rows are the training rows of exactly these items, in this order, with its policy
+        artifact = load_artifact(t.root)
+        assert list(artifact.item_ids) == [dataset.item_ids[j] for j in result.data.warm]
+        assert artifact.manifest.policy == t.model.policy
+    assert load_artifact(out["shipped"].root).manifest.embedding_dim == result.model.config.row_dim
+    return out
+
+
+@pytest.fixture(params=["shipped", "m2rec"])
+def trained(request: pytest.FixtureRequest, both: dict[str, Trained]) -> Trained:
+    return both[request.param]
 
 
 def _offline_lists(t: Trained, task: Task) -> dict[int, list[int]]:

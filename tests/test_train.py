@@ -135,6 +135,11 @@ def test_train_cli_exports_a_production_model_with_every_item_trained(dataset: D
     assert manifest["n_warm_items"] == np.unique(dataset.interactions[:, 1]).size  # every item trained
     assert manifest["mixing"] == manifest["metrics"]["validation"]["policy"]
     assert manifest["metrics"]["validation"]["hybrid"]["new_bias_weight"] in (1.0, 2.0)
+    # the shipped model serves the collaborative part beside m2rec, its weight chosen on validation
+    factors = manifest["model_config"]["collaborative_factors"]
+    assert factors > 0 and manifest["embedding_dim"] == 8 + 1 + factors
+    assert 0.0 <= manifest["metrics"]["collaborative"]["m2rec_weight"] <= 1.0
+    assert manifest["metrics"]["collaborative"]["policy"] == manifest["mixing"]
     with pytest.raises(SystemExit):
         main(["--dataset", str(data_dir), "--out", str(tmp_path / "b"), "--preset", "no-such-preset"])
 

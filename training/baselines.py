@@ -55,11 +55,12 @@ class Content:
         return sp.csr_matrix(sp.hstack([sp.csr_matrix(self.dense), self.sparse]))
 
 
-def content_blocks(dataset: Dataset, attribute_weight: float) -> Content:
+def content_blocks(dataset: Dataset, attribute_weight: float, vocabulary: list[str] | None = None) -> Content:
+    """`vocabulary`: the attribute tokens to read (default: every token of the dataset)."""
     n = dataset.n_items
     dense = (_l2_rows(dataset.features.astype(np.float64)) if dataset.features is not None
              else np.zeros((n, 0)))
-    attrs = dataset.attribute_matrix().astype(np.float64)
+    attrs = dataset.attribute_matrix(vocabulary).astype(np.float64)
     a_norm = np.sqrt(np.asarray(attrs.multiply(attrs).sum(axis=1))).ravel()
     weight = attribute_weight if dataset.features is not None else 1.0
     attrs = sp.diags(weight / np.maximum(a_norm, 1e-12)) @ attrs
@@ -245,8 +246,7 @@ class ALSRidge(_ALSScorer):
             self.als.fit(dataset, split)
         self.rankable = np.ones(dataset.n_items, dtype=bool)
         weights = self.attribute_weights if dataset.features is not None else (1.0,)
-        ones = sp.csr_matrix(np.ones((dataset.n_items, 1)))  # intercept column
-        contents = {w: sp.csr_matrix(sp.hstack([content_blocks(dataset, w).as_csr(), ones])) for w in weights}
+        contents = {w: with_intercept(content_blocks(dataset, w)) for w in weights}
         configs = self.als.best_configs(self.als_candidates if self.calibrate else 1)
         cold_task, hybrid_task = cold_only(split, validation=True), hybrid(split, validation=True)
         best: tuple[float, dict[str, Any], Any, np.ndarray, Policy | None] | None = None
@@ -274,11 +274,20 @@ class ALSRidge(_ALSScorer):
         _, self.params, self.als_model, self.item_rows, self.policy = best
 
 
-def _ridge_rows(factors: np.ndarray, content: sp.csr_matrix, warm: np.ndarray, gamma: float) -> np.ndarray:
-    """Warm items keep their factors; every other item gets content @ W, W the ridge map onto them."""
+def ridge_map(factors: np.ndarray, content: sp.csr_matrix, warm: np.ndarray, gamma: float) -> np.ndarray:
+    """W (F+A+1, d): the ridge map from the warm items' content rows onto their factors."""
     Xw = content[warm]
     gram = (Xw.T @ Xw).toarray() + gamma * np.eye(content.shape[1])
-    W = np.linalg.solve(gram, np.asarray(Xw.T @ factors[warm]))  # (F+A+1, d)
-    rows = np.asarray(content @ W)  # (I, d)
+    return np.asarray(np.linalg.solve(gram, np.asarray(Xw.T @ factors[warm])))
+
+
+def with_intercept(content: Content) -> sp.csr_matrix:
+    """[content, 1] (I, F+A+1): the ridge map's input rows."""
+    return sp.csr_matrix(sp.hstack([content.as_csr(), sp.csr_matrix(np.ones((content.dense.shape[0], 1)))]))
+
+
+def _ridge_rows(factors: np.ndarray, content: sp.csr_matrix, warm: np.ndarray, gamma: float) -> np.ndarray:
+    """Warm items keep their factors; every other item gets content @ W, W the ridge map onto them."""
+    rows = np.asarray(content @ ridge_map(factors, content, warm, gamma))  # (I, d)
     rows[warm] = factors[warm]
     return rows

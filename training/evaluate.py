@@ -41,7 +41,7 @@ import numpy as np
 
 from training.baselines import ALS, ALSRidge, ContentKNN, Popularity, RandomRecommender
 from training.dataset import Dataset, fingerprint, load_dataset
-from training.ensemble import Ensemble
+from training.ensemble import Ensemble, JointRecommender
 from training.m2rec_recommender import M2RecRecommender
 from training.mixing import model_policy
 from training.presets import PRESETS
@@ -70,6 +70,7 @@ def model_factories() -> dict[str, ModelFactory]:
         "als-ridge": lambda seed: ALSRidge(seed=seed),
         "blend": lambda seed: ALSRidge(seed=seed, calibrate=True, name="blend"),
         "m2rec+blend": lambda seed: Ensemble(seed=seed),
+        "m2rec+als": lambda seed: JointRecommender(seed=seed),
     }
     for name in PRESETS:
         factories[name] = lambda seed, name=name: M2RecRecommender.preset(name, seed)  # type: ignore[misc]
@@ -95,11 +96,20 @@ def run(dataset: Dataset, models: list[str], seeds: list[int], validation_users:
         split = cold_start_split(dataset, seed, validation_users=validation_users)
         splits.append({"seed": seed, **split.summary()})
         tasks = _test_tasks(split)
+        # m2rec and the blend, fitted once a seed: the ensembles combine them (name -> (model, fit seconds))
+        shared: dict[str, tuple[Any, float]] = {}
         for name in models:
-            model = factories[name](seed)
-            start = time.perf_counter()
-            model.fit(dataset, split)
-            fit_seconds = time.perf_counter() - start
+            if name in shared:
+                model, fit_seconds = shared[name]
+            else:
+                model = factories[name](seed)
+                if isinstance(model, Ensemble | JointRecommender):
+                    model.shared = shared
+                start = time.perf_counter()
+                model.fit(dataset, split)
+                fit_seconds = time.perf_counter() - start
+                if name in ("m2rec", "blend"):
+                    shared[name] = (model, fit_seconds)
             results: dict[str, Evaluation] = {
                 protocol: evaluate_tops(tops(model, task), model_policy(model), task.mixed)
                 for protocol, task in tasks.items()}

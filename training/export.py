@@ -51,7 +51,7 @@ def export_artifact(
         model_config=model.config.to_dict(),
         attribute_vocabulary=list(result.data.vocabulary.tokens),
         content_dim=int(result.data.content_dim),
-        embedding_dim=int(model.config.item_dim) + 1,
+        embedding_dim=int(model.config.row_dim),
         metrics=metrics,
         mixing=result.policy.to_dict(),
         data_fingerprint=data_fingerprint,

@@ -22,7 +22,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,11 @@ from service.model import M2Rec, ModelConfig
 from service.model.generator import M2VAEGenerator
 from service.model.mixing import RAW, Policy
 from training import distributed
+from training.baselines import fit_als
+from training.collaborative_fit import build, fit_with_blend
 from training.dataset import Dataset, fingerprint, load_dataset
 from training.export import export_artifact
-from training.item_rows import ItemTable, generated_rows
+from training.item_rows import ItemTable, all_item_rows, generated_rows
 from training.linear_fit import LinearFit
 from training.mixing import choose_policy
 from training.presets import PRESETS
@@ -62,6 +64,7 @@ class TrainResult:
     best_val: dict[str, float]
     policy: Policy  # how new items mix with trained ones, chosen on validation
     history: list[dict[str, float]]
+    collaborative: dict[str, Any] = field(default_factory=dict)  # what validation chose for the part
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -265,16 +268,48 @@ def train_production(dataset: Dataset, cfg: TrainConfig) -> tuple[TrainResult, T
     (pseudo-cold items and a per-user warm holdout, training/split.py) and chooses the epoch and the
     mixing policy there; the production model then continues from it on every interaction, so that
     every item with interactions gets a trained row, stopping on a slice of interactions that neither
-    run trains on."""
+    run trains on. With `cfg.collaborative` the production model gets the collaborative part
+    (`attach_collaborative`)."""
     carve = validation_split(dataset, cfg.seed)
     first = train(dataset, carve, cfg)
     log.info("validation run: best epoch %d, %s, policy %s", first.best_epoch, json.dumps(first.best_val),
              first.policy.to_dict())
     refit = replace(cfg, epochs=cfg.refit_epochs, eval_every=1, patience=cfg.refit_patience)
     # stopped on half of the validation run's warm holdout, which neither run trains on
-    final = train(dataset, production_split(dataset, cfg.seed, carve.val_warm_truth), refit, init=first)
+    production = production_split(dataset, cfg.seed, carve.val_warm_truth)
+    final = train(dataset, production, refit, init=first)
     final.model.new_bias_weight.copy_(first.model.new_bias_weight)
-    return first, replace(final, policy=first.policy)
+    final = replace(final, policy=first.policy)
+    if cfg.collaborative and distributed.is_main():  # rank 0 alone exports: the part is fitted there
+        first, final = attach_collaborative(dataset, carve, first, production, final)
+    return first, final
+
+
+def attach_collaborative(dataset: Dataset, carve: ColdStartSplit, first: TrainResult, production: ColdStartSplit,
+                         final: TrainResult) -> tuple[TrainResult, TrainResult]:
+    """The collaborative part beside both runs' m2rec. On the validation run's split: the calibrated
+    blend's search chooses ALS's and the ridge map's settings, then m2rec's weight w and the mixing
+    policy are chosen for the combination. The production part: ALS refitted with those settings on the
+    production run's interactions, the ridge map onto its factors, w and the policy from validation."""
+    joint, blend = fit_with_blend(dataset, carve, first.model, first.data, first.config.seed)
+    assert joint.policy is not None
+    weight, policy = joint.part._weight, joint.policy
+    log.info("collaborative part: ALS %s; m2rec's weight %.2f, policy %s (validation R@20+N@20 by weight %s)",
+             json.dumps({k: blend.params[k] for k in ("factors", "regularization", "alpha", "ridge",
+                                                       "attribute_weight")}),
+             weight, policy.to_dict(), joint.trace)
+    first.model.attach(joint.part)
+    p = blend.params
+    als = fit_als(production.train, int(p["factors"]), float(p["regularization"]), float(p["alpha"]),
+                  blend.als.iterations if blend.als is not None else 15, first.config.seed)
+    served = build(dataset, final.data, all_item_rows(final.model, final.data).numpy(), als.item_factors, p)
+    with torch.no_grad():
+        served.weight.fill_(weight)
+    served.refresh()
+    final.model.attach(served)
+    chosen = {"m2rec_weight": weight, "policy": policy.to_dict(), "blend": blend.params,
+              "val_r20_plus_n20": joint.trace}
+    return replace(first, policy=policy, collaborative=chosen), replace(final, policy=policy, collaborative=chosen)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -325,6 +360,7 @@ def _main(args: argparse.Namespace, chosen: str | None) -> None:
         "processes": distributed.world_size(),
         "validation": {"best_epoch": first.best_epoch, "hybrid": first.best_val, "policy": first.policy.to_dict()},
         "refit": {"best_epoch": final.best_epoch, "held_out_slice": final.best_val},
+        "collaborative": final.collaborative,
     }
     log.info("trained in %.0f s (validation run, then the refit on every interaction: best epoch %d, held-out "
              "slice %s)", seconds, final.best_epoch, json.dumps(final.best_val))

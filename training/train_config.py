@@ -19,6 +19,9 @@ class TrainConfig:
     # production refit on every interaction, from the validation run's weights (train_production)
     refit_epochs: int = 6
     refit_patience: int = 2
+    # serve m2rec with the collaborative part beside it (service/model/collaborative.py): ALS factors for
+    # trained items, a ridge map for new ones, mixed per user; its settings and weight chosen on validation
+    collaborative: bool = True
     # weights of a new item's generated bias tried on validation after training (M2Rec.new_bias_weight)
     new_bias_weights: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
     # model sizes and switches (ModelConfig)

@@ -1,5 +1,7 @@
 """The rows [v; b] (D+1) of one model version: trained (warm) items' learned rows from the artifact,
-and for every other item the generator's row under the user-neutral gate, from its raw inputs.
+and for every other item the generator's row under the user-neutral gate, from its raw inputs. With
+the collaborative part (service/model/collaborative.py) a row is [v; b; y] (D+1+f): y the trained
+item's ALS factors, or the ridge map's from the item's raw inputs.
 
 A replica uses a stored embedding only when it was computed by the model version it serves;
 otherwise it re-embeds the item from its raw inputs, so replicas on two versions never mix rows.
@@ -31,7 +33,7 @@ def load_model(artifact: Artifact) -> M2Rec:
     cfg = ModelConfig(**manifest.model_args)  # type: ignore[arg-type]  # JSON values, checked by the dataclass
     facts = {
         "content_dim": (cfg.content_dim, manifest.content_dim),
-        "embedding_dim": (cfg.item_dim + 1, manifest.embedding_dim),
+        "embedding_dim": (cfg.row_dim, manifest.embedding_dim),
         "n_warm": (cfg.n_warm, len(artifact.item_ids)),
         "n_attributes": (cfg.n_attributes, len(manifest.attribute_vocabulary)),
     }
@@ -57,7 +59,7 @@ class Embedder:
         self.content_dim = artifact.manifest.content_dim
         self.dim = artifact.manifest.embedding_dim
         with torch.inference_mode():
-            self.warm_rows: Rows = self.model.item_rows().numpy().astype(np.float32)  # (J, D+1)
+            self.warm_rows: Rows = self.model.index_rows().numpy().astype(np.float32)  # (J, D+1[+f])
         self.warm_ids = artifact.item_ids
         self.warm_pos = {item_id: j for j, item_id in enumerate(self.warm_ids)}
         # items the training data had interactions for but the model was not trained on (evaluation
@@ -115,7 +117,7 @@ class Embedder:
         index = self.vocabulary.index
         widths = [len({t for t in item.attributes if t in index}) for item in items]
         order = sorted(range(len(items)), key=widths.__getitem__)
-        out = np.empty((len(items), self.dim), np.float32)  # (B, D+1)
+        out = np.empty((len(items), self.dim), np.float32)  # (B, D+1[+f])
         for s in range(0, len(order), EMBED_CHUNK):
             chunk = order[s : s + EMBED_CHUNK]
             out[chunk] = self._embed_chunk([items[j] for j in chunk])
@@ -132,10 +134,18 @@ class Embedder:
         return item_inputs(attributes, torch.from_numpy(content), self.content_dim, torch.from_numpy(has_content))
 
     def _embed_chunk(self, items: Sequence[NewItem]) -> Rows:
+        return self.rows_of(self._inputs(items))
+
+    def rows_of(self, inputs: ItemInputs) -> Rows:
+        """Rows (B, D+1[+f]) of items from their model inputs, neutral gate."""
         # inference_mode is per thread, and requests arrive on pool threads: entered per call
         with torch.inference_mode():
-            rows, _ = self.model.embed_items(self._inputs(items))
-        return rows.numpy().astype(np.float32)  # (B, D+1)
+            rows, _ = self.model.embed_items(inputs)
+        part = self.model.collaborative
+        if part is None:
+            return rows.numpy().astype(np.float32)  # (B, D+1)
+        y = part.rows(inputs.content.numpy(), inputs.has_content.numpy(), inputs.attributes.numpy())  # (B, f)
+        return np.hstack([rows.numpy(), y]).astype(np.float32)  # (B, D+1+f)
 
     def fusion_factors(self, items: Sequence[NewItem], top: int) -> list[tuple[ItemFactors, list[tuple[str, float]]]]:
         """Per item: what M2VAE's fusion gate reads of it (service/core/fusion_gate.py) and its `top`

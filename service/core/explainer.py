@@ -17,6 +17,10 @@ product can move h very differently.
 
 Fallback lists have no user: new items are explained under the neutral gate (what the index stores)
 and nothing is "because" of a history.
+
+With the collaborative part (service/model/collaborative.py) the served score also has an ALS half;
+"because" explains m2rec's half, s_j = [h; 1]·[v_j; b_j] in m2rec's own units. Leave-one-out on the
+ALS half would cost one f×f solve per history item, per request; not done.
 """
 
 from __future__ import annotations

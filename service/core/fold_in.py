@@ -60,11 +60,14 @@ def _run(layers: list[_Layer], x: Array) -> Array:
 
 
 class FoldIn:
-    """h (D,) and the index query [h; 1] (1, D+1) of one user from their history rows (L, D+1)."""
+    """h (D,) and the index query [h; 1] (1, D+1) of one user from their history rows (L, D+1); with
+    the collaborative part, the query [w·h/σ_m; w/σ_m; (1-w)·p/σ_y] (1, D+1+f) from rows (L, D+1+f)
+    (service/model/collaborative.py): the explanations read h back as query[:D] / query[D]."""
 
     def __init__(self, model: M2Rec) -> None:
         user = model.user
         self.dim = model.config.item_dim  # D
+        self.collaborative = model.collaborative
         self.enc_bias = user.enc_bias.detach().numpy().astype(np.float32)  # (D,)
         self.encoder = _layers(user.encoder, keep_out=model.config.user_latent)  # -> mu (Ku,)
         self.decoder = _layers(user.decoder)  # (Ku,) -> (D,)
@@ -75,7 +78,7 @@ class FoldIn:
 
     def user_vector(self, rows: Array) -> Array:
         """h (1, D); rows (L, D+1) or (L, D), warm and generated alike; L = 0 folds in "knows nothing"."""
-        return self.queries(rows, [len(rows)])[:, : self.dim]
+        return self._m2rec_queries(rows, [len(rows)])[:, : self.dim]
 
     def query(self, rows: Array) -> Array:
         return self.queries(rows, [len(rows)])
@@ -121,11 +124,18 @@ class FoldIn:
 
     def queries(self, rows: Array, lengths: list[int]) -> Array:
         """[h; 1] (B, D+1) of B users whose history rows are stacked in `rows` (sum L_b, D+1), user b
-        owning the next lengths[b] of them.
+        owning the next lengths[b] of them; with the collaborative part, its query (B, D+1+f)."""
+        out = self._m2rec_queries(rows, lengths)
+        part = self.collaborative
+        if part is None:
+            return out
+        p = part.user_factors(rows[:, self.dim + 1 :], lengths)  # (B, f)
+        return part.queries(out[:, : self.dim], p).astype(np.float32)  # (B, D+1+f)
 
-        The first layer's sums for every user in one `reduceat`; the MLPs as one product per user
-        (`_run`), on purpose: a user's scores never depend on which requests shared the batch.
-        """
+    def _m2rec_queries(self, rows: Array, lengths: list[int]) -> Array:
+        """[h; 1] (B, D+1). The first layer's sums for every user in one `reduceat`; the MLPs as one
+        product per user (`_run`), on purpose: a user's scores never depend on which requests shared
+        the batch."""
         sums = np.zeros((len(lengths), self.dim), np.float32)  # (B, D)
         starts = np.fromiter(accumulate(lengths[:-1], initial=0), np.int64, len(lengths))
         filled = np.asarray(lengths) > 0

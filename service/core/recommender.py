@@ -292,5 +292,7 @@ class Recommender:
                     item_rows[j] = row
                     if at is None:
                         new_rows[hit.item_id] = row
-            lists.append(Listed(result.hits, item_rows, history, mine, new_rows, query[: self._fold_in.dim]))
+            D = self._fold_in.dim
+            h = query[:D] / query[D]  # the query is [h; 1], scaled as a whole by the collaborative part
+            lists.append(Listed(result.hits, item_rows, history, mine, new_rows, h))
         return self._explainer.explain_many(lists, self.store.get_items)

@@ -34,6 +34,9 @@ class ModelConfig:
     # M2VAE's decoder reads [z; a; c] (paper); False: z alone, so a row depends on the item only through
     # the fused latent (where PoE, MoE and the disentangling act)
     decoder_features: bool = True
+    # the collaborative part's ALS factors f (service/model/collaborative.py): rows [v; b; y] (D+1+f);
+    # 0: m2rec alone, rows [v; b]. The trainer sets it when it attaches the part.
+    collaborative_factors: int = 0
 
     def __post_init__(self) -> None:
         if self.generator not in GENERATORS:
@@ -42,6 +45,13 @@ class ModelConfig:
             raise ValueError("linear_path is a component of the m2vae generator")
         if min(self.n_warm, self.n_attributes + 1, self.item_dim, self.user_latent) <= 0:
             raise ValueError("sizes must be positive")
+        if self.collaborative_factors < 0:
+            raise ValueError("collaborative_factors must be >= 0")
+
+    @property
+    def row_dim(self) -> int:
+        """Width of an item's row in the index: [v; b] or [v; b; y]."""
+        return self.item_dim + 1 + self.collaborative_factors
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

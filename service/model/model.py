@@ -11,10 +11,12 @@ state dict. Construction needs only sizes (n_warm, n_attributes, content_dim), n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from service.model.collaborative import Collaborative
 from service.model.config import ModelConfig
 from service.model.generator import ContentVAE, M2VAEGenerator
 from service.model.inputs import ItemInputs
@@ -76,10 +78,27 @@ class M2Rec(nn.Module):
         # mean; how much of it to trust when new items meet trained ones is chosen on validation by
         # the trainer (1 while training). The fold-in never reads the bias column.
         self.register_buffer("new_bias_weight", torch.ones(()))
+        self.collaborative: Collaborative | None = None
+        if cfg.collaborative_factors:
+            self.collaborative = Collaborative(cfg.n_warm, cfg.n_attributes, cfg.content_dim, cfg.item_dim,
+                                               cfg.collaborative_factors)
+
+    def attach(self, part: Collaborative) -> None:
+        """Serve with `part` beside m2rec (its config then records the part's size)."""
+        self.config = replace(self.config, collaborative_factors=part.factors)
+        self.collaborative = part
 
     def item_rows(self) -> torch.Tensor:
         """[V, b] (J, D+1) of the warm items, in training row order."""
         return self.user.item_rows()
+
+    def index_rows(self) -> torch.Tensor:
+        """The warm items' rows as the index holds them: [V, b] (J, D+1), or [V, b, Y] (J, D+1+f) with
+        the collaborative part."""
+        rows = self.item_rows()
+        if self.collaborative is None:
+            return rows
+        return torch.cat([rows, self.collaborative.item_factors.to(rows.dtype)], dim=1)
 
     def embed_items(self, x: ItemInputs, user: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,0 +1,169 @@
+"""Fitting the served model's collaborative part (service/model/collaborative.py) beside a trained m2rec.
+
+`build` fills the part from an ALS model fitted on the training interactions and the ridge settings
+the calibrated blend chose on validation (training/baselines.py): the trained items' factors, the
+ridge map from content and attributes (only the trained vocabulary's tokens: the inputs a service
+has), YᵀY + λI, and the two parts' row covariances over the trained items. `Joint` scores with it
+in the harness exactly as the service's index does; `choose_weight` sets w and the mixing policy
+on the hybrid validation task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from service.model import M2Rec
+from service.model.collaborative import Collaborative
+from service.model.mixing import Policy
+from training.baselines import ALSRidge, content_blocks, ridge_map, with_intercept
+from training.dataset import Dataset
+from training.item_rows import ItemTable, all_item_rows
+from training.mixing import choose_policy
+from training.protocol import Task, evaluate_tops, hybrid, tops
+from training.split import ColdStartSplit
+from training.train_data import TrainingData
+
+WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # m2rec's share of the mix
+
+
+def build(dataset: Dataset, data: TrainingData, m2rec_rows: np.ndarray, als_factors: np.ndarray,
+          params: dict[str, Any]) -> Collaborative:
+    """The part for the trained items `data.warm`: m2rec_rows (I, D+1) every item's m2rec row,
+    als_factors (I, f) ALS's item factors (0 for items without interactions), params the blend's
+    regularization, alpha, ridge and attribute_weight. Its weight is left at 0.5."""
+    warm = data.warm
+    factors = np.asarray(als_factors, dtype=np.float64)
+    f = factors.shape[1]
+    n_attributes, content_dim = len(data.vocabulary), data.content_dim
+    part = Collaborative(warm.size, n_attributes, content_dim, m2rec_rows.shape[1] - 1, f)
+    weight = float(params["attribute_weight"]) if dataset.features is not None else 1.0
+    content = with_intercept(content_blocks(dataset, weight, data.vocabulary.tokens))  # (I, F'+A+1)
+    W = ridge_map(factors, content, warm, float(params["ridge"]))  # (F'+A+1, f)
+    F = 0 if dataset.features is None else dataset.features.shape[1]
+    # the eigenbasis of YᵀY + λI: there the user step's matrix is diagonal (service/model/collaborative.py)
+    lam, Q = np.linalg.eigh(factors[warm].T @ factors[warm] + float(params["regularization"]) * np.eye(f))
+    y, W = factors[warm] @ Q, W @ Q  # (J, f), (F'+A+1, f)
+    values = {
+        "item_factors": y,
+        "ridge_content": W[:F] if F else np.zeros((1, f)),
+        "ridge_attributes": np.vstack([np.zeros((1, f)), W[F : F + n_attributes]]),
+        "ridge_intercept": W[-1],
+        "gram": lam,
+        "cov_m2rec": np.cov(m2rec_rows[warm].astype(np.float64), rowvar=False, bias=True),
+        "cov_factors": np.cov(y, rowvar=False, bias=True),
+        "alpha": np.asarray(float(params["alpha"])),
+        "weight": np.asarray(0.5),
+        "attribute_weight": np.asarray(weight),
+    }
+    with torch.no_grad():
+        for name, value in values.items():
+            getattr(part, name).copy_(torch.from_numpy(np.asarray(value, dtype=np.float64)))
+    part.refresh()
+    return part
+
+
+def item_factors(part: Collaborative, data: TrainingData) -> np.ndarray:
+    """y (I, f) of every dataset item: trained items' factors, the ridge map's for the others."""
+    n = data.attributes.shape[0]
+    content = None if data.content is None else data.content.numpy()
+    rows = part.rows(content, np.full(n, content is not None), data.attributes)
+    rows[data.warm] = part.item_factors.numpy()
+    return rows
+
+
+def _stacked(history: sp.csr_matrix, users: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    H = sp.csr_matrix(history[users])
+    return rows[H.indices], np.diff(H.indptr).tolist()
+
+
+@dataclass
+class Joint:
+    """m2rec with the collaborative part, scored as the service's index scores: rows [v; b; y],
+    queries from `Collaborative.queries`."""
+
+    table: ItemTable
+    part: Collaborative
+    y: np.ndarray  # (I, f) every item's collaborative row
+    name: str = "m2rec+als"
+    policy: Policy | None = None
+    trace: list[tuple[float, float]] = field(default_factory=list)  # validation R@20 + N@20 by weight
+
+    def fit(self, dataset: Dataset, split: Any) -> None:  # protocol; built already
+        pass
+
+    def parts(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(B, C) scores of each half of the query before w: m2rec's over σ_m, ALS's over σ_y."""
+        h = self.table.user_vectors(users, history)  # (B, D)
+        stacked, lengths = _stacked(history, users, self.y)
+        m, y = self.part.parts(h, self.part.user_factors(stacked, lengths))
+        return m @ self.table.items[candidates].astype(np.float64).T, y @ self.y[candidates].T
+
+    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        m, y = self.parts(users, candidates, history)
+        return np.asarray(self.part._weight * m + (1.0 - self.part._weight) * y)
+
+
+@dataclass
+class _Fixed:
+    """Scores computed once for a task's users: the weight search re-reads them."""
+
+    users: np.ndarray
+    scores: np.ndarray  # (U, C)
+    name: str = "fixed"
+
+    def fit(self, dataset: Dataset, split: Any) -> None:
+        raise NotImplementedError
+
+    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        rows = np.searchsorted(self.users, users)
+        if not np.array_equal(self.users[np.minimum(rows, self.users.size - 1)], users):
+            raise ValueError("scores were computed for other users")
+        return self.scores[rows]
+
+
+def fit_joint(dataset: Dataset, split: ColdStartSplit, model: M2Rec, data: TrainingData, als_factors: np.ndarray,
+              params: dict[str, Any]) -> Joint:
+    """m2rec (`model`, trained on `data` of `split`) with a part built from ALS factors fitted on the
+    same split and the blend's settings `params`; w and the policy chosen on the hybrid validation task."""
+    part = build(dataset, data, all_item_rows(model, data).numpy(), als_factors, params)
+    joint = Joint(ItemTable(model, data), part, item_factors(part, data))
+    choose_weight(joint, hybrid(split, validation=True))
+    return joint
+
+
+def fit_with_blend(dataset: Dataset, split: ColdStartSplit, model: M2Rec, data: TrainingData, seed: int
+                   ) -> tuple[Joint, ALSRidge]:
+    """The calibrated blend's search on `split` (training/baselines.py) chooses ALS's and the ridge
+    map's settings; the joint model is then fitted with them (`fit_joint`). (joint, the fitted blend)"""
+    blend = ALSRidge(seed=seed, calibrate=True, name="blend")
+    blend.fit(dataset, split)
+    return fit_joint(dataset, split, model, data, blend.als_model.item_factors, blend.params), blend
+
+
+def choose_weight(joint: Joint, task: Task) -> tuple[float, Policy, list[tuple[float, float]]]:
+    """Set the part's weight w to the one whose mix, under its own best policy, has the best
+    Recall@20 + NDCG@20 on `task` (a validation task); (w, policy, the search's trace)."""
+    m, y = joint.parts(task.users, task.candidates, task.history)
+    trace = []
+    best: tuple[float, float, Policy] | None = None
+    for w in WEIGHTS:
+        t = tops(_Fixed(task.users, w * m + (1.0 - w) * y), task)
+        policy, _ = choose_policy(t)
+        metrics = evaluate_tops(t, policy, task.mixed).metrics
+        value = metrics.get("recall@20", 0.0) + metrics.get("ndcg@20", 0.0)
+        trace.append((float(w), round(value, 4)))
+        if best is None or value > best[0]:
+            best = (value, float(w), policy)
+    assert best is not None
+    _, weight, policy = best
+    with torch.no_grad():
+        joint.part.weight.fill_(weight)
+    joint.part.refresh()
+    joint.policy, joint.trace = policy, trace
+    return weight, policy, trace
