@@ -3,6 +3,10 @@ the trainer's ridge map, and the service's rows and queries against the harness'
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -12,18 +16,20 @@ from service.core.embedder import Embedder
 from service.core.fold_in import FoldIn
 from service.core.types import NewItem
 from service.model.artifact import load_artifact
+from tests.conftest import TrainedArtifact
 from tests.test_baselines_and_harness import _dataset
 from training.baselines import content_blocks, fit_als, ridge_map, with_intercept
-from training.collaborative_fit import _stacked, fit_joint, item_factors
+from training.collaborative_fit import Joint, _stacked, fit_joint, item_factors
+from training.dataset import Dataset
 from training.export import export_artifact
-from training.split import cold_start_split
-from training.train import TrainConfig, train
+from training.split import ColdStartSplit, cold_start_split
+from training.train import TrainConfig, TrainResult, train
 from training.train_data import prepare
 
 PARAMS = {"regularization": 3.0, "alpha": 5.0, "ridge": 1.0, "attribute_weight": 2.0}
 
 
-def _fitted(seed: int = 0, factors: int = 16):  # type: ignore[no-untyped-def]
+def _fitted(seed: int = 0, factors: int = 16) -> tuple[Dataset, ColdStartSplit, Any]:
     dataset = _dataset(n_users=60, n_items=50, seed=seed, n_pairs=700)
     split = cold_start_split(dataset, seed=0)
     als = fit_als(split.train, factors, PARAMS["regularization"], PARAMS["alpha"], 10, seed)
@@ -84,8 +90,17 @@ def test_new_items_rows_are_the_trainers_ridge_map_of_their_inputs() -> None:
     assert np.isfinite(without).all() and not np.allclose(without, with_content)
 
 
+@dataclass(frozen=True)
+class JointArtifact:
+    dataset: Dataset
+    split: ColdStartSplit
+    result: TrainResult
+    joint: Joint
+    root: Path
+
+
 @pytest.fixture(scope="module")
-def joint_artifact(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def joint_artifact(tmp_path_factory: pytest.TempPathFactory) -> JointArtifact:
     from tests.shared_data import ml100k
 
     dataset = ml100k()
@@ -98,14 +113,13 @@ def joint_artifact(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     result.model.attach(joint.part)
     assert joint.policy is not None
     root = tmp_path_factory.mktemp("joint")
-    from dataclasses import replace
-
     export_artifact(replace(result, policy=joint.policy), dataset, "ml-100k:joint", root, {})
-    return dataset, split, result, joint, root
+    return JointArtifact(dataset, split, result, joint, root)
 
 
-def test_the_service_scores_items_as_the_harness_does(joint_artifact) -> None:  # type: ignore[no-untyped-def]
-    dataset, split, result, joint, root = joint_artifact
+def test_the_service_scores_items_as_the_harness_does(joint_artifact: JointArtifact) -> None:
+    dataset, split, result, joint, root = (joint_artifact.dataset, joint_artifact.split, joint_artifact.result,
+                                           joint_artifact.joint, joint_artifact.root)
     artifact = load_artifact(root)
     assert artifact.manifest.embedding_dim == 16 + 1 + 16
     assert artifact.manifest.policy == joint.policy
@@ -119,7 +133,7 @@ def test_the_service_scores_items_as_the_harness_does(joint_artifact) -> None:  
     users = np.arange(30)
     history = split.history
     rows, lengths = [], []
-    for u in users:
+    for u in users.tolist():
         at = np.searchsorted(result.data.warm, history[u].indices)
         rows.append(warm_rows[at])
         lengths.append(len(at))
@@ -128,3 +142,49 @@ def test_the_service_scores_items_as_the_harness_does(joint_artifact) -> None:  
     online = queries.astype(np.float64) @ np.vstack([warm_rows, new_rows]).astype(np.float64).T
     offline = joint.score(users, candidates, history)
     assert np.allclose(online, offline, atol=1e-4 * np.abs(offline).max())
+
+
+def test_a_hot_reload_moves_from_m2rec_alone_to_the_wider_shipped_model(
+        joint_artifact: JointArtifact, trained_artifact: TrainedArtifact, tmp_path: Path) -> None:
+    """The upgrade a deployment makes: rows [v; b] (D+1) to [v; b; y] (D+1+f), stored items re-embedded,
+    the index rebuilt at the new width, answers from the new model."""
+    import shutil
+    import time
+
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from service.api.app import create_app
+    from service.config import Settings
+    from service.model.artifact import resolve_current
+    from service.model.artifact_export import set_current
+
+    dataset, split, joint_root = joint_artifact.dataset, joint_artifact.split, joint_artifact.root
+    old, new = resolve_current(trained_artifact.root), resolve_current(joint_root)
+    root = tmp_path / "artifacts"
+    for version in (old, new):
+        shutil.copytree(version, root / version.name)
+    set_current(root, old.name)
+    settings = Settings(artifact_path=root, store_url=str(tmp_path / "m2rec.sqlite3"), api_key=SecretStr("k"))
+    headers = {"X-API-Key": "k"}
+    j = int(split.cold_items[0])
+    assert dataset.features is not None
+    with TestClient(create_app(settings)) as client:
+        posted = client.post("/items", headers=headers, json={
+            "id": "new:1", "attributes": dataset.item_attributes[j], "content": dataset.features[j].tolist()})
+        assert posted.status_code == 201, posted.text
+        trained = list(load_artifact(root / old.name).item_ids[:3])
+        liked = client.post("/interactions", headers=headers,
+                            json={"interactions": [{"user": "u", "item": i} for i in [*trained, "new:1"]]})
+        assert liked.status_code == 200, liked.text
+        started = client.post("/admin/reload", headers=headers, json={"version": new.name})
+        assert started.status_code == 202, started.text
+        deadline = time.monotonic() + 60
+        while client.get("/admin/reload", headers=headers).json()["state"] != "swapped":
+            assert time.monotonic() < deadline, client.get("/admin/reload", headers=headers).json()
+            time.sleep(0.05)
+        answer = client.get("/recommend", headers=headers, params={"user": "u", "k": 10, "explain": "true"})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["model_version"] == new.name and not body["fallback"] and len(body["items"]) == 10
+        assert body["policy"] == load_artifact(root / new.name).manifest.mixing

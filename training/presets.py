@@ -1,6 +1,8 @@
 """Named experiments: TrainConfig overrides, one entry each. The TrainConfig defaults ARE the shipped
 model (`m2rec`); everything else here is an ablation of one of its components or a peer built from
-the same trainer, named by what it changes.
+the same trainer, named by what it changes. In the harness these are m2rec alone; the shipped model
+with its collaborative part beside it (what `python -m training.train` exports) is `m2rec+als`
+(training/ensemble.py).
 
     python -m training.evaluate --dataset data/ml-100k --models m2rec,m2rec-no-moe --seeds 3
     python -m training.train --dataset data/ml-100k --out artifacts --preset m2rec-no-moe

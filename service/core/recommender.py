@@ -292,7 +292,7 @@ class Recommender:
                     item_rows[j] = row
                     if at is None:
                         new_rows[hit.item_id] = row
-            D = self._fold_in.dim
-            h = query[:D] / query[D]  # the query is [h; 1], scaled as a whole by the collaborative part
+            # m2rec's h: the query is [h; 1] itself, or (the collaborative part) a mix that may weigh it 0
+            h = query[: self._fold_in.dim] if self.model.collaborative is None else self._fold_in.user_vector(mine)[0]
             lists.append(Listed(result.hits, item_rows, history, mine, new_rows, h))
         return self._explainer.explain_many(lists, self.store.get_items)
