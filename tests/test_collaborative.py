@@ -188,3 +188,19 @@ def test_a_hot_reload_moves_from_m2rec_alone_to_the_wider_shipped_model(
         body = answer.json()
         assert body["model_version"] == new.name and not body["fallback"] and len(body["items"]) == 10
         assert body["policy"] == load_artifact(root / new.name).manifest.mixing
+
+
+def test_a_singular_user_system_gets_a_finite_answer_not_an_error() -> None:
+    """α < 1 and a history of items outside YᵀY can make the user's system singular; the service must
+    still answer (least squares), never fail the request."""
+    from service.model.collaborative import Collaborative
+
+    part = Collaborative(n_warm=4, n_attributes=2, content_dim=0, item_dim=3, factors=4)
+    with torch.no_grad():
+        part.gram.fill_(1.0)  # Λ = I
+        part.alpha.fill_(0.0)  # c = α - 1 = -1: Λ + c·y yᵀ = I - e1 e1ᵀ, singular
+    part.refresh()
+    y = np.eye(4)[:1]  # (1, f)
+    for rows, lengths in ((y, [1]), (np.repeat(y, 8, axis=0), [8])):  # Woodbury's path, the f×f path
+        p = part.user_factors(rows, lengths)
+        assert p.shape == (1, 4) and np.isfinite(p).all()

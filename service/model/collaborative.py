@@ -44,6 +44,15 @@ def _spread(queries: Array, cov: Array) -> Array:
     return np.where(sd > 1e-12, sd, 1.0)[:, None]
 
 
+def _solve(a: Array, b: Array) -> Array:
+    """Batched solve (n, m, m) x = (n, m, 1). With α < 1 a history of new items (whose rows are not in
+    YᵀY) can make a system singular: those users get the least-squares solution instead of an error."""
+    try:
+        return np.asarray(np.linalg.solve(a, b), dtype=np.float64)
+    except np.linalg.LinAlgError:
+        return np.stack([np.linalg.lstsq(m, v, rcond=None)[0] for m, v in zip(a, b, strict=True)]).astype(np.float64)
+
+
 class Collaborative(nn.Module):
     item_factors: torch.Tensor  # (J, f) trained items, in the item table's row order
     ridge_content: torch.Tensor  # (max(F, 1), f)
@@ -139,12 +148,12 @@ class Collaborative(nn.Module):
                 elif 2 * (width**2 * f + width**3 / 3) < width * f**2 + f**3 / 3:  # Woodbury's flops < the f×f's
                     z = padded / lam  # (b, Lmax, f) Y_L·Λ⁻¹
                     k = np.eye(width) / c + np.matmul(z, padded.transpose(0, 2, 1))  # (b, Lmax, Lmax)
-                    x = np.linalg.solve(k, np.matmul(z, b[..., None]))  # (b, Lmax, 1)
+                    x = _solve(k, np.matmul(z, b[..., None]))  # (b, Lmax, 1)
                     p[users] = b / lam - np.matmul(z.transpose(0, 2, 1), x)[..., 0]
                 else:
                     a = c * np.matmul(padded.transpose(0, 2, 1), padded)  # (b, f, f)
                     a[:, np.arange(f), np.arange(f)] += lam
-                    p[users] = np.linalg.solve(a, b[..., None])[..., 0]
+                    p[users] = _solve(a, b[..., None])[..., 0]
         return p
 
     def parts(self, h: npt.NDArray[np.floating], p: Array) -> tuple[Array, Array]:
