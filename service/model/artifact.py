@@ -4,7 +4,8 @@
       current -> <version>          relative symlink; the artifact the service loads from <root>
       <version>/                    <UTC YYYYMMDDTHHMMSSZ>-<first 8 hex of the content hash>
         manifest.json               `Manifest`; `files` holds the sha256 of every other file
-        model.safetensors           named tensors (generator, user encoder, warm rows of V, biases)
+        model.safetensors           named tensors (generator, user encoder, warm rows of V, biases, and
+                                    the collaborative part's factors, ridge map and moments)
         item_ids.json               warm item ids in row order of V
 
 The content hash is sha256 over the sha256 of model.safetensors, of item_ids.json and of the
@@ -80,7 +81,7 @@ class Manifest(BaseModel):
     model_args: dict[str, JsonValue] = Field(alias="model_config")
     attribute_vocabulary: tuple[str, ...]
     content_dim: int = Field(ge=0)  # 0: the model takes attributes only
-    embedding_dim: int = Field(ge=2)  # D + 1: item vector [v, b] with the bias folded in
+    embedding_dim: int = Field(ge=2)  # D + 1: item vector [v, b] with the bias folded in; + f: [v, b, y]
     n_warm_items: int = Field(ge=0)
     metrics: dict[str, JsonValue]
     # how new items mix with trained ones when a request does not say (service/model/mixing.py)
