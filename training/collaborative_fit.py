@@ -24,7 +24,7 @@ from training.baselines import ALSRidge, content_blocks, ridge_map, with_interce
 from training.dataset import Dataset
 from training.item_rows import ItemTable, all_item_rows
 from training.mixing import choose_policy
-from training.protocol import Task, evaluate_tops, hybrid, tops
+from training.protocol import FixedScores, Task, evaluate_tops, hybrid, tops
 from training.split import ColdStartSplit
 from training.train_data import TrainingData
 
@@ -106,25 +106,8 @@ class Joint:
 
     def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         m, y = self.parts(users, candidates, history)
-        return np.asarray(self.part._weight * m + (1.0 - self.part._weight) * y)
-
-
-@dataclass
-class _Fixed:
-    """Scores computed once for a task's users: the weight search re-reads them."""
-
-    users: np.ndarray
-    scores: np.ndarray  # (U, C)
-    name: str = "fixed"
-
-    def fit(self, dataset: Dataset, split: Any) -> None:
-        raise NotImplementedError
-
-    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
-        rows = np.searchsorted(self.users, users)
-        if not np.array_equal(self.users[np.minimum(rows, self.users.size - 1)], users):
-            raise ValueError("scores were computed for other users")
-        return self.scores[rows]
+        w = float(self.part.weight)
+        return np.asarray(w * m + (1.0 - w) * y)
 
 
 def fit_joint(dataset: Dataset, split: ColdStartSplit, model: M2Rec, data: TrainingData, als_factors: np.ndarray,
@@ -153,7 +136,7 @@ def choose_weight(joint: Joint, task: Task) -> tuple[float, Policy, list[tuple[f
     trace = []
     best: tuple[float, float, Policy] | None = None
     for w in WEIGHTS:
-        t = tops(_Fixed(task.users, w * m + (1.0 - w) * y), task)
+        t = tops(FixedScores(task.users, w * m + (1.0 - w) * y), task)
         policy, _ = choose_policy(t)
         metrics = evaluate_tops(t, policy, task.mixed).metrics
         value = metrics.get("recall@20", 0.0) + metrics.get("ndcg@20", 0.0)

@@ -27,7 +27,7 @@ from training.collaborative_fit import Joint, fit_joint
 from training.dataset import Dataset
 from training.m2rec_recommender import M2RecRecommender
 from training.mixing import choose_policy
-from training.protocol import Recommender, evaluate_tops, hybrid, tops
+from training.protocol import FixedScores, Recommender, evaluate_tops, hybrid, tops
 from training.split import ColdStartSplit
 
 WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
@@ -46,24 +46,6 @@ def standardised(s: np.ndarray, new: np.ndarray) -> np.ndarray:
         var = np.where(finite, (part - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / n
         out[:, cols] = np.where(finite, (part - mean) / np.sqrt(var + 1e-12), -np.inf)
     return out
-
-
-@dataclass
-class _Fixed:
-    """Scores computed once for a task's users (the weight search re-reads them, never re-scores)."""
-
-    users: np.ndarray
-    scores: np.ndarray  # (U, C)
-    name: str = "fixed"
-
-    def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
-        raise NotImplementedError
-
-    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
-        rows = np.searchsorted(self.users, users)
-        if not np.array_equal(self.users[np.minimum(rows, self.users.size - 1)], users):
-            raise ValueError("scores were computed for other users")
-        return self.scores[rows]
 
 
 @dataclass
@@ -86,7 +68,7 @@ class Ensemble:
         trace = []
         best: tuple[float, float, Policy] | None = None
         for w in WEIGHTS:
-            t = tops(_Fixed(task.users, w * z[0] + (1.0 - w) * z[1]), task)
+            t = tops(FixedScores(task.users, w * z[0] + (1.0 - w) * z[1]), task)
             policy, _ = choose_policy(t)
             metrics = evaluate_tops(t, policy, task.mixed).metrics
             value = metrics.get("recall@20", 0.0) + metrics.get("ndcg@20", 0.0)
@@ -142,7 +124,7 @@ class JointRecommender:
         self.joint = fit_joint(dataset, split, m2rec.result.model, data, blend.als_model.item_factors, blend.params)
         self.policy = self.joint.policy
         assert self.policy is not None
-        self.params = {"m2rec_weight": self.joint.part._weight, "policy": self.policy.to_dict(),
+        self.params = {"m2rec_weight": float(self.joint.part.weight), "policy": self.policy.to_dict(),
                        "val_r20_plus_n20": self.joint.trace,
                        "m2rec": m2rec.params, "blend": blend.params}
 

@@ -292,8 +292,8 @@ def attach_collaborative(dataset: Dataset, carve: ColdStartSplit, first: TrainRe
     policy are chosen for the combination. The production part: ALS refitted with those settings on the
     production run's interactions, the ridge map onto its factors, w and the policy from validation."""
     joint, blend = fit_with_blend(dataset, carve, first.model, first.data, first.config.seed)
-    assert joint.policy is not None
-    weight, policy = joint.part._weight, joint.policy
+    assert joint.policy is not None and blend.als is not None
+    weight, policy = float(joint.part.weight), joint.policy
     log.info("collaborative part: ALS %s; m2rec's weight %.2f, policy %s (validation R@20+N@20 by weight %s)",
              json.dumps({k: blend.params[k] for k in ("factors", "regularization", "alpha", "ridge",
                                                        "attribute_weight")}),
@@ -301,7 +301,7 @@ def attach_collaborative(dataset: Dataset, carve: ColdStartSplit, first: TrainRe
     first.model.attach(joint.part)
     p = blend.params
     als = fit_als(production.train, int(p["factors"]), float(p["regularization"]), float(p["alpha"]),
-                  blend.als.iterations if blend.als is not None else 15, first.config.seed)
+                  blend.als.iterations, first.config.seed)
     served = build(dataset, final.data, all_item_rows(final.model, final.data).numpy(), als.item_factors, p)
     with torch.no_grad():
         served.weight.fill_(weight)
