@@ -129,14 +129,13 @@ def fit_with_blend(dataset: Dataset, split: ColdStartSplit, model: M2Rec, data: 
     return fit_joint(dataset, split, model, data, blend.als_model.item_factors, blend.params), blend
 
 
-def choose_weight(joint: Joint, task: Task) -> tuple[float, Policy, list[tuple[float, float]]]:
-    """Set the part's weight w to the one whose mix, under its own best policy, has the best
-    Recall@20 + NDCG@20 on `task` (a validation task); (w, policy, the search's trace)."""
-    m, y = joint.parts(task.users, task.candidates, task.history)
+def best_mix(a: np.ndarray, b: np.ndarray, task: Task) -> tuple[float, Policy, list[tuple[float, float]]]:
+    """The weight w of w·a + (1 - w)·b ((U, C) scores of `task`'s users, a validation task) whose mix,
+    under its own best policy, has the best Recall@20 + NDCG@20; (w, policy, the search's trace)."""
     trace = []
     best: tuple[float, float, Policy] | None = None
     for w in WEIGHTS:
-        t = tops(FixedScores(task.users, w * m + (1.0 - w) * y), task)
+        t = tops(FixedScores(task.users, w * a + (1.0 - w) * b), task)
         policy, _ = choose_policy(t)
         metrics = evaluate_tops(t, policy, task.mixed).metrics
         value = metrics.get("recall@20", 0.0) + metrics.get("ndcg@20", 0.0)
@@ -145,6 +144,12 @@ def choose_weight(joint: Joint, task: Task) -> tuple[float, Policy, list[tuple[f
             best = (value, float(w), policy)
     assert best is not None
     _, weight, policy = best
+    return weight, policy, trace
+
+
+def choose_weight(joint: Joint, task: Task) -> tuple[float, Policy, list[tuple[float, float]]]:
+    """Set the part's weight w and the joint's policy by `best_mix` on `task` (a validation task)."""
+    weight, policy, trace = best_mix(*joint.parts(task.users, task.candidates, task.history), task)
     with torch.no_grad():
         joint.part.weight.fill_(weight)
     joint.part.refresh()

@@ -23,14 +23,11 @@ import scipy.sparse as sp
 
 from service.model.mixing import Policy
 from training.baselines import ALSRidge
-from training.collaborative_fit import Joint, fit_joint
+from training.collaborative_fit import Joint, best_mix, fit_joint
 from training.dataset import Dataset
 from training.m2rec_recommender import M2RecRecommender
-from training.mixing import choose_policy
-from training.protocol import FixedScores, Recommender, evaluate_tops, hybrid, tops
+from training.protocol import Recommender, hybrid
 from training.split import ColdStartSplit
-
-WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 
 
 def standardised(s: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -65,18 +62,7 @@ class Ensemble:
         self.new = ~np.isin(np.arange(dataset.n_items), split.warm_items)
         task = hybrid(split, validation=True)
         z = [self._z(model, task.users, task.candidates, task.history) for model in self.parts]
-        trace = []
-        best: tuple[float, float, Policy] | None = None
-        for w in WEIGHTS:
-            t = tops(FixedScores(task.users, w * z[0] + (1.0 - w) * z[1]), task)
-            policy, _ = choose_policy(t)
-            metrics = evaluate_tops(t, policy, task.mixed).metrics
-            value = metrics.get("recall@20", 0.0) + metrics.get("ndcg@20", 0.0)
-            trace.append((float(w), round(value, 4)))
-            if best is None or value > best[0]:
-                best = (value, float(w), policy)
-        assert best is not None
-        _, self.weight, self.policy = best
+        self.weight, self.policy, trace = best_mix(z[0], z[1], task)
         self.params = {"m2rec_weight": self.weight, "policy": self.policy.to_dict(), "val_r20_plus_n20": trace,
                        "m2rec": m2rec.params, "blend": blend.params}
 
