@@ -51,20 +51,22 @@ class IdTable:
         return [iid for iid in map(self._find, item_ids) if iid is not None]
 
     def _find(self, item_id: str) -> int | None:
-        h = hash(item_id)
-        shard = self._shards[h % _SHARDS]
+        shard = self._shards[hash(item_id) % _SHARDS]
         iid = shard.recent.get(item_id)
-        return iid if iid is not None else self._in_arrays(shard, item_id, h)
+        if iid is None:
+            keys, iids = shard.arrays  # one version, even if a join swaps in the next meanwhile
+            at = self._at(keys, iids, item_id)
+            iid = None if at is None else int(iids[at])
+        return iid
 
-    def _in_arrays(self, shard: _Shard, item_id: str, h: int) -> int | None:
-        keys, iids = shard.arrays
-        if not len(keys):
-            return None
+    def _at(self, keys: npt.NDArray[np.int64], iids: npt.NDArray[np.int64], item_id: str) -> int | None:
+        """Where live `item_id` is in a shard's sorted arrays, if it is there."""
+        h = hash(item_id)
         at = int(np.searchsorted(keys, h))
         while at < len(keys) and keys[at] == h:  # a hash shared by other ids: compare the ids themselves
             candidate = int(iids[at])
             if candidate >= 0 and self._items[candidate // _CHUNK][candidate % _CHUNK] == item_id:
-                return candidate
+                return at
             at += 1
         return None
 
@@ -97,13 +99,10 @@ class IdTable:
         shard = self._shards[hash(item_id) % _SHARDS]
         iid = shard.recent.pop(item_id, None)
         if iid is None:
-            iid = self._find(item_id)
-            if iid is None:
-                return None
             keys, iids = shard.arrays
-            at = int(np.searchsorted(keys, hash(item_id)))
-            while iids[at] != iid:  # among the entries of its hash, where _find met it
-                at += 1
+            if (at := self._at(keys, iids, item_id)) is None:
+                return None
+            iid = int(iids[at])
             iids[at] = -1
         self._items[iid // _CHUNK][iid % _CHUNK] = None
         self._live -= 1
@@ -117,13 +116,11 @@ class IdTable:
 
     @staticmethod
     def _join(shard: _Shard) -> None:
-        recent = list(shard.recent.items())
-        hashes = np.fromiter((hash(item_id) for item_id, _ in recent), np.int64, len(recent))
-        values = np.fromiter((iid for _, iid in recent), np.int64, len(recent))
+        hashes = np.fromiter(map(hash, shard.recent), np.int64, len(shard.recent))
+        values = np.fromiter(shard.recent.values(), np.int64, len(shard.recent))
         order = np.argsort(hashes, kind="stable")
         shard.arrays = _merged(shard.arrays, hashes[order], values[order])  # readers find them here now
-        for item_id, _ in recent:
-            del shard.recent[item_id]
+        shard.recent.clear()
 
     def items_of(self, iids: list[int]) -> list[str | None]:
         """The live items of `iids` (None: dead), read without a lock (a slot is read atomically)."""
@@ -166,7 +163,5 @@ class Liveness:
         (np.bitwise_or if live else np.bitwise_and).at(self.bits, iids >> 3, masks if live else ~masks)
 
     def of(self, iids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
-        inside = (iids >> 3) < len(self.bits)
-        out = np.zeros(len(iids), bool)
-        out[inside] = (self.bits[iids[inside] >> 3] >> (iids[inside] & 7)) & 1 == 1
-        return out
+        """Whether each of `iids` is live; every internal id handed out is within the bitmap (`grow`)."""
+        return np.asarray((self.bits[iids >> 3] >> (iids & 7)) & 1, bool)

@@ -18,10 +18,8 @@ nprobe and scans faster (benchmarks/results/ivf-codes.md), so it is the one appr
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -47,14 +45,10 @@ class RowStore:
         self.dim, self.codes = dim, codes
         self.chunks: list[npt.NDArray[Any] | None] = []
         self.used: list[int] = []  # per chunk: 1 + the highest row written
-        self.sq: Any = None  # sq8: FAISS's 8-bit scalar quantizer, a range per dimension
+        self.sq: Any = None  # sq8: FAISS's 8-bit scalar quantizer, a range and a byte per dimension
         if sq_trained is not None:
             self.sq = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit)
             faiss.copy_array_to_vector(sq_trained, self.sq.trained)
-
-    @property
-    def width(self) -> int:
-        return int(self.sq.code_size) if self.codes == "sq8" else self.dim
 
     def chunk(self, c: int) -> npt.NDArray[Any]:
         """Chunk `c`, allocated (lazily zeroed) if it is not yet."""
@@ -63,7 +57,7 @@ class RowStore:
             self.used.append(0)
         chunk = self.chunks[c]
         if chunk is None:
-            chunk = self.chunks[c] = np.zeros((1 << CHUNK_BITS, self.width), _DTYPE[self.codes])
+            chunk = self.chunks[c] = np.zeros((1 << CHUNK_BITS, self.dim), _DTYPE[self.codes])
         return chunk
 
     def encode_as(self, codes: RowCodes, bounds: Vectors) -> None:
@@ -108,7 +102,7 @@ class RowStore:
         if len(self.chunks) == 1 and (only := self.chunks[0]) is not None:  # up to 2^20 rows: one gather
             out = np.take(only, flat & _MASK, axis=0)
         else:
-            out = np.empty((len(flat), self.width), _DTYPE[self.codes])
+            out = np.empty((len(flat), self.dim), _DTYPE[self.codes])
             order = np.argsort(flat >> CHUNK_BITS, kind="stable")  # grouped by chunk: one pass, not one per chunk
             chunk_of = flat[order] >> CHUNK_BITS
             starts = np.flatnonzero(np.diff(chunk_of, prepend=-1))
@@ -117,8 +111,7 @@ class RowStore:
                 assert chunk is not None  # every id was put
                 out[mine] = np.take(chunk, flat[mine] & _MASK, axis=0)
         if not raw:  # SQ8: one decode for the whole gather
-            out = out.astype(np.float32, copy=False) if self.codes != "sq8" else \
-                self.sq.decode(out) if len(out) else np.zeros((0, self.dim), np.float32)
+            out = self.sq.decode(out) if self.codes == "sq8" else out.astype(np.float32, copy=False)
         return out.reshape(*ids.shape, out.shape[1])
 
     def get_chunked(self, ids: Ids) -> Iterator[tuple[Ids, Vectors]]:
@@ -136,7 +129,6 @@ class Segment:
     trained_rows: int = 0  # rows when the IVF lists were trained
     rows: RowStore | None = None  # IVF-PQ4: the rows its shortlist is re-scored from
     long: Segment | None = None  # IVF-PQ4: rows longer than M (or beyond SQ8's ranges), exact until a rebuild
-    keep: list[Any] = field(default_factory=list)  # FAISS objects the index points to, kept alive
 
     @property
     def ntotal(self) -> int:
@@ -147,10 +139,9 @@ class Segment:
         `selector` rejects are skipped inside the scan. IVF-PQ4 re-scores its best `shortlist` by the codes."""
         k = max(1, min(k, self.ntotal))
         params: Any = faiss.SearchParameters() if self.kind == "exact" else faiss.SearchParametersIVF()
-        if selector is not None:
-            params.sel = selector
+        params.sel = selector  # None: every id
         if self.kind == "exact":
-            scores, ids = self.index.search(queries, k, params=params if selector is not None else None)
+            scores, ids = self.index.search(queries, k, params=params)
             return scores, ids
         lifted = np.zeros((len(queries), self.dim + 1), np.float32)  # [q; 0]
         lifted[:, :-1] = queries
@@ -195,8 +186,7 @@ class Segment:
     def parts(self) -> Iterator[tuple[Ids, Vectors]]:
         """Every stored id and its row (n, D+1), in `ids()` order, `SLICE` rows at a time."""
         if self.kind == "exact":
-            n = self.ntotal
-            yield self.ids(), self.index.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim), np.float32)
+            yield self.ids(), self.index.index.reconstruct_n()
             return
         assert self.rows is not None
         ids = self.ids()[: int(self.index.ntotal)]
@@ -228,8 +218,7 @@ def bounds(parts: Iterable[Vectors]) -> Vectors:
 
 
 def empty_exact(dim: int) -> Segment:
-    flat = faiss.IndexFlatIP(dim)
-    return Segment("exact", faiss.IndexIDMap(flat), dim, keep=[flat])
+    return Segment("exact", faiss.IndexIDMap(faiss.IndexFlatIP(dim)), dim)  # FAISS's wrapper keeps the flat alive
 
 
 def build_segment(kind: Built, dim: int, ids: Ids, store: RowStore, config: IndexConfig) -> Segment:
@@ -255,10 +244,4 @@ def _trained_ivf_pq4(dim: int, ids: Ids, store: RowStore, config: IndexConfig) -
     index.cp.seed = 1234  # the same catalogue gets the same lists
     index.cp.max_points_per_centroid = 1 << 30  # already sampled
     index.train(lift(sample, max_sq))  # spherical k-means: the IVF constructor sets it for IP
-    return Segment("ivf_pq4", index, dim, max_sq, len(ids), store, keep=[quantizer])
-
-
-def release_memory() -> None:
-    """Hand freed heap back to the OS: glibc keeps a build's large temporaries (a third of the RSS at 1M)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return Segment("ivf_pq4", index, dim, max_sq, len(ids), store)  # the quantizer: kept alive by FAISS's wrapper

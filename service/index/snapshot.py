@@ -2,9 +2,8 @@
 meta.json (format, dim, event id, next internal id, each segment's kind and lift), trained.faiss and
 base.faiss (`faiss.write_index`), {trained,base}_long.faiss (rows longer than the lift's M),
 {trained,base}_rows_{chunk}.npy (IVF-PQ4's rows as stored, the written part of a `RowStore` chunk each)
-+ _sq.npy (their SQ8 ranges),
-buffer_{iids,rows}.npy (rows not merged yet), items.json (trained ids; live new ids) beside iids.npy
-(their internal ids).
+and _sq.npy (their SQ8 ranges), buffer_{iids,rows}.npy (rows not merged yet), items.json (trained ids;
+live new ids) beside iids.npy (their internal ids).
 
 Derived state: a snapshot that fails to load, or of another format, is refused and the index rebuilt
 from the store (service/core/maintainer.py).
@@ -69,8 +68,7 @@ def write_snapshot(path: Path, snap: Snapshot) -> None:
     np.save(target / "buffer_iids.npy", snap.buffer_iids)
     np.save(target / "buffer_rows.npy", snap.buffer_rows)
     np.save(target / "iids.npy", snap.iids)
-    write_durably(target / "items.json", json.dumps({"trained": snap.trained_ids,
-                                                     "ids": snap.items}))
+    write_durably(target / "items.json", json.dumps({"trained": snap.trained_ids, "ids": snap.items}))
     write_durably(target / "meta.json", json.dumps(meta))
     fsync_directory(target)
     previous = path.resolve() if path.is_symlink() else None
@@ -107,8 +105,7 @@ def _segment(root: Path, name: str, meta: dict[str, Any], dim: int) -> Segment:
                     shape, fortran, dtype = np.lib.format.read_array_header_1_0(f) \
                         if np.lib.format.read_magic(f) == (1, 0) else np.lib.format.read_array_header_2_0(f)
                     into = rows.chunk(c)[: shape[0]]
-                    if fortran or dtype != into.dtype or shape != into.shape or f.readinto(into.data.cast("B")) \
-                            != into.nbytes:
+                    if fortran or dtype != into.dtype or shape != into.shape or f.readinto(into.data) != into.nbytes:
                         raise ValueError(f"{file}: not the {into.shape} {into.dtype} rows the snapshot records")
                     rows.used[c] = shape[0]
     return Segment(about["kind"], index, dim, float(about["max_sq_norm"]), int(about["trained_rows"]), rows, long)

@@ -37,8 +37,9 @@ import numpy.typing as npt
 
 from service.index.config import Built, IndexConfig
 from service.index.ids import IdTable, Liveness
-from service.index.segment import Ids, RowStore, Segment, Vectors, bounds, build_segment, empty_exact, release_memory
+from service.index.segment import Ids, RowStore, Segment, Vectors, bounds, build_segment, empty_exact
 from service.index.snapshot import Snapshot, read_snapshot, write_snapshot
+from service.memory import release_memory
 
 log = logging.getLogger(__name__)
 Batch = tuple[Sequence[str], npt.ArrayLike]  # item ids, rows (N, D+1)
