@@ -8,7 +8,9 @@ the policy that mixes the two populations chosen on the hybrid validation task f
                  inner product of rows [v; b; y] and per-user queries, each part's scores on a
                  per-user scale taken from the trained rows' covariance.
 
-Both reuse the m2rec and blend fitted for the same seed (`shared`, training/evaluate.py).
+Both reuse the m2rec fitted for the same seed (`shared`, training/evaluate.py); m2rec+blend also the
+blend. m2rec+als searches its own ALS and ridge settings, as production training does
+(`search_settings`, training/collaborative_fit.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import scipy.sparse as sp
 
 from service.model.mixing import Policy
 from training.baselines import ALSRidge
-from training.collaborative_fit import Joint, best_mix, fit_joint
+from training.collaborative_fit import Joint, best_mix, fit_joint, search_settings
 from training.dataset import Dataset
 from training.m2rec_recommender import M2RecRecommender
 from training.protocol import Recommender, hybrid
@@ -61,8 +63,9 @@ class Ensemble:
         self.parts = (m2rec, blend)
         self.new = ~np.isin(np.arange(dataset.n_items), split.warm_items)
         task = hybrid(split, validation=True)
-        z = [self._z(model, task.users, task.candidates, task.history) for model in self.parts]
-        self.weight, self.policy, trace = best_mix(z[0], z[1], task)
+        self.weight, self.policy, trace = best_mix(
+            lambda users: (self._z(m2rec, users, task.candidates, task.history),
+                           self._z(blend, users, task.candidates, task.history)), task)
         self.params = {"m2rec_weight": self.weight, "policy": self.policy.to_dict(), "val_r20_plus_n20": trace,
                        "m2rec": m2rec.params, "blend": blend.params}
 
@@ -78,18 +81,29 @@ class Ensemble:
         return self.weight * a + (1.0 - self.weight) * b
 
 
+def _fitted(shared: dict[str, tuple[Any, float]], name: str, make: Callable[[], Any], dataset: Dataset,
+            split: ColdStartSplit) -> Any:
+    if name not in shared:
+        start, part = time.perf_counter(), make()
+        part.fit(dataset, split)
+        shared[name] = (part, time.perf_counter() - start)
+    return shared[name][0]
+
+
+def fitted_m2rec(shared: dict[str, tuple[Any, float]], dataset: Dataset, split: ColdStartSplit, seed: int
+                 ) -> M2RecRecommender:
+    """The seed's m2rec, fitted once."""
+    m2rec: M2RecRecommender = _fitted(shared, "m2rec", lambda: M2RecRecommender.preset("m2rec", seed), dataset,
+                                      split)
+    return m2rec
+
+
 def fitted_parts(shared: dict[str, tuple[Any, float]], dataset: Dataset, split: ColdStartSplit, seed: int
                  ) -> tuple[M2RecRecommender, ALSRidge]:
     """The seed's m2rec and calibrated blend, fitted once (a blend fit is ~15 min on citeulike-t)."""
-    makers: dict[str, Callable[[], Any]] = {
-        "m2rec": lambda: M2RecRecommender.preset("m2rec", seed),
-        "blend": lambda: ALSRidge(seed=seed, calibrate=True, name="blend")}
-    for name, make in makers.items():
-        if name not in shared:
-            start, part = time.perf_counter(), make()
-            part.fit(dataset, split)
-            shared[name] = (part, time.perf_counter() - start)
-    return shared["m2rec"][0], shared["blend"][0]
+    blend: ALSRidge = _fitted(shared, "blend", lambda: ALSRidge(seed=seed, calibrate=True, name="blend"), dataset,
+                              split)
+    return fitted_m2rec(shared, dataset, split, seed), blend
 
 
 @dataclass
@@ -104,15 +118,16 @@ class JointRecommender:
     shared: dict[str, tuple[Any, float]] = field(default_factory=dict)
 
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
-        m2rec, blend = fitted_parts(self.shared, dataset, split, self.seed)
+        m2rec = fitted_m2rec(self.shared, dataset, split, self.seed)
         assert m2rec.result is not None and m2rec._table is not None
         data = m2rec.result.data
-        self.joint = fit_joint(dataset, split, m2rec.result.model, data, blend.als_model.item_factors, blend.params)
+        settings = search_settings(dataset, split, self.seed)
+        self.joint = fit_joint(dataset, split, m2rec.result.model, data, settings)
         self.policy = self.joint.policy
         assert self.policy is not None
         self.params = {"m2rec_weight": float(self.joint.part.weight), "policy": self.policy.to_dict(),
                        "val_r20_plus_n20": self.joint.trace,
-                       "m2rec": m2rec.params, "blend": blend.params}
+                       "m2rec": m2rec.params, "settings": settings.params}
 
     def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         if self.joint is None:

@@ -18,7 +18,7 @@ are searched on them without scoring again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,25 +58,6 @@ class Task:
         return bool(self.cold.any() and not self.cold.all())
 
 
-@dataclass
-class FixedScores:
-    """A task's users' scores computed once: a search over mixing weights or policies re-reads them
-    instead of scoring again."""
-
-    users: np.ndarray  # sorted
-    scores: np.ndarray  # (U, C)
-    name: str = "fixed"
-
-    def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
-        raise NotImplementedError
-
-    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
-        rows = np.searchsorted(self.users, users)
-        if not np.array_equal(self.users[np.minimum(rows, self.users.size - 1)], users):
-            raise ValueError("scores were computed for other users")
-        return self.scores[rows]
-
-
 def _task(candidates: np.ndarray, cold_items: np.ndarray, truth: sp.csr_matrix, history: sp.csr_matrix) -> Task:
     truth = sp.csr_matrix(truth)
     truth.eliminate_zeros()
@@ -106,34 +87,46 @@ def warm_only(split: ColdStartSplit, validation: bool = False) -> Task:
 
 
 def tops(model: Recommender, task: Task, k: int = K_MAX) -> Tops:
+    return tops_many(lambda users: [model.score(users, task.candidates, task.history)], 1, task, model.name, k)[0]
+
+
+def tops_many(score: Callable[[np.ndarray], Sequence[np.ndarray]], n: int, task: Task, name: str, k: int = K_MAX
+              ) -> list[Tops]:
+    """`Tops` of n scorings of the task at once: `score(users)` gives each scoring's (B, C) scores of a
+    batch of users. A search over many mixes of the same scores (training/collaborative_fit.py) reads
+    each batch's truth and history once and never holds (U, C) scores."""
     cand = task.candidates
     columns = (np.flatnonzero(~task.cold), np.flatnonzero(task.cold))
     n_users = task.users.size
-    scores = np.full((n_users, 2, k), -np.inf)
-    truth = np.zeros((n_users, 2, k), dtype=bool)
-    n_truth = np.zeros((n_users, 2), dtype=np.int64)
+    out = [Tops(task.users, np.full((n_users, 2, k), -np.inf), np.zeros((n_users, 2, k), dtype=bool),
+                np.zeros((n_users, 2), dtype=np.int64)) for _ in range(n)]
     for start in range(0, n_users, USER_BATCH):
         users = task.users[start : start + USER_BATCH]
-        s = np.asarray(model.score(users, cand, task.history), dtype=np.float64)  # (B, C)
-        if s.shape != (users.size, cand.size):
-            raise ValueError(f"{model.name}.score returned {s.shape}, expected {(users.size, cand.size)}")
-        if np.isnan(s).any() or np.isposinf(s).any():
-            raise ValueError(f"{model.name}.score returned NaN or +inf scores")
         t = task.truth[users][:, cand].toarray() > 0  # (B, C)
-        s[task.history[users][:, cand].toarray() > 0] = -np.inf
+        seen = task.history[users][:, cand].toarray() > 0
         rows = slice(start, start + users.size)
-        for population, cols in enumerate(columns):
-            if cols.size == 0:
-                continue
-            ps, pt = s[:, cols], t[:, cols]
-            n_truth[rows, population] = pt.sum(axis=1)
-            kk = min(k, cols.size)
-            top = rank_top_k_batch(ps, pt, kk)  # (B, kk), -1 pads
-            valid = top >= 0
-            safe = np.maximum(top, 0)
-            scores[rows, population, :kk] = np.where(valid, np.take_along_axis(ps, safe, axis=1), -np.inf)
-            truth[rows, population, :kk] = valid & np.take_along_axis(pt, safe, axis=1)
-    return Tops(task.users, scores, truth, n_truth)
+        scorings = score(users)
+        if len(scorings) != n:
+            raise ValueError(f"{name}: {len(scorings)} scorings, expected {n}")
+        for i, s in enumerate(scorings):
+            s = np.asarray(s, dtype=np.float64)  # (B, C)
+            if s.shape != (users.size, cand.size):
+                raise ValueError(f"{name}.score returned {s.shape}, expected {(users.size, cand.size)}")
+            if np.isnan(s).any() or np.isposinf(s).any():
+                raise ValueError(f"{name}.score returned NaN or +inf scores")
+            s[seen] = -np.inf
+            for population, cols in enumerate(columns):
+                if cols.size == 0:
+                    continue
+                ps, pt = s[:, cols], t[:, cols]
+                out[i].n_truth[rows, population] = pt.sum(axis=1)
+                kk = min(k, cols.size)
+                top = rank_top_k_batch(ps, pt, kk)  # (B, kk), -1 pads
+                valid = top >= 0
+                safe = np.maximum(top, 0)
+                out[i].scores[rows, population, :kk] = np.where(valid, np.take_along_axis(ps, safe, axis=1), -np.inf)
+                out[i].truth[rows, population, :kk] = valid & np.take_along_axis(pt, safe, axis=1)
+    return out
 
 
 def mean_metrics(per_user: dict[str, np.ndarray], mixed: bool) -> dict[str, float]:
