@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from training.collaborative_fit import fit_joint, search_settings
+from training.collaborative_fit import fit_with_blend
 from training.dataset import fingerprint, load_dataset
 from training.export import export_artifact
 from training.split import cold_start_split
@@ -28,12 +28,11 @@ def make_artifact(dataset_dir: Path, root: Path, epochs: int, seed: int = 0, col
     result = train(dataset, split, cfg)
     metrics: dict[str, Any] = {"validation": result.best_val, "best_epoch": result.best_epoch}
     if cfg.collaborative:  # the shipped model: the collaborative part beside m2rec, fitted on the same split
-        settings = search_settings(dataset, split, seed)
-        joint = fit_joint(dataset, split, result.model, result.data, settings)
+        joint, blend = fit_with_blend(dataset, split, result.model, result.data, seed)
         assert joint.policy is not None
         result.model.attach(joint.part)
         result = replace(result, policy=joint.policy)
-        metrics["collaborative"] = {"m2rec_weight": float(joint.part.weight), "settings": settings.params}
+        metrics["collaborative"] = {"m2rec_weight": float(joint.part.weight), "blend": blend.params}
     return export_artifact(result, dataset, fingerprint(dataset_dir), root, metrics)
 
 

@@ -3,8 +3,6 @@ the trainer's ridge map, and the service's rows and queries against the harness'
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from service.model.artifact import load_artifact
 from tests.conftest import TrainedArtifact
 from tests.test_baselines_and_harness import _dataset
 from training.baselines import content_blocks, fit_als, ridge_map, with_intercept
-from training.collaborative_fit import Joint, Settings, _stacked, fit_joint, item_factors
+from training.collaborative_fit import Joint, _stacked, fit_joint, item_factors
 from training.dataset import Dataset
 from training.export import export_artifact
 from training.split import ColdStartSplit, cold_start_split
@@ -111,7 +109,7 @@ def joint_artifact(tmp_path_factory: pytest.TempPathFactory) -> JointArtifact:
                       batch_users=128, batch_items=256, new_bias_weights=(1.0,), b_min_steps=1, progress=False)
     result = train(dataset, split, cfg)
     als = fit_als(split.train, 16, 10.0, 5.0, 5, 0)
-    joint = fit_joint(dataset, split, result.model, result.data, Settings(PARAMS, als.item_factors, 5))
+    joint = fit_joint(dataset, split, result.model, result.data, als.item_factors, PARAMS)
     result.model.attach(joint.part)
     assert joint.policy is not None
     root = tmp_path_factory.mktemp("joint")
@@ -206,20 +204,3 @@ def test_a_singular_user_system_gets_a_finite_answer_not_an_error() -> None:
     for rows, lengths in ((y, [1]), (np.repeat(y, 8, axis=0), [8])):  # Woodbury's path, the f×f path
         p = part.user_factors(rows, lengths)
         assert p.shape == (1, 4) and np.isfinite(p).all()
-
-
-def test_the_settings_search_gives_the_same_answer_in_a_second_process() -> None:
-    """Production training searches the part's settings in a spawned process while m2rec trains; the
-    harness searches in process. Both must choose the same settings and fit the same factors."""
-    from training.collaborative_fit import SERVED_FACTORS, search_settings
-    from training.train import _one_thread
-
-    dataset = _dataset(n_users=120, n_items=80, n_pairs=2400)
-    split = cold_start_split(dataset, seed=0)
-    here = search_settings(dataset, split, 0)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
-        there = pool.submit(search_settings, dataset, split, 0).result()
-    assert here.params == there.params
-    np.testing.assert_array_equal(here.factors, there.factors)
-    assert here.params["factors"] in SERVED_FACTORS
-    assert here.factors.shape == (dataset.n_items, here.params["factors"])

@@ -33,7 +33,7 @@ from service.model.mixing import merge_order
 from tests.conftest import StoreSpec
 from tests.live_server import LiveServer
 from tests.shared_data import ml100k
-from training.collaborative_fit import Joint, fit_joint, search_settings
+from training.collaborative_fit import Joint, fit_with_blend
 from training.dataset import Dataset
 from training.export import export_artifact
 from training.m2rec_recommender import M2RecRecommender
@@ -71,8 +71,7 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Trained]:
     root = tmp_path_factory.mktemp("parity-m2rec")
     export_artifact(result, dataset, "ml-100k:parity", root, {"validation": result.best_val})
     out["m2rec"] = Trained(root, dataset, split, M2RecRecommender.trained(result))
-    settings = search_settings(dataset, split, seed=0)  # chosen on validation
-    joint = fit_joint(dataset, split, result.model, result.data, settings)
+    joint, _ = fit_with_blend(dataset, split, result.model, result.data, seed=0)  # settings chosen on validation
     assert joint.policy is not None
     result.model.attach(joint.part)
     root = tmp_path_factory.mktemp("parity-shipped")

@@ -1,8 +1,7 @@
 """Fitting the served model's collaborative part (service/model/collaborative.py) beside a trained m2rec.
 
-`search_settings` chooses ALS's and the ridge map's settings on validation (the ALS + ridge peer's search
-of training/baselines.py, its factors capped at `SERVED_FACTORS`). `build` fills the part from an ALS
-model fitted on the training interactions with them: the trained items' factors, the
+`build` fills the part from an ALS model fitted on the training interactions and the ridge settings
+the calibrated blend chose on validation (training/baselines.py): the trained items' factors, the
 ridge map from content and attributes (only the trained vocabulary's tokens: the inputs a service
 has), YᵀY + λI, and the two parts' row covariances over the trained items. `Joint` scores with it
 in the harness exactly as the service's index does; `choose_weight` sets w and the mixing policy
@@ -23,7 +22,7 @@ import torch
 from service.model import M2Rec
 from service.model.collaborative import Collaborative
 from service.model.mixing import Policy
-from training.baselines import ALS, ALSRidge, content_blocks, ridge_map, with_intercept
+from training.baselines import ALSRidge, content_blocks, ridge_map, with_intercept
 from training.dataset import Dataset
 from training.item_rows import ItemTable, all_item_rows
 from training.mixing import choose_policy
@@ -32,16 +31,12 @@ from training.split import ColdStartSplit
 from training.train_data import TrainingData
 
 WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # m2rec's share of the mix
-# The part's factors are columns of every served row and query: f = 512 would make a row 3.7 times
-# as wide as m2rec's (D+1 = 129), and the index's memory and scan cost with it. The search also
-# costs less without the wide fits (benchmarks/results/production-training.md).
-SERVED_FACTORS = (32, 64, 128)
 
 
 def build(dataset: Dataset, data: TrainingData, m2rec_rows: np.ndarray, als_factors: np.ndarray,
           params: dict[str, Any]) -> Collaborative:
     """The part for the trained items `data.warm`: m2rec_rows (I, D+1) every item's m2rec row,
-    als_factors (I, f) ALS's item factors (0 for items without interactions), params the searched
+    als_factors (I, f) ALS's item factors (0 for items without interactions), params the blend's
     regularization, alpha, ridge and attribute_weight. Its weight is left at 0.5."""
     warm = data.warm
     factors = np.asarray(als_factors, dtype=np.float64)
@@ -117,49 +112,38 @@ class Joint:
         return np.asarray(w * m + (1.0 - w) * y)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What `search_settings` chose, with the ALS item factors fitted with it on the searched split."""
-
-    params: dict[str, Any]  # factors, regularization, alpha, ridge, attribute_weight, ...
-    factors: np.ndarray  # (I, f) ALS's item factors on the searched split
-    iterations: int  # ALS's, for a refit with these settings
-
-
-def search_settings(dataset: Dataset, split: ColdStartSplit, seed: int) -> Settings:
-    """ALS's settings (coordinate ascent on the warm-only validation task, factors in `SERVED_FACTORS`)
-    and the ridge map's (on the cold-only validation task), chosen on `split`'s validation tasks as the
-    ALS + ridge peer chooses its own (training/baselines.py)."""
-    als = ALS(seed=seed)
-    als.grids = {**als.grids, "factors": SERVED_FACTORS}
-    als.fit(dataset, split)
-    peer = ALSRidge(seed=seed, als=als, name="als-ridge (served factors)")
-    peer.fit(dataset, split)
-    return Settings(peer.params, np.asarray(peer.als_model.item_factors), als.iterations)
-
-
-def fit_joint(dataset: Dataset, split: ColdStartSplit, model: M2Rec, data: TrainingData, settings: Settings
-              ) -> Joint:
-    """m2rec (`model`, trained on `data` of `split`) with a part built from `settings` searched on the same
-    split; w and the policy chosen on the hybrid validation task."""
-    part = build(dataset, data, all_item_rows(model, data).numpy(), settings.factors, settings.params)
+def fit_joint(dataset: Dataset, split: ColdStartSplit, model: M2Rec, data: TrainingData, als_factors: np.ndarray,
+              params: dict[str, Any]) -> Joint:
+    """m2rec (`model`, trained on `data` of `split`) with a part built from ALS factors fitted on the
+    same split and the blend's settings `params`; w and the policy chosen on the hybrid validation task."""
+    part = build(dataset, data, all_item_rows(model, data).numpy(), als_factors, params)
     joint = Joint(ItemTable(model, data), part, item_factors(part, data))
     choose_weight(joint, hybrid(split, validation=True))
     return joint
+
+
+def fit_with_blend(dataset: Dataset, split: ColdStartSplit, model: M2Rec, data: TrainingData, seed: int
+                   ) -> tuple[Joint, ALSRidge]:
+    """The calibrated blend's search on `split` (training/baselines.py) chooses ALS's and the ridge
+    map's settings; the joint model is then fitted with them (`fit_joint`). (joint, the fitted blend)"""
+    blend = ALSRidge(seed=seed, calibrate=True, name="blend")
+    blend.fit(dataset, split)
+    return fit_joint(dataset, split, model, data, blend.als_model.item_factors, blend.params), blend
 
 
 def best_mix(parts: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], task: Task
              ) -> tuple[float, Policy, list[tuple[float, float]]]:
     """The weight w of w·a + (1 - w)·b (`parts(users)`: (B, C) scores a and b of a batch of `task`'s users,
     a validation task) whose mix, under its own best policy, has the best Recall@20 + NDCG@20;
-    (w, policy, the search's trace)."""
+    (w, policy, the search's trace). Scored a batch of users at a time, never as (users × items)
+    matrices for every weight (benchmarks/results/production-training.md)."""
     def mixes(users: np.ndarray) -> list[np.ndarray]:
         a, b = parts(users)
         return [w * a + (1.0 - w) * b for w in WEIGHTS]
 
     every = tops_many(mixes, len(WEIGHTS), task, "mix")
     # Each weight's policy search is independent, and numpy releases the GIL in its sorts: two threads
-    # share the searches (the longest step of fitting the part).
+    # share the searches.
     with ThreadPoolExecutor(2) as pool:
         policies = list(pool.map(lambda t: choose_policy(t)[0], every))
     trace = []

@@ -8,9 +8,7 @@ the policy that mixes the two populations chosen on the hybrid validation task f
                  inner product of rows [v; b; y] and per-user queries, each part's scores on a
                  per-user scale taken from the trained rows' covariance.
 
-Both reuse the m2rec fitted for the same seed (`shared`, training/evaluate.py); m2rec+blend also the
-blend. m2rec+als searches its own ALS and ridge settings, as production training does
-(`search_settings`, training/collaborative_fit.py).
+Both reuse the m2rec and blend fitted for the same seed (`shared`, training/evaluate.py).
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ import scipy.sparse as sp
 
 from service.model.mixing import Policy
 from training.baselines import ALSRidge
-from training.collaborative_fit import Joint, best_mix, fit_joint, search_settings
+from training.collaborative_fit import Joint, best_mix, fit_joint
 from training.dataset import Dataset
 from training.m2rec_recommender import M2RecRecommender
 from training.protocol import Recommender, hybrid
@@ -81,29 +79,18 @@ class Ensemble:
         return self.weight * a + (1.0 - self.weight) * b
 
 
-def _fitted(shared: dict[str, tuple[Any, float]], name: str, make: Callable[[], Any], dataset: Dataset,
-            split: ColdStartSplit) -> Any:
-    if name not in shared:
-        start, part = time.perf_counter(), make()
-        part.fit(dataset, split)
-        shared[name] = (part, time.perf_counter() - start)
-    return shared[name][0]
-
-
-def fitted_m2rec(shared: dict[str, tuple[Any, float]], dataset: Dataset, split: ColdStartSplit, seed: int
-                 ) -> M2RecRecommender:
-    """The seed's m2rec, fitted once."""
-    m2rec: M2RecRecommender = _fitted(shared, "m2rec", lambda: M2RecRecommender.preset("m2rec", seed), dataset,
-                                      split)
-    return m2rec
-
-
 def fitted_parts(shared: dict[str, tuple[Any, float]], dataset: Dataset, split: ColdStartSplit, seed: int
                  ) -> tuple[M2RecRecommender, ALSRidge]:
     """The seed's m2rec and calibrated blend, fitted once (a blend fit is ~15 min on citeulike-t)."""
-    blend: ALSRidge = _fitted(shared, "blend", lambda: ALSRidge(seed=seed, calibrate=True, name="blend"), dataset,
-                              split)
-    return fitted_m2rec(shared, dataset, split, seed), blend
+    makers: dict[str, Callable[[], Any]] = {
+        "m2rec": lambda: M2RecRecommender.preset("m2rec", seed),
+        "blend": lambda: ALSRidge(seed=seed, calibrate=True, name="blend")}
+    for name, make in makers.items():
+        if name not in shared:
+            start, part = time.perf_counter(), make()
+            part.fit(dataset, split)
+            shared[name] = (part, time.perf_counter() - start)
+    return shared["m2rec"][0], shared["blend"][0]
 
 
 @dataclass
@@ -118,16 +105,15 @@ class JointRecommender:
     shared: dict[str, tuple[Any, float]] = field(default_factory=dict)
 
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
-        m2rec = fitted_m2rec(self.shared, dataset, split, self.seed)
+        m2rec, blend = fitted_parts(self.shared, dataset, split, self.seed)
         assert m2rec.result is not None and m2rec._table is not None
         data = m2rec.result.data
-        settings = search_settings(dataset, split, self.seed)
-        self.joint = fit_joint(dataset, split, m2rec.result.model, data, settings)
+        self.joint = fit_joint(dataset, split, m2rec.result.model, data, blend.als_model.item_factors, blend.params)
         self.policy = self.joint.policy
         assert self.policy is not None
         self.params = {"m2rec_weight": float(self.joint.part.weight), "policy": self.policy.to_dict(),
                        "val_r20_plus_n20": self.joint.trace,
-                       "m2rec": m2rec.params, "settings": settings.params}
+                       "m2rec": m2rec.params, "blend": blend.params}
 
     def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         if self.joint is None:

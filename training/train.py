@@ -18,13 +18,10 @@ b-step, items in the t-step, gradients all-reduced by DDP; rank 0 validates and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import logging
-import multiprocessing
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -42,7 +38,7 @@ from service.model.generator import M2VAEGenerator
 from service.model.mixing import RAW, Policy
 from training import distributed
 from training.baselines import fit_als
-from training.collaborative_fit import Settings, build, fit_joint, search_settings
+from training.collaborative_fit import build, fit_with_blend
 from training.dataset import Dataset, fingerprint, load_dataset
 from training.export import export_artifact
 from training.item_rows import ItemTable, all_item_rows, generated_rows
@@ -275,58 +271,44 @@ def train_production(dataset: Dataset, cfg: TrainConfig) -> tuple[TrainResult, T
     run trains on. With `cfg.collaborative` the production model gets the collaborative part
     (`attach_collaborative`)."""
     carve = validation_split(dataset, cfg.seed)
-    with contextlib.ExitStack() as stack:
-        search: Future[Settings] | None = None
-        if cfg.collaborative and distributed.is_main():  # rank 0 alone exports: the part is fitted there
-            # The part's settings depend on the carve-out alone, so they are searched in a second process
-            # while m2rec trains: the trainer leaves much of the second core idle. One thread there, so that
-            # the trainer's threads are not left waiting on a core the search holds.
-            pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                           initializer=_one_thread))
-            search = pool.submit(search_settings, dataset, carve, cfg.seed)
-        first = train(dataset, carve, cfg)
-        log.info("validation run: best epoch %d, %s, policy %s", first.best_epoch, json.dumps(first.best_val),
-                 first.policy.to_dict())
-        refit = replace(cfg, epochs=cfg.refit_epochs, eval_every=1, patience=cfg.refit_patience)
-        # stopped on half of the validation run's warm holdout, which neither run trains on
-        production = production_split(dataset, cfg.seed, carve.val_warm_truth)
-        final = train(dataset, production, refit, init=first)
-        final.model.new_bias_weight.copy_(first.model.new_bias_weight)
-        final = replace(final, policy=first.policy)
-        if search is not None:
-            first, final = attach_collaborative(dataset, carve, first, production, final, search.result())
+    first = train(dataset, carve, cfg)
+    log.info("validation run: best epoch %d, %s, policy %s", first.best_epoch, json.dumps(first.best_val),
+             first.policy.to_dict())
+    refit = replace(cfg, epochs=cfg.refit_epochs, eval_every=1, patience=cfg.refit_patience)
+    # stopped on half of the validation run's warm holdout, which neither run trains on
+    production = production_split(dataset, cfg.seed, carve.val_warm_truth)
+    final = train(dataset, production, refit, init=first)
+    final.model.new_bias_weight.copy_(first.model.new_bias_weight)
+    final = replace(final, policy=first.policy)
+    if cfg.collaborative and distributed.is_main():  # rank 0 alone exports: the part is fitted there
+        first, final = attach_collaborative(dataset, carve, first, production, final)
     return first, final
 
 
-def _one_thread() -> None:
-    import implicit.cpu.als  # noqa: F401  # its OpenMP runtime loaded, so that the limit reaches it
-
-    threadpool_limits(1)
-    torch.set_num_threads(1)
-
-
 def attach_collaborative(dataset: Dataset, carve: ColdStartSplit, first: TrainResult, production: ColdStartSplit,
-                         final: TrainResult, settings: Settings) -> tuple[TrainResult, TrainResult]:
-    """The collaborative part beside both runs' m2rec. On the validation run's split, with ALS's and the
-    ridge map's `settings` searched there (`search_settings`): m2rec's weight w and the mixing policy of
-    the combination. The production part: ALS refitted with those settings on the production run's
-    interactions, the ridge map onto its factors, w and the policy from validation."""
-    joint = fit_joint(dataset, carve, first.model, first.data, settings)
-    assert joint.policy is not None
+                         final: TrainResult) -> tuple[TrainResult, TrainResult]:
+    """The collaborative part beside both runs' m2rec. On the validation run's split: the calibrated
+    blend's search chooses ALS's and the ridge map's settings, then m2rec's weight w and the mixing
+    policy are chosen for the combination. The production part: ALS refitted with those settings on the
+    production run's interactions, the ridge map onto its factors, w and the policy from validation."""
+    joint, blend = fit_with_blend(dataset, carve, first.model, first.data, first.config.seed)
+    assert joint.policy is not None and blend.als is not None
     weight, policy = float(joint.part.weight), joint.policy
-    p = settings.params
     log.info("collaborative part: ALS %s; m2rec's weight %.2f, policy %s (validation R@20+N@20 by weight %s)",
-             json.dumps({k: p[k] for k in ("factors", "regularization", "alpha", "ridge", "attribute_weight")}),
+             json.dumps({k: blend.params[k] for k in ("factors", "regularization", "alpha", "ridge",
+                                                       "attribute_weight")}),
              weight, policy.to_dict(), joint.trace)
     first.model.attach(joint.part)
+    p = blend.params
     als = fit_als(production.train, int(p["factors"]), float(p["regularization"]), float(p["alpha"]),
-                  settings.iterations, first.config.seed)
+                  blend.als.iterations, first.config.seed)
     served = build(dataset, final.data, all_item_rows(final.model, final.data).numpy(), als.item_factors, p)
     with torch.no_grad():
         served.weight.fill_(weight)
     served.refresh()
     final.model.attach(served)
-    chosen = {"m2rec_weight": weight, "policy": policy.to_dict(), "settings": p, "val_r20_plus_n20": joint.trace}
+    chosen = {"m2rec_weight": weight, "policy": policy.to_dict(), "blend": blend.params,
+              "val_r20_plus_n20": joint.trace}
     return replace(first, policy=policy, collaborative=chosen), replace(final, policy=policy, collaborative=chosen)
 
 
