@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from tests.shared_data import ml100k
 from training import evaluate as harness
-from training.baselines import ALS, ALSRidge, ContentKNN, Popularity, content_blocks, fit_als
+from training.baselines import ALS, ALSRidge, ContentKNN, Popularity, UserFactorMemo, content_blocks, fit_als
 from training.dataset import Dataset, save_dataset
 from training.ensemble import standardised
 from training.split import cold_start_split
@@ -86,6 +86,32 @@ def test_peers_rank_what_they_can_and_never_show_what_they_cannot() -> None:
     blend.fit(data, split)
     assert np.isfinite(blend.score(np.arange(5), cand, split.history)).all()
     assert blend.policy is not None and blend.params["policy"] == blend.policy.to_dict()
+
+
+def test_the_ridge_search_reuses_users_factors_only_for_the_same_model_history_and_users() -> None:
+    data = _dataset(n_users=60, n_items=50, n_pairs=1200)
+    split = cold_start_split(data, seed=0)
+    als = ALS(seed=0, grids={"factors": (4,), "regularization": (0.1,), "alpha": (1.0,)},
+              start={"factors": 4, "regularization": 0.1, "alpha": 1.0}, iterations=3)
+    als.fit(data, split)
+    users, cand = np.arange(8), np.union1d(split.warm_items, split.cold_items)
+    plain = als.score(users, cand, split.history)
+    als.solved = UserFactorMemo()
+    assert np.array_equal(als.score(users, cand, split.history), plain)
+    assert np.array_equal(als.score(users, cand, split.history), plain)  # from the memo
+    assert len(als.solved.factors) == 1
+    # another history (the same users, other interactions) and another model are solved afresh
+    other = sp.csr_matrix(split.history[::-1])
+    assert np.array_equal(als.score(users, cand, other), ALS.score(_fresh(als), users, cand, other))
+    als.als_model = fit_als(split.train, 4, 1.0, 1.0, 3, seed=1)
+    assert np.array_equal(als.score(users, cand, split.history), ALS.score(_fresh(als), users, cand, split.history))
+    assert len(als.solved.factors) == 1
+
+
+def _fresh(als: ALS) -> ALS:
+    copy = ALS(seed=0)
+    copy.als_model, copy.item_rows, copy.rankable = als.als_model, als.item_rows, als.rankable
+    return copy
 
 
 def test_harness_writes_tables_and_content_beats_random_on_real_data(tmp_path: Path) -> None:

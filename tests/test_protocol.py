@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from service.model.mixing import Calibrated, Quota, merge_order, policy_from_dict
+from service.model.mixing import RAW, Calibrated, Policy, Quota, merge_order, policy_from_dict
 from training.dataset import Dataset, DatasetError
 from training.evaluate import paired
 from training.metrics import list_metrics, user_metrics
-from training.mixing import Tops, choose_policy, merge
+from training.mixing import Placer, Tops, choose_policy, merge, policy_figures
 from training.protocol import cold_only, evaluate_tops, hybrid, tops, warm_only
 from training.split import ColdStartSplit, cold_start_split, hold_out, holdout_count, production_split, validation_split
 
@@ -200,6 +200,52 @@ def test_choose_policy_finds_the_offset_that_moves_new_items_in() -> None:
     policy, trace = choose_policy(t)
     hit, _, _ = merge(t, policy)
     assert hit[:, :10].all() and len(trace) > 100
+
+
+def _best_first(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each list as the harness keeps it: score descending, the truth last among ties."""
+    for u, q in np.ndindex(*scores.shape[:2]):
+        order = np.lexsort((truth[u, q], -scores[u, q]))
+        scores[u, q], truth[u, q] = scores[u, q][order], truth[u, q][order]
+    return scores, truth
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_the_policy_search_places_true_entries_exactly_where_the_full_merge_does(ties: bool) -> None:
+    # Placer counts the entries ahead of each true one instead of merging the lists; on lists full
+    # of ties (scores in quarters), short lists (-inf pads) and both policy families it must give
+    # the figures of the merge itself, to the last bit
+    rng = np.random.default_rng(3)
+    U, K = 300, 20
+    raw = rng.integers(0, 6, size=(U, 2, K)) / 4 if ties else rng.normal(size=(U, 2, K))
+    scores, truth = _best_first(raw.astype(np.float64), rng.random((U, 2, K)) < 0.2)
+    for u, q in zip(*np.nonzero(rng.random((U, 2)) < 0.1), strict=True):
+        cut = rng.integers(0, K)
+        scores[u, q, cut:], truth[u, q, cut:] = -np.inf, False
+    t = Tops(np.arange(U), scores, truth, truth.sum(axis=2) + rng.integers(0, 3, size=(U, 2)))
+    placer = Placer(t)
+    policies: list[Policy] = [Calibrated(scale, float(offset)) for scale in (0.35, 1.0, 2.8)
+                              for offset in np.linspace(-2, 2, 17)]
+    for policy in [*policies, Quota(0.0), Quota(0.35), Quota(1.0)]:
+        assert placer.value(policy) == policy_figures(t, policy), policy
+
+
+def test_the_policy_search_merges_in_full_where_rounding_ties_a_true_new_entry_with_the_next() -> None:
+    # 0.5 and the next float below it become one float after + 1000: the merge then puts the false
+    # entry first (truth last among ties), and so must the search
+    scores = np.tile(-np.arange(20, dtype=np.float64), (2, 2, 1))
+    scores[:, 1, :5] += 10.0
+    scores[:, 1, 5], scores[:, 1, 6] = 0.5, np.nextafter(0.5, 0.0)
+    truth = np.zeros((2, 2, 20), dtype=bool)
+    truth[:, 1, 5] = True
+    t = Tops(np.arange(2), scores, truth, truth.sum(axis=2))
+    policy = Calibrated(1.0, 1000.0)
+    assert policy.new_scores(scores[0, 1, 5]) == policy.new_scores(scores[0, 1, 6])
+    assert Placer(t).value(policy) == policy_figures(t, policy) != policy_figures(t, Calibrated(1.0, 0.0))
+    # lists that are not best first are merged in full too
+    scores[0, 0] = scores[0, 0][::-1].copy()
+    assert Placer(t).unordered.tolist() == [True, False]
+    assert Placer(t).value(RAW) == policy_figures(t, RAW)
 
 
 def test_paired_differences_give_a_confidence_interval_that_excludes_zero_for_a_real_gap() -> None:

@@ -15,7 +15,7 @@ from training.m2rec_recommender import M2RecRecommender
 from training.presets import PRESETS
 from training.protocol import evaluate, hybrid
 from training.split import cold_start_split
-from training.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from training.train import TrainConfig, load_checkpoint, save_checkpoint, train, validate
 
 TINY = {"b_min_steps": 1, "item_dim": 8, "user_latent": 4, "gen_hidden": 8, "gen_latent": 4, "batch_users": 16,
         "batch_items": 16, "epochs": 2, "eval_every": 1, "progress": False, "co_negatives": 4}
@@ -94,6 +94,8 @@ def test_the_new_bias_weight_is_chosen_on_validation_and_scales_only_new_items_b
     result = train(dataset, split, TrainConfig(seed=0, **{**TINY, "new_bias_weights": (1.0, 4.0)}))  # type: ignore[arg-type]
     weight = float(result.model.new_bias_weight)
     assert weight in (1.0, 4.0) and result.best_val["new_bias_weight"] == weight
+    # the choice scores every weight at once; the chosen one's figures are what validating it alone gives
+    assert result.best_val == {**validate(result.model, result.data, split).metrics, "new_bias_weight": weight}
     x = item_inputs(result.data.vocabulary.encode([["g:1"]])[0], torch.ones(1, 5), content_dim=5)
     with torch.no_grad():
         row = result.model.embed_items(x)[0]

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from service.model.mixing import Policy
 from training.dataset import Dataset
-from training.mixing import choose_policy
-from training.protocol import cold_only, evaluate, hybrid, tops, warm_only
+from training.mixing import choose_policy, model_policy
+from training.protocol import Task, cold_only, evaluate, evaluate_tops, hybrid, tops, warm_only
 from training.split import ColdStartSplit
 
 
@@ -145,18 +145,44 @@ def fit_als(train: sp.csr_matrix, factors: int, regularization: float, alpha: fl
     return model
 
 
+@dataclass
+class UserFactorMemo:
+    """Users' ALS factors by (history, batch of users), for one ALS model."""
+
+    model: Any = None
+    factors: dict[tuple[int, bytes], tuple[sp.csr_matrix, np.ndarray]] = field(default_factory=dict)
+
+
 class _ALSScorer:
     """Scores [users' factors]·[item rows]; users are solved by implicit against the fitted ALS item
-    factors from the history they are given (`recalculate_user`: the exact ALS user step)."""
+    factors from the history they are given (`recalculate_user`: the exact ALS user step).
+
+    A user's factors depend on the ALS model and their history, not on the item rows: the ridge search
+    scores the same batches of users under many maps, and while `solved` holds a memo each batch's
+    factors are solved once per model and history (a Cholesky solve of f × f per user, the search's
+    largest cost at f = 512)."""
 
     als_model: Any
     item_rows: np.ndarray  # (I, d) the rows candidates are scored by
     rankable: np.ndarray  # (I,) bool: items the model can rank at all
+    solved: UserFactorMemo | None = None
 
-    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+    def user_factors(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        memo = self.solved
+        if memo is not None and memo.model is not self.als_model:
+            memo.model, memo.factors = self.als_model, {}
+        key = (id(history), np.asarray(users).tobytes())
+        if memo is not None and key in memo.factors and memo.factors[key][0] is history:
+            return memo.factors[key][1]
         with threadpool_limits(1, "blas"):
             X = self.als_model.recalculate_user(users, sp.csr_matrix(history[users], dtype=np.float32))
-        s: np.ndarray = np.asarray(X, dtype=np.float64) @ self.item_rows[candidates].T  # (B, C)
+        factors = np.asarray(X, dtype=np.float64)
+        if memo is not None:
+            memo.factors[key] = (history, factors)  # the history is held, so its id is not reused
+        return factors
+
+    def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        s: np.ndarray = self.user_factors(users, history) @ self.item_rows[candidates].T  # (B, C)
         s[:, ~self.rankable[candidates]] = -np.inf
         return s
 
@@ -177,6 +203,8 @@ class ALS(_ALSScorer):
     start: dict[str, float] = field(default_factory=lambda: {"factors": 128, "regularization": 10.0, "alpha": 10.0})
     iterations: int = 15
     trace: list[tuple[dict[str, Any], float]] = field(default_factory=list)
+    keep: int = 3  # the fitted models of the best `keep` settings are kept (`fitted`): the blend's search reuses them
+    fitted: dict[tuple[float, ...], Any] = field(default_factory=dict)
 
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
         task = warm_only(split, validation=True)
@@ -184,14 +212,17 @@ class ALS(_ALSScorer):
         values: dict[tuple[float, ...], float] = {}
 
         def value(point: dict[str, float]) -> float:
-            key = tuple(point[k] for k in self.grids)
+            key = self.key(point)
             if key not in values:
                 self._set(split, int(point["factors"]), point["regularization"], point["alpha"])
                 values[key] = evaluate(self, task).get("recall@20", 0.0)
                 self.trace.append((dict(point), values[key]))
+                self.fitted[key] = self.als_model
+                kept = {self.key(p) for p in self.best_configs(self.keep)}
+                self.fitted = {k: m for k, m in self.fitted.items() if k in kept}
             return values[key]
 
-        self.trace = []
+        self.trace, self.fitted = [], {}
         point, best = dict(self.start), value(self.start)
         with tqdm(desc="als search", leave=False) as bar:
             improved = True
@@ -211,8 +242,19 @@ class ALS(_ALSScorer):
                        "val_warm_recall@20": best}
         self._set(split, int(point["factors"]), point["regularization"], point["alpha"])
 
+    def key(self, point: dict[str, Any]) -> tuple[float, ...]:
+        return tuple(point[k] for k in self.grids)
+
+    def model(self, split: ColdStartSplit, point: dict[str, Any]) -> Any:
+        """implicit's model for a setting, on `split` (the one `fit` searched on): kept, or fitted now.
+        Fitting is deterministic (fixed seed, each user's and item's solve on its own), so a kept model
+        is the one a new fit would give."""
+        kept = self.fitted.get(self.key(point))
+        return kept if kept is not None else fit_als(split.train, int(point["factors"]), float(point["regularization"]),
+                                                     float(point["alpha"]), self.iterations, self.seed)
+
     def _set(self, split: ColdStartSplit, factors: int, reg: float, alpha: float) -> None:
-        self.als_model = fit_als(split.train, factors, reg, alpha, self.iterations, self.seed)
+        self.als_model = self.model(split, {"factors": factors, "regularization": reg, "alpha": alpha})
         self.item_rows = np.asarray(self.als_model.item_factors, dtype=np.float64)
 
     def best_configs(self, n: int) -> list[dict[str, Any]]:
@@ -246,17 +288,25 @@ class ALSRidge(_ALSScorer):
             self.als.fit(dataset, split)
         self.rankable = np.ones(dataset.n_items, dtype=bool)
         weights = self.attribute_weights if dataset.features is not None else (1.0,)
-        contents = {w: with_intercept(content_blocks(dataset, w)) for w in weights}
+        contents = {w: RidgeMaps(with_intercept(content_blocks(dataset, w)), split.warm_items) for w in weights}
         configs = self.als.best_configs(self.als_candidates if self.calibrate else 1)
         cold_task, hybrid_task = cold_only(split, validation=True), hybrid(split, validation=True)
+        self.solved = UserFactorMemo()
+        try:
+            self._search(split, configs, weights, contents, cold_task, hybrid_task)
+        finally:
+            self.solved = None
+
+    def _search(self, split: ColdStartSplit, configs: list[dict[str, Any]], weights: tuple[float, ...],
+                contents: dict[float, RidgeMaps], cold_task: Task, hybrid_task: Task) -> None:
+        assert self.als is not None
         best: tuple[float, dict[str, Any], Any, np.ndarray, Policy | None] | None = None
         for als in tqdm(configs, desc=f"{self.name} grid", leave=False):
-            self.als_model = fit_als(split.train, als["factors"], als["regularization"], als["alpha"],
-                                     self.als.iterations, self.seed)
+            self.als_model = self.als.model(split, als)
             factors = np.asarray(self.als_model.item_factors, dtype=np.float64)
             chosen: tuple[float, dict[str, Any], np.ndarray] | None = None
             for w, gamma in itertools.product(weights, self.ridge_grid):
-                self.item_rows = _ridge_rows(factors, contents[w], split.warm_items, gamma)
+                self.item_rows = contents[w].rows(factors, gamma)
                 value = evaluate(self, cold_task).get("recall@20", 0.0)
                 if chosen is None or value > chosen[0]:
                     chosen = (value, {**als, "attribute_weight": w, "ridge": gamma,
@@ -264,10 +314,11 @@ class ALSRidge(_ALSScorer):
             assert chosen is not None
             self.item_rows, self.policy = chosen[2], None
             params = chosen[1]
+            ranked = tops(self, hybrid_task)
             if self.calibrate:
-                self.policy, _ = choose_policy(tops(self, hybrid_task))
+                self.policy, _ = choose_policy(ranked)
                 params = {**params, "policy": self.policy.to_dict()}
-            value = evaluate(self, hybrid_task).get("recall@20", 0.0)
+            value = evaluate_tops(ranked, model_policy(self), hybrid_task.mixed).metrics.get("recall@20", 0.0)
             if best is None or value > best[0]:
                 best = (value, {**params, "val_hybrid_recall@20": value}, self.als_model, chosen[2], self.policy)
         assert best is not None
@@ -276,18 +327,35 @@ class ALSRidge(_ALSScorer):
 
 def ridge_map(factors: np.ndarray, content: sp.csr_matrix, warm: np.ndarray, gamma: float) -> np.ndarray:
     """W (F+A+1, d): the ridge map from the warm items' content rows onto their factors."""
-    Xw = content[warm]
-    gram = (Xw.T @ Xw).toarray() + gamma * np.eye(content.shape[1])
-    return np.asarray(np.linalg.solve(gram, np.asarray(Xw.T @ factors[warm])))
+    return RidgeMaps(content, warm).map(factors, gamma)
+
+
+class RidgeMaps:
+    """Ridge maps from the warm items' content rows onto factors, for any factors and γ. The search
+    tries 7 γ for each of 3 ALS settings: the gram matrix XᵀX (thousands of tokens square on
+    citeulike-t) is formed once, Xᵀy once per factors, and only the items the map serves are mapped."""
+
+    def __init__(self, content: sp.csr_matrix, warm: np.ndarray) -> None:
+        self.warm = warm
+        self.Xw = content[warm]
+        self.gram = (self.Xw.T @ self.Xw).toarray()  # (F+A+1, F+A+1)
+        self.others = np.setdiff1d(np.arange(content.shape[0]), warm)
+        self.X_others = content[self.others]
+        self._target: tuple[np.ndarray, np.ndarray] | None = None  # (factors, Xᵀ factors[warm])
+
+    def map(self, factors: np.ndarray, gamma: float) -> np.ndarray:
+        if self._target is None or self._target[0] is not factors:
+            self._target = factors, np.asarray(self.Xw.T @ factors[self.warm])
+        return np.asarray(np.linalg.solve(self.gram + gamma * np.eye(self.gram.shape[0]), self._target[1]))
+
+    def rows(self, factors: np.ndarray, gamma: float) -> np.ndarray:
+        """(I, d): warm items keep their factors; every other item gets content @ W."""
+        rows = np.empty_like(factors)
+        rows[self.warm] = factors[self.warm]
+        rows[self.others] = np.asarray(self.X_others @ self.map(factors, gamma))
+        return rows
 
 
 def with_intercept(content: Content) -> sp.csr_matrix:
     """[content, 1] (I, F+A+1): the ridge map's input rows."""
     return sp.csr_matrix(sp.hstack([content.as_csr(), sp.csr_matrix(np.ones((content.dense.shape[0], 1)))]))
-
-
-def _ridge_rows(factors: np.ndarray, content: sp.csr_matrix, warm: np.ndarray, gamma: float) -> np.ndarray:
-    """Warm items keep their factors; every other item gets content @ W, W the ridge map onto them."""
-    rows = np.asarray(content @ ridge_map(factors, content, warm, gamma))  # (I, d)
-    rows[warm] = factors[warm]
-    return rows

@@ -10,7 +10,7 @@ on the hybrid validation task.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,9 +137,13 @@ def best_mix(parts: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], task:
     a validation task) whose mix, under its own best policy, has the best Recall@20 + NDCG@20;
     (w, policy, the search's trace). Scored a batch of users at a time, never as (users × items)
     matrices for every weight (benchmarks/results/production-training.md)."""
-    def mixes(users: np.ndarray) -> list[np.ndarray]:
+    def mixes(users: np.ndarray) -> Iterator[np.ndarray]:
         a, b = parts(users)
-        return [w * a + (1.0 - w) * b for w in WEIGHTS]
+        mix, other = np.empty_like(a), np.empty_like(a)  # two (B, C) buffers for every weight, not 3 × 11
+        for w in WEIGHTS:
+            np.multiply(w, a, out=mix)  # w·a + (1 - w)·b, the same floating-point steps
+            np.multiply(1.0 - w, b, out=other)
+            yield np.add(mix, other, out=mix)
 
     every = tops_many(mixes, len(WEIGHTS), task, "mix")
     # Each weight's policy search is independent, and numpy releases the GIL in its sorts: two threads

@@ -3,6 +3,8 @@ items by their trained rows [V; b], every other item by its generated row (neutr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -39,9 +41,16 @@ class ItemTable:
         return self.model.user.decode(mu).numpy()
 
     def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        return next(self.scores(users, candidates, history, [self.items[candidates, -1]]))
+
+    def scores(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix, biases: list[np.ndarray]
+               ) -> Iterator[np.ndarray]:
+        """(B, C) scores [h; 1]·[v; b] under each of `biases`, (C,) bias columns of the candidates, in
+        turn: the choice of the new items' bias weight scores every weight with one fold-in and one product."""
         rows = self.items[candidates]  # (C, D+1)
-        h = self.user_vectors(users, history)  # (B, D)
-        return np.asarray(h @ rows[:, :-1].T + rows[:, -1], dtype=np.float64)  # [h; 1]·[v; b]
+        product = self.user_vectors(users, history) @ rows[:, :-1].T  # (B, C)
+        for b in biases:
+            yield np.asarray(product + b, dtype=np.float64)
 
 
 @torch.no_grad()

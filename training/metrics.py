@@ -83,20 +83,21 @@ def user_metrics(top: np.ndarray, is_truth: np.ndarray, n_truth: int, ks: tuple[
     return out
 
 
-def list_metrics(hit: np.ndarray, is_cold: np.ndarray, filled: np.ndarray, n_truth: np.ndarray,
+def list_metrics(hit: np.ndarray, is_cold: np.ndarray | None, filled: np.ndarray | None, n_truth: np.ndarray,
                  ks: Sequence[int] = KS) -> dict[str, np.ndarray]:
     """Per-user metrics of merged lists: overall, and restricted to the cold and the warm truth.
 
     hit, is_cold (U, L) flags of each ranked slot; filled (U, L) slot holds a candidate; n_truth (U, 2).
-    A part's metric is NaN for a user with no truth in that part (left out of its mean).
+    A part's metric is NaN for a user with no truth in that part (left out of its mean). Without
+    is_cold and filled, the overall metrics alone.
     """
     L = hit.shape[1]
     discounts = 1.0 / np.log2(np.arange(2, L + 2))  # (L,)
     ideal = np.concatenate([[0.0], np.cumsum(discounts)])  # ideal[n] = IDCG of n hits
     out: dict[str, np.ndarray] = {}
-    parts = {"": (hit, n_truth.sum(axis=1)),
-             "cold_": (hit & is_cold, n_truth[:, 1]),
-             "warm_": (hit & ~is_cold, n_truth[:, 0])}
+    parts = {"": (hit, n_truth.sum(axis=1))}
+    if is_cold is not None:
+        parts.update({"cold_": (hit & is_cold, n_truth[:, 1]), "warm_": (hit & ~is_cold, n_truth[:, 0])})
     for prefix, (h, n) in parts.items():
         has = n > 0
         for k in ks:
@@ -107,6 +108,8 @@ def list_metrics(hit: np.ndarray, is_cold: np.ndarray, filled: np.ndarray, n_tru
                 out[f"{prefix}recall@{k}"] = np.where(has, hits / n_ideal, np.nan)
                 out[f"{prefix}ndcg@{k}"] = np.where(has, dcg / ideal[np.minimum(n_ideal, L)], np.nan)
             out[f"{prefix}hr@{k}"] = np.where(has, (hits > 0).astype(np.float64), np.nan)
+    if is_cold is None or filled is None:
+        return out
     k = COLD_SHARE_K
     n_filled = filled[:, :k].sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):

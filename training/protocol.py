@@ -18,7 +18,7 @@ are searched on them without scoring again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -90,11 +90,12 @@ def tops(model: Recommender, task: Task, k: int = K_MAX) -> Tops:
     return tops_many(lambda users: [model.score(users, task.candidates, task.history)], 1, task, model.name, k)[0]
 
 
-def tops_many(score: Callable[[np.ndarray], Sequence[np.ndarray]], n: int, task: Task, name: str, k: int = K_MAX
+def tops_many(score: Callable[[np.ndarray], Iterable[np.ndarray]], n: int, task: Task, name: str, k: int = K_MAX
               ) -> list[Tops]:
     """`Tops` of n scorings of the task at once: `score(users)` gives each scoring's (B, C) scores of a
-    batch of users. A search over many mixes of the same scores (training/collaborative_fit.py) reads
-    each batch's truth and history once and never holds (U, C) scores."""
+    batch of users, in turn (an iterator may reuse one buffer: each is read before the next is asked
+    for). A search over many mixes of the same scores (training/collaborative_fit.py) reads each
+    batch's truth and history once and never holds (U, C) scores."""
     cand = task.candidates
     columns = (np.flatnonzero(~task.cold), np.flatnonzero(task.cold))
     n_users = task.users.size
@@ -105,20 +106,22 @@ def tops_many(score: Callable[[np.ndarray], Sequence[np.ndarray]], n: int, task:
         t = task.truth[users][:, cand].toarray() > 0  # (B, C)
         seen = task.history[users][:, cand].toarray() > 0
         rows = slice(start, start + users.size)
-        scorings = score(users)
-        if len(scorings) != n:
-            raise ValueError(f"{name}: {len(scorings)} scorings, expected {n}")
-        for i, s in enumerate(scorings):
+        given = 0
+        for i, s in enumerate(score(users)):
+            given += 1
+            if i >= n:
+                break
             s = np.asarray(s, dtype=np.float64)  # (B, C)
             if s.shape != (users.size, cand.size):
                 raise ValueError(f"{name}.score returned {s.shape}, expected {(users.size, cand.size)}")
-            if np.isnan(s).any() or np.isposinf(s).any():
+            if np.isnan(s).any() or (s == np.inf).any():
                 raise ValueError(f"{name}.score returned NaN or +inf scores")
             s[seen] = -np.inf
             for population, cols in enumerate(columns):
                 if cols.size == 0:
                     continue
-                ps, pt = s[:, cols], t[:, cols]
+                # np.take keeps rows contiguous; s[:, cols] is column-major, and every step after it pays
+                ps, pt = np.take(s, cols, axis=1), np.take(t, cols, axis=1)
                 out[i].n_truth[rows, population] = pt.sum(axis=1)
                 kk = min(k, cols.size)
                 top = rank_top_k_batch(ps, pt, kk)  # (B, kk), -1 pads
@@ -126,6 +129,8 @@ def tops_many(score: Callable[[np.ndarray], Sequence[np.ndarray]], n: int, task:
                 safe = np.maximum(top, 0)
                 out[i].scores[rows, population, :kk] = np.where(valid, np.take_along_axis(ps, safe, axis=1), -np.inf)
                 out[i].truth[rows, population, :kk] = valid & np.take_along_axis(pt, safe, axis=1)
+        if given != n:
+            raise ValueError(f"{name}: {'more than ' if given > n else ''}{min(given, n)} scorings, expected {n}")
     return out
 
 

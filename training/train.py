@@ -43,9 +43,9 @@ from training.dataset import Dataset, fingerprint, load_dataset
 from training.export import export_artifact
 from training.item_rows import ItemTable, all_item_rows, generated_rows
 from training.linear_fit import LinearFit
-from training.mixing import choose_policy
+from training.mixing import Tops, choose_policy
 from training.presets import PRESETS
-from training.protocol import evaluate_tops, hybrid, tops, warm_only
+from training.protocol import Task, evaluate_tops, hybrid, tops, tops_many, warm_only
 from training.split import ColdStartSplit, production_split, validation_split
 from training.steps import GeneratorStep, UserStep, b_step, t_step
 from training.train_config import TrainConfig as TrainConfig
@@ -85,13 +85,16 @@ def validate(model: M2Rec, data: TrainingData, split: ColdStartSplit) -> Validat
     """The hybrid validation task (pseudo-cold items and the warm holdout) under the policy that
     mixes them best; without validation items (a production refit), the warm holdout alone."""
     table = ItemTable(model, data)
-    policy: Policy
     if split.val_items.size == 0:
-        task, policy = warm_only(split, validation=True), RAW
-        t = tops(table, task)
-    else:
-        task = hybrid(split, validation=True)
-        t = tops(table, task)
+        task = warm_only(split, validation=True)
+        return _validation(tops(table, task), task, RAW)
+    task = hybrid(split, validation=True)
+    return _validation(tops(table, task), task)
+
+
+def _validation(t: Tops, task: Task, policy: Policy | None = None) -> Validation:
+    """The figures of a validation task's tops under `policy` (default: the best one for them)."""
+    if policy is None:
         policy, _ = choose_policy(t)
     metrics = evaluate_tops(t, policy, task.mixed).metrics
     return Validation(metrics.get("recall@20", 0.0) + metrics.get("ndcg@20", 0.0), metrics, policy)
@@ -226,10 +229,15 @@ def tune_new_bias(model: M2Rec, data: TrainingData, split: ColdStartSplit, weigh
                   ) -> Validation:
     """Set `M2Rec.new_bias_weight` to the weight whose hybrid validation (with its own best policy) is
     best, and return that validation."""
-    results = []
-    for weight in weights:
+    biases = []
+    for weight in weights:  # the weight scales the generated rows' bias column, nothing else
         model.new_bias_weight.fill_(weight)
-        results.append((validate(model, data, split), weight))
+        biases.append(all_item_rows(model, data)[:, -1].numpy())
+    table, task = ItemTable(model, data), hybrid(split, validation=True)
+    every = tops_many(lambda users: table.scores(users, task.candidates, task.history,
+                                                 [b[task.candidates] for b in biases]),
+                      len(weights), task, table.name)
+    results = [(_validation(t, task), weight) for t, weight in zip(every, weights, strict=True)]
     best, weight = max(results, key=lambda r: r[0].score)
     model.new_bias_weight.fill_(weight)
     log.info("new items' bias weight %.2f (validation %s)", weight,
