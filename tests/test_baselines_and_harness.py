@@ -11,7 +11,18 @@ import scipy.sparse as sp
 
 from tests.shared_data import ml100k
 from training import evaluate as harness
-from training.baselines import ALS, ALSRidge, ContentKNN, Popularity, UserFactorMemo, content_blocks, fit_als
+from training.baselines import (
+    ALS,
+    ALSRidge,
+    ContentKNN,
+    Popularity,
+    RidgeMaps,
+    UserFactorMemo,
+    content_blocks,
+    fit_als,
+    ridge_map,
+    with_intercept,
+)
 from training.dataset import Dataset, save_dataset
 from training.ensemble import standardised
 from training.split import cold_start_split
@@ -106,6 +117,25 @@ def test_the_ridge_search_reuses_users_factors_only_for_the_same_model_history_a
     als.als_model = fit_als(split.train, 4, 1.0, 1.0, 3, seed=1)
     assert np.array_equal(als.score(users, cand, split.history), ALS.score(_fresh(als), users, cand, split.history))
     assert len(als.solved.factors) == 1
+
+
+def test_every_ridge_map_of_the_search_is_the_direct_solve() -> None:
+    """The search's maps come from one eigendecomposition of XᵀX; each must be the solve of
+    (XᵀX + γI) W = Xᵀ factors[warm] that production's `ridge_map` makes, for every γ and factors,
+    and the rows must keep warm items' factors and map every other item."""
+    data = _dataset(n_users=60, n_items=80, n_pairs=1500)
+    split = cold_start_split(data, seed=0)
+    content = with_intercept(content_blocks(data, 2.0))
+    maps = RidgeMaps(content, split.warm_items)
+    rng = np.random.default_rng(0)
+    for factors in (rng.normal(size=(80, 5)), rng.normal(size=(80, 3))):
+        for gamma in (0.1, 1.0, 1000.0):
+            direct = ridge_map(factors, content, split.warm_items, gamma)
+            np.testing.assert_allclose(maps.map(factors, gamma), direct, rtol=1e-9, atol=1e-12)
+            rows = maps.rows(factors, gamma)
+            np.testing.assert_array_equal(rows[split.warm_items], factors[split.warm_items])
+            mapped = content[split.cold_items] @ direct
+            np.testing.assert_allclose(rows[split.cold_items], mapped, rtol=1e-9, atol=1e-12)
 
 
 def _fresh(als: ALS) -> ALS:
