@@ -20,6 +20,7 @@ from training.baselines import (
     UserFactorMemo,
     content_blocks,
     fit_als,
+    gram,
     ridge_map,
     with_intercept,
 )
@@ -99,7 +100,7 @@ def test_peers_rank_what_they_can_and_never_show_what_they_cannot() -> None:
     assert blend.policy is not None and blend.params["policy"] == blend.policy.to_dict()
 
 
-def test_the_ridge_search_reuses_users_factors_only_for_the_same_model_history_and_users() -> None:
+def test_the_searches_reuse_a_users_factors_only_for_the_same_model_and_history_row() -> None:
     data = _dataset(n_users=60, n_items=50, n_pairs=1200)
     split = cold_start_split(data, seed=0)
     als = ALS(seed=0, grids={"factors": (4,), "regularization": (0.1,), "alpha": (1.0,)},
@@ -107,26 +108,41 @@ def test_the_ridge_search_reuses_users_factors_only_for_the_same_model_history_a
     als.fit(data, split)
     users, cand = np.arange(8), np.union1d(split.warm_items, split.cold_items)
     plain = als.score(users, cand, split.history)
-    als.solved = UserFactorMemo()
+    als.solved = memo = UserFactorMemo()
     assert np.array_equal(als.score(users, cand, split.history), plain)
     assert np.array_equal(als.score(users, cand, split.history), plain)  # from the memo
-    assert len(als.solved.factors) == 1
-    # another history (the same users, other interactions) and another model are solved afresh
+    # a batch that overlaps the first: its known users from the memo, the others solved, as if alone
+    more = np.arange(4, 12)
+    assert np.array_equal(als.score(more, cand, split.history), ALS.score(_fresh(als), more, cand, split.history))
+    (model, rows), = memo.models.values()
+    assert model is als.als_model
+    assert len(rows) == len({split.history[u].indices.tobytes() for u in range(12)})
+    # the memo is what is read: a user's remembered factors, zeroed, zero their scores
+    key = next(k for k in rows if k[1] == split.history[0].indices.tobytes())
+    rows[key] = np.zeros_like(rows[key])
+    assert not als.score(np.arange(1), cand, split.history)[np.isfinite(plain[:1])].any()
+    # another history (the same users, other rows) and another model are solved afresh
     other = sp.csr_matrix(split.history[::-1])
     assert np.array_equal(als.score(users, cand, other), ALS.score(_fresh(als), users, cand, other))
     als.als_model = fit_als(split.train, 4, 1.0, 1.0, 3, seed=1)
     assert np.array_equal(als.score(users, cand, split.history), ALS.score(_fresh(als), users, cand, split.history))
-    assert len(als.solved.factors) == 1
+    assert len(memo.models) == 2
+    memo.keep([als.als_model])
+    assert [m for m, _ in memo.models.values()] == [als.als_model]
 
 
 def test_every_ridge_map_of_the_search_is_the_direct_solve() -> None:
-    """The search's maps come from one eigendecomposition of XᵀX; each must be the solve of
-    (XᵀX + γI) W = Xᵀ factors[warm] that production's `ridge_map` makes, for every γ and factors,
-    and the rows must keep warm items' factors and map every other item."""
+    """The search's maps come from one eigendecomposition of XᵀX (formed block by block); each must be
+    the solve of (XᵀX + γI) W = Xᵀ factors[warm] that production's `ridge_map` makes, for every γ and
+    factors, and the rows must keep warm items' factors and map every other item (or only those asked for)."""
     data = _dataset(n_users=60, n_items=80, n_pairs=1500)
     split = cold_start_split(data, seed=0)
-    content = with_intercept(content_blocks(data, 2.0))
-    maps = RidgeMaps(content, split.warm_items)
+    blocks = content_blocks(data, 2.0)
+    content = with_intercept(blocks)
+    assert blocks.dense.shape[1] > 0 and blocks.sparse.shape[1] > 0
+    Xw = content[split.warm_items]
+    np.testing.assert_allclose(gram(blocks.rows(split.warm_items)), (Xw.T @ Xw).toarray(), rtol=1e-12, atol=1e-12)
+    maps = RidgeMaps(blocks, split.warm_items)
     rng = np.random.default_rng(0)
     for factors in (rng.normal(size=(80, 5)), rng.normal(size=(80, 3))):
         for gamma in (0.1, 1.0, 1000.0):
@@ -136,6 +152,12 @@ def test_every_ridge_map_of_the_search_is_the_direct_solve() -> None:
             np.testing.assert_array_equal(rows[split.warm_items], factors[split.warm_items])
             mapped = content[split.cold_items] @ direct
             np.testing.assert_allclose(rows[split.cold_items], mapped, rtol=1e-9, atol=1e-12)
+            some = split.cold_items[::2]
+            partial = maps.rows(factors, gamma, some)
+            np.testing.assert_array_equal(partial[some], rows[some])
+            assert np.isnan(np.delete(partial, some, axis=0)).all()
+    with pytest.raises(ValueError, match="warm items"):
+        maps.rows(factors, 1.0, split.warm_items[:2])
 
 
 def _fresh(als: ALS) -> ALS:

@@ -16,6 +16,7 @@ user's factors against the fixed item factors, as a service would).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,20 +149,40 @@ def fit_als(train: sp.csr_matrix, factors: int, regularization: float, alpha: fl
 
 @dataclass
 class UserFactorMemo:
-    """Users' ALS factors by (history, batch of users), for one ALS model."""
+    """Users' ALS factors by model and history row. A user's factors are the ALS user step for their own
+    row against the model's item factors, each user solved apart from the others, so a row solved for
+    one task or batch serves every other: the searches score the same validation users in three tasks
+    (warm-only, cold-only, hybrid) and under many ridge maps. Holds the models it remembers."""
 
-    model: Any = None
-    factors: dict[tuple[int, bytes], tuple[sp.csr_matrix, np.ndarray]] = field(default_factory=dict)
+    models: dict[int, tuple[Any, dict[tuple[int, bytes, bytes], np.ndarray]]] = field(default_factory=dict)
+
+    def factors(self, model: Any, history: sp.csr_matrix, users: np.ndarray,
+                solve: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """(B, f) the factors of `users` from their rows of `history`; `solve(users)` solves those not met yet."""
+        entry = self.models.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = self.models[id(model)] = (model, {})
+        known = entry[1]
+        rows = sp.csr_matrix(history[users])
+        keys = [(b - a, rows.indices[a:b].tobytes(), rows.data[a:b].tobytes())
+                for a, b in itertools.pairwise(rows.indptr.tolist())]
+        missing = [i for i, key in enumerate(keys) if key not in known]
+        if missing:
+            for i, factors in zip(missing, solve(np.asarray(users)[missing]), strict=True):
+                known[keys[i]] = factors
+        return np.stack([known[key] for key in keys]) if keys else solve(np.asarray(users))
+
+    def keep(self, models: Iterable[Any]) -> None:
+        """Forget every model but `models`."""
+        ids = {id(model) for model in models}
+        self.models = {k: v for k, v in self.models.items() if k in ids}
 
 
 class _ALSScorer:
     """Scores [users' factors]·[item rows]; users are solved by implicit against the fitted ALS item
-    factors from the history they are given (`recalculate_user`: the exact ALS user step).
-
-    A user's factors depend on the ALS model and their history, not on the item rows: the ridge search
-    scores the same batches of users under many maps, and while `solved` holds a memo each batch's
-    factors are solved once per model and history (a Cholesky solve of f × f per user, the search's
-    largest cost at f = 512)."""
+    factors from the history they are given (`recalculate_user`: the exact ALS user step), through the
+    memo `solved` while it is set (a Cholesky solve of f × f per user, the searches' largest cost at
+    f = 512 after the fits)."""
 
     als_model: Any
     item_rows: np.ndarray  # (I, d) the rows candidates are scored by
@@ -169,18 +190,14 @@ class _ALSScorer:
     solved: UserFactorMemo | None = None
 
     def user_factors(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
-        memo = self.solved
-        if memo is not None and memo.model is not self.als_model:
-            memo.model, memo.factors = self.als_model, {}
-        key = (id(history), np.asarray(users).tobytes())
-        if memo is not None and key in memo.factors and memo.factors[key][0] is history:
-            return memo.factors[key][1]
+        if self.solved is None:
+            return self._solve(users, history)
+        return self.solved.factors(self.als_model, history, users, lambda some: self._solve(some, history))
+
+    def _solve(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         with threadpool_limits(1, "blas"):
             X = self.als_model.recalculate_user(users, sp.csr_matrix(history[users], dtype=np.float32))
-        factors = np.asarray(X, dtype=np.float64)
-        if memo is not None:
-            memo.factors[key] = (history, factors)  # the history is held, so its id is not reused
-        return factors
+        return np.asarray(X, dtype=np.float64)
 
     def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         s: np.ndarray = self.user_factors(users, history) @ self.item_rows[candidates].T  # (B, C)
@@ -221,6 +238,8 @@ class ALS(_ALSScorer):
                 self.fitted[key] = self.als_model
                 kept = {self.key(p) for p in self.best_configs(self.keep)}
                 self.fitted = {k: m for k, m in self.fitted.items() if k in kept}
+                if self.solved is not None:
+                    self.solved.keep(self.fitted.values())
             return values[key]
 
         self.trace, self.fitted = [], {}
@@ -284,19 +303,20 @@ class ALSRidge(_ALSScorer):
     policy: Policy | None = None
 
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
+        self.solved = UserFactorMemo()
         if self.als is None:
             self.als = ALS(seed=self.seed)
+            self.als.solved = self.solved  # the users its search solves, for the kept models, serve ours
             self.als.fit(dataset, split)
         self.rankable = np.ones(dataset.n_items, dtype=bool)
         weights = self.attribute_weights if dataset.features is not None else (1.0,)
-        contents = {w: RidgeMaps(with_intercept(content_blocks(dataset, w)), split.warm_items) for w in weights}
+        contents = {w: RidgeMaps(content_blocks(dataset, w), split.warm_items) for w in weights}
         configs = self.als.best_configs(self.als_candidates if self.calibrate else 1)
         cold_task, hybrid_task = cold_only(split, validation=True), hybrid(split, validation=True)
-        self.solved = UserFactorMemo()
         try:
             self._search(split, configs, weights, contents, cold_task, hybrid_task)
         finally:
-            self.solved = None
+            self.solved = self.als.solved = None
 
     def _search(self, split: ColdStartSplit, configs: list[dict[str, Any]], weights: tuple[float, ...],
                 contents: dict[float, RidgeMaps], cold_task: Task, hybrid_task: Task) -> None:
@@ -305,23 +325,22 @@ class ALSRidge(_ALSScorer):
         for als in tqdm(configs, desc=f"{self.name} grid", leave=False):
             self.als_model = self.als.model(split, als)
             factors = np.asarray(self.als_model.item_factors, dtype=np.float64)
-            chosen: tuple[float, dict[str, Any], np.ndarray] | None = None
+            chosen: tuple[float, dict[str, Any]] | None = None
             for w, gamma in itertools.product(weights, self.ridge_grid):
-                self.item_rows = contents[w].rows(factors, gamma)
+                self.item_rows = contents[w].rows(factors, gamma, cold_task.candidates)  # the task's rows alone
                 value = evaluate(self, cold_task).get("recall@20", 0.0)
                 if chosen is None or value > chosen[0]:
-                    chosen = (value, {**als, "attribute_weight": w, "ridge": gamma,
-                                      "val_cold_recall@20": value}, self.item_rows)
+                    chosen = (value, {**als, "attribute_weight": w, "ridge": gamma, "val_cold_recall@20": value})
             assert chosen is not None
-            self.item_rows, self.policy = chosen[2], None
             params = chosen[1]
+            self.item_rows, self.policy = contents[params["attribute_weight"]].rows(factors, params["ridge"]), None
             ranked = tops(self, hybrid_task)
             if self.calibrate:
                 self.policy, _ = choose_policy(ranked)
                 params = {**params, "policy": self.policy.to_dict()}
             value = evaluate_tops(ranked, model_policy(self), hybrid_task.mixed).metrics.get("recall@20", 0.0)
             if best is None or value > best[0]:
-                best = (value, {**params, "val_hybrid_recall@20": value}, self.als_model, chosen[2], self.policy)
+                best = (value, {**params, "val_hybrid_recall@20": value}, self.als_model, self.item_rows, self.policy)
         assert best is not None
         _, self.params, self.als_model, self.item_rows, self.policy = best
 
@@ -342,13 +361,14 @@ class RidgeMaps:
     tokens square on citeulike-t); Qᵀ Xᵀ factors[warm] is formed once per factors, and only the items
     the map serves are mapped."""
 
-    def __init__(self, content: sp.csr_matrix, warm: np.ndarray) -> None:
+    def __init__(self, content: Content, warm: np.ndarray) -> None:
         self.warm = warm
-        self.Xw = content[warm]
-        gram = (self.Xw.T @ self.Xw).toarray()  # (F+A+1, F+A+1)
-        self.eigenvalues, self.eigenvectors = scipy.linalg.eigh(gram, overwrite_a=True, check_finite=False)
-        self.others = np.setdiff1d(np.arange(content.shape[0]), warm)
-        self.X_others = content[self.others]
+        X = with_intercept(content)  # (I, F+A+1)
+        self.Xw = X[warm]
+        self.eigenvalues, self.eigenvectors = scipy.linalg.eigh(gram(content.rows(warm)), overwrite_a=True,
+                                                                check_finite=False, driver="evd")
+        self.others = np.setdiff1d(np.arange(X.shape[0]), warm)  # sorted
+        self.X_others = X[self.others]
         self._target: tuple[np.ndarray, np.ndarray] | None = None  # (factors, Qᵀ Xᵀ factors[warm])
 
     def map(self, factors: np.ndarray, gamma: float) -> np.ndarray:
@@ -356,12 +376,35 @@ class RidgeMaps:
             self._target = factors, self.eigenvectors.T @ np.asarray(self.Xw.T @ factors[self.warm])
         return np.asarray(self.eigenvectors @ (self._target[1] / (self.eigenvalues + gamma)[:, None]))
 
-    def rows(self, factors: np.ndarray, gamma: float) -> np.ndarray:
-        """(I, d): warm items keep their factors; every other item gets content @ W."""
+    def rows(self, factors: np.ndarray, gamma: float, items: np.ndarray | None = None) -> np.ndarray:
+        """(I, d): warm items keep their factors; every other item gets content @ W. With `items` (none
+        of them warm) only those are mapped and every other row is NaN: for a search that scores them alone."""
+        if items is not None:
+            if not np.isin(items, self.others).all():
+                raise ValueError("warm items keep their factors: they are not mapped")
+            rows = np.full_like(factors, np.nan)
+            rows[items] = np.asarray(self.X_others[np.searchsorted(self.others, items)] @ self.map(factors, gamma))
+            return rows
         rows = np.empty_like(factors)
         rows[self.warm] = factors[self.warm]
         rows[self.others] = np.asarray(self.X_others @ self.map(factors, gamma))
         return rows
+
+
+def gram(content: Content) -> np.ndarray:
+    """XᵀX (F+A+1, F+A+1) of `with_intercept(content)`'s rows, its blocks apart: the dense block (with the
+    intercept) by BLAS, the sparse one sparse (as one sparse matrix, the dense block would go through
+    scipy's single-threaded product)."""
+    dense = np.hstack([content.dense.astype(np.float64), np.ones((content.dense.shape[0], 1))])  # (n, F+1)
+    sparse = content.sparse.astype(np.float64)  # (n, A)
+    F, A = content.dense.shape[1], sparse.shape[1]
+    d = np.r_[0:F, F + A]  # the dense block's columns of X: the content, then the intercept, last
+    out = np.empty((F + A + 1, F + A + 1))
+    out[np.ix_(d, d)] = dense.T @ dense
+    out[F : F + A, d] = side = np.asarray(sparse.T @ dense)  # (A, F+1)
+    out[d, F : F + A] = side.T
+    out[F : F + A, F : F + A] = (sparse.T @ sparse).toarray()
+    return out
 
 
 def with_intercept(content: Content) -> sp.csr_matrix:

@@ -45,6 +45,7 @@ class LinearFit:
         self.members = {ATTRIBUTES: has_a, CONTENT: has_c, BOTH: has_a & has_c}
         self.factors: dict[int, torch.Tensor] = {}
         self.leverage: dict[int, np.ndarray] = {}  # (J,) h_jj per pattern, 0 outside its members
+        self.designs: dict[int, sp.csr_matrix] = {}  # (J, P) every warm row's inputs, for the fitted rows
         for pattern, member in self.members.items():
             if member.any():
                 gram = self._gram(pattern, member)
@@ -54,6 +55,7 @@ class LinearFit:
                 self.factors[pattern] = torch.linalg.cholesky(torch.from_numpy(gram))
                 if held_out:
                     self.leverage[pattern] = self._leverage(pattern, member)
+                    self.designs[pattern] = self._design(pattern)  # built once, not every t-step
         self.targets: np.ndarray | None = None
         self.fitted: dict[int, np.ndarray] = {}  # (J, D+1) in-sample ridge rows per pattern
 
@@ -73,13 +75,13 @@ class LinearFit:
         dd = dense.T @ dense
         return np.block([[ss, sd], [sd.T, dd]])  # order: [attributes, content?, 1]
 
-    def _design(self, pattern: int, rows: np.ndarray) -> sp.csr_matrix:
-        """[attributes?, content?, 1] of warm rows, sparse, in the gram's column order."""
+    def _design(self, pattern: int) -> sp.csr_matrix:
+        """[attributes?, content?, 1] of every warm row, sparse, in the gram's column order."""
         use_c, use_a = self._blocks(pattern)
-        blocks: list[sp.spmatrix] = [self.S[rows]] if use_a else []
+        blocks: list[sp.spmatrix] = [self.S] if use_a else []
         if use_c:
-            blocks.append(sp.csr_matrix(self.C[rows]))
-        blocks.append(sp.csr_matrix(np.ones((rows.size, 1))))
+            blocks.append(sp.csr_matrix(self.C))
+        blocks.append(sp.csr_matrix(np.ones((self.S.shape[0], 1))))
         return sp.csr_matrix(sp.hstack(blocks))
 
     def _leverage(self, pattern: int, member: np.ndarray, chunk: int = 2048) -> np.ndarray:
@@ -141,7 +143,7 @@ class LinearFit:
                 k += F_dim
             p.intercept[pattern] = W[k]
             if self.leverage:
-                self.fitted[pattern] = np.asarray(self._design(pattern, np.arange(Y.shape[0])) @ W.double().numpy())
+                self.fitted[pattern] = np.asarray(self.designs[pattern] @ W.double().numpy())
         self.targets = Y
 
     def refit_shared(self, targets: torch.Tensor) -> None:
