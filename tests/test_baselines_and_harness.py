@@ -11,21 +11,10 @@ import scipy.sparse as sp
 
 from tests.shared_data import ml100k
 from training import evaluate as harness
-from training.baselines import (
-    ALS,
-    ALSRidge,
-    ContentKNN,
-    Popularity,
-    RidgeMaps,
-    UserFactorMemo,
-    content_blocks,
-    fit_als,
-    gram,
-    ridge_map,
-    with_intercept,
-)
+from training.baselines import ALS, ALSRidge, ContentKNN, Popularity, UserFactorMemo, fit_als
 from training.dataset import Dataset, save_dataset
 from training.ensemble import standardised
+from training.ridge import RidgeMaps, content_blocks, gram, ridge_map, with_intercept
 from training.split import cold_start_split
 
 

@@ -18,10 +18,11 @@ from service.core.types import NewItem
 from service.model.artifact import load_artifact
 from tests.conftest import TrainedArtifact
 from tests.test_baselines_and_harness import _dataset
-from training.baselines import content_blocks, fit_als, ridge_map, with_intercept
+from training.baselines import fit_als
 from training.collaborative_fit import Joint, _stacked, fit_joint, item_factors
 from training.dataset import Dataset
 from training.export import export_artifact
+from training.ridge import content_blocks, ridge_map, with_intercept
 from training.split import ColdStartSplit, cold_start_split
 from training.train import TrainConfig, TrainResult, train
 from training.train_data import prepare

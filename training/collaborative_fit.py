@@ -1,7 +1,7 @@
 """Fitting the served model's collaborative part (service/model/collaborative.py) beside a trained m2rec.
 
 `build` fills the part from an ALS model fitted on the training interactions and the ridge settings
-the calibrated blend chose on validation (training/baselines.py): the trained items' factors, the
+the calibrated blend chose on validation (training/baselines.py, training/ridge.py): the trained items' factors, the
 ridge map from content and attributes (only the trained vocabulary's tokens: the inputs a service
 has), YᵀY + λI, and the two parts' row covariances over the trained items. `Joint` scores with it
 in the harness exactly as the service's index does; `choose_weight` sets w and the mixing policy
@@ -22,11 +22,12 @@ import torch
 from service.model import M2Rec
 from service.model.collaborative import Collaborative
 from service.model.mixing import Policy
-from training.baselines import ALSRidge, content_blocks, ridge_map, with_intercept
+from training.baselines import ALSRidge
 from training.dataset import Dataset
 from training.item_rows import ItemTable, all_item_rows
 from training.mixing import choose_policy
 from training.protocol import Task, evaluate_tops, hybrid, tops_many
+from training.ridge import content_blocks, ridge_map, with_intercept
 from training.split import ColdStartSplit
 from training.train_data import TrainingData
 
