@@ -68,18 +68,34 @@ def user_vectors(model: M2Rec, data: TrainingData, users: np.ndarray | None = No
 
 
 @torch.no_grad()
-def generated_rows(model: M2Rec, data: TrainingData, items: np.ndarray, batch: int = 4096) -> torch.Tensor:
+def generated_rows(model: M2Rec, data: TrainingData, items: np.ndarray, batch: int = 4096,
+                   slots: int = 4096 * 16) -> torch.Tensor:
     """Serving-path rows (len(items), D+1) of dataset items from attributes and content only."""
     model.eval()
-    # batches of similar attribute counts: padding to the widest item costs (B, A, H) memory
     order = np.argsort(data.attribute_counts[items], kind="stable")
-    out = [model.embed_items(data.inputs(items[order[s : s + batch]]))[0] for s in range(0, items.size, batch)]
+    out = [model.embed_items(data.inputs(items[part]))[0]
+           for part in _batches(order, data.attribute_counts[items[order]], batch, slots)]
     model.train()
     if not out:
         return torch.zeros(0, model.config.item_dim + 1)
     rows = torch.empty(items.size, model.config.item_dim + 1)
     rows[torch.from_numpy(order)] = torch.cat(out)
     return rows
+
+
+def _batches(order: np.ndarray, widths: np.ndarray, batch: int, slots: int) -> list[np.ndarray]:
+    """`order` (items by ascending attribute count, `widths`) cut into batches of at most `batch` items
+    and at most `slots` padded attribute slots: a batch is padded to its widest item, and a few items
+    with a hundred attributes would otherwise pad thousands of narrow ones (citeulike-t: 4,096 items
+    × 162 slots in one batch, for a mean of 7.7 attributes)."""
+    out, start = [], 0
+    while start < order.size:
+        n = min(batch, order.size - start)
+        padded = np.arange(1, n + 1) * np.maximum(widths[start : start + n], 1)  # (n,) rising: widths are sorted
+        n = max(1, int(np.searchsorted(padded, slots, side="right")))
+        out.append(order[start : start + n])
+        start += n
+    return out
 
 
 @torch.no_grad()
