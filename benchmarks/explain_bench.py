@@ -28,6 +28,7 @@ from benchmarks.load import LoadResult, run_load
 from benchmarks.processes import Server
 from service.model.artifact import load_artifact
 from tests.live_server import free_port
+from training import machine
 from training.dataset import load_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {
         "in_process": compute,
         "command": "python -m benchmarks.explain_bench " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "run_at": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.machine()}, {platform.node()}",
+        "run_at": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.node()}, {machine.describe()}",
         "model": load_artifact(args.artifact).version, "users": len(users), "k": K, "concurrency": CONCURRENCY,
         "loads": {name: result.summary() for name, result in pooled.items()},
         "cold_in_sample": sum(i["is_cold"] for i in sample["items"]), "sample": sample["items"][:3],

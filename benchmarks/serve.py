@@ -51,6 +51,7 @@ from service.core.recommender import Recommender
 from service.index import IndexConfig, VectorIndex
 from service.model.artifact import load_artifact
 from service.store import Store
+from training import machine
 from training.dataset import Dataset, load_dataset
 
 CONCURRENCY, ROUNDS = 16, 5
@@ -382,8 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     store.close()
     meta = {
         "command": "python -m benchmarks.serve " + " ".join(argv or sys.argv[1:]),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"Linux {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        "machine": f"{platform.node()}, {machine.describe()}, Linux {platform.release()}, torch {torch.__version__}, "
                    f"faiss {faiss.__version__}",
         "model_version": rec.version, "model": rec.model.config.to_dict(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),

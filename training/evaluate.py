@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import platform
 import resource
 import shlex
 import subprocess
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from training import machine
 from training.baselines import ALS, ALSRidge, ContentKNN, Popularity, RandomRecommender
 from training.dataset import Dataset, fingerprint, load_dataset
 from training.ensemble import Ensemble, JointRecommender
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "commit": commit,
         "data_fingerprint": fingerprint(args.dataset),
-        "machine": f"{platform.machine()}, {platform.python_version()}",
+        "machine": machine.describe(),
         "statistics": dataset.statistics(),
         "seeds": seeds,
         **result,

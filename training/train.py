@@ -36,7 +36,7 @@ from tqdm import tqdm
 from service.model import M2Rec, ModelConfig
 from service.model.generator import M2VAEGenerator
 from service.model.mixing import RAW, Policy
-from training import distributed
+from training import distributed, machine
 from training.baselines import fit_als
 from training.collaborative_fit import build, fit_with_blend
 from training.dataset import Dataset, fingerprint, load_dataset
@@ -357,6 +357,7 @@ def _main(args: argparse.Namespace, chosen: str | None) -> None:
                         format=f"%(asctime)s {f'[rank {rank}] ' if distributed.launched() else ''}%(message)s")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     dataset = load_dataset(args.dataset)
+    log.info("training on %s", machine.describe())
     t0 = time.perf_counter()
     first, final = train_production(dataset, cfg)
     seconds = time.perf_counter() - t0
@@ -365,6 +366,7 @@ def _main(args: argparse.Namespace, chosen: str | None) -> None:
         "seed": cfg.seed,
         "preset": chosen or "defaults",
         "train_seconds": round(seconds, 1),
+        "machine": machine.describe(),  # train_seconds compare only beside the CPU they ran on
         "processes": distributed.world_size(),
         "validation": {"best_epoch": first.best_epoch, "hybrid": first.best_val, "policy": first.policy.to_dict()},
         "refit": {"best_epoch": final.best_epoch, "held_out_slice": final.best_val},
