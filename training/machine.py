@@ -1,8 +1,8 @@
 """The machine a timing belongs to, for the header of every result that reports one.
 
-Our machines of one kind run on different host CPUs: the same citeulike-t production training, to
-the same artifact bits on each host, took 13:05 on one and 18:42 on another (an AMD EPYC without
-AVX-512; benchmarks/results/production-training.md). Timings compare only beside the CPU they ran on.
+Our machines of one kind run on different host CPUs, and the same training takes markedly longer on
+some than on others (benchmarks/results/production-training.md), so a timing compares only beside
+the CPU it ran on.
 """
 
 from __future__ import annotations
