@@ -32,7 +32,8 @@ def make_artifact(dataset_dir: Path, root: Path, epochs: int, seed: int = 0, col
         assert joint.policy is not None
         result.model.attach(joint.part)
         result = replace(result, policy=joint.policy)
-        metrics["collaborative"] = {"m2rec_weight": float(joint.part.weight), "blend": blend.params}
+        metrics["collaborative"] = {"m2rec_weight": float(joint.part.weight),
+                                      "m2rec_new_weight": float(joint.part.new_weight), "blend": blend.params}
     return export_artifact(result, dataset, fingerprint(dataset_dir), root, metrics)
 
 

@@ -3,6 +3,7 @@ the trainer's ridge map, and the service's rows and queries against the harness'
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -138,11 +139,59 @@ def test_the_service_scores_items_as_the_harness_does(joint_artifact: JointArtif
         at = np.searchsorted(result.data.warm, history[u].indices)
         rows.append(warm_rows[at])
         lengths.append(len(at))
-    queries = fold_in.queries(np.concatenate(rows), lengths)  # (B, D+1+f)
     candidates = np.concatenate([result.data.warm, cold])
-    online = queries.astype(np.float64) @ np.vstack([warm_rows, new_rows]).astype(np.float64).T
-    offline = joint.score(users, candidates, history)
-    assert np.allclose(online, offline, atol=1e-4 * np.abs(offline).max())
+    served = embedder.model.collaborative
+    assert served is not None
+    # as trained, and with new items weighed apart from trained ones (w_new != w), on both sides
+    for new_weight in (float(joint.part.new_weight), 1.0 - float(joint.part.weight)):
+        part = copy.deepcopy(joint.part)
+        for weighed in (part, served):
+            with torch.no_grad():
+                weighed.new_weight.fill_(new_weight)
+            weighed.refresh()
+        queries, new_queries = fold_in.query_pair(np.concatenate(rows), lengths)  # (B, D+1+f) each
+        assert (new_queries is None) == (new_weight == float(joint.part.weight))
+        online = np.hstack([queries.astype(np.float64) @ warm_rows.astype(np.float64).T,
+                            (queries if new_queries is None else new_queries).astype(np.float64)
+                            @ new_rows.astype(np.float64).T])
+        offline = replace(joint, part=part).score(users, candidates, history)
+        assert np.allclose(online, offline, atol=1e-4 * np.abs(offline).max())
+
+
+def test_new_items_weight_is_shared_or_the_best_for_ranking_them_alone_on_validation(
+        joint_artifact: JointArtifact) -> None:
+    """The candidates for w_new: w itself, or the weight that ranks new items alone best on the cold-only
+    validation task (checked here against that task itself); the pair with the best hybrid validation
+    figure wins, a shared one on ties."""
+    from training.collaborative_fit import WEIGHTS
+    from training.protocol import cold_only, evaluate
+
+    joint, split = joint_artifact.joint, joint_artifact.split
+    task = cold_only(split, validation=True)
+    figures = []
+    for w in WEIGHTS:
+        part = copy.deepcopy(joint.part)
+        with torch.no_grad():
+            part.new_weight.fill_(float(w))
+        part.refresh()
+        metrics = evaluate(replace(joint, part=part, policy=None), task)
+        figures.append(metrics["recall@20"] + metrics["ndcg@20"])
+    assert len(set(np.round(figures, 6))) > 1  # the weight matters on this task
+    star = float(WEIGHTS[int(np.argmax(figures))])
+    tried = {(w, w_new) for w, w_new, _ in joint.trace}
+    assert tried == {(float(w), float(w)) for w in WEIGHTS} | {(float(w), star) for w in WEIGHTS}
+    value = {(w, w_new): v for w, w_new, v in joint.trace}  # rounded to 4 places in the trace
+    assert value[float(joint.part.weight), float(joint.part.new_weight)] == max(value.values())
+
+
+def test_an_artifact_from_before_the_new_items_weight_scores_them_with_w() -> None:
+    from service.model.collaborative import Collaborative
+
+    part = Collaborative(n_warm=4, n_attributes=2, content_dim=0, item_dim=3, factors=4)
+    state = {name: value for name, value in part.state_dict().items() if name != "new_weight"}
+    state["weight"] = torch.tensor(0.3, dtype=torch.float64)
+    part.load_state_dict(state)
+    assert float(part.new_weight) == 0.3 and not part.separate_new
 
 
 def test_a_hot_reload_moves_from_m2rec_alone_to_the_wider_shipped_model(

@@ -76,6 +76,29 @@ def test_each_population_is_its_own_exact_top_k_and_merged_is_the_global_top_k()
     assert index.count() == (400, 3000) and index.contains("t3") and index.contains("n2999")
 
 
+def test_new_items_can_be_searched_with_queries_of_their_own() -> None:
+    """The collaborative part's new items are scored with their own mix: each population is its own
+    exact top-k for its own queries, exclusions included, in the buffer and in the base alike."""
+    trained = {f"t{j}": r for j, r in enumerate(rows_of(300, 11))}
+    new = {f"n{j}": r for j, r in enumerate(rows_of(2000, 12))}
+    index = VectorIndex.build(D + 1, list(trained), np.stack(list(trained.values())),
+                              [(list(new)[:1500], np.stack(list(new.values())[:1500]))], manual())
+    index.add(list(new)[1500:], np.stack(list(new.values())[1500:]))
+    q, q_new = queries(5, 13), queries(5, 14)
+    exclude = [{h.item_id for h in t.new[::3]} | {h.item_id for h in t.trained[::4]}
+               for t in index.search(q, 20, new_queries=q_new)]
+
+    found = index.search(q, 10, exclude, new_queries=q_new)
+
+    assert_top([t.trained for t in found],
+               [[h._replace(is_cold=False) for h in e] for e in oracle(q, trained, 10, exclude)])
+    assert_top([t.new for t in found], oracle(q_new, new, 10, exclude))
+    alike = index.search(q, 10, exclude)  # the new items by the trained items' queries: another list
+    assert [[h.item_id for h in t.new] for t in found] != [[h.item_id for h in t.new] for t in alike]
+    with pytest.raises(ValueError, match="queries must be"):
+        index.search(q, 10, new_queries=q_new[:2])
+
+
 def test_merged_ranks_ties_by_item_id() -> None:
     tops = Tops([Hit("b", 1.0, False), Hit("z", 0.5, False)], [Hit("a", 1.0, True), Hit("c", 2.0, True)])
     assert [h.item_id for h in tops.merged(3)] == ["c", "a", "b"]

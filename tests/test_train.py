@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from service.core.embedder import load_model
 from service.model import M2Rec, item_inputs
+from service.model.artifact import load_artifact
 from service.model.generator import M2VAEGenerator
 from training.dataset import Dataset
 from training.m2rec_recommender import M2RecRecommender
@@ -141,6 +143,10 @@ def test_train_cli_exports_a_production_model_with_every_item_trained(dataset: D
     factors = manifest["model_config"]["collaborative_factors"]
     assert factors > 0 and manifest["embedding_dim"] == 8 + 1 + factors
     assert 0.0 <= manifest["metrics"]["collaborative"]["m2rec_weight"] <= 1.0
+    chosen = manifest["metrics"]["collaborative"]
+    part = load_model(load_artifact(next((tmp_path / "a").glob("2*")))).collaborative
+    assert part is not None  # the served weights are the chosen ones, new items' own included
+    assert (float(part.weight), float(part.new_weight)) == (chosen["m2rec_weight"], chosen["m2rec_new_weight"])
     assert manifest["metrics"]["collaborative"]["policy"] == manifest["mixing"]
     with pytest.raises(SystemExit):
         main(["--dataset", str(data_dir), "--out", str(tmp_path / "b"), "--preset", "no-such-preset"])

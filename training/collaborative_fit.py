@@ -21,24 +21,25 @@ import torch
 
 from service.model import M2Rec
 from service.model.collaborative import Collaborative
-from service.model.mixing import Policy
+from service.model.mixing import NEW, TRAINED, Policy
 from training.baselines import ALSRidge
 from training.dataset import Dataset
 from training.item_rows import ItemTable, all_item_rows
-from training.mixing import choose_policy
+from training.mixing import Tops, choose_policy, new_figures
 from training.protocol import Task, evaluate_tops, hybrid, tops_many
 from training.ridge import content_blocks, ridge_map, with_intercept
 from training.split import ColdStartSplit
 from training.train_data import TrainingData
 
 WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # m2rec's share of the mix
+Trace = list[tuple[float, float, float]]  # (w, w_new, validation Recall@20 + NDCG@20) per pair tried
 
 
 def build(dataset: Dataset, data: TrainingData, m2rec_rows: np.ndarray, als_factors: np.ndarray,
           params: dict[str, Any]) -> Collaborative:
     """The part for the trained items `data.warm`: m2rec_rows (I, D+1) every item's m2rec row,
     als_factors (I, f) ALS's item factors (0 for items without interactions), params the blend's
-    regularization, alpha, ridge and attribute_weight. Its weight is left at 0.5."""
+    regularization, alpha, ridge and attribute_weight. Its weights are left at 0.5."""
     warm = data.warm
     factors = np.asarray(als_factors, dtype=np.float64)
     f = factors.shape[1]
@@ -61,6 +62,7 @@ def build(dataset: Dataset, data: TrainingData, m2rec_rows: np.ndarray, als_fact
         "cov_factors": np.cov(y, rowvar=False, bias=True),
         "alpha": np.asarray(float(params["alpha"])),
         "weight": np.asarray(0.5),
+        "new_weight": np.asarray(0.5),
         "attribute_weight": np.asarray(weight),
     }
     with torch.no_grad():
@@ -92,9 +94,10 @@ class Joint:
     table: ItemTable
     part: Collaborative
     y: np.ndarray  # (I, f) every item's collaborative row
+    new: np.ndarray  # (I,) bool: the item has no trained row (scored with the new items' weight)
     name: str = "m2rec+als"
     policy: Policy | None = None
-    trace: list[tuple[float, float]] = field(default_factory=list)  # validation R@20 + N@20 by weight
+    trace: Trace = field(default_factory=list)  # validation R@20 + N@20 by (w, w_new)
 
     def fit(self, dataset: Dataset, split: Any) -> None:  # protocol; built already
         pass
@@ -109,17 +112,19 @@ class Joint:
 
     def score(self, users: np.ndarray, candidates: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         m, y = self.parts(users, candidates, history)
-        w = float(self.part.weight)
+        w = np.where(self.new[candidates], float(self.part.new_weight), float(self.part.weight))  # (C,)
         return np.asarray(w * m + (1.0 - w) * y)
 
 
 def fit_joint(dataset: Dataset, split: ColdStartSplit, model: M2Rec, data: TrainingData, als_factors: np.ndarray,
-              params: dict[str, Any]) -> Joint:
+              params: dict[str, Any], per_population: bool = True) -> Joint:
     """m2rec (`model`, trained on `data` of `split`) with a part built from ALS factors fitted on the
-    same split and the blend's settings `params`; w and the policy chosen on the hybrid validation task."""
+    same split and the blend's settings `params`; w, w_new (`per_population`; else w_new = w) and the
+    policy chosen on the hybrid validation task."""
     part = build(dataset, data, all_item_rows(model, data).numpy(), als_factors, params)
-    joint = Joint(ItemTable(model, data), part, item_factors(part, data))
-    choose_weight(joint, hybrid(split, validation=True))
+    joint = Joint(ItemTable(model, data), part, item_factors(part, data),
+                  ~np.isin(np.arange(data.attributes.shape[0]), data.warm))
+    choose_weight(joint, hybrid(split, validation=True), per_population)
     return joint
 
 
@@ -132,12 +137,18 @@ def fit_with_blend(dataset: Dataset, split: ColdStartSplit, model: M2Rec, data: 
     return fit_joint(dataset, split, model, data, blend.als_model.item_factors, blend.params), blend
 
 
-def best_mix(parts: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], task: Task
-             ) -> tuple[float, Policy, list[tuple[float, float]]]:
+def best_mix(parts: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], task: Task, per_population: bool = False
+             ) -> tuple[float, float, Policy, Trace]:
     """The weight w of w·a + (1 - w)·b (`parts(users)`: (B, C) scores a and b of a batch of `task`'s users,
     a validation task) whose mix, under its own best policy, has the best Recall@20 + NDCG@20;
-    (w, policy, the search's trace). Scored a batch of users at a time, never as (users × items)
-    matrices for every weight (benchmarks/results/production-training.md)."""
+    (w, w_new, policy, the search's trace). Scored a batch of users at a time, never as (users × items)
+    matrices for every weight (benchmarks/results/production-training.md).
+
+    `per_population`: new items may get a weight of their own. The candidate for it is w_new*, the
+    weight that ranks the new items alone best (the cold-only validation task, read off the new half
+    of each weight's tops); the pairs (w, w_new*) compete with the shared pairs (w, w), each under its
+    own best policy, and a shared pair wins ties. Both halves of a pair come from the same scorings: a
+    population's top-k does not depend on the other population's scores. Without it w_new = w."""
     def mixes(users: np.ndarray) -> Iterator[np.ndarray]:
         a, b = parts(users)
         mix, other = np.empty_like(a), np.empty_like(a)  # two (B, C) buffers for every weight, not 3 × 11
@@ -147,28 +158,39 @@ def best_mix(parts: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], task:
             yield np.add(mix, other, out=mix)
 
     every = tops_many(mixes, len(WEIGHTS), task, "mix")
-    # Each weight's policy search is independent, and numpy releases the GIL in its sorts: two threads
+    pairs = [(float(w), float(w)) for w in WEIGHTS]
+    if per_population and task.mixed:
+        star = int(np.argmax([sum(new_figures(t)) for t in every]))  # the first of equals: the smaller weight
+        apart = [j for j in range(len(WEIGHTS)) if j != star]  # (w_new*, w_new*) is a shared pair already
+        pairs += [(float(WEIGHTS[j]), float(WEIGHTS[star])) for j in apart]
+        every += [Tops(every[j].users, np.stack([every[j].scores[:, TRAINED], every[star].scores[:, NEW]], axis=1),
+                       np.stack([every[j].truth[:, TRAINED], every[star].truth[:, NEW]], axis=1), every[j].n_truth)
+                  for j in apart]
+    # Each pair's policy search is independent, and numpy releases the GIL in its sorts: two threads
     # share the searches.
     with ThreadPoolExecutor(2) as pool:
         policies = list(pool.map(lambda t: choose_policy(t)[0], every))
-    trace = []
-    best: tuple[float, float, Policy] | None = None
-    for w, t, policy in zip(WEIGHTS, every, policies, strict=True):
+    trace: Trace = []
+    best: tuple[float, tuple[float, float], Policy] | None = None
+    for pair, t, policy in zip(pairs, every, policies, strict=True):
         metrics = evaluate_tops(t, policy, task.mixed).metrics
         value = metrics.get("recall@20", 0.0) + metrics.get("ndcg@20", 0.0)
-        trace.append((float(w), round(value, 4)))
+        trace.append((*pair, round(value, 4)))
         if best is None or value > best[0]:
-            best = (value, float(w), policy)
+            best = (value, pair, policy)
     assert best is not None
-    _, weight, policy = best
-    return weight, policy, trace
+    _, (weight, new_weight), policy = best
+    return weight, new_weight, policy, trace
 
 
-def choose_weight(joint: Joint, task: Task) -> tuple[float, Policy, list[tuple[float, float]]]:
-    """Set the part's weight w and the joint's policy by `best_mix` on `task` (a validation task)."""
-    weight, policy, trace = best_mix(lambda users: joint.parts(users, task.candidates, task.history), task)
+def choose_weight(joint: Joint, task: Task, per_population: bool = True
+                  ) -> tuple[float, float, Policy, Trace]:
+    """Set the part's weights w and w_new and the joint's policy by `best_mix` on `task` (a validation task)."""
+    weight, new_weight, policy, trace = best_mix(lambda users: joint.parts(users, task.candidates, task.history),
+                                                 task, per_population)
     with torch.no_grad():
         joint.part.weight.fill_(weight)
+        joint.part.new_weight.fill_(new_weight)
     joint.part.refresh()
     joint.policy, joint.trace = policy, trace
-    return weight, policy, trace
+    return weight, new_weight, policy, trace

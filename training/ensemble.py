@@ -61,7 +61,7 @@ class Ensemble:
         self.parts = (m2rec, blend)
         self.new = ~np.isin(np.arange(dataset.n_items), split.warm_items)
         task = hybrid(split, validation=True)
-        self.weight, self.policy, trace = best_mix(
+        self.weight, _, self.policy, trace = best_mix(
             lambda users: (self._z(m2rec, users, task.candidates, task.history),
                            self._z(blend, users, task.candidates, task.history)), task)
         self.params = {"m2rec_weight": self.weight, "policy": self.policy.to_dict(), "val_r20_plus_n20": trace,
@@ -103,15 +103,18 @@ class JointRecommender:
     params: dict[str, Any] = field(default_factory=dict)
     joint: Joint | None = None
     shared: dict[str, tuple[Any, float]] = field(default_factory=dict)
+    per_population: bool = True  # new items get a weight of their own (training/collaborative_fit.py)
 
     def fit(self, dataset: Dataset, split: ColdStartSplit) -> None:
         m2rec, blend = fitted_parts(self.shared, dataset, split, self.seed)
         assert m2rec.result is not None and m2rec._table is not None
         data = m2rec.result.data
-        self.joint = fit_joint(dataset, split, m2rec.result.model, data, blend.als_model.item_factors, blend.params)
+        self.joint = fit_joint(dataset, split, m2rec.result.model, data, blend.als_model.item_factors, blend.params,
+                               self.per_population)
         self.policy = self.joint.policy
         assert self.policy is not None
-        self.params = {"m2rec_weight": float(self.joint.part.weight), "policy": self.policy.to_dict(),
+        self.params = {"m2rec_weight": float(self.joint.part.weight),
+                       "m2rec_new_weight": float(self.joint.part.new_weight), "policy": self.policy.to_dict(),
                        "val_r20_plus_n20": self.joint.trace,
                        "m2rec": m2rec.params, "blend": blend.params}
 

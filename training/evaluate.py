@@ -71,6 +71,9 @@ def model_factories() -> dict[str, ModelFactory]:
         "blend": lambda seed: ALSRidge(seed=seed, calibrate=True, name="blend"),
         "m2rec+blend": lambda seed: Ensemble(seed=seed),
         "m2rec+als": lambda seed: JointRecommender(seed=seed),
+        # the ablation of the new items' own weight: one w for both populations
+        "m2rec+als-one-weight": lambda seed: JointRecommender(seed=seed, name="m2rec+als-one-weight",
+                                                              per_population=False),
     }
     for name in PRESETS:
         factories[name] = lambda seed, name=name: M2RecRecommender.preset(name, seed)  # type: ignore[misc]

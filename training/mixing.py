@@ -57,6 +57,14 @@ def policy_figures(t: Tops, policy: Policy) -> tuple[float, float]:
     return _figures(merge(t, policy)[0], t.n_truth)
 
 
+def new_figures(t: Tops) -> tuple[float, float]:
+    """(Recall@20, NDCG@20) of each user's new items ranked alone (the cold-only protocol's lists), over
+    the users with new truth."""
+    n_truth = t.n_truth.copy()
+    n_truth[:, TRAINED] = 0
+    return _figures(t.truth[:, NEW, :20], n_truth)
+
+
 def _figures(hit: np.ndarray, n_truth: np.ndarray) -> tuple[float, float]:
     per_user = list_metrics(hit, None, None, n_truth, (20,))
     return float(np.nanmean(per_user["recall@20"])), float(np.nanmean(per_user["ndcg@20"]))

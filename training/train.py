@@ -296,16 +296,18 @@ def train_production(dataset: Dataset, cfg: TrainConfig) -> tuple[TrainResult, T
 def attach_collaborative(dataset: Dataset, carve: ColdStartSplit, first: TrainResult, production: ColdStartSplit,
                          final: TrainResult) -> tuple[TrainResult, TrainResult]:
     """The collaborative part beside both runs' m2rec. On the validation run's split: the calibrated
-    blend's search chooses ALS's and the ridge map's settings, then m2rec's weight w and the mixing
-    policy are chosen for the combination. The production part: ALS refitted with those settings on the
-    production run's interactions, the ridge map onto its factors, w and the policy from validation."""
+    blend's search chooses ALS's and the ridge map's settings, then m2rec's weights (w for trained
+    items, w_new for new ones) and the mixing policy are chosen for the combination. The production
+    part: ALS refitted with those settings on the production run's interactions, the ridge map onto
+    its factors, the weights and the policy from validation."""
     joint, blend = fit_with_blend(dataset, carve, first.model, first.data, first.config.seed)
     assert joint.policy is not None and blend.als is not None
-    weight, policy = float(joint.part.weight), joint.policy
-    log.info("collaborative part: ALS %s; m2rec's weight %.2f, policy %s (validation R@20+N@20 by weight %s)",
+    weight, new_weight, policy = float(joint.part.weight), float(joint.part.new_weight), joint.policy
+    log.info("collaborative part: ALS %s; m2rec's weight %.2f (new items %.2f), policy %s "
+             "(validation R@20+N@20 by weight %s)",
              json.dumps({k: blend.params[k] for k in ("factors", "regularization", "alpha", "ridge",
                                                        "attribute_weight")}),
-             weight, policy.to_dict(), joint.trace)
+             weight, new_weight, policy.to_dict(), joint.trace)
     first.model.attach(joint.part)
     p = blend.params
     als = fit_als(production.train, int(p["factors"]), float(p["regularization"]), float(p["alpha"]),
@@ -313,9 +315,10 @@ def attach_collaborative(dataset: Dataset, carve: ColdStartSplit, first: TrainRe
     served = build(dataset, final.data, all_item_rows(final.model, final.data).numpy(), als.item_factors, p)
     with torch.no_grad():
         served.weight.fill_(weight)
+        served.new_weight.fill_(new_weight)
     served.refresh()
     final.model.attach(served)
-    chosen = {"m2rec_weight": weight, "policy": policy.to_dict(), "blend": blend.params,
+    chosen = {"m2rec_weight": weight, "m2rec_new_weight": new_weight, "policy": policy.to_dict(), "blend": blend.params,
               "val_r20_plus_n20": joint.trace}
     return replace(first, policy=policy, collaborative=chosen), replace(final, policy=policy, collaborative=chosen)
 

@@ -125,12 +125,18 @@ class FoldIn:
     def queries(self, rows: Array, lengths: list[int]) -> Array:
         """[h; 1] (B, D+1) of B users whose history rows are stacked in `rows` (sum L_b, D+1), user b
         owning the next lengths[b] of them; with the collaborative part, its query (B, D+1+f)."""
+        return self.query_pair(rows, lengths)[0]
+
+    def query_pair(self, rows: Array, lengths: list[int]) -> tuple[Array, Array | None]:
+        """`queries` for trained items, and for new items when the collaborative part weighs them
+        apart (None: the same queries)."""
         out = self._m2rec_queries(rows, lengths)
         part = self.collaborative
         if part is None:
-            return out
+            return out, None
         p = part.user_factors(rows[:, self.dim + 1 :], lengths)  # (B, f)
-        return part.queries(out[:, : self.dim], p).astype(np.float32)  # (B, D+1+f)
+        trained, new = part.query_pair(out[:, : self.dim], p)  # (B, D+1+f) each
+        return trained.astype(np.float32), None if new is None else new.astype(np.float32)
 
     def _m2rec_queries(self, rows: Array, lengths: list[int]) -> Array:
         """[h; 1] (B, D+1). The first layer's sums for every user in one `reduceat`; the MLPs as one

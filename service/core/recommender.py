@@ -199,9 +199,10 @@ class Recommender:
                 seen[user] = set(histories[user])
         asked = [histories[user] for user in users]
         rows, lengths = self.histories_rows(asked)  # (sum L, D+1), rows per request
-        queries = self._fold_in.queries(rows, lengths)  # (B, D+1); an empty history folds in from nothing
+        # (B, D+1[+f]) each; an empty history folds in from nothing
+        queries, new_queries = self._fold_in.query_pair(rows, lengths)
         k_max = max(k for _, k in requests)  # a top-k is the first k of the top-k_max
-        found, skipped = self._search(queries, k_max, [seen[user] for user in users])
+        found, skipped = self._search(queries, new_queries, k_max, [seen[user] for user in users])
         chosen = [self.policy if p is None else p for p in (policies or [None] * len(requests))]
         merged = merge_many(found, chosen, [k for _, k in requests])
         held = self.embedder.held_out
@@ -217,12 +218,13 @@ class Recommender:
                 answered[at] = replace(answered[at], explanations=explanations)
         return answered
 
-    def _search(self, queries: Rows, k: int, exclude: list[set[str]]) -> tuple[list[Tops], list[int]]:
-        """Index search whose answers hold finite scores only. An item row that is not finite (the
-        store and the embedder refuse them; this is the last line) is taken out of the index, logged
-        once, counted per answer, and the query searched again without it: one item never makes an
-        answer fail."""
-        found = self.index.search(queries, k, exclude=exclude)
+    def _search(self, queries: Rows, new_queries: Rows | None, k: int, exclude: list[set[str]]
+                ) -> tuple[list[Tops], list[int]]:
+        """Index search (`new_queries`: for the new items, None: `queries`) whose answers hold finite
+        scores only. An item row that is not finite (the store and the embedder refuse them; this is
+        the last line) is taken out of the index, logged once, counted per answer, and the query
+        searched again without it: one item never makes an answer fail."""
+        found = self.index.search(queries, k, exclude=exclude, new_queries=new_queries)
         skipped = [0] * len(found)
         for _ in range(_RESEARCHES):
             broken = {b: [h.item_id for h in chain(*tops) if not math.isfinite(h.score)]
@@ -235,8 +237,9 @@ class Recommender:
             for b in again:
                 skipped[b] += len(broken[b])
                 exclude[b] = exclude[b] | set(broken[b])
-            for b, tops in zip(again, self.index.search(queries[again], k, exclude=[exclude[b] for b in again]),
-                               strict=True):
+            again_new = None if new_queries is None else new_queries[again]
+            for b, tops in zip(again, self.index.search(queries[again], k, exclude=[exclude[b] for b in again],
+                                                        new_queries=again_new), strict=True):
                 found[b] = tops
         finite = [Tops([h for h in t.trained if math.isfinite(h.score)], [h for h in t.new if math.isfinite(h.score)])
                   for t in found]

@@ -168,13 +168,16 @@ class VectorIndex:
         """The FAISS kinds serving (trained, new) items."""
         return self._trained.kind, self._base.kind if self._base is not None else "exact"
 
-    def search(self, queries: npt.ArrayLike, k: int, exclude: Sequence[Set[str]] | None = None) -> list[Tops]:
-        """Per query (B, D+1): its best k trained and best k new items; `exclude[b]` never returned."""
+    def search(self, queries: npt.ArrayLike, k: int, exclude: Sequence[Set[str]] | None = None,
+               new_queries: npt.ArrayLike | None = None) -> list[Tops]:
+        """Per query (B, D+1): its best k trained and best k new items; `exclude[b]` never returned.
+        `new_queries` (B, D+1): the new items searched with these instead (a population's own mix)."""
         if k < 1:
             raise ValueError("k must be >= 1")
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"queries must be (B, {self.dim}), got {q.shape}")
+        q_new = q if new_queries is None else np.ascontiguousarray(np.atleast_2d(new_queries), dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim or q_new.shape != q.shape:
+            raise ValueError(f"queries must be (B, {self.dim}), got {q.shape} and {q_new.shape}")
         excluded = list(exclude) if exclude is not None else [frozenset()] * len(q)
         if len(excluded) != len(q):
             raise ValueError("one exclusion set per query")
@@ -194,7 +197,7 @@ class VectorIndex:
         segments.append((buffer, self._buffer_lock))
         if base is not None:
             segments.append((base, self._base_lock))
-        new = self._top(segments, q, k, [[]] * len(q), new_skipped, selector, self._ids.items_of, True)
+        new = self._top(segments, q_new, k, [[]] * len(q), new_skipped, selector, self._ids.items_of, True)
         del bits
         return [Tops(t, n) for t, n in zip(trained, new, strict=True)]
 

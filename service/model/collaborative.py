@@ -19,11 +19,16 @@ Item rows are [v; b; y] (D+1+f) and a user's query is [w·h/σ_m; w/σ_m; (1-w)�
 σ_m = sqrt([h; 1]ᵀ C_m [h; 1]) and σ_y = sqrt(pᵀ C_y p) are the spreads of the user's two scores over
 the trained items (C the covariance of their rows): each part's scores are put on a per-user scale
 before they are mixed by w, chosen on validation with the mixing policy (training/ensemble.py,
-form "served"). NumPy, float64 inside: the service calls it per request, the trainer's harness
-for thousands of users, the same code.
+form "served"). New items get a query of their own, w_new in place of w (`query_pair`): a generated
+row and a mapped row are not as trustworthy as a trained row and a fitted factor, each in its own
+way, and the index searches the two populations apart anyway, so each gets the mix that ranks it
+best on validation (training/collaborative_fit.py). NumPy, float64 inside: the service calls it per
+request, the trainer's harness for thousands of users, the same code.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -62,7 +67,8 @@ class Collaborative(nn.Module):
     cov_m2rec: torch.Tensor  # (D+1, D+1) covariance of the trained rows [v; b]
     cov_factors: torch.Tensor  # (f, f) covariance of the trained items' factors
     alpha: torch.Tensor  # () an interaction's confidence (implicit's alpha)
-    weight: torch.Tensor  # () w, m2rec's share of the mix
+    weight: torch.Tensor  # () w, m2rec's share of the mix for trained items
+    new_weight: torch.Tensor  # () w_new, m2rec's share for new items (artifacts without it: w)
     attribute_weight: torch.Tensor  # () w_a, the attribute block's length beside the content block
 
     def __init__(self, n_warm: int, n_attributes: int, content_dim: int, item_dim: int, factors: int) -> None:
@@ -71,7 +77,8 @@ class Collaborative(nn.Module):
         shapes = {"item_factors": (n_warm, factors), "ridge_content": (max(content_dim, 1), factors),
                   "ridge_attributes": (n_attributes + 1, factors), "ridge_intercept": (factors,),
                   "gram": (factors,), "cov_m2rec": (item_dim + 1, item_dim + 1),
-                  "cov_factors": (factors, factors), "alpha": (), "weight": (), "attribute_weight": ()}
+                  "cov_factors": (factors, factors), "alpha": (), "weight": (), "new_weight": (),
+                  "attribute_weight": ()}
         for name, shape in shapes.items():
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float64))
         self.refresh()
@@ -81,11 +88,14 @@ class Collaborative(nn.Module):
         self._ridge_content, self._ridge_attributes = _np(self.ridge_content), _np(self.ridge_attributes)
         self._intercept, self._gram = _np(self.ridge_intercept), _np(self.gram)
         self._cov_m, self._cov_y = _np(self.cov_m2rec), _np(self.cov_factors)
-        self._alpha, self._weight = float(self.alpha), float(self.weight)
+        self._alpha, self._weight, self._new_weight = float(self.alpha), float(self.weight), float(self.new_weight)
         self._attribute_weight = float(self.attribute_weight) if self.has_content else 1.0
 
-    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+        # an artifact from before w_new scored new items with w: it still does
+        if prefix + "new_weight" not in state_dict and prefix + "weight" in state_dict:
+            state_dict[prefix + "new_weight"] = state_dict[prefix + "weight"]
+        super()._load_from_state_dict(state_dict, prefix, *args)
         self.refresh()
 
     def rows(self, content: npt.NDArray[np.float32] | None, has_content: npt.NDArray[np.bool_],
@@ -161,7 +171,14 @@ class Collaborative(nn.Module):
         q = np.hstack([h.astype(np.float64), np.ones((h.shape[0], 1))])
         return q / _spread(q, self._cov_m), p / _spread(p, self._cov_y)
 
-    def queries(self, h: npt.NDArray[np.floating], p: Array) -> Array:
-        """[w·h/σ_m; w/σ_m; (1-w)·p/σ_y] (B, D+1+f)."""
+    @property
+    def separate_new(self) -> bool:
+        """Whether new items have a weight of their own (a query of their own to search with)."""
+        return self._new_weight != self._weight
+
+    def query_pair(self, h: npt.NDArray[np.floating], p: Array) -> tuple[Array, Array | None]:
+        """[w·h/σ_m; w/σ_m; (1-w)·p/σ_y] (B, D+1+f) for trained items, and the same with w_new for new
+        items when `separate_new` (None: the same queries)."""
         m, y = self.parts(h, p)
-        return np.hstack([self._weight * m, (1.0 - self._weight) * y])
+        mixes = [np.hstack([w * m, (1.0 - w) * y]) for w in (self._weight, self._new_weight)]
+        return mixes[0], mixes[1] if self.separate_new else None
