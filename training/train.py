@@ -304,7 +304,7 @@ def attach_collaborative(dataset: Dataset, carve: ColdStartSplit, first: TrainRe
     assert joint.policy is not None and blend.als is not None
     weight, new_weight, policy = float(joint.part.weight), float(joint.part.new_weight), joint.policy
     log.info("collaborative part: ALS %s; m2rec's weight %.2f (new items %.2f), policy %s "
-             "(validation R@20+N@20 by weight %s)",
+             "(validation R@20+N@20 by (w, w_new) %s)",
              json.dumps({k: blend.params[k] for k in ("factors", "regularization", "alpha", "ridge",
                                                        "attribute_weight")}),
              weight, new_weight, policy.to_dict(), joint.trace)
