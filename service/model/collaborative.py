@@ -180,5 +180,7 @@ class Collaborative(nn.Module):
         """[w·h/σ_m; w/σ_m; (1-w)·p/σ_y] (B, D+1+f) for trained items, and the same with w_new for new
         items when `separate_new` (None: the same queries)."""
         m, y = self.parts(h, p)
-        mixes = [np.hstack([w * m, (1.0 - w) * y]) for w in (self._weight, self._new_weight)]
-        return mixes[0], mixes[1] if self.separate_new else None
+        trained = np.hstack([self._weight * m, (1.0 - self._weight) * y])
+        if not self.separate_new:
+            return trained, None
+        return trained, np.hstack([self._new_weight * m, (1.0 - self._new_weight) * y])
