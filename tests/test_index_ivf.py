@@ -203,6 +203,36 @@ def test_ivf_pq4_with_compressed_rows_keeps_its_answers_close_to_exact_through_a
     assert new_only(loaded, q, 15) == new_only(index, q, 15)
 
 
+def test_a_streamed_build_codes_rows_as_sq8_from_the_batch_that_makes_the_base_ivf_and_keeps_far_rows_exact() -> None:
+    """A build from batches (a store read at start-up) codes the rows as SQ8 once the catalogue is large
+    enough for IVF-PQ4, with ranges from the rows so far, so it never stages the catalogue as float32:
+    rows of later batches beyond those ranges go to the segment's exact long rows, an upsert in a later
+    batch replaces, and every answer is the exact one up to the codes' step (exact for the far rows)."""
+    rows = spread_rows(3000, seed=31)
+    rows[2500:2510] *= 30 / np.abs(rows[2500:2510]).max(1, keepdims=True)  # far beyond the first 800 rows' ranges
+    batches = [([f"i{j}" for j in range(s, s + 400)], rows[s : s + 400]) for s in range(0, 2800, 400)]
+    batches.append((["i5", "late"], rows[2998:3000]))  # i5 replaced by a later batch
+    live = {f"i{j}": rows[j] for j in range(2800)} | {"i5": rows[2998], "late": rows[2999]}
+    index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), batches, all_lists(row_codes="sq8", rerank=200))
+    base = index._base
+    assert base is not None and base.rows is not None and base.rows.codes == "sq8" and base.long is not None
+    far = set(base.long.ids().tolist())
+    assert set(range(2500, 2510)) <= far and len(far) < 100  # iid j is row j: the batches' order
+    assert base.rows.get(np.arange(3, dtype=np.int64), raw=True).dtype == np.uint8
+    q = np.concatenate([rows[2500:2503], spread_rows(5, seed=32)]) * 8
+    found, expected = new_only(index, q, 15), oracle(q, live, 15)
+    scale = max(abs(h.score) for t in expected for h in t)
+    far_ids = {f"i{j}" for j in range(2500, 2510)}
+    for b, got in enumerate(found):
+        exact = q[b].astype(np.float64) @ np.stack([live[h.item_id] for h in got]).T.astype(np.float64)
+        np.testing.assert_allclose([h.score for h in got], exact, atol=0.02 * scale)
+        kept_exact = [j for j, h in enumerate(got) if h.item_id in far_ids]
+        np.testing.assert_allclose([got[j].score for j in kept_exact], exact[kept_exact], rtol=1e-5)
+        assert {h.item_id for h in got} & far_ids == {h.item_id for h in expected[b]} & far_ids
+    assert all({h.item_id for h in found[b][:3]} <= far_ids for b in range(3))  # they lead their own lists
+    assert {h.item_id for t in found for h in t} <= set(live) and index.count() == (0, 2801)
+
+
 @pytest.mark.parametrize("row_codes", ["float32", "sq8"])
 def test_rows_spread_over_several_chunks_read_back_and_survive_a_snapshot(row_codes: RowCodes, tmp_path: Path) -> None:
     """Ids in three RowStore chunks, far apart (a chunk is 2^20 rows, zeroed lazily): a gather across them,

@@ -101,17 +101,32 @@ class VectorIndex:
         store = RowStore(dim)
         store.put(positions, rows)
         index._trained = build_segment(index.config.kind_for(len(rows)), dim, positions, store, index.config)
-        store = RowStore(dim)
+        store, cfg = RowStore(dim), index.config
+        beyond: list[tuple[Ids, Vectors]] = []  # rows outside SQ8's ranges: kept exact
+        coded = cfg.row_codes != "float32" and cfg.kind_for(cfg.ivf_min_rows) == "ivf_pq4"
         for ids, batch in new:
-            vectors = index._rows(ids, batch)
-            store.put(index._register(ids), vectors)
-        live = np.flatnonzero(np.unpackbits(index._live.bits, bitorder="little")[: index._next_iid]).astype(np.int64)
+            vectors, iids = index._rows(ids, batch), index._register(ids)
+            if not (fits := store.fits(vectors)).all():
+                beyond.append((iids[~fits], vectors[~fits]))
+                iids, vectors = iids[fits], vectors[fits]
+            store.put(iids, vectors)
+            if coded and store.codes == "float32" and len(index._ids) >= cfg.ivf_min_rows:
+                # the base will be IVF-PQ4 over coded rows (live ids never fall during a build): the rows are
+                # coded from here on (SQ8: in ranges from those so far), never staged as float32 whole
+                store.encode_as(cfg.row_codes, bounds(rows for _, rows in store.get_chunked(index._live_ids())))
+        live = index._live_ids()
+        far = np.concatenate([np.zeros(0, np.int64), *(i for i, _ in beyond)])
         if len(live):
-            index._base = build_segment(index.config.kind_for(len(live)), dim, live, store, index.config)
+            index._base = build_segment(cfg.kind_for(len(live)), dim, np.setdiff1d(live, far), store, cfg)
+            if (alive := index._live.of(far)).any():  # the segment keeps rows beyond its ranges exact
+                index._base.add(far[alive], np.concatenate([rows for _, rows in beyond])[alive])
         index._merged_upto = index._next_iid
         del store  # the staging rows: handed back to the OS below
         release_memory()
         return index
+
+    def _live_ids(self) -> Ids:
+        return np.flatnonzero(np.unpackbits(self._live.bits, bitorder="little")[: self._next_iid]).astype(np.int64)
 
     def add(self, ids: Sequence[str], rows: npt.ArrayLike) -> None:
         """Insert or replace new items; searchable when this returns."""
