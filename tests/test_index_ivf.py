@@ -145,7 +145,8 @@ def test_ivf_recall_at_20_is_at_least_0_95_on_a_real_models_generated_rows(
     new = {f"g{j}": rows[j] for j in range(n)}
     for row_codes in ("float32", "sq8"):
         config = IndexConfig(ivf_min_rows=10_000, row_codes=row_codes, auto_merge=False)  # default nlist and nprobe
-        index = VectorIndex.build(rec.dim, list(rec.warm_ids), rec.warm_rows, [(list(new), rows)], config)
+        batches = [(list(new)[s : s + 3000], rows[s : s + 3000]) for s in range(0, n, 3000)]  # as from a store:
+        index = VectorIndex.build(rec.dim, list(rec.warm_ids), rec.warm_rows, batches, config)  # SQ8 from 12k rows
         assert index._base is not None and index._base.index.nlist > 4 * config.nprobe  # a real subset is probed
         truth = oracle(q, new, 20)
         found = new_only(index, q, 20)
