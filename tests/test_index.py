@@ -291,7 +291,7 @@ def test_the_id_table_agrees_with_a_dict_through_sets_replacements_pops_and_join
             assert table.lookup(probe) == [oracle_map[i] for i in probe if i in oracle_map]
     assert len(table) == len(oracle_map)
     iids, items = table.items()
-    assert dict(zip(items, iids, strict=True)) == oracle_map and iids == sorted(iids)
+    assert dict(zip(items, iids.tolist(), strict=True)) == oracle_map and (np.diff(iids) > 0).all()
     assert table.items_of([oracle_map.get("snap:5", -1), next_iid + 5]) == \
         (["snap:5"] if "snap:5" in oracle_map else [None]) + [None]
 

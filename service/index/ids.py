@@ -127,11 +127,11 @@ class IdTable:
         items, chunks = self._items, len(self._items)
         return [items[i // _CHUNK][i % _CHUNK] if 0 <= i // _CHUNK < chunks else None for i in iids]
 
-    def items(self) -> tuple[list[int], list[str]]:
-        """Every live (internal id, item id), ascending by internal id."""
+    def items(self) -> tuple[npt.NDArray[np.int64], list[str]]:
+        """Every live internal id (N,) and its item id, ascending by internal id."""
         flat = list(chain.from_iterable(self._items))  # references only: no tuple per item, no sort
-        iids = [iid for iid, item in enumerate(flat) if item is not None]
-        return iids, [flat[iid] for iid in iids]  # type: ignore[misc]
+        live = np.fromiter((item is not None for item in flat), bool, len(flat))  # no Python int per item
+        return np.flatnonzero(live).astype(np.int64), [item for item in flat if item is not None]
 
 
 def _merged(arrays: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]], hashes: npt.NDArray[np.int64],

@@ -362,7 +362,7 @@ class VectorIndex:
             buffer_iids, buffer_rows = Segment.joined(segments, self.dim)
             with self._base_lock:
                 write_snapshot(Path(path), Snapshot(self.dim, self._trained, self._trained_ids, base, buffer_iids,
-                                                    buffer_rows, np.asarray(iids, np.int64), items, next_iid,
+                                                    buffer_rows, iids, items, next_iid,
                                                     event_id))
 
     @classmethod
