@@ -4,7 +4,9 @@
 
 Rows are Gaussian (memory does not depend on their values); ids are "syn:<n>" like the serving
 benchmark's. Reports the process's RSS growth from before the build to after it (and after a
-snapshot round trip), so a 10M-item replica can be estimated as baseline + 10M x bytes per item.
+snapshot round trip), so a 10M-item replica can be estimated as baseline + 10M x bytes per item;
+the peak over the build, and the peak during the snapshot's save over the RSS before it (the peak is
+reset through /proc/self/clear_refs), with the longest single-item add made while the save runs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,7 +54,26 @@ def measure(kind: Built, rows: int, dim: int, row_codes: RowCodes) -> dict[str, 
     gc.collect()
     after = rss_mb(os.getpid())
     with tempfile.TemporaryDirectory() as tmp:
+        Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) restarts from the RSS now
+        before_save, stalls, saving = rss_mb(os.getpid())[0], [0.0], threading.Event()
+
+        def add_while_saving(index: VectorIndex) -> None:  # an item at a time, as POST /items would
+            j, vector = 0, np.ones((1, dim), np.float32)
+            while saving.is_set():
+                t = time.perf_counter()
+                index.add([f"during-save:{j}"], vector)
+                stalls.append(time.perf_counter() - t)
+                j += 1
+
+        saving.set()
+        adder = threading.Thread(target=add_while_saving, args=(index,))
+        adder.start()
+        t0 = time.perf_counter()
         index.save(Path(tmp) / "snap", None)
+        save_s = time.perf_counter() - t0
+        saving.clear()
+        adder.join()
+        save_peak = rss_mb(os.getpid())[1] - before_save
         del index
         gc.collect()
         t0 = time.perf_counter()
@@ -63,6 +85,8 @@ def measure(kind: Built, rows: int, dim: int, row_codes: RowCodes) -> dict[str, 
             "kinds": list(loaded.kinds),
             "build_s": round(built, 1), "load_s": round(load_s, 1), "rss_growth_mb": round(after[0] - before, 1),
             "bytes_per_item": round((after[0] - before) * 2**20 / rows, 1), "peak_mb": round(after[1], 1),
+            "save_s": round(save_s, 1), "save_peak_over_rss_mb": round(save_peak, 1),
+            "max_add_ms_during_save": round(1e3 * max(stalls), 1), "adds_during_save": len(stalls) - 1,
             "rss_after_snapshot_round_trip_mb": round(reloaded, 1)}
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
-def write_durably(file: Path, text: str) -> None:
-    """Write `text` to `file` and fsync it before returning."""
+def write_durably(file: Path, text: str | Iterable[str]) -> None:
+    """Write `text` (or its pieces, one at a time: never joined in memory) to `file` and fsync it before returning."""
     with file.open("w", encoding="utf-8") as f:
-        f.write(text)
+        f.writelines([text] if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
 

@@ -252,7 +252,7 @@ def test_rows_spread_over_several_chunks_read_back_and_survive_a_snapshot(row_co
     step = 0.02 * np.abs(rows).max() if row_codes == "sq8" else 0.0
     np.testing.assert_allclose(np.concatenate([r for _, r in store.get_chunked(ids)]), rows, atol=step)
     snap = Snapshot(D + 1, empty_exact(D + 1), [], segment, np.zeros(0, np.int64), np.zeros((0, D + 1), np.float32),
-                    np.zeros(0, np.int64), [], int(ids.max()) + 1, None)
+                    [], int(ids.max()) + 1, None)
     write_snapshot(tmp_path / "snapshot", snap)
     loaded = read_snapshot(tmp_path / "snapshot").base
     assert loaded is not None and loaded.rows is not None and loaded.rows.used == store.used

@@ -13,7 +13,6 @@ are never reused: a removed or replaced id stays dead (a tombstone) in its FAISS
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from itertools import chain
 from typing import Any
 
 import faiss
@@ -21,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 _SHARDS = 256
-_CHUNK = 1 << 16
+CHUNK = 1 << 16
 _RECENT = 1024  # inserts a shard's dict holds before they join its sorted arrays
 
 
@@ -65,7 +64,7 @@ class IdTable:
         at = int(np.searchsorted(keys, h))
         while at < len(keys) and keys[at] == h:  # a hash shared by other ids: compare the ids themselves
             candidate = int(iids[at])
-            if candidate >= 0 and self._items[candidate // _CHUNK][candidate % _CHUNK] == item_id:
+            if candidate >= 0 and self._items[candidate // CHUNK][candidate % CHUNK] == item_id:
                 return at
             at += 1
         return None
@@ -82,8 +81,8 @@ class IdTable:
 
     def set_many(self, item_ids: Sequence[str], iids: npt.NDArray[np.int64]) -> None:
         """`set` of many ids that are all absent and distinct (a snapshot's): the arrays built at once."""
-        for s in range(0, len(iids), _CHUNK):  # Python ints a chunk at a time, not 10M at once
-            for item_id, iid in zip(item_ids[s : s + _CHUNK], iids[s : s + _CHUNK].tolist(), strict=True):
+        for s in range(0, len(iids), CHUNK):  # Python ints a chunk at a time, not 10M at once
+            for item_id, iid in zip(item_ids[s : s + CHUNK], iids[s : s + CHUNK].tolist(), strict=True):
                 self._name(iid, item_id)
         hashes = np.fromiter(map(hash, item_ids), np.int64, len(item_ids))
         values = np.asarray(iids, dtype=np.int64)
@@ -104,14 +103,14 @@ class IdTable:
                 return None
             iid = int(iids[at])
             iids[at] = -1
-        self._items[iid // _CHUNK][iid % _CHUNK] = None
+        self._items[iid // CHUNK][iid % CHUNK] = None
         self._live -= 1
         return iid
 
     def _name(self, iid: int, item_id: str) -> None:
-        while len(self._items) <= iid // _CHUNK:
-            self._items.append([None] * _CHUNK)
-        self._items[iid // _CHUNK][iid % _CHUNK] = item_id
+        while len(self._items) <= iid // CHUNK:
+            self._items.append([None] * CHUNK)
+        self._items[iid // CHUNK][iid % CHUNK] = item_id
         self._live += 1
 
     @staticmethod
@@ -125,13 +124,11 @@ class IdTable:
     def items_of(self, iids: list[int]) -> list[str | None]:
         """The live items of `iids` (None: dead), read without a lock (a slot is read atomically)."""
         items, chunks = self._items, len(self._items)
-        return [items[i // _CHUNK][i % _CHUNK] if 0 <= i // _CHUNK < chunks else None for i in iids]
+        return [items[i // CHUNK][i % CHUNK] if 0 <= i // CHUNK < chunks else None for i in iids]
 
-    def items(self) -> tuple[npt.NDArray[np.int64], list[str]]:
-        """Every live internal id (N,) and its item id, ascending by internal id."""
-        flat = list(chain.from_iterable(self._items))  # references only: no tuple per item, no sort
-        live = np.fromiter((item is not None for item in flat), bool, len(flat))  # no Python int per item
-        return np.flatnonzero(live).astype(np.int64), [item for item in flat if item is not None]
+    def named(self, c: int) -> list[str | None]:
+        """A copy of chunk `c`: the item id of each internal id from c·CHUNK on (None: dead or not handed out)."""
+        return list(self._items[c]) if c < len(self._items) else [None] * CHUNK
 
 
 def _merged(arrays: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]], hashes: npt.NDArray[np.int64],

@@ -147,7 +147,8 @@ class Segment:
         lifted[:, :-1] = queries
         params.nprobe = nprobe
         assert self.rows is not None
-        _, ids = self.index.search(lifted, max(shortlist, k), params=params)  # (B, S) by the codes' scores
+        shortlist = max(1, min(max(shortlist, k), self.index.ntotal))  # FAISS keeps a heap of this many a query
+        _, ids = self.index.search(lifted, shortlist, params=params)  # (B, S) by the codes' scores
         scores = np.einsum("bsd,bd->bs", self.rows.get(np.maximum(ids, 0)), queries)  # (B, S) by the rows
         scores[ids < 0] = -np.inf
         if self.long is not None and self.long.ntotal:

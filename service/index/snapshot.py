@@ -2,8 +2,8 @@
 meta.json (format, dim, event id, next internal id, each segment's kind and lift), trained.faiss and
 base.faiss (`faiss.write_index`), {trained,base}_long.faiss (rows longer than the lift's M),
 {trained,base}_rows_{chunk}.npy (IVF-PQ4's rows as stored, the written part of a `RowStore` chunk each)
-and _sq.npy (their SQ8 ranges), buffer_{iids,rows}.npy (rows not merged yet), items.json (trained ids;
-live new ids) beside iids.npy (their internal ids).
+and _sq.npy (their SQ8 ranges), buffer_{iids,rows}.npy (rows not merged yet), trained.json (trained ids)
+and new.json (the item id of each internal id, null where dead: written a chunk at a time).
 
 Derived state: a snapshot that fails to load, or of another format, is refused and the index rebuilt
 from the store (service/core/maintainer.py).
@@ -15,6 +15,7 @@ import json
 import shutil
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 from service.durable import fsync_directory, point_link, write_durably
 from service.index.segment import Ids, RowStore, Segment, Vectors
 
-SNAPSHOT_FORMAT = "m2rec-index/7"  # 7: chunks of 2^20 rows (6: of 2^16; 5: one rows file; 4: IVF-SQ8)
+SNAPSHOT_FORMAT = "m2rec-index/8"  # 8: new.json (7: items.json, iids.npy; 6: chunks of 2^16 rows; ...)
 
 
 @dataclass
@@ -36,8 +37,7 @@ class Snapshot:
     base: Segment | None
     buffer_iids: Ids
     buffer_rows: Vectors
-    iids: Ids
-    items: list[str]
+    named: Iterable[list[str | None]]  # the item id of internal ids 0.. next_iid - 1 (None: dead), in pieces
     next_iid: int
     event_id: str | None
 
@@ -67,8 +67,8 @@ def write_snapshot(path: Path, snap: Snapshot) -> None:
                     np.save(target / f"{name}_rows_{c}.npy", chunk[: rows.used[c]])
     np.save(target / "buffer_iids.npy", snap.buffer_iids)
     np.save(target / "buffer_rows.npy", snap.buffer_rows)
-    np.save(target / "iids.npy", snap.iids)
-    write_durably(target / "items.json", json.dumps({"trained": snap.trained_ids, "ids": snap.items}))
+    write_durably(target / "trained.json", json.dumps(snap.trained_ids))
+    write_durably(target / "new.json", _json_list(json.dumps(piece)[1:-1] for piece in snap.named if piece))
     write_durably(target / "meta.json", json.dumps(meta))
     fsync_directory(target)
     previous = path.resolve() if path.is_symlink() else None
@@ -83,11 +83,18 @@ def read_snapshot(path: Path) -> Snapshot:
     if meta.get("format") != SNAPSHOT_FORMAT:
         raise ValueError(f"{root}: snapshot format {meta.get('format')!r} is not {SNAPSHOT_FORMAT!r}")
     dim = int(meta["dim"])
-    items = json.loads((root / "items.json").read_text())
-    return Snapshot(dim, _segment(root, "trained", meta, dim), items["trained"],
+    return Snapshot(dim, _segment(root, "trained", meta, dim), json.loads((root / "trained.json").read_text()),
                     _segment(root, "base", meta, dim) if "base" in meta else None,
                     np.load(root / "buffer_iids.npy"), np.load(root / "buffer_rows.npy"),
-                    np.load(root / "iids.npy"), items["ids"], int(meta["next_iid"]), meta["event_id"])
+                    [json.loads((root / "new.json").read_text())], int(meta["next_iid"]), meta["event_id"])
+
+
+def _json_list(items: Iterator[str]) -> Iterator[str]:
+    """A JSON list from pieces of its text, each a list's items without the brackets."""
+    yield "["
+    for j, piece in enumerate(items):
+        yield "," + piece if j else piece
+    yield "]"
 
 
 def _segment(root: Path, name: str, meta: dict[str, Any], dim: int) -> Segment:

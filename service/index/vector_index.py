@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.index.config import Built, IndexConfig
-from service.index.ids import IdTable, Liveness
+from service.index.ids import CHUNK, IdTable, Liveness
 from service.index.segment import Ids, RowStore, Segment, Vectors, bounds, build_segment, empty_exact
 from service.index.snapshot import Snapshot, read_snapshot, write_snapshot
 from service.memory import release_memory
@@ -357,13 +357,21 @@ class VectorIndex:
         with self._merge_lock:  # no rows move between segments while they are written
             with self._lock:
                 segments = [s for s in (*self._frozen, self._buffer) if s.ntotal]
-                iids, items = self._ids.items()
                 base, next_iid = self._base, self._next_iid
             buffer_iids, buffer_rows = Segment.joined(segments, self.dim)
             with self._base_lock:
                 write_snapshot(Path(path), Snapshot(self.dim, self._trained, self._trained_ids, base, buffer_iids,
-                                                    buffer_rows, iids, items, next_iid,
-                                                    event_id))
+                                                    buffer_rows, self._named(next_iid), next_iid, event_id))
+
+    def _named(self, upto: int) -> Iterator[list[str | None]]:
+        """The item id of each internal id below `upto` (None: dead), a chunk of the id table at a time, each
+        copied under `_lock` alone: adds and removes go on meanwhile, never waiting for the whole table. An id
+        handed out since `upto` is left out; an item removed or replaced meanwhile may be in or out. Either
+        way the store's events after the snapshot's event id bring it in line on load."""
+        for c in range(-(-upto // CHUNK)):
+            with self._lock:
+                named = self._ids.named(c)
+            yield named[: upto - c * CHUNK]
 
     @classmethod
     def load(cls, path: str | Path, config: IndexConfig | None = None) -> tuple[VectorIndex, str | None]:
@@ -374,8 +382,12 @@ class VectorIndex:
         index._trained_pos = {item_id: j for j, item_id in enumerate(snap.trained_ids)}
         index._base, index._next_iid, index._merged_upto = snap.base, snap.next_iid, snap.next_iid
         index._live.grow(snap.next_iid)
-        index._ids.set_many(snap.items, snap.iids)
-        index._live.set(snap.iids, True)
+        start = 0
+        for named in snap.named:
+            iids = start + np.flatnonzero(np.fromiter((name is not None for name in named), bool, len(named)))
+            index._ids.set_many([name for name in named if name is not None], iids)
+            index._live.set(iids, True)
+            start += len(named)
         alive = index._live.of(snap.buffer_iids)
         if alive.any():
             index._buffer.add(snap.buffer_iids[alive], snap.buffer_rows[alive])
