@@ -166,8 +166,8 @@ def test_a_background_merge_starts_when_the_buffer_fills_up_and_keeps_every_row(
 def test_adds_during_a_background_merge_are_never_lost(kind: str) -> None:
     """A merge moves the frozen buffer into the base while adds keep arriving in a new buffer."""
     rows = rows_of(60_000, 13)
-    # every list probed and every row of them re-scored (rerank): the IVF-PQ4 base answers exactly; with a
-    # shortlist by the 4-bit codes alone, rows far outside the codes' training (those below) could miss it
+    # every list probed and every row of them re-scored (rerank): the IVF-PQ4 base answers exactly. Rows far
+    # outside what the 4-bit codes were trained on (those added below) can fall out of a shortlist by the codes
     config = IndexConfig(kind=kind, ivf_min_rows=10_000, nprobe=10_000, rerank=100_000, auto_merge=False,  # type: ignore[arg-type]
                          merge_slice_rows=256)
     index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [([f"b{j}" for j in range(20_000)], rows[:20_000])],
@@ -279,10 +279,11 @@ def test_a_snapshot_keeps_every_live_id_over_several_id_chunks_and_any_character
 
 
 def test_a_snapshot_taken_while_items_are_added_and_removed_loads_whole(tmp_path: Path) -> None:
-    """The id table is copied a chunk at a time while writes go on: every item untouched during the save
-    comes back once, and nothing comes back twice."""
-    index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [([f"n{j}" for j in range(150_000)],
-                                                                   rows_of(150_000, 27))], manual())
+    """The id table is copied a chunk at a time, and the buffer read, while writes go on: every item untouched
+    during the save comes back once, and nothing comes back twice."""
+    names, rows = [f"n{j}" for j in range(150_000)], rows_of(150_000, 27)
+    index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [(names[:100_000], rows[:100_000])], manual())
+    index.add(names[100_000:], rows[100_000:])  # a large buffer: long to read, while the adds below go into it
     stop = threading.Event()
 
     def churn() -> None:

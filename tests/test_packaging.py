@@ -156,6 +156,8 @@ def test_compose_runs_redis_durably_two_replicas_prometheus_and_grafana() -> Non
     for replica in replicas.values():
         assert replica["environment"]["M2REC_STORE_URL"] == "redis://redis:6379/0"
         assert any(v.endswith(":/artifacts:ro") for v in replica["volumes"])
+        # a replica writes its index snapshot on SIGTERM: Docker's default 10 s would kill a large one
+        assert int(replica["stop_grace_period"].removesuffix("s")) >= 30
     artifact_mounts = {next(v for v in r["volumes"] if v.endswith(":/artifacts:ro")) for r in replicas.values()}
     assert len(artifact_mounts) == 1  # one shared artifact directory
     scraped = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())

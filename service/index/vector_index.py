@@ -356,12 +356,13 @@ class VectorIndex:
         replaying later events on load, idempotent upserts and removes by id, makes it whole)."""
         with self._merge_lock:  # no rows move between segments while they are written
             with self._lock:
-                segments = [s for s in (*self._frozen, self._buffer) if s.ntotal]
-                base, next_iid = self._base, self._next_iid
-            buffer_iids, buffer_rows = Segment.joined(segments, self.dim)
+                frozen, buffer, base, next_iid = self._frozen, self._buffer, self._base, self._next_iid
+            with self._buffer_lock:  # adds go on into the buffer: it is read between two of them
+                buffer_iids, buffer_rows = Segment.joined([*frozen, buffer], self.dim)
+            kept = buffer_iids < next_iid  # rows added since `next_iid` was read are left out, as their ids are
             with self._base_lock:
-                write_snapshot(Path(path), Snapshot(self.dim, self._trained, self._trained_ids, base, buffer_iids,
-                                                    buffer_rows, self._named(next_iid), next_iid, event_id))
+                write_snapshot(Path(path), Snapshot(self.dim, self._trained, self._trained_ids, base, buffer_iids[kept],
+                                                    buffer_rows[kept], self._named(next_iid), next_iid, event_id))
 
     def _named(self, upto: int) -> Iterator[list[str | None]]:
         """The item id of each internal id below `upto` (None: dead), a chunk of the id table at a time, each
