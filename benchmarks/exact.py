@@ -16,12 +16,13 @@ def exact_tops(q: np.ndarray, rows: np.ndarray, ids: list[str], seen: list[set[s
     return [set(top) for top in exact_ranked(q, rows, ids, seen, k)[0]]
 
 
-def exact_served(rec: Recommender, q: np.ndarray, rows: np.ndarray, ids: list[str], seen: list[set[str]],
-                 k: int = K) -> list[set[str]]:
-    """The list the service would answer from exact searches: each population's exact top-k, merged by
-    the artifact's policy (service/core/merge.py), as /recommend merges its index's answers."""
+def exact_served(rec: Recommender, q: np.ndarray, q_new: np.ndarray, rows: np.ndarray, ids: list[str],
+                 seen: list[set[str]], k: int = K) -> list[set[str]]:
+    """The list the service would answer from exact searches: each population's exact top-k (trained
+    items by `q`, new items by `q_new`), merged by the artifact's policy (service/core/merge.py), as
+    /recommend merges its index's answers."""
     trained = exact_ranked(q, rec.warm_rows, list(rec.warm_ids), seen, k)
-    new = exact_ranked(q, rows, ids, seen, k)
+    new = exact_ranked(q_new, rows, ids, seen, k)
     tops = [Tops([Hit(i, s, False) for i, s in zip(*t, strict=True)],
                  [Hit(i, s, True) for i, s in zip(*n, strict=True)])
             for t, n in zip(zip(*trained, strict=True), zip(*new, strict=True), strict=True)]

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     for u, i in dataset.interactions.tolist():
         by_user.setdefault(u, []).append(dataset.item_ids[i])
     users = {str(u): [i for i in h if rec.is_trained(i)] for u, h in list(by_user.items())[: args.users]}
-    q = user_queries(rec, users).astype(np.float32)  # (U, D+1)
+    q = user_queries(rec, users)[1].astype(np.float32)  # (U, D'): the new items' queries
     names = [str(j) for j in range(len(rows))]  # FAISS ids are row positions
     truth = exact_tops(q, rows, names, [set()] * len(q))
     lifted = lift(rows, float(np.einsum("nd,nd->n", rows, rows).max()))

@@ -47,6 +47,7 @@ from benchmarks.load import LoadResult, run_load
 from benchmarks.processes import CLIENT_CORE, Server, all_cores, pin
 from benchmarks.report import write_report
 from benchmarks.serve_store import INGEST_START, open_store, store_env, stored_rows
+from service.core.merge import merge_many
 from service.core.recommender import Recommender
 from service.index import IndexConfig, VectorIndex
 from service.model.artifact import load_artifact
@@ -68,30 +69,31 @@ def in_process(rec: Recommender, ids: list[str], rows: np.ndarray, calib: dict[s
     t0 = time.perf_counter()
     index = VectorIndex.build(rec.dim, list(rec.warm_ids), rec.warm_rows, [(ids, rows)], config)
     out: dict[str, Any] = {"build_s": round(time.perf_counter() - t0, 1), "kinds": index.kinds}
-    q = user_queries(rec, calib)
+    q, q_new = user_queries(rec, calib)
     seen = [set(h) for h in calib.values()]
-    new_truth = exact_tops(q, rows, ids, seen)
-    all_truth = exact_tops(q, np.concatenate([rec.warm_rows, rows]), list(rec.warm_ids) + ids, seen)
-    spread = random_directions(q, 1)
+    new_truth = exact_tops(q_new, rows, ids, seen)
+    all_truth = exact_served(rec, q, q_new, rows, ids, seen)  # the list /recommend answers, by the policy
+    spread = random_directions(q_new, 1)
     spread_truth = exact_tops(spread, rows, ids, [set()] * len(q))
     sweep, chosen = [], NPROBES[-1]
     for nprobe in NPROBES if index.kinds[1] != "exact" else (0,):
         index.nprobe = nprobe
         t0 = time.perf_counter()
-        found = [index.search(q[s : s + 16], K, seen[s : s + 16]) for s in range(0, len(q), 16)]
+        found = [index.search(q[s : s + 16], K, seen[s : s + 16], q_new[s : s + 16]) for s in range(0, len(q), 16)]
         per_batch = (time.perf_counter() - t0) / len(found)
         tops = [t for batch in found for t in batch]
+        served = merge_many(tops, [rec.policy] * len(tops), [K] * len(tops))
         spread_found = [t.new for s in range(0, len(q), 16) for t in index.search(spread[s : s + 16], K)]
         point = {"nprobe": nprobe, "search_ms_per_16": round(1e3 * per_batch, 3),
                  "recall_new_real": recall(new_truth, [[h.item_id for h in t.new] for t in tops]),
-                 "recall_served_real": recall(all_truth, [[h.item_id for h in t.merged(K)] for t in tops]),
+                 "recall_served_real": recall(all_truth, [[h.item_id for h in hits] for hits in served]),
                  "recall_new_random": recall(spread_truth, [[h.item_id for h in f] for f in spread_found])}
         sweep.append(point)
         if point["recall_served_real"] >= target and point["recall_new_real"] >= target and chosen == NPROBES[-1]:
             chosen = nprobe
     out["sweep"] = sweep
     index.nprobe = chosen
-    out["exclusions"] = exclusion_strategies(index, q, seen)
+    out["exclusions"] = exclusion_strategies(index, q, q_new, seen)
     if snapshot is not None:
         t0 = time.perf_counter()
         index.save(*snapshot)
@@ -99,7 +101,8 @@ def in_process(rec: Recommender, ids: list[str], rows: np.ndarray, calib: dict[s
     return out, chosen
 
 
-def exclusion_strategies(index: VectorIndex, q: np.ndarray, seen: list[set[str]]) -> dict[str, float]:
+def exclusion_strategies(index: VectorIndex, q: np.ndarray, q_new: np.ndarray, seen: list[set[str]]
+                         ) -> dict[str, float]:
     """ms per batch of 16: the index's over-fetch against one FAISS call per query with its own
     IDSelector (live ids and not the user's), on the new items' base."""
     base = index._base
@@ -107,18 +110,19 @@ def exclusion_strategies(index: VectorIndex, q: np.ndarray, seen: list[set[str]]
         return {}
     t0 = time.perf_counter()
     for s in range(0, len(q), 16):
-        index.search(q[s : s + 16], K, seen[s : s + 16])
+        index.search(q[s : s + 16], K, seen[s : s + 16], q_new[s : s + 16])
     over = (time.perf_counter() - t0) / (len(q) / 16)
     t0 = time.perf_counter()
     for b in range(len(q)):
         banned = np.asarray(index._ids.lookup(seen[b]), dtype=np.int64)
         pos = index._trained_pos
         trained_banned = np.asarray([pos[i] for i in seen[b] if i in pos], dtype=np.int64)
-        for segment, ban, live in ((index._trained, trained_banned, None), (base, banned, index._live.selector)):
+        for segment, ban, live, query in ((index._trained, trained_banned, None, q[b : b + 1]),
+                                          (base, banned, index._live.selector, q_new[b : b + 1])):
             batch = faiss.IDSelectorBatch(len(ban), faiss.swig_ptr(ban))
             nope = faiss.IDSelectorNot(batch)
             sel = faiss.IDSelectorAnd(live, nope) if live is not None else nope
-            segment.search(q[b : b + 1], K, sel, index.nprobe, K * index.config.rerank)
+            segment.search(query, K, sel, index.nprobe, K * index.config.rerank)
     per_query = (time.perf_counter() - t0) / (len(q) / 16)
     return {"overfetch_ms_per_16": round(1e3 * over, 3), "selector_per_query_ms_per_16": round(1e3 * per_query, 3)}
 
@@ -263,10 +267,10 @@ def run_size(args: argparse.Namespace, rec: Recommender, store: Store, dataset: 
     with threadpool_limits(1, user_api="blas"):
         result["in_process"], nprobe = in_process(rec, ids, rows, calib, config, args.recall, snapshot)
         if args.hnsw_sample:
-            result["hnsw_vs_ivf"] = hnsw_against_ivf(rows, user_queries(rec, calib), args.hnsw_sample)
-        q = user_queries(rec, measured)
+            result["hnsw_vs_ivf"] = hnsw_against_ivf(rows, user_queries(rec, calib)[1], args.hnsw_sample)
+        q, q_new = user_queries(rec, measured)
     result["nprobe"] = nprobe
-    truth = exact_served(rec, q, rows, ids, [set(h) for h in measured.values()])
+    truth = exact_served(rec, q, q_new, rows, ids, [set(h) for h in measured.values()])
     env = {"M2REC_ARTIFACT_PATH": str(args.artifact), "M2REC_INDEX_NPROBE": str(max(nprobe, 1)),
            "M2REC_INDEX_RERANK": str(args.rerank), "M2REC_INDEX_ROW_CODES": args.row_codes,
            "M2REC_INDEX_SNAPSHOT_DIR": str(work / "snapshots"), **store_env(args.store, work)}

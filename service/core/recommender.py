@@ -173,6 +173,12 @@ class Recommender:
         `M2Rec.query(model.fold_in(rows))` (service.core.fold_in runs it in NumPy)."""
         return self._fold_in.query(rows)
 
+    def user_query_pair(self, rows: Rows) -> tuple[Rows, Rows]:
+        """(trained items' query, new items' query) (1, D') of a user folded in from history rows: what
+        `recommend` searches each population with (the same query unless the model weighs new items apart)."""
+        trained, new = self._fold_in.query_pair(rows, [len(rows)])
+        return trained, trained if new is None else new
+
     def recommend(self, user_id: str, k: int, explain: bool = False, policy: Policy | None = None
                   ) -> Recommendations:
         return self.recommend_many([(user_id, k)], [explain], [policy])[0]
