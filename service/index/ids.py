@@ -159,6 +159,10 @@ class Liveness:
         masks = (1 << (iids & 7)).astype(np.uint8)
         (np.bitwise_or if live else np.bitwise_and).at(self.bits, iids >> 3, masks if live else ~masks)
 
+    def ids(self, upto: int) -> npt.NDArray[np.int64]:
+        """The live internal ids below `upto`, ascending."""
+        return np.flatnonzero(np.unpackbits(self.bits, bitorder="little")[:upto]).astype(np.int64)
+
     def of(self, iids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Whether each of `iids` is live; every internal id handed out is within the bitmap (`grow`)."""
         return np.asarray((self.bits[iids >> 3] >> (iids & 7)) & 1, bool)

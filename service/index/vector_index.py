@@ -113,8 +113,9 @@ class VectorIndex:
             if coded and store.codes == "float32" and len(index._ids) >= cfg.ivf_min_rows:
                 # the base will be IVF-PQ4 over coded rows (live ids never fall during a build): the rows are
                 # coded from here on (SQ8: in ranges from those so far), never staged as float32 whole
-                store.encode_as(cfg.row_codes, bounds(rows for _, rows in store.get_chunked(index._live_ids())))
-        live = index._live_ids()
+                staged = index._live.ids(index._next_iid)
+                store.encode_as(cfg.row_codes, bounds(rows for _, rows in store.get_chunked(staged)))
+        live = index._live.ids(index._next_iid)
         far = np.concatenate([np.zeros(0, np.int64), *(i for i, _ in beyond)])
         if len(live):
             index._base = build_segment(cfg.kind_for(len(live)), dim, np.setdiff1d(live, far), store, cfg)
@@ -124,9 +125,6 @@ class VectorIndex:
         del store  # the staging rows: handed back to the OS below
         release_memory()
         return index
-
-    def _live_ids(self) -> Ids:
-        return np.flatnonzero(np.unpackbits(self._live.bits, bitorder="little")[: self._next_iid]).astype(np.int64)
 
     def add(self, ids: Sequence[str], rows: npt.ArrayLike) -> None:
         """Insert or replace new items; searchable when this returns."""
