@@ -105,7 +105,7 @@ def exclusion_strategies(index: VectorIndex, q: np.ndarray, q_new: np.ndarray, s
                          ) -> dict[str, float]:
     """ms per batch of 16: the index's over-fetch against one FAISS call per query with its own
     IDSelector (live ids and not the user's), on the new items' base."""
-    base = index._base
+    base, pos = index._base, index._trained_pos
     if base is None:
         return {}
     t0 = time.perf_counter()
@@ -115,7 +115,6 @@ def exclusion_strategies(index: VectorIndex, q: np.ndarray, q_new: np.ndarray, s
     t0 = time.perf_counter()
     for b in range(len(q)):
         banned = np.asarray(index._ids.lookup(seen[b]), dtype=np.int64)
-        pos = index._trained_pos
         trained_banned = np.asarray([pos[i] for i in seen[b] if i in pos], dtype=np.int64)
         for segment, ban, live, query in ((index._trained, trained_banned, None, q[b : b + 1]),
                                           (base, banned, index._live.selector, q_new[b : b + 1])):
