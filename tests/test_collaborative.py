@@ -13,10 +13,15 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from benchmarks.exact import exact_served
+from benchmarks.in_process import user_queries
 from service.core.embedder import Embedder
 from service.core.fold_in import FoldIn
+from service.core.recommender import Recommender
 from service.core.types import NewItem
 from service.model.artifact import load_artifact
+from service.store import Interaction
+from service.store.sqlite import SqliteStore
 from tests.conftest import TrainedArtifact
 from tests.test_baselines_and_harness import _dataset
 from training.baselines import fit_als
@@ -261,12 +266,6 @@ def test_the_serving_benchmarks_exact_oracle_is_what_the_service_answers(
     """benchmarks/serve.py measures the served lists' recall against `exact_served` fed by `user_queries`.
     With new items weighed apart from trained ones (w_new != w) the two populations are searched by two
     queries; an oracle that searched both by one scored the real service at a recall of ~0.5."""
-    from benchmarks.exact import exact_served
-    from benchmarks.in_process import user_queries
-    from service.core.recommender import Recommender
-    from service.store import Interaction
-    from service.store.sqlite import SqliteStore
-
     dataset, split, result, joint = (joint_artifact.dataset, joint_artifact.split, joint_artifact.result,
                                      joint_artifact.joint)
     model, part = copy.deepcopy(result.model), copy.deepcopy(joint.part)
