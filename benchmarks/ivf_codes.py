@@ -7,9 +7,11 @@ The catalogue is benchmarks/catalogue.py's diverse items (every item its own dra
 artifact's generator; the queries are real ml-100k users folded in from their trained items. Every
 index is over the same inner-product lift as service/index/segment.py, with the same number of lists
 (2·√N), searched 16 queries at a time on one thread; the best rerank·k of its codes' scores are
-re-scored from the exact rows. Prints, per index, nprobe and rerank: ms per 16 queries and recall@20
-against the exact top-20. `--long-rows`: how far 4-bit codes score rows added after training,
-as long as the trained ones and longer.
+re-scored from the exact rows, or with `--row-codes` from the rows as the service may store them
+(SQ8, SQ6: decoded from FAISS's scalar quantizer, ranges as service/index/segment.py's). Prints, per
+index, row codes, nprobe and rerank: ms per 16 queries and recall@20 against the exact top-20.
+`--long-rows`: how far 4-bit codes score rows added after training, as long as the trained ones and
+longer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import tempfile
 import time
 from collections.abc import Callable
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +31,13 @@ from benchmarks.catalogue import catalogue_rows, diverse_batch
 from benchmarks.exact import exact_tops, recall
 from benchmarks.in_process import K, user_queries
 from service.core.recommender import Recommender
-from service.index.segment import lift
+from service.index.segment import bounds, lift
 from service.model.artifact import load_artifact
 from service.store.sqlite import SqliteStore
 from training.dataset import load_dataset
 
 BATCH = 16
+SCALAR = {"sq8": faiss.ScalarQuantizer.QT_8bit, "sq6": faiss.ScalarQuantizer.QT_6bit}
 
 
 def kinds(d: int, nlist: int) -> dict[str, Callable[[Any], Any]]:
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nprobe", default="8,16,32")
     parser.add_argument("--rerank", default="4,10,25")
     parser.add_argument("--kinds", help="only these indexes, comma-separated (e.g. ivf-flat,ivf-pq130x4fs-residual)")
+    parser.add_argument("--row-codes", default="float32", help="re-score from rows so coded: float32,sq8,sq6")
     args = parser.parse_args(argv)
     if args.long_rows:
         return long_row_errors()
@@ -129,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     queries = np.zeros((len(q), d), np.float32)
     queries[:, :-1] = q
     print(f"{len(rows):,} rows, {len(q)} users, {nlist} lists, dimension {d} (lifted); recall@{K} against exact\n")
-    print("| index | code bytes | build s | nprobe | rerank | ms per 16 queries | recall@20 |")
-    print("|---|---|---|---|---|---|---|")
+    stored = {codes: rows if codes == "float32" else decoded(rows, codes) for codes in args.row_codes.split(",")}
+    print("| index | code bytes | build s | row codes | nprobe | rerank | ms per 16 queries | recall@20 |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, make in kinds(d, nlist).items():
         if args.kinds and name not in args.kinds.split(","):
             continue
@@ -144,22 +150,30 @@ def main(argv: list[str] | None = None) -> None:
             index.add(lifted[s : s + (1 << 16)])
         build = time.perf_counter() - start
         faiss.omp_set_num_threads(1)
-        for nprobe in (int(x) for x in args.nprobe.split(",")):
-            for rerank in (int(x) for x in args.rerank.split(",")):
-                params = faiss.SearchParametersIVF()
-                params.nprobe = nprobe
-                found: list[list[str]] = []
-                start = time.perf_counter()
-                for s in range(0, len(q), BATCH):
-                    _, short = index.search(queries[s : s + BATCH], K * rerank, params=params)
-                    exact = np.einsum("bsd,bd->bs", rows[np.maximum(short, 0)], q[s : s + BATCH])
-                    exact[short < 0] = -np.inf
-                    best = np.take_along_axis(short, np.argsort(-exact, axis=1)[:, :K], axis=1)
-                    found += [[str(j) for j in row] for row in best.tolist()]
-                ms = 1e3 * (time.perf_counter() - start) / (len(q) / BATCH)
-                print(f"| {name} | {index.code_size} | {build:.0f} | {nprobe} | {rerank} | {ms:.2f} | "
-                      f"{recall(truth, found):.4f} |", flush=True)
+        for (codes, rescored), nprobe, rerank in product(stored.items(), map(int, args.nprobe.split(",")),
+                                                         map(int, args.rerank.split(","))):
+            params = faiss.SearchParametersIVF()
+            params.nprobe = nprobe
+            found: list[list[str]] = []
+            start = time.perf_counter()
+            for s in range(0, len(q), BATCH):
+                _, short = index.search(queries[s : s + BATCH], K * rerank, params=params)
+                exact = np.einsum("bsd,bd->bs", rescored[np.maximum(short, 0)], q[s : s + BATCH])
+                exact[short < 0] = -np.inf
+                best = np.take_along_axis(short, np.argsort(-exact, axis=1)[:, :K], axis=1)
+                found += [[str(j) for j in row] for row in best.tolist()]
+            ms = 1e3 * (time.perf_counter() - start) / (len(q) / BATCH)
+            print(f"| {name} | {index.code_size} | {build:.0f} | {codes} | {nprobe} | {rerank} | {ms:.2f} | "
+                  f"{recall(truth, found):.4f} |", flush=True)
         del index
+
+
+def decoded(rows: np.ndarray, codes: str) -> np.ndarray:
+    """`rows` as the service's RowStore gives them back when it stores them as `codes` (sq8, sq6)."""
+    sq = faiss.ScalarQuantizer(rows.shape[1], SCALAR[codes])
+    sq.rangestat_arg = 0.25  # as service/index/segment.py
+    sq.train(bounds([rows]))
+    return np.concatenate([sq.decode(sq.compute_codes(rows[s : s + (1 << 16)])) for s in range(0, len(rows), 1 << 16)])
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from service.index.config import Built, IndexConfig
 from service.index.ids import CHUNK, IdTable, Liveness
 from service.index.segment import Ids, RowStore, Segment, Vectors, bounds, build_segment, empty_exact
 from service.index.snapshot import Snapshot, read_snapshot, write_snapshot
-from service.memory import release_memory
+from service.memory import map_large_blocks, release_memory
 
 log = logging.getLogger(__name__)
 Batch = tuple[Sequence[str], npt.ArrayLike]  # item ids, rows (N, D+1)
@@ -68,6 +68,7 @@ class Tops(NamedTuple):
 
 class VectorIndex:
     def __init__(self, dim: int, config: IndexConfig | None = None) -> None:
+        map_large_blocks()  # the IVF lists' unwritten tails take no RAM
         self.dim = dim  # D+1: rows [v; b]
         self.config = config or IndexConfig()
         self.nprobe = self.config.nprobe  # may be retuned live
