@@ -309,8 +309,8 @@ def test_a_snapshot_in_another_format_is_refused_by_name(tmp_path: Path) -> None
     index = VectorIndex.build(D + 1, [], np.zeros((0, D + 1)), [(["a"], rows_of(1, 18))])
     index.save(tmp_path / "snapshot", event_id=None)
     meta = (tmp_path / "snapshot").resolve() / "meta.json"
-    meta.write_text(meta.read_text().replace("m2rec-index/8", "m2rec-index/7"))
-    with pytest.raises(ValueError, match="snapshot format 'm2rec-index/7' is not 'm2rec-index/8'"):
+    meta.write_text(meta.read_text().replace("m2rec-index/9", "m2rec-index/8"))
+    with pytest.raises(ValueError, match="snapshot format 'm2rec-index/8' is not 'm2rec-index/9'"):
         VectorIndex.load(tmp_path / "snapshot")
 
 
@@ -329,7 +329,8 @@ def test_the_id_table_agrees_with_a_dict_through_sets_replacements_pops_and_join
     rng = np.random.default_rng(0)
     table, oracle_map = ids_module.IdTable(recent=8), dict[str, int]()  # joins every 8 inserts a shard
     loaded = [f"snap:{j}" for j in range(3000)]
-    table.set_many(loaded, np.arange(3000, dtype=np.int64))
+    table.set_many([(loaded[:1000], np.arange(1000, dtype=np.int64)),  # as a snapshot's chunks
+                    (loaded[1000:], np.arange(1000, 3000, dtype=np.int64))])
     oracle_map.update({item_id: j for j, item_id in enumerate(loaded)})
     next_iid = 3000
     for step in range(20_000):

@@ -82,23 +82,29 @@ class IdTable:
             self._join(shard)
         return old
 
-    def set_many(self, item_ids: Sequence[str], iids: npt.NDArray[np.int64]) -> None:
-        """`set` of many ids that are all absent and distinct (a snapshot's): the arrays built at once."""
-        values = np.asarray(iids, dtype=np.int64)
-        for s in range(0, len(values), CHUNK):  # a slice of strings at a time, not 10M at once
-            part, names = values[s : s + CHUNK], np.array(item_ids[s : s + CHUNK], _NAMES)
+    def set_many(self, pieces: Iterable[tuple[Sequence[str], npt.NDArray[np.int64]]]) -> None:
+        """`set` of many ids that are all absent and distinct (a snapshot's), given a piece (item ids, their
+        internal ids) at a time: each piece's strings are stored and its hashes dealt to their shards as it
+        comes; each shard's sorted arrays are built once, at the end."""
+        dealt: list[list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]] = [[] for _ in range(_SHARDS)]
+        for item_ids, iids in pieces:
+            part, names = np.asarray(iids, dtype=np.int64), np.array(item_ids, _NAMES)
             for c in np.unique(part // CHUNK).tolist():
                 mine = part // CHUNK == c
                 self._chunk(c)[part[mine] % CHUNK] = names[mine]
-        self._live += len(values)
-        hashes = np.fromiter(map(hash, item_ids), np.int64, len(item_ids))
-        owner = hashes % _SHARDS
-        order = np.lexsort((hashes, owner))
-        bounds = np.searchsorted(owner[order], np.arange(_SHARDS + 1))
+            self._live += len(part)
+            hashes = np.fromiter(map(hash, item_ids), np.int64, len(item_ids))
+            order = np.argsort(hashes % _SHARDS, kind="stable")
+            bounds = np.searchsorted((hashes % _SHARDS)[order], np.arange(_SHARDS + 1))
+            for s in np.flatnonzero(np.diff(bounds)).tolist():
+                mine = order[bounds[s] : bounds[s + 1]]
+                dealt[s].append((hashes[mine], part[mine]))
         for s, shard in enumerate(self._shards):
-            mine = order[bounds[s] : bounds[s + 1]]
-            if len(mine):
-                shard.arrays = _merged(shard.arrays, hashes[mine], values[mine])
+            if dealt[s]:
+                hashes, values = np.concatenate([h for h, _ in dealt[s]]), np.concatenate([v for _, v in dealt[s]])
+                order = np.argsort(hashes, kind="stable")
+                shard.arrays = _merged(shard.arrays, hashes[order], values[order])
+                dealt[s] = []
 
     def pop(self, item_id: str) -> int | None:
         shard = self._shards[hash(item_id) % _SHARDS]

@@ -3,7 +3,8 @@ meta.json (format, dim, event id, next internal id, each segment's kind and lift
 base.faiss (`faiss.write_index`), {trained,base}_long.faiss (rows longer than the lift's M),
 {trained,base}_rows_{chunk}.npy (IVF-PQ4's rows as stored, the written part of a `RowStore` chunk each)
 and _sq.npy (their SQ8 ranges), buffer_{iids,rows}.npy (rows not merged yet), trained.json (trained ids)
-and new.json (the item id of each internal id, null where dead: written a chunk at a time).
+and new.jsonl (the item id of each internal id, null where dead: a line, a JSON list, per chunk of the id
+table, written and read a chunk at a time).
 
 Derived state: a snapshot that fails to load, or of another format, is refused and the index rebuilt
 from the store (service/core/maintainer.py).
@@ -26,7 +27,7 @@ import numpy as np
 from service.durable import fsync_directory, point_link, write_durably
 from service.index.segment import Ids, RowStore, Segment, Vectors
 
-SNAPSHOT_FORMAT = "m2rec-index/8"  # 8: new.json (7: items.json, iids.npy; 6: chunks of 2^16 rows; ...)
+SNAPSHOT_FORMAT = "m2rec-index/9"  # 9: new.jsonl (8: new.json; 7: items.json, iids.npy; 6: chunks of 2^16 rows; ...)
 
 
 @dataclass
@@ -68,7 +69,7 @@ def write_snapshot(path: Path, snap: Snapshot) -> None:
     np.save(target / "buffer_iids.npy", snap.buffer_iids)
     np.save(target / "buffer_rows.npy", snap.buffer_rows)
     write_durably(target / "trained.json", json.dumps(snap.trained_ids))
-    write_durably(target / "new.json", _json_list(json.dumps(piece)[1:-1] for piece in snap.named if piece))
+    write_durably(target / "new.jsonl", (json.dumps(piece) + "\n" for piece in snap.named if piece))
     write_durably(target / "meta.json", json.dumps(meta))
     fsync_directory(target)
     previous = path.resolve() if path.is_symlink() else None
@@ -86,15 +87,14 @@ def read_snapshot(path: Path) -> Snapshot:
     return Snapshot(dim, _segment(root, "trained", meta, dim), json.loads((root / "trained.json").read_text()),
                     _segment(root, "base", meta, dim) if "base" in meta else None,
                     np.load(root / "buffer_iids.npy"), np.load(root / "buffer_rows.npy"),
-                    [json.loads((root / "new.json").read_text())], int(meta["next_iid"]), meta["event_id"])
+                    _lines(root / "new.jsonl"), int(meta["next_iid"]), meta["event_id"])
 
 
-def _json_list(items: Iterator[str]) -> Iterator[str]:
-    """A JSON list from pieces of its text, each a list's items without the brackets."""
-    yield "["
-    for j, piece in enumerate(items):
-        yield "," + piece if j else piece
-    yield "]"
+def _lines(file: Path) -> Iterator[list[str | None]]:
+    """new.jsonl's chunks, parsed one at a time as the load takes them: the 10M ids of a large catalogue are
+    never Python strings all at once (~0.8 GB over the loaded index)."""
+    with file.open(encoding="utf-8") as f:
+        yield from map(json.loads, f)
 
 
 def _segment(root: Path, name: str, meta: dict[str, Any], dim: int) -> Segment:

@@ -382,12 +382,16 @@ class VectorIndex:
         index._trained_pos = {item_id: j for j, item_id in enumerate(snap.trained_ids)}
         index._base, index._next_iid, index._merged_upto = snap.base, snap.next_iid, snap.next_iid
         index._live.grow(snap.next_iid)
-        start = 0
-        for named in snap.named:
-            iids = start + np.flatnonzero(np.fromiter((name is not None for name in named), bool, len(named)))
-            index._ids.set_many([name for name in named if name is not None], iids)
-            index._live.set(iids, True)
-            start += len(named)
+
+        def pieces() -> Iterator[tuple[list[str], Ids]]:  # the snapshot's ids a chunk at a time, as it reads them
+            start = 0
+            for named in snap.named:
+                iids = start + np.flatnonzero(np.fromiter((name is not None for name in named), bool, len(named)))
+                index._live.set(iids, True)
+                yield [name for name in named if name is not None], iids
+                start += len(named)
+
+        index._ids.set_many(pieces())
         alive = index._live.of(snap.buffer_iids)
         if alive.any():
             index._buffer.add(snap.buffer_iids[alive], snap.buffer_rows[alive])
