@@ -94,8 +94,9 @@ class IdTable:
                 self._chunk(c)[part[mine] % CHUNK] = names[mine]
             self._live += len(part)
             hashes = np.fromiter(map(hash, item_ids), np.int64, len(item_ids))
-            order = np.argsort(hashes % _SHARDS, kind="stable")
-            bounds = np.searchsorted((hashes % _SHARDS)[order], np.arange(_SHARDS + 1))
+            owner = hashes % _SHARDS
+            order = np.argsort(owner, kind="stable")
+            bounds = np.searchsorted(owner[order], np.arange(_SHARDS + 1))
             for s in np.flatnonzero(np.diff(bounds)).tolist():
                 mine = order[bounds[s] : bounds[s + 1]]
                 dealt[s].append((hashes[mine], part[mine]))
