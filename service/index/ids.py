@@ -13,7 +13,7 @@ are never reused: a removed or replaced id stays dead (a tombstone) in its FAISS
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import faiss
@@ -155,6 +155,17 @@ def _merged(arrays: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]], hashes:
     keys, values = keys[kept], values[kept]
     at = np.searchsorted(keys, hashes)
     return np.insert(keys, at, hashes), np.insert(values, at, iids)
+
+
+def live_pieces(named: Iterable[list[str | None]], live: Liveness) -> Iterator[tuple[list[str], npt.NDArray[np.int64]]]:
+    """`set_many`'s pieces from a snapshot's item id of internal ids 0, 1, ... (None: dead), given a piece at
+    a time; each piece's internal ids are marked in `live` as it passes."""
+    start = 0
+    for piece in named:
+        iids = start + np.flatnonzero(np.fromiter((name is not None for name in piece), bool, len(piece)))
+        live.set(iids, True)
+        yield [name for name in piece if name is not None], iids
+        start += len(piece)
 
 
 class Liveness:

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.index.config import Built, IndexConfig
-from service.index.ids import CHUNK, IdTable, Liveness
+from service.index.ids import CHUNK, IdTable, Liveness, live_pieces
 from service.index.segment import Ids, RowStore, Segment, Vectors, bounds, build_segment, empty_exact
 from service.index.snapshot import Snapshot, read_snapshot, write_snapshot
 from service.memory import map_large_blocks, release_memory
@@ -382,16 +382,7 @@ class VectorIndex:
         index._trained_pos = {item_id: j for j, item_id in enumerate(snap.trained_ids)}
         index._base, index._next_iid, index._merged_upto = snap.base, snap.next_iid, snap.next_iid
         index._live.grow(snap.next_iid)
-
-        def pieces() -> Iterator[tuple[list[str], Ids]]:  # the snapshot's ids a chunk at a time, as it reads them
-            start = 0
-            for named in snap.named:
-                iids = start + np.flatnonzero(np.fromiter((name is not None for name in named), bool, len(named)))
-                index._live.set(iids, True)
-                yield [name for name in named if name is not None], iids
-                start += len(named)
-
-        index._ids.set_many(pieces())
+        index._ids.set_many(live_pieces(snap.named, index._live))  # a chunk at a time, as the snapshot is read
         alive = index._live.of(snap.buffer_iids)
         if alive.any():
             index._buffer.add(snap.buffer_iids[alive], snap.buffer_rows[alive])
