@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def release_memory() -> None:
@@ -15,12 +19,25 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-@functools.cache
-def map_large_blocks(threshold: int = 64 << 10) -> None:
-    """Give every heap block of `threshold` bytes or more a mapping of its own from the OS (glibc's
-    M_MMAP_THRESHOLD; by default it rises to 32 MB as mapped blocks are freed, and blocks below it come
-    from the heap). FAISS grows an IVF list's codes to the next power of two bytes: in a mapping the tail
-    not yet written takes no RAM, in the heap it may reuse pages that freed blocks left resident
-    (benchmarks/results/serve-10m.md: about 10% of a 10M index)."""
+def mapping_large_blocks(f: Callable[P, R]) -> Callable[P, R]:
+    """`f` run with every heap block of 64 KiB or more given a mapping of its own from the OS (glibc's
+    M_MMAP_THRESHOLD), then 32 MiB again (the ceiling of glibc's own threshold, which rises to it as mapped
+    blocks are freed). FAISS grows an IVF list's codes to the next power of two bytes: in a mapping the tail
+    not yet written takes no RAM, in the heap it may land on pages that freed blocks left resident (about 10%
+    of a 10M index). Only around the index's bulk allocations (builds, loads, rebuilds): a request's
+    temporaries mapped and faulted in afresh cost ~10% of throughput (benchmarks/results/serve-10m.md)."""
+
+    @functools.wraps(f)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        _mmap_threshold(64 << 10)
+        try:
+            return f(*args, **kwargs)
+        finally:
+            _mmap_threshold(32 << 20)
+
+    return wrapped
+
+
+def _mmap_threshold(size: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, size)

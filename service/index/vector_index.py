@@ -39,7 +39,7 @@ from service.index.config import Built, IndexConfig
 from service.index.ids import CHUNK, IdTable, Liveness, live_pieces
 from service.index.segment import Ids, RowStore, Segment, Vectors, bounds, build_segment, empty_exact
 from service.index.snapshot import Snapshot, read_snapshot, write_snapshot
-from service.memory import map_large_blocks, release_memory
+from service.memory import mapping_large_blocks, release_memory
 
 log = logging.getLogger(__name__)
 Batch = tuple[Sequence[str], npt.ArrayLike]  # item ids, rows (N, D+1)
@@ -68,7 +68,6 @@ class Tops(NamedTuple):
 
 class VectorIndex:
     def __init__(self, dim: int, config: IndexConfig | None = None) -> None:
-        map_large_blocks()  # the IVF lists' unwritten tails take no RAM
         self.dim = dim  # D+1: rows [v; b]
         self.config = config or IndexConfig()
         self.nprobe = self.config.nprobe  # may be retuned live
@@ -90,6 +89,7 @@ class VectorIndex:
         self._merge_thread: threading.Thread | None = None
 
     @classmethod
+    @mapping_large_blocks  # the IVF lists' unwritten tails take no RAM
     def build(cls, dim: int, trained_ids: Sequence[str], trained_rows: npt.ArrayLike,
               new: Iterable[Batch] = (), config: IndexConfig | None = None) -> VectorIndex:
         """Both populations built in the calling thread; `new` is read once, a batch at a time, so a
@@ -304,6 +304,7 @@ class VectorIndex:
                 self._base, self._frozen, self._merged_upto = base, self._frozen[len(frozen):], upto
         release_memory()
 
+    @mapping_large_blocks
     def _rebuilt(self, base: Segment | None, iids: Ids, rows: Vectors, kind: Built) -> Segment:
         """A new base over the base's live rows plus (`iids`, `rows`), built outside every lock; its rows
         are coded afresh (SQ8: over every row's range), read from the old base a chunk at a time."""
@@ -374,6 +375,7 @@ class VectorIndex:
             yield named[: upto - c * CHUNK]
 
     @classmethod
+    @mapping_large_blocks
     def load(cls, path: str | Path, config: IndexConfig | None = None) -> tuple[VectorIndex, str | None]:
         """The index and the event id it reflects; apply the store's later events to catch up."""
         snap = read_snapshot(Path(path))
