@@ -6,12 +6,14 @@ fast-scan codes (the service's IVF-PQ4), each re-ranked exactly from the rows, i
 The catalogue is benchmarks/catalogue.py's diverse items (every item its own draw) embedded by the
 artifact's generator; the queries are real ml-100k users folded in from their trained items. Every
 index is over the same inner-product lift as service/index/segment.py, with the same number of lists
-(2·√N), searched 16 queries at a time on one thread; the best rerank·k of its codes' scores are
-re-scored from the exact rows, or with `--row-codes` from the rows as the service may store them
-(SQ8, SQ6: decoded from FAISS's scalar quantizer, ranges as service/index/segment.py's). Prints, per
-index, row codes, nprobe and rerank: ms per 16 queries and recall@20 against the exact top-20.
-`--long-rows`: how far 4-bit codes score rows added after training, as long as the trained ones and
-longer.
+(2·√N) unless `--lists` says otherwise, searched 16 queries at a time on one thread; the best rerank·k
+of its codes' scores are re-scored from the exact rows, or with `--row-codes` from the rows as the
+service may store them (SQ8, SQ6: decoded from FAISS's scalar quantizer, ranges as
+service/index/segment.py's). Prints, per index, row codes, nprobe and rerank: ms per 16 queries and
+recall@20 against the exact top-20.
+`--lists` (multiples of the service's 2·√N lists) and `--quantizer hnsw` (a graph quantizer, as FAISS's
+"IVFn_HNSW32" factory strings) try finer lists than the service's. `--long-rows`: how far 4-bit codes
+score rows added after training, as long as the trained ones and longer.
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rerank", default="4,10,25")
     parser.add_argument("--kinds", help="only these indexes, comma-separated (e.g. ivf-flat,ivf-pq130x4fs-residual)")
     parser.add_argument("--row-codes", default="float32", help="re-score from rows so coded: float32,sq8,sq6")
+    parser.add_argument("--lists", default="1", help="IVF lists as multiples of the service's 2·sqrt(N), e.g. 1,4")
+    parser.add_argument("--quantizer", default="flat", help="the lists' quantizer: flat (the service's), hnsw, or both")
     args = parser.parse_args(argv)
     if args.long_rows:
         return long_row_errors()
@@ -129,19 +133,29 @@ def main(argv: list[str] | None = None) -> None:
     names = [str(j) for j in range(len(rows))]  # FAISS ids are row positions
     truth = exact_tops(q, rows, names, [set()] * len(q))
     lifted = lift(rows, float(np.einsum("nd,nd->n", rows, rows).max()))
-    d, nlist = lifted.shape[1], round(2 * np.sqrt(len(rows)))
-    sample = lifted[np.sort(np.random.default_rng(1234).choice(len(rows), min(len(rows), 40 * nlist), replace=False))]
+    d, service_nlist = lifted.shape[1], round(2 * np.sqrt(len(rows)))
     queries = np.zeros((len(q), d), np.float32)
     queries[:, :-1] = q
-    print(f"{len(rows):,} rows, {len(q)} users, {nlist} lists, dimension {d} (lifted); recall@{K} against exact\n")
+    print(f"{len(rows):,} rows, {len(q)} users, dimension {d} (lifted); recall@{K} against exact\n")
     stored = {codes: rows if codes == "float32" else decoded(rows, codes) for codes in args.row_codes.split(",")}
-    print("| index | code bytes | build s | row codes | nprobe | rerank | ms per 16 queries | recall@20 |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, make in kinds(d, nlist).items():
+    print("| index | lists | quantizer | code bytes | build s | row codes | nprobe | rerank | ms per 16 queries | "
+          "recall@20 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for factor, quantizer_kind, name in product(map(float, args.lists.split(",")), args.quantizer.split(","),
+                                                kinds(d, service_nlist)):
         if args.kinds and name not in args.kinds.split(","):
             continue
-        quantizer = faiss.IndexFlatIP(d)
+        nlist = round(factor * service_nlist)
+        sample = lifted[np.sort(np.random.default_rng(1234).choice(len(rows), min(len(rows), 40 * nlist),
+                                                                   replace=False))]
+        make = kinds(d, nlist)[name]
+        # an HNSW quantizer finds a query's nprobe lists without scoring every centroid; k-means itself
+        # assigns with a flat index (FAISS's `clustering_index`), as its index factory does for "IVFn_HNSW"
+        quantizer: Any = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT) if quantizer_kind == "hnsw" else \
+            faiss.IndexFlatIP(d)
         index = make(quantizer)
+        if quantizer_kind == "hnsw":
+            index.clustering_index = faiss.IndexFlatIP(d)
         index.cp.niter, index.cp.seed = 10, 1234
         faiss.omp_set_num_threads(2)
         start = time.perf_counter()
@@ -154,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
                                                          map(int, args.rerank.split(","))):
             params = faiss.SearchParametersIVF()
             params.nprobe = nprobe
+            if quantizer_kind == "hnsw":
+                quantizer.hnsw.efSearch = 2 * nprobe  # the graph search keeps at least the nprobe lists it returns
             found: list[list[str]] = []
             start = time.perf_counter()
             for s in range(0, len(q), BATCH):
@@ -163,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                 best = np.take_along_axis(short, np.argsort(-exact, axis=1)[:, :K], axis=1)
                 found += [[str(j) for j in row] for row in best.tolist()]
             ms = 1e3 * (time.perf_counter() - start) / (len(q) / BATCH)
-            print(f"| {name} | {index.code_size} | {build:.0f} | {codes} | {nprobe} | {rerank} | {ms:.2f} | "
-                  f"{recall(truth, found):.4f} |", flush=True)
+            print(f"| {name} | {nlist} | {quantizer_kind} | {index.code_size} | {build:.0f} | {codes} | {nprobe} | "
+                  f"{rerank} | {ms:.2f} | {recall(truth, found):.4f} |", flush=True)
         del index
 
 
