@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", help="only these indexes, comma-separated (e.g. ivf-flat,ivf-pq130x4fs-residual)")
     parser.add_argument("--row-codes", default="float32", help="re-score from rows so coded: float32,sq8,sq6")
     parser.add_argument("--lists", default="1", help="IVF lists as multiples of the service's 2·sqrt(N), e.g. 1,4")
-    parser.add_argument("--quantizer", default="flat", help="the lists' quantizer: flat (the service's), hnsw, or both")
+    parser.add_argument("--quantizer", default="flat", help="quantizers, comma-separated: flat (the service's), hnsw")
     args = parser.parse_args(argv)
     if args.long_rows:
         return long_row_errors()
